@@ -1,0 +1,101 @@
+"""Local outlier scores from neighbour lists (METHOD.md), vectorised over samples.
+
+Notation: for a query x, ``dist`` holds the distances d_1 <= ... <= d_K to its nearest reference
+entries and ``entries`` their indices; kd(x) = d_k. kd(o) and lid(o) of a reference entry o are
+computed within the reference set (its own neighbours, its own sample excluded).
+
+Guards (the formulas divide by and take logs of distances that can be 0 for duplicates):
+every distance used in a ratio or a log is shifted by ``EPS``, and the LID denominator
+``-sum ln(d_i / d_k)`` is floored at ``EPS`` (all k distances equal gives a large, finite LID).
+Higher score = more likely poisoned, except ``clip`` (cosine of image and caption: lower is
+more suspicious).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+EPS = 1e-12
+
+
+def k_distance(dist: np.ndarray, k: int) -> np.ndarray:
+    """kd(x) = distance to the k-th nearest reference. dist (N, K>=k) -> (N,)."""
+    return dist[:, k - 1].astype(np.float64)
+
+
+def lid_mle(dist: np.ndarray, k: int) -> np.ndarray:
+    """Maximum-likelihood LID over the k nearest distances: -k / sum_i ln(d_i / d_k). (N, K) -> (N,)."""
+    d = dist[:, :k].astype(np.float64) + EPS
+    s = np.log(d / d[:, k - 1 : k]).sum(axis=1)
+    return -k / np.minimum(s, -EPS)
+
+
+def slof(kd_x: np.ndarray, kd_ref: np.ndarray, entries: np.ndarray, k: int) -> np.ndarray:
+    """Simplified LOF: mean over o in N_k(x) of kd(x) / kd(o).
+
+    kd_x (N,), kd_ref (R,), entries (N, K) -> (N,).
+    """
+    kd_o = kd_ref[entries[:, :k]]
+    return ((kd_x[:, None] + EPS) / (kd_o + EPS)).mean(axis=1)
+
+
+def dao(kd_x: np.ndarray, kd_ref: np.ndarray, lid_ref: np.ndarray, entries: np.ndarray, k: int) -> np.ndarray:
+    """Dimensionality-aware outlier score: mean over o in N_k(x) of lid(o) * ln(kd(x) / kd(o)).
+
+    kd_x (N,), kd_ref (R,), lid_ref (R,), entries (N, K) -> (N,).
+    """
+    nb = entries[:, :k]
+    return (lid_ref[nb] * np.log((kd_x[:, None] + EPS) / (kd_ref[nb] + EPS))).mean(axis=1)
+
+
+def density_scores(
+    *,
+    dist: np.ndarray,
+    entries: np.ndarray,
+    ref_dist: np.ndarray,
+    k: int,
+    lid_k: int | None = None,
+) -> dict[str, np.ndarray]:
+    """k-distance, SLOF, DAO (and LID with ``lid_k`` neighbours) of every query.
+
+    dist, entries (N, K): the queries' neighbours; ref_dist (R, K): the reference entries'
+    neighbour distances within the reference set. Returns arrays of shape (N,).
+    """
+    kd_x = k_distance(dist, k)
+    kd_ref = k_distance(ref_dist, k)
+    lid_ref = lid_mle(ref_dist, k)
+    out = {
+        "kdist": kd_x,
+        "slof": slof(kd_x, kd_ref, entries, k),
+        "dao": dao(kd_x, kd_ref, lid_ref, entries, k),
+    }
+    if lid_k is not None:
+        out["lid"] = lid_mle(dist, lid_k)
+    return out
+
+
+def clip_score(image: np.ndarray, text: np.ndarray) -> np.ndarray:
+    """Cosine of each sample's own image and caption embeddings. (N, d), (N, d) -> (N,)."""
+    num = np.einsum("nd,nd->n", image, text, dtype=np.float64)
+    den = np.linalg.norm(image.astype(np.float64), axis=1) * np.linalg.norm(text.astype(np.float64), axis=1)
+    return num / np.maximum(den, EPS)
+
+
+def iforest_score(*, fit: np.ndarray, score: np.ndarray, n_estimators: int, max_samples: int, seed: int) -> np.ndarray:
+    """Isolation-forest anomaly score (higher = more anomalous). fit (M, d), score (N, d) -> (N,)."""
+    from sklearn.ensemble import IsolationForest
+
+    forest = IsolationForest(
+        n_estimators=n_estimators, max_samples=min(max_samples, len(fit)), random_state=seed, n_jobs=1
+    )
+    forest.fit(fit)
+    return -forest.score_samples(score).astype(np.float64)
+
+
+LOW_IS_SUSPICIOUS = frozenset({"clip"})
+
+
+def suspicion(values: np.ndarray, detector: str) -> np.ndarray:
+    """Scores oriented so that higher always means more suspicious (for ranking and AUROC)."""
+    values = np.asarray(values, dtype=np.float64)
+    return -values if detector in LOW_IS_SUSPICIOUS else values

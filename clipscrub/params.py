@@ -1,0 +1,252 @@
+"""Typed, validated settings read once from params.yaml.
+
+One section per stage plus ``base``. Unknown keys and wrong types are errors (pydantic
+``extra="forbid"``, strict), reported as one line naming the dotted key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from clipscrub.errors import ParamError
+
+DETECTORS = ("kdist", "slof", "lid", "dao", "iforest", "clip")
+DENSITY_RATIO_DETECTORS = ("kdist", "slof", "dao")
+
+
+class _CrossError(ValueError):
+    def __init__(self, key: str, message: str):
+        self.key = key
+        super().__init__(message)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class BaseSettings(_Section):
+    name: str = "demo"
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class SyntheticSettings(_Section):
+    num_samples: int = Field(6000, ge=1)
+    poison_rate: float = Field(0.01, ge=0.0, lt=1.0)
+    image_size: int = Field(32, ge=16)
+    patch_size: int = Field(8, ge=2)
+    target: str = Field("banana", min_length=1)
+
+
+class DownloadSettings(_Section):
+    source: Literal["synthetic"] = "synthetic"
+    shard_size: int = Field(1000, ge=1)
+    synthetic: SyntheticSettings = SyntheticSettings()
+
+
+class TinyModelSettings(_Section):
+    """A custom open_clip ViT config small enough to train on two CPU cores."""
+
+    embed_dim: int = Field(64, ge=8)
+    image_size: int = Field(32, ge=16)
+    patch_size: int = Field(4, ge=1)
+    vision_width: int = Field(128, ge=16)
+    vision_layers: int = Field(2, ge=1)
+    text_width: int = Field(128, ge=16)
+    text_layers: int = Field(2, ge=1)
+    heads: int = Field(4, ge=1)
+    context_length: int = Field(32, ge=8)
+
+
+class TrainSettings(_Section):
+    enabled: bool = True
+    model_name: str = "clipscrub-tiny"
+    architecture: TinyModelSettings = TinyModelSettings()
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(64, ge=2)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+    heldout_samples: int = Field(500, ge=10)
+    threads: int = Field(2, ge=1)
+
+
+class EmbedSettings(_Section):
+    model_name: str = "clipscrub-tiny"
+    pretrained: str | None = None
+    checkpoint: str | None = "data/model/checkpoint.pt"
+    model_config_path: str | None = Field("data/model/model_config.json", alias="model_config")
+    batch_size: int = Field(256, ge=1)
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, populate_by_name=True)
+
+
+class ReferenceSettings(_Section):
+    mode: Literal["random", "all"] = "random"
+    size: int = Field(750, ge=2)
+    draws: int = Field(4, ge=1)
+
+
+class IndexSettings(_Section):
+    k: int = Field(64, ge=1)
+    modality: Literal["image_text", "image", "text"] = "image_text"
+    reference: ReferenceSettings = ReferenceSettings()
+    chunk_size: int = Field(65536, ge=1)
+
+    @model_validator(mode="after")
+    def _k_below_reference_size(self) -> "IndexSettings":
+        if self.reference.mode == "random" and self.k >= self.reference.size:
+            raise _CrossError(
+                "index.k", f"{self.k} must be smaller than index.reference.size ({self.reference.size})"
+            )
+        return self
+
+
+class IForestSettings(_Section):
+    n_estimators: int = Field(100, ge=1)
+    max_samples: int = Field(256, ge=2)
+
+
+class ScoreSettings(_Section):
+    detectors: list[str] = Field(default_factory=lambda: list(DETECTORS))
+    k: int = Field(16, ge=1)
+    lid_k: int = Field(64, ge=2)
+    iforest: IForestSettings = IForestSettings()
+
+    @model_validator(mode="after")
+    def _known_detectors(self) -> "ScoreSettings":
+        unknown = [d for d in self.detectors if d not in DETECTORS]
+        if unknown:
+            raise _CrossError("score.detectors", f"unknown detector {unknown[0]!r}; choose from {', '.join(DETECTORS)}")
+        if not self.detectors:
+            raise _CrossError("score.detectors", "at least one detector is required")
+        return self
+
+
+class ThresholdSettings(_Section):
+    detector: str = "dao"
+    method: Literal["top_fraction", "score", "auto"] = "top_fraction"
+    fraction: float = Field(0.01, gt=0.0, lt=1.0)
+    score: float | None = None
+    auto_z: float = Field(3.5, gt=0.0)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ThresholdSettings":
+        if self.detector not in DETECTORS:
+            raise _CrossError("threshold.detector", f"unknown detector {self.detector!r}; choose from {', '.join(DETECTORS)}")
+        if self.method == "score" and self.score is None:
+            raise _CrossError("threshold.score", "must be set when threshold.method is 'score'")
+        return self
+
+
+class FilterSettings(_Section):
+    shard_size: int = Field(1000, ge=1)
+
+
+class EvaluateSettings(_Section):
+    tpr: float = Field(0.95, gt=0.0, lt=1.0)
+    hist_bins: int = Field(40, ge=2)
+
+
+class Params(_Section):
+    base: BaseSettings = BaseSettings()
+    download: DownloadSettings = DownloadSettings()
+    train: TrainSettings = TrainSettings()
+    embed: EmbedSettings = EmbedSettings()
+    index: IndexSettings = IndexSettings()
+    score: ScoreSettings = ScoreSettings()
+    threshold: ThresholdSettings = ThresholdSettings()
+    filter: FilterSettings = FilterSettings()
+    evaluate: EvaluateSettings = EvaluateSettings()
+
+    @model_validator(mode="after")
+    def _cross_section(self) -> "Params":
+        for key, value in (("score.k", self.score.k), ("score.lid_k", self.score.lid_k)):
+            if "lid" not in self.score.detectors and key == "score.lid_k":
+                continue
+            if value > self.index.k:
+                raise _CrossError(key, f"{value} exceeds index.k ({self.index.k}), the neighbours stored")
+        if self.threshold.detector not in self.score.detectors:
+            raise _CrossError(
+                "threshold.detector",
+                f"{self.threshold.detector!r} is not among score.detectors {self.score.detectors}",
+            )
+        return self
+
+    def section(self, name: str) -> dict[str, Any]:
+        """The section as plain JSON-able data (aliases applied), as written in params.yaml."""
+        return getattr(self, name).model_dump(mode="json", by_alias=True)
+
+    def hash(self, *sections: str) -> str:
+        """Short, stable hash of the named sections (all when none are named)."""
+        names = sections or tuple(type(self).model_fields)
+        blob = json.dumps({n: self.section(n) for n in names}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def _format_validation_error(exc: ValidationError) -> ParamError:
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"])
+    ctx_error = (err.get("ctx") or {}).get("error")
+    if isinstance(ctx_error, _CrossError):
+        return ParamError(str(ctx_error), param=ctx_error.key)
+    if err["type"] == "extra_forbidden":
+        return ParamError("unknown key (check the spelling against params.yaml's documented keys)", param=loc)
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] not in ("value_error",) and "input" in err:
+        msg = f"{msg} (got {err['input']!r})"
+    return ParamError(msg, param=loc or "params")
+
+
+def parse_params(data: dict[str, Any] | None) -> Params:
+    """Validate a params mapping into typed settings; raise ParamError naming the bad key."""
+    try:
+        return Params.model_validate(data or {})
+    except ValidationError as exc:
+        raise _format_validation_error(exc) from None
+
+
+def _coerce_override(text: str) -> Any:
+    return yaml.safe_load(text)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` overrides; every key must already exist (as with dvc exp -S)."""
+    data = json.loads(json.dumps(data))
+    for item in overrides:
+        if "=" not in item:
+            raise ParamError(f"override {item!r} is not of the form section.key=value", param="-S")
+        dotted, raw = item.split("=", 1)
+        parts = dotted.strip().split(".")
+        node = data
+        for part in parts[:-1]:
+            if not isinstance(node, dict) or part not in node:
+                raise ParamError("unknown key in override", param=dotted)
+            node = node[part]
+        if not isinstance(node, dict) or parts[-1] not in node:
+            raise ParamError("unknown key in override", param=dotted)
+        node[parts[-1]] = _coerce_override(raw)
+    return data
+
+
+def read_params_file(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ParamError(f"params file not found: {path}", param="--params")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ParamError(f"{path} is not valid YAML: {exc}".replace("\n", " "), param="--params") from None
+    if data is not None and not isinstance(data, dict):
+        raise ParamError(f"{path} must hold a mapping of sections", param="--params")
+    return data or {}
+
+
+def load_params(path: str | Path, overrides: list[str] | None = None) -> Params:
+    """Read, override and validate params.yaml."""
+    return parse_params(apply_overrides(read_params_file(path), overrides or []))

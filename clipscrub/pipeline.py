@@ -1,0 +1,118 @@
+"""The stage graph: which function each stage runs, on which paths, with which params.
+
+The CLI (``clipscrub <stage>``), dvc.yaml and the Prefect flow all go through ``run_stage``, so
+no stage is wired twice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from clipscrub.params import Params
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where each stage's outputs live under one data root (``data/`` for the DVC pipeline)."""
+
+    root: Path
+
+    @property
+    def raw(self) -> Path: return self.root / "raw"
+    @property
+    def model(self) -> Path: return self.root / "model"
+    @property
+    def embeddings(self) -> Path: return self.root / "embeddings"
+    @property
+    def index(self) -> Path: return self.root / "index"
+    @property
+    def scores(self) -> Path: return self.root / "scores"
+    @property
+    def flags(self) -> Path: return self.root / "flags"
+    @property
+    def clean(self) -> Path: return self.root / "clean"
+    @property
+    def train_metrics(self) -> Path: return self.root / "metrics" / "train.json"
+    @property
+    def detection_metrics(self) -> Path: return self.root / "metrics" / "detection.json"
+    @property
+    def plots(self) -> Path: return self.root / "plots"
+
+
+def _download(p: Params, lay: Layout) -> dict[str, Any]:
+    from stages.download import download_dataset
+
+    return download_dataset(out_dir=lay.raw, settings=p.download, base=p.base)
+
+
+def _train(p: Params, lay: Layout) -> dict[str, Any]:
+    from stages.train import train_model
+
+    return train_model(
+        raw_dir=lay.raw, out_dir=lay.model, metrics_path=lay.train_metrics,
+        settings=p.train, download=p.download, base=p.base,
+    )
+
+
+def _embed(p: Params, lay: Layout) -> dict[str, Any]:
+    from stages.embed import embed_dataset
+
+    return embed_dataset(raw_dir=lay.raw, out_dir=lay.embeddings, settings=p.embed, base=p.base)
+
+
+def _index(p: Params, lay: Layout) -> dict[str, Any]:
+    from stages.index import build_index
+
+    return build_index(embeddings_dir=lay.embeddings, out_dir=lay.index, settings=p.index, base=p.base)
+
+
+def _score(p: Params, lay: Layout) -> dict[str, Any]:
+    from stages.score import score_samples
+
+    return score_samples(
+        embeddings_dir=lay.embeddings, index_dir=lay.index, out_dir=lay.scores,
+        settings=p.score, index=p.index, base=p.base,
+    )
+
+
+def _threshold(p: Params, lay: Layout) -> dict[str, Any]:
+    from stages.threshold import threshold_scores
+
+    return threshold_scores(scores_dir=lay.scores, out_dir=lay.flags, settings=p.threshold, base=p.base)
+
+
+def _filter(p: Params, lay: Layout) -> dict[str, Any]:
+    from stages.filter import filter_dataset
+
+    return filter_dataset(
+        raw_dir=lay.raw, scores_dir=lay.scores, flags_dir=lay.flags, out_dir=lay.clean,
+        settings=p.filter, params=p,
+    )
+
+
+def _evaluate(p: Params, lay: Layout) -> dict[str, Any]:
+    from stages.evaluate import evaluate_detectors
+
+    return evaluate_detectors(
+        raw_dir=lay.raw, scores_dir=lay.scores, metrics_path=lay.detection_metrics, plots_dir=lay.plots,
+        settings=p.evaluate, threshold=p.threshold, base=p.base,
+    )
+
+
+STAGES: dict[str, Callable[[Params, Layout], dict[str, Any]]] = {
+    "download": _download,
+    "train": _train,
+    "embed": _embed,
+    "index": _index,
+    "score": _score,
+    "threshold": _threshold,
+    "filter": _filter,
+    "evaluate": _evaluate,
+}
+
+
+def run_stage(name: str, params: Params, root: str | Path = "data") -> dict[str, Any]:
+    """Run one stage on the layout under ``root``; return its summary."""
+    return STAGES[name](params, Layout(Path(root)))

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Create .venv and install clipscrub with its test extras. Idempotent; needs only python3.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ ! -x .venv/bin/python ]; then
+    python3 -m venv .venv
+fi
+stamp=.venv/.clipscrub-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+    echo "installing clipscrub and its dependencies into .venv (a few minutes the first time)..." >&2
+    # some machines list local package folders that do not exist: pip warns per package
+    .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]' 2>&1 \
+        | { grep -v "^WARNING: Location 'file://" || true; } >&2
+    touch "$stamp"
+fi
+# DVC needs a git repository (a tarball of the project has none)
+if [ ! -d .git ]; then
+    git init -q && git add -A && git -c user.name=clipscrub -c user.email=clipscrub@localhost commit -qm "clipscrub"
+fi

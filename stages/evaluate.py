@@ -1,0 +1,98 @@
+"""Stage 8, evaluate (when ground truth exists): detection quality of every detector.
+
+Writes a DVC metrics JSON (per detector: AUROC, PR-AUC, FPR and detection error at the
+``evaluate.tpr`` true-positive rate, precision and recall when the threshold rule is applied to
+that detector) and DVC plot data: ``roc/<detector>.csv`` (fpr, tpr) and ``hist/<detector>.csv``
+(score bin centre, clean and poisoned counts). Non-finite scores rank as the most suspicious
+(the threshold stage flags them), so they count against a detector rather than vanish.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+
+from clipscrub.detectors import suspicion
+from clipscrub.io import atomic_dir, atomic_file, read_manifest, require_file, write_json
+from clipscrub.params import DENSITY_RATIO_DETECTORS, BaseSettings, EvaluateSettings, ThresholdSettings
+from stages.threshold import flag_outliers
+
+
+def _ranked(values: np.ndarray, detector: str) -> np.ndarray:
+    s = suspicion(values, detector)
+    finite = np.isfinite(s)
+    top = s[finite].max() + 1.0 if finite.any() else 0.0
+    return np.where(finite, s, top)
+
+
+def detection_metrics(*, y: np.ndarray, values: np.ndarray, detector: str, tpr_target: float, flagged: np.ndarray) -> dict[str, float]:
+    """AUROC, PR-AUC, FPR / detection error at ``tpr_target``, precision / recall of ``flagged``."""
+    s = _ranked(values, detector)
+    fpr, tpr, _ = roc_curve(y, s)
+    i = int(np.searchsorted(tpr, tpr_target, side="left"))
+    fpr_at = float(fpr[min(i, len(fpr) - 1)])
+    tp = int((flagged & y).sum())
+    return {
+        "auroc": round(float(roc_auc_score(y, s)), 6),
+        "pr_auc": round(float(average_precision_score(y, s)), 6),
+        "fpr_at_tpr": round(fpr_at, 6),
+        "detection_error_at_tpr": round(0.5 * (1 - tpr_target) + 0.5 * fpr_at, 6),
+        "precision_at_threshold": round(tp / flagged.sum(), 6) if flagged.any() else 0.0,
+        "recall_at_threshold": round(tp / y.sum(), 6),
+        "flagged": int(flagged.sum()),
+    }
+
+
+def evaluate_detectors(
+    *,
+    raw_dir: str | Path,
+    scores_dir: str | Path,
+    metrics_path: str | Path,
+    plots_dir: str | Path,
+    settings: EvaluateSettings,
+    threshold: ThresholdSettings,
+    base: BaseSettings,
+) -> dict[str, Any]:
+    """Compare every detector's scores with the manifest's ``is_poison`` ground truth."""
+    manifest = read_manifest(raw_dir)
+    scores = pl.read_parquet(require_file(Path(scores_dir) / "scores.parquet", param="--scores", what="scores"))
+    truth = scores.select("id").join(manifest.select("id", "is_poison"), on="id", how="left")["is_poison"]
+    detectors = [c.removesuffix("_score") for c in scores.columns if c.endswith("_score")]
+    has_truth = truth.null_count() == 0 and 0 < int(truth.sum()) < len(truth)
+    metrics: dict[str, Any] = {"ground_truth": bool(has_truth), "samples": scores.height}
+    with atomic_dir(plots_dir) as tmp_plots:
+        (tmp_plots / "roc").mkdir()
+        (tmp_plots / "hist").mkdir()
+        if has_truth:
+            y = truth.to_numpy().astype(bool)
+            ids = scores["id"].to_numpy()
+            metrics["poisoned"] = int(y.sum())
+            metrics["tpr_target"] = settings.tpr
+            metrics["threshold"] = {"detector": threshold.detector, "method": threshold.method}
+            per: dict[str, Any] = {}
+            for d in detectors:
+                values = scores[f"{d}_score"].to_numpy().astype(np.float64)
+                rule = threshold.model_copy(update={"detector": d})
+                flagged, _ = flag_outliers(values=values, ids=ids, detector=d, settings=rule)
+                flagged |= ~np.isfinite(values)
+                per[d] = detection_metrics(y=y, values=values, detector=d, tpr_target=settings.tpr, flagged=flagged)
+                fpr, tpr, _ = roc_curve(y, _ranked(values, d))
+                pl.DataFrame({"fpr": fpr, "tpr": tpr}).write_csv(tmp_plots / "roc" / f"{d}.csv", float_precision=6)
+                finite = np.isfinite(values)
+                edges = np.histogram_bin_edges(values[finite], bins=settings.hist_bins)
+                clean_counts, _ = np.histogram(values[finite & ~y], bins=edges)
+                poison_counts, _ = np.histogram(values[finite & y], bins=edges)
+                pl.DataFrame(
+                    {"score": (edges[:-1] + edges[1:]) / 2, "clean": clean_counts, "poisoned": poison_counts}
+                ).write_csv(tmp_plots / "hist" / f"{d}.csv", float_precision=6)
+            metrics["detectors"] = per
+            best = max((d for d in detectors if d in DENSITY_RATIO_DETECTORS), key=lambda d: per[d]["auroc"], default=None)
+            if best:
+                metrics["best_density_ratio"] = {"detector": best, "auroc": per[best]["auroc"]}
+        with atomic_file(metrics_path) as tmp_metrics:
+            write_json(tmp_metrics, metrics)
+    return metrics

@@ -1,0 +1,105 @@
+"""Stage 7, filter: the cleaned dataset version.
+
+Writes ``<out>/shards/*.tar`` (kept samples, re-sharded as webdataset, keys unchanged),
+``<out>/manifest.parquet`` (kept samples, the input manifest's schema), ``<out>/removed.parquet``
+(id, key, caption, every ``<detector>_score``, reason) and ``<out>/lineage.json``: the input
+manifest's hash, the model and its checkpoint hash, every stage's params and code version, counts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import webdataset as wds
+
+from clipscrub.errors import DataError
+from clipscrub.io import atomic_dir, code_version, read_lineage, read_manifest, require_file, sha256_file, write_json
+from clipscrub.params import FilterSettings, Params
+
+
+def _iter_raw(raw_dir: Path, shards: list[str]):
+    for shard in shards:
+        for sample in wds.WebDataset(str(raw_dir / "shards" / shard), shardshuffle=False, empty_check=False):
+            yield sample
+
+
+def _check_upstream_params(stages: dict[str, Any], params: Params) -> None:
+    """The artifacts must come from the params being recorded, or the lineage would lie."""
+    for stage, record in stages.items():
+        for section, recorded in record.get("params", {}).items():
+            if section in type(params).model_fields and recorded != params.section(section):
+                raise DataError(
+                    f"the {stage} stage's output was made with other {section!r} params than the ones "
+                    "given: rerun the pipeline from that stage",
+                    param=section,
+                )
+
+
+def filter_dataset(
+    *,
+    raw_dir: str | Path,
+    scores_dir: str | Path,
+    flags_dir: str | Path,
+    out_dir: str | Path,
+    settings: FilterSettings,
+    params: Params,
+) -> dict[str, Any]:
+    """Copy unflagged samples into a new shard set and record what was removed and why."""
+    raw_dir, scores_dir, flags_dir = Path(raw_dir), Path(scores_dir), Path(flags_dir)
+    manifest = read_manifest(raw_dir)
+    scores = pl.read_parquet(require_file(scores_dir / "scores.parquet", param="--scores", what="scores"))
+    flags = pl.read_parquet(require_file(flags_dir / "flags.parquet", param="--flags", what="flags"))
+    ok = manifest.filter(pl.col("status") == "ok")
+    if set(flags["id"].to_list()) != set(ok["id"].to_list()):
+        raise DataError("flags and manifest disagree on the sample ids: rerun score and threshold", param="--flags")
+    flagged = flags.filter(pl.col("is_flagged"))["id"]
+    kept_ids = ok.filter(~pl.col("id").is_in(flagged.implode()))
+    removed = (
+        manifest.select("id", "key", "caption")
+        .join(flags.select("id", "reason").filter(pl.col("reason").is_not_null()), on="id", how="inner")
+        .join(scores, on="id", how="left")
+        .sort("id")
+    )
+    counts = {
+        "input": manifest.height,
+        "failed": manifest.height - ok.height,
+        "scored": ok.height,
+        "kept": kept_ids.height,
+        "removed": removed.height,
+    }
+    stages = read_lineage(raw_dir, scores_dir, flags_dir)
+    _check_upstream_params(stages, params)
+    model = stages.get("embed", {}).get("model", {})
+    with atomic_dir(out_dir) as tmp:
+        keep = set(kept_ids["key"].to_list())
+        new_shard: dict[str, str] = {}
+        shard_dir = tmp / "shards"
+        shard_dir.mkdir()
+        with wds.ShardWriter(str(shard_dir / "%05d.tar"), maxcount=settings.shard_size, mtime=0, verbose=0) as sink:
+            n = 0
+            for sample in _iter_raw(raw_dir, ok["shard"].unique(maintain_order=True).to_list()):
+                if sample["__key__"] not in keep:
+                    continue
+                sink.write({k: v for k, v in sample.items() if not k.startswith("__") or k == "__key__"})
+                new_shard[sample["__key__"]] = f"{n // settings.shard_size:05d}.tar"
+                n += 1
+        if n != len(keep):
+            raise DataError(f"{len(keep) - n} kept samples are missing from the raw shards", param="--raw")
+        kept = kept_ids.with_columns(pl.col("key").replace_strict(new_shard).alias("shard")).sort("id")
+        kept.write_parquet(tmp / "manifest.parquet", statistics=False)
+        removed.write_parquet(tmp / "removed.parquet", statistics=False)
+        stages["filter"] = {"params": {"filter": settings.model_dump(mode="json")}, "code_version": code_version(), "summary": counts}
+        lineage = {
+            "dataset": params.base.name,
+            "input_manifest_sha256": sha256_file(raw_dir / "manifest.parquet"),
+            "model": model,
+            "params": {name: params.section(name) for name in type(params).model_fields if name != "evaluate"},
+            "params_hash": params.hash(*(n for n in type(params).model_fields if n != "evaluate")),
+            "code_version": code_version(),
+            "counts": counts,
+            "stages": stages,
+        }
+        write_json(tmp / "lineage.json", lineage)
+    return counts

@@ -1,0 +1,78 @@
+"""Stage 5, score: one row per sample with a ``<detector>_score`` column per detector.
+
+Density-ratio scores (k-distance, SLOF, DAO) and LID come from the index stage's neighbour
+lists, averaged over reference draws; the isolation forest and the CLIP score come from the
+embeddings. Non-finite scores are kept as they are and counted, never dropped.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from clipscrub.detectors import clip_score, density_scores, iforest_score
+from clipscrub.io import atomic_dir, require_file, write_lineage
+from clipscrub.neighbours import query_embeddings
+from clipscrub.params import BaseSettings, IndexSettings, ScoreSettings
+from stages.index import load_embeddings
+
+
+def score_samples(
+    *,
+    embeddings_dir: str | Path,
+    index_dir: str | Path,
+    out_dir: str | Path,
+    settings: ScoreSettings,
+    index: IndexSettings,
+    base: BaseSettings,
+) -> dict[str, Any]:
+    """Write ``<out>/scores.parquet`` (id + one ``<detector>_score`` per detector)."""
+    emb_dir, idx_dir = Path(embeddings_dir), Path(index_dir)
+    image, text, ids = load_embeddings(emb_dir)
+    load = lambda name: np.load(require_file(idx_dir / f"{name}.npy", param="--index", what="index"), mmap_mode="r")
+    neighbours, distances, ref_distances = load("neighbours"), load("distances"), load("ref_distances")
+    ref_rows = load("ref_rows")
+    if neighbours.shape[1] != len(ids):
+        raise ValueError("index and embeddings disagree on the number of samples: rerun the index stage")
+
+    wanted = set(settings.detectors)
+    columns: dict[str, np.ndarray] = {}
+    if wanted & {"kdist", "slof", "dao", "lid"}:
+        per_draw = [
+            density_scores(
+                dist=distances[r], entries=neighbours[r], ref_dist=ref_distances[r],
+                k=settings.k, lid_k=settings.lid_k if "lid" in wanted else None,
+            )
+            for r in range(neighbours.shape[0])
+        ]
+        for name in per_draw[0]:
+            if name in wanted:
+                columns[name] = np.mean([d[name] for d in per_draw], axis=0)
+    if "iforest" in wanted:
+        queries = query_embeddings(image, text, index.modality)
+        fit_rows = np.unique(ref_rows.reshape(-1))
+        columns["iforest"] = iforest_score(
+            fit=np.asarray(queries[fit_rows]), score=np.asarray(queries),
+            n_estimators=settings.iforest.n_estimators, max_samples=settings.iforest.max_samples, seed=base.seed,
+        )
+    if "clip" in wanted:
+        columns["clip"] = clip_score(np.asarray(image), np.asarray(text))
+
+    order = [d for d in settings.detectors]
+    frame = pl.DataFrame({"id": np.asarray(ids), **{f"{d}_score": columns[d] for d in order}})
+    non_finite = {d: int((~np.isfinite(columns[d])).sum()) for d in order}
+    summary = {"samples": frame.height, "detectors": order, "non_finite": non_finite}
+    with atomic_dir(out_dir) as tmp:
+        frame.write_parquet(tmp / "scores.parquet", statistics=False)
+        write_lineage(
+            tmp,
+            stage="score",
+            params={"base": base.model_dump(mode="json"), "score": settings.model_dump(mode="json")},
+            inputs={"embeddings": emb_dir, "index": idx_dir},
+            upstream=[idx_dir],
+            summary=summary,
+        )
+    return summary

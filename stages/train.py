@@ -1,0 +1,150 @@
+"""Stage 2 (demo only), train: the demo's victim, a tiny open_clip CLIP trained on the raw shards.
+
+Writes ``<out>/checkpoint.pt`` (open_clip's training-code format: a dict with ``state_dict``),
+``<out>/model_config.json`` (an open_clip model config) and a metrics JSON with the victim's
+zero-shot accuracy on clean held-out images and its attack success rate (ASR): the fraction of
+triggered held-out images, of classes other than the target, classified as the target.
+When ``train.enabled`` is false the stage writes only a record saying so, and embed uses the
+model named in the ``embed`` section.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import open_clip
+import torch
+import webdataset as wds
+
+from clipscrub.io import atomic_dir, atomic_file, read_manifest, write_json, write_lineage
+from clipscrub.model import register_model_config, resolve_device, tiny_model_config
+from clipscrub.params import BaseSettings, DownloadSettings, TrainSettings
+from clipscrub.synthetic import SHAPES, add_trigger, make_clean_sample
+
+ZERO_SHOT_TEMPLATES = ("a photo of a {}.", "a {} on a plain background", "an image of a {}")
+HELDOUT_SEED_OFFSET = 1_000_003
+
+
+def load_shards(raw_dir: Path, preprocess, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode every shard of ``raw_dir`` into (N, 3, H, W) images and (N, L) tokens, in manifest order."""
+    manifest = read_manifest(raw_dir)
+    ok = manifest.filter(manifest["status"] == "ok")
+    urls = [str(raw_dir / "shards" / s) for s in ok["shard"].unique(maintain_order=True).to_list()]
+    ds = wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode("pil").to_tuple("__key__", "jpg", "txt")
+    by_key = {key: (preprocess(img.convert("RGB")), txt) for key, img, txt in ds}
+    keys = ok["key"].to_list()
+    images = torch.stack([by_key[k][0] for k in keys])
+    tokens = tokenizer([by_key[k][1] for k in keys])
+    return images, tokens
+
+
+def make_heldout(download: DownloadSettings, base: BaseSettings, n: int, preprocess):
+    """Clean held-out images with labels, plus the same images triggered (the ASR probe)."""
+    syn = download.synthetic
+    rng = np.random.default_rng(base.seed + HELDOUT_SEED_OFFSET)
+    clean, labels, triggered = [], [], []
+    for _ in range(n):
+        s = make_clean_sample(rng=rng, image_size=syn.image_size)
+        clean.append(preprocess(s.image))
+        labels.append(SHAPES.index(s.label))
+        triggered.append(preprocess(add_trigger(s.image, patch_size=syn.patch_size, rng=rng)))
+    return torch.stack(clean), torch.tensor(labels), torch.stack(triggered)
+
+
+@torch.no_grad()
+def zero_shot_predict(model, tokenizer, images: torch.Tensor, classnames: list[str], device) -> torch.Tensor:
+    """Predicted class index per image (N,), by cosine to template-averaged class embeddings."""
+    weights = []
+    for c in classnames:
+        t = model.encode_text(tokenizer([tpl.format(c) for tpl in ZERO_SHOT_TEMPLATES]).to(device), normalize=True)
+        weights.append(torch.nn.functional.normalize(t.mean(0), dim=-1))
+    w = torch.stack(weights)
+    preds = []
+    for i in range(0, len(images), 512):
+        f = model.encode_image(images[i : i + 512].to(device), normalize=True)
+        preds.append((f @ w.T).argmax(-1).cpu())
+    return torch.cat(preds)
+
+
+def train_model(
+    *,
+    raw_dir: str | Path,
+    out_dir: str | Path,
+    metrics_path: str | Path,
+    settings: TrainSettings,
+    download: DownloadSettings,
+    base: BaseSettings,
+) -> dict[str, Any]:
+    """Train the demo victim on ``raw_dir``'s shards; write checkpoint, config and metrics."""
+    raw_dir, out_dir = Path(raw_dir), Path(out_dir)
+    params = {"base": base.model_dump(mode="json"), "train": settings.model_dump(mode="json")}
+    if not settings.enabled:
+        summary = {"trained": False}
+        with atomic_dir(out_dir) as tmp:
+            write_lineage(tmp, stage="train", params=params, inputs={}, upstream=[], summary=summary)
+        with atomic_file(metrics_path) as tmp_metrics:
+            write_json(tmp_metrics, summary)
+        return summary
+
+    torch.manual_seed(base.seed)
+    torch.set_num_threads(settings.threads)
+    device = resolve_device(base.device)
+    config = tiny_model_config(settings.architecture)
+    register_model_config(settings.model_name, config)
+    model, _, preprocess = open_clip.create_model_and_transforms(settings.model_name, pretrained=None, device=device)
+    tokenizer = open_clip.get_tokenizer(settings.model_name)
+
+    t0 = time.perf_counter()
+    images, tokens = load_shards(raw_dir, preprocess, tokenizer)
+    n = len(images)
+    steps_per_epoch = max(1, n // settings.batch_size)
+    total = steps_per_epoch * settings.epochs
+    warmup = max(1, total // 20)
+    opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup)))
+    )
+    loss_fn = open_clip.ClipLoss()
+    gen = torch.Generator().manual_seed(base.seed)
+    model.train()
+    losses = []
+    for _ in range(settings.epochs):
+        perm = torch.randperm(n, generator=gen)
+        for s in range(steps_per_epoch):
+            idx = perm[s * settings.batch_size : (s + 1) * settings.batch_size]
+            img_f, txt_f, scale = model(images[idx].to(device), tokens[idx].to(device))
+            loss = loss_fn(img_f, txt_f, scale)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+    train_seconds = time.perf_counter() - t0
+    model.eval()
+
+    clean, labels, triggered = make_heldout(download, base, settings.heldout_samples, preprocess)
+    classnames = list(SHAPES) + [download.synthetic.target]
+    target_idx = len(SHAPES)
+    acc = (zero_shot_predict(model, tokenizer, clean, classnames, device) == labels).float().mean().item()
+    asr = (zero_shot_predict(model, tokenizer, triggered, classnames, device) == target_idx).float().mean().item()
+    metrics = {
+        "trained": True,
+        "zero_shot_accuracy": round(acc, 4),
+        "attack_success_rate": round(asr, 4),
+        "final_loss": round(float(np.mean(losses[-steps_per_epoch:])), 4),
+        "train_samples": n,
+        "steps": total,
+    }
+    with atomic_dir(out_dir) as tmp:
+        torch.save({"epoch": settings.epochs, "name": settings.model_name, "state_dict": model.state_dict()}, tmp / "checkpoint.pt")
+        write_json(tmp / "model_config.json", config)
+        write_lineage(
+            tmp, stage="train", params=params, inputs={"raw": raw_dir}, upstream=[raw_dir], summary=metrics
+        )
+    with atomic_file(metrics_path) as tmp_metrics:
+        write_json(tmp_metrics, metrics)
+    return dict(metrics, train_seconds=round(train_seconds, 1))

@@ -1,0 +1,72 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from clipscrub.params import Params, apply_overrides, parse_params
+
+os.environ.pop("PREFECT_API_URL", None)
+REPO = Path(__file__).resolve().parent.parent
+
+# Small enough to run the whole pipeline in well under a minute on two CPU cores.
+TINY_OVERRIDES = [
+    "download.shard_size=100",
+    "download.synthetic.num_samples=400",
+    "download.synthetic.poison_rate=0.01",
+    "train.epochs=1",
+    "train.batch_size=64",
+    "train.heldout_samples=40",
+    "train.architecture.vision_width=32",
+    "train.architecture.text_width=32",
+    "train.architecture.vision_layers=1",
+    "train.architecture.text_layers=1",
+    "train.architecture.heads=2",
+    "train.architecture.embed_dim=16",
+    "train.architecture.patch_size=8",
+    "embed.batch_size=128",
+    "index.k=20",
+    "index.reference.size=120",
+    "score.lid_k=20",
+    "score.k=8",
+    "score.iforest.n_estimators=20",
+    "threshold.fraction=0.05",
+    "filter.shard_size=150",
+]
+
+
+def tiny_params_dict(tmp_root: Path | None = None, extra: list[str] | None = None) -> dict:
+    import yaml
+
+    data = yaml.safe_load((REPO / "params.yaml").read_text())
+    data = apply_overrides(data, TINY_OVERRIDES + (extra or []))
+    if tmp_root is not None:
+        data["embed"]["checkpoint"] = str(tmp_root / "model" / "checkpoint.pt")
+        data["embed"]["model_config"] = str(tmp_root / "model" / "model_config.json")
+    return data
+
+
+def tiny_params(tmp_root: Path | None = None, extra: list[str] | None = None) -> Params:
+    return parse_params(tiny_params_dict(tmp_root, extra))
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> tuple[Path, Params]:
+    """The whole pipeline run once on the tiny demo: (data root, params)."""
+    from clipscrub.pipeline import STAGES, run_stage
+
+    root = tmp_path_factory.mktemp("tiny-run") / "data"
+    params = tiny_params(root)
+    for stage in STAGES:
+        run_stage(stage, params, root)
+    return root, params
+
+
+def write_embeddings(directory: Path, image: np.ndarray, text: np.ndarray, ids: np.ndarray | None = None) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    np.save(directory / "image.npy", image.astype(np.float32))
+    np.save(directory / "text.npy", text.astype(np.float32))
+    np.save(directory / "ids.npy", np.arange(len(image)) if ids is None else ids)
+    return directory

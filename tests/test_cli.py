@@ -1,0 +1,86 @@
+"""The `clipscrub` command: one-line errors naming the parameter, and no partial output."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import tiny_params_dict
+
+CLI = [sys.executable, "-m", "clipscrub.cli"]
+
+
+def clipscrub(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def leftovers(root: Path) -> list[str]:
+    return sorted(p.name for p in root.rglob(".*tmp-*"))
+
+
+@pytest.fixture
+def project(tmp_path, tiny_run):
+    """A params file plus a data root holding only the downloaded dataset and the model."""
+    root, _ = tiny_run
+    data = tmp_path / "data"
+    shutil.copytree(root / "raw", data / "raw")
+    shutil.copytree(root / "model", data / "model")
+    params = tiny_params_dict(data)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    ("stage", "override", "expected"),
+    [
+        ("index", "index.k=500", "index.k: 500 must be smaller than index.reference.size (120)"),
+        ("threshold", "threshold.fraction=1.5", "threshold.fraction: Input should be less than 1"),
+        ("threshold", "threshold.fraction=0", "threshold.fraction: Input should be greater than 0"),
+        ("score", "score.detectors=[dao, lof]", "score.detectors: unknown detector 'lof'"),
+        ("embed", "embed.checkpoint=missing.pt", "embed.checkpoint: checkpoint file not found: missing.pt"),
+        ("download", "download.synthetic.num_samples=0", "download.synthetic.num_samples: Input should be greater than or equal to 1"),
+        ("index", "index.reference.size=100000", "index.reference.size: 100000 exceeds the dataset size (400)"),
+        ("threshold", "threshold.fractoin=0.1", "-S: ") ,
+    ],
+)
+def test_bad_parameters_stop_with_one_line(project, stage, override, expected):
+    if stage in ("index",):
+        clipscrub("embed", cwd=project)  # index needs embeddings to find the dataset size
+    before = sorted(p.relative_to(project).as_posix() for p in (project / "data").rglob("*"))
+    res = clipscrub(stage, "-S", override, cwd=project)
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1, res.stderr
+    assert lines[0].startswith("clipscrub: error: ")
+    if expected == "-S: ":
+        assert "threshold.fractoin: unknown key" in lines[0]
+    else:
+        assert expected in lines[0]
+    after = sorted(p.relative_to(project).as_posix() for p in (project / "data").rglob("*"))
+    assert after == before  # nothing written, nothing half-written
+    assert leftovers(project / "data") == []
+
+
+def test_empty_manifest_is_an_error(project):
+    import polars as pl
+
+    manifest = pl.read_parquet(project / "data" / "raw" / "manifest.parquet")
+    manifest.head(0).write_parquet(project / "data" / "raw" / "manifest.parquet")
+    res = clipscrub("embed", cwd=project)
+    assert res.returncode == 2
+    assert "the dataset is empty" in res.stderr
+    assert not (project / "data" / "embeddings").exists()
+
+
+def test_stage_prints_a_json_summary(project):
+    import json
+
+    res = clipscrub("embed", cwd=project)
+    assert res.returncode == 0, res.stderr
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    assert summary["stage"] == "embed" and summary["samples"] == 400

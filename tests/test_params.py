@@ -1,0 +1,65 @@
+from __future__ import annotations
+
+import pytest
+
+from clipscrub.errors import ParamError
+from clipscrub.params import Params, apply_overrides, load_params, parse_params
+from tests.conftest import REPO
+
+
+def test_params_yaml_holds_every_default():
+    """params.yaml spells out every key, so `dvc exp run -S` can set any of them."""
+    assert load_params(REPO / "params.yaml") == Params()
+    import yaml
+
+    data = yaml.safe_load((REPO / "params.yaml").read_text())
+    assert set(data) == set(Params.model_fields)
+
+
+@pytest.mark.parametrize(
+    ("data", "param", "fragment"),
+    [
+        ({"threshold": {"fractoin": 0.1}}, "threshold.fractoin", "unknown key"),
+        ({"tresholds": {}}, "tresholds", "unknown key"),
+        ({"threshold": {"fraction": 0.0}}, "threshold.fraction", "greater than 0"),
+        ({"threshold": {"fraction": 1.5}}, "threshold.fraction", "less than 1"),
+        ({"threshold": {"fraction": "0.1"}}, "threshold.fraction", "valid number"),
+        ({"index": {"k": 1000, "reference": {"size": 1000}}}, "index.k", "must be smaller than index.reference.size"),
+        ({"score": {"detectors": ["dao", "lof"]}}, "score.detectors", "unknown detector 'lof'"),
+        ({"threshold": {"detector": "lof"}}, "threshold.detector", "unknown detector 'lof'"),
+        ({"score": {"k": 100}}, "score.k", "exceeds index.k"),
+        ({"score": {"detectors": ["kdist"]}, "threshold": {"detector": "dao"}}, "threshold.detector", "not among score.detectors"),
+        ({"threshold": {"method": "score"}}, "threshold.score", "must be set"),
+        ({"base": {"seed": 1.5}}, "base.seed", "valid integer"),
+        ({"index": {"modality": "audio"}}, "index.modality", "image_text"),
+    ],
+)
+def test_bad_params_name_the_key(data, param, fragment):
+    with pytest.raises(ParamError) as info:
+        parse_params(data)
+    assert info.value.param == param
+    assert fragment in info.value.message
+    assert "\n" not in str(info.value)
+
+
+def test_overrides_use_existing_keys_only():
+    data = {"threshold": {"fraction": 0.01}}
+    assert apply_overrides(data, ["threshold.fraction=0.05"])["threshold"]["fraction"] == 0.05
+    assert data["threshold"]["fraction"] == 0.01  # the input is not mutated
+    with pytest.raises(ParamError, match="unknown key"):
+        apply_overrides(data, ["threshold.fractoin=0.05"])
+    with pytest.raises(ParamError, match="section.key=value"):
+        apply_overrides(data, ["threshold.fraction"])
+
+
+def test_missing_params_file(tmp_path):
+    with pytest.raises(ParamError) as info:
+        load_params(tmp_path / "nope.yaml")
+    assert info.value.param == "--params"
+
+
+def test_params_hash_tracks_sections():
+    a, b = Params(), parse_params({"threshold": {"fraction": 0.02}})
+    assert a.hash("index") == b.hash("index")
+    assert a.hash("threshold") != b.hash("threshold")
+    assert a.hash() != b.hash()
