@@ -32,11 +32,57 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a key that exists in the params file (repeatable)")
         sp.add_argument("--root", default="data", help="data directory holding every stage's outputs (default: data)")
+    sp = sub.add_parser("show", help="print a run's counts, victim metrics and per-detector figures")
+    sp.add_argument("--root", default="data", help="data directory of the run (default: data)")
     return parser
+
+
+def show_run(root: str) -> str:
+    """A compact text summary of a finished run under ``root``."""
+    from pathlib import Path
+
+    from clipscrub.pipeline import Layout
+
+    lay = Layout(Path(root))
+    lines = []
+    if lay.train_metrics.is_file():
+        t = json.loads(lay.train_metrics.read_text())
+        if t.get("trained"):
+            lines.append(
+                f"victim: zero-shot accuracy {t['zero_shot_accuracy']:.3f}, "
+                f"attack success rate {t['attack_success_rate']:.3f} ({t['train_samples']} samples)"
+            )
+    lineage = lay.clean / "lineage.json"
+    if lineage.is_file():
+        c = json.loads(lineage.read_text())["counts"]
+        lines.append(f"cleaned: kept {c['kept']} of {c['input']}, removed {c['removed']} ({lay.clean})")
+    if lay.detection_metrics.is_file():
+        m = json.loads(lay.detection_metrics.read_text())
+        if m.get("ground_truth"):
+            tpr = int(round(m["tpr_target"] * 100))
+            lines.append(f"detection of {m['poisoned']} known poisoned samples among {m['samples']}:")
+            lines.append(f"  {'detector':<9}{'AUROC':>8}{'PR-AUC':>8}{f'FPR@{tpr}%TPR':>13}{'precision':>11}{'recall':>8}")
+            for d, v in sorted(m["detectors"].items(), key=lambda kv: -kv[1]["auroc"]):
+                lines.append(
+                    f"  {d:<9}{v['auroc']:>8.4f}{v['pr_auc']:>8.4f}{v['fpr_at_tpr']:>13.4f}"
+                    f"{v['precision_at_threshold']:>11.3f}{v['recall_at_threshold']:>8.3f}"
+                )
+            th = m["threshold"]
+            lines.append(f"  (precision / recall: the threshold rule '{th['method']}' applied to each detector)")
+    if not lines:
+        raise ClipscrubError(f"no finished run under {root}", param="--root")
+    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "show":
+        try:
+            print(show_run(args.root))
+        except ClipscrubError as exc:
+            print(f"clipscrub: error: {exc}", file=sys.stderr)
+            return 2
+        return 0
     try:
         params = load_params(args.params, args.overrides)
         summary = run_stage(args.command, params, args.root)

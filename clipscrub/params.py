@@ -77,10 +77,12 @@ class TrainSettings(_Section):
 
 
 class EmbedSettings(_Section):
-    model_name: str = "clipscrub-tiny"
-    pretrained: str | None = None
-    checkpoint: str | None = "data/model/checkpoint.pt"
-    model_config_path: str | None = Field("data/model/model_config.json", alias="model_config")
+    """The model to embed with when ``train.enabled`` is false (else: the trained victim)."""
+
+    model_name: str = "ViT-B-32"
+    pretrained: str | None = "laion2b_s34b_b79k"
+    checkpoint: str | None = None
+    model_config_path: str | None = Field(None, alias="model_config")
     batch_size: int = Field(256, ge=1)
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True, populate_by_name=True)
@@ -129,7 +131,7 @@ class ScoreSettings(_Section):
 
 
 class ThresholdSettings(_Section):
-    detector: str = "dao"
+    detector: str = "kdist"
     method: Literal["top_fraction", "score", "auto"] = "top_fraction"
     fraction: float = Field(0.01, gt=0.0, lt=1.0)
     score: float | None = None

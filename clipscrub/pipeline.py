@@ -59,7 +59,12 @@ def _train(p: Params, lay: Layout) -> dict[str, Any]:
 def _embed(p: Params, lay: Layout) -> dict[str, Any]:
     from stages.embed import embed_dataset
 
-    return embed_dataset(raw_dir=lay.raw, out_dir=lay.embeddings, settings=p.embed, base=p.base)
+    # the demo embeds with the victim the train stage wrote; otherwise the model `embed` names
+    trained = p.train.enabled
+    return embed_dataset(
+        raw_dir=lay.raw, out_dir=lay.embeddings, settings=p.embed, base=p.base,
+        model_dir=lay.model if trained else None, model_name=p.train.model_name if trained else None,
+    )
 
 
 def _index(p: Params, lay: Layout) -> dict[str, Any]:

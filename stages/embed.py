@@ -31,21 +31,41 @@ def iter_samples(raw_dir: Path, manifest: pl.DataFrame) -> Iterator[tuple[str, A
 
 @torch.no_grad()
 def embed_dataset(
-    *, raw_dir: str | Path, out_dir: str | Path, settings: EmbedSettings, base: BaseSettings
+    *,
+    raw_dir: str | Path,
+    out_dir: str | Path,
+    settings: EmbedSettings,
+    base: BaseSettings,
+    model_dir: str | Path | None = None,
+    model_name: str | None = None,
 ) -> dict[str, Any]:
-    """Embed every ok sample of ``raw_dir``; return counts and the embedding dimension."""
+    """Embed every ok sample of ``raw_dir``; return counts and the embedding dimension.
+
+    With ``model_dir`` (the train stage's output) the model is that directory's checkpoint and
+    config, registered as ``model_name``; otherwise the model the ``embed`` settings name.
+    """
     raw_dir = Path(raw_dir)
     manifest = read_manifest(raw_dir)
     ok = manifest.filter(pl.col("status") == "ok")
     if ok.height == 0:
         raise DataError("no sample downloaded successfully: nothing to embed", param="--raw")
-    loaded = load_model(
-        model_name=settings.model_name,
-        pretrained=settings.pretrained,
-        checkpoint=settings.checkpoint,
-        model_config=settings.model_config_path,
-        device=base.device,
-    )
+    if model_dir is not None:
+        model_dir = Path(model_dir)
+        loaded = load_model(
+            model_name=model_name or settings.model_name,
+            pretrained=None,
+            checkpoint=str(model_dir / "checkpoint.pt"),
+            model_config=str(model_dir / "model_config.json"),
+            device=base.device,
+        )
+    else:
+        loaded = load_model(
+            model_name=settings.model_name,
+            pretrained=settings.pretrained,
+            checkpoint=settings.checkpoint,
+            model_config=settings.model_config_path,
+            device=base.device,
+        )
     model, dev = loaded.model, loaded.device
     key_to_row = {k: i for i, k in enumerate(ok["key"].to_list())}
     image_emb: np.ndarray | None = None
@@ -93,7 +113,7 @@ def embed_dataset(
             stage="embed",
             params={"base": base.model_dump(mode="json"), "embed": settings.model_dump(mode="json", by_alias=True)},
             inputs={"raw": raw_dir},
-            upstream=[raw_dir, Path(settings.checkpoint).parent if settings.checkpoint else raw_dir],
+            upstream=[raw_dir] + ([model_dir] if model_dir is not None else []),
             summary={k: v for k, v in summary.items() if k != "device"},
             extra={"model": loaded.info},
         )

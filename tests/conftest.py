@@ -37,19 +37,15 @@ TINY_OVERRIDES = [
 ]
 
 
-def tiny_params_dict(tmp_root: Path | None = None, extra: list[str] | None = None) -> dict:
+def tiny_params_dict(extra: list[str] | None = None) -> dict:
     import yaml
 
     data = yaml.safe_load((REPO / "params.yaml").read_text())
-    data = apply_overrides(data, TINY_OVERRIDES + (extra or []))
-    if tmp_root is not None:
-        data["embed"]["checkpoint"] = str(tmp_root / "model" / "checkpoint.pt")
-        data["embed"]["model_config"] = str(tmp_root / "model" / "model_config.json")
-    return data
+    return apply_overrides(data, TINY_OVERRIDES + (extra or []))
 
 
-def tiny_params(tmp_root: Path | None = None, extra: list[str] | None = None) -> Params:
-    return parse_params(tiny_params_dict(tmp_root, extra))
+def tiny_params(extra: list[str] | None = None) -> Params:
+    return parse_params(tiny_params_dict(extra))
 
 
 @pytest.fixture(scope="session")
@@ -58,7 +54,7 @@ def tiny_run(tmp_path_factory) -> tuple[Path, Params]:
     from clipscrub.pipeline import STAGES, run_stage
 
     root = tmp_path_factory.mktemp("tiny-run") / "data"
-    params = tiny_params(root)
+    params = tiny_params()
     for stage in STAGES:
         run_stage(stage, params, root)
     return root, params

@@ -30,7 +30,7 @@ def project(tmp_path, tiny_run):
     data = tmp_path / "data"
     shutil.copytree(root / "raw", data / "raw")
     shutil.copytree(root / "model", data / "model")
-    params = tiny_params_dict(data)
+    params = tiny_params_dict()
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     return tmp_path
 
@@ -42,7 +42,8 @@ def project(tmp_path, tiny_run):
         ("threshold", "threshold.fraction=1.5", "threshold.fraction: Input should be less than 1"),
         ("threshold", "threshold.fraction=0", "threshold.fraction: Input should be greater than 0"),
         ("score", "score.detectors=[dao, lof]", "score.detectors: unknown detector 'lof'"),
-        ("embed", "embed.checkpoint=missing.pt", "embed.checkpoint: checkpoint file not found: missing.pt"),
+        ("embed", "train.enabled=false,embed.checkpoint=missing.pt", "embed.checkpoint: checkpoint file not found: missing.pt"),
+        ("embed", "train.enabled=false,embed.model_name=ViT-Nope", "embed.model_name: unknown open_clip model 'ViT-Nope'"),
         ("download", "download.synthetic.num_samples=0", "download.synthetic.num_samples: Input should be greater than or equal to 1"),
         ("index", "index.reference.size=100000", "index.reference.size: 100000 exceeds the dataset size (400)"),
         ("threshold", "threshold.fractoin=0.1", "-S: ") ,
@@ -52,7 +53,8 @@ def test_bad_parameters_stop_with_one_line(project, stage, override, expected):
     if stage in ("index",):
         clipscrub("embed", cwd=project)  # index needs embeddings to find the dataset size
     before = sorted(p.relative_to(project).as_posix() for p in (project / "data").rglob("*"))
-    res = clipscrub(stage, "-S", override, cwd=project)
+    sets = [a for o in override.split(",") for a in ("-S", o)] if "[" not in override else ["-S", override]
+    res = clipscrub(stage, *sets, cwd=project)
     assert res.returncode == 2, res.stderr
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1, res.stderr

@@ -79,7 +79,7 @@ def test_experiments_and_metrics_diff(project):
     text = json.dumps(shown)
     assert '"tight"' in text and "detection.json" in text
     diff = json.loads(sh("dvc", "metrics", "diff", "--json", cwd=project))
-    flagged = diff["data/metrics/detection.json"]["detectors.dao.flagged"]
+    flagged = diff["data/metrics/detection.json"]["detectors.kdist.flagged"]
     assert flagged == {"old": 40, "new": 8, "diff": -32}
     lineage = json.loads((project / "data" / "clean" / "lineage.json").read_text())
     assert lineage["counts"]["removed"] == 8

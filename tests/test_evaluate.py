@@ -36,9 +36,9 @@ def test_metrics_and_plots_of_the_tiny_run(tiny_run):
     manifest = pl.read_parquet(root / "raw" / "manifest.parquet")
     # the threshold detector's precision/recall equal what the flags say
     tp = flags.join(manifest, on="id").filter(pl.col("is_flagged") & pl.col("is_poison")).height
-    dao = metrics["detectors"]["dao"]
-    assert dao["precision_at_threshold"] == pytest.approx(tp / flags["is_flagged"].sum())
-    assert dao["recall_at_threshold"] == pytest.approx(tp / 4)
+    chosen = metrics["detectors"][params.threshold.detector]
+    assert chosen["precision_at_threshold"] == pytest.approx(tp / flags["is_flagged"].sum())
+    assert chosen["recall_at_threshold"] == pytest.approx(tp / 4)
     for d in params.score.detectors:
         roc = pl.read_csv(root / "plots" / "roc" / f"{d}.csv")
         assert roc.columns == ["fpr", "tpr"] and roc["tpr"][-1] == 1.0

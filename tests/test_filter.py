@@ -23,8 +23,8 @@ def test_kept_plus_removed_is_everything(tiny_run):
     assert set(removed["id"]) == set(flags.filter(pl.col("is_flagged"))["id"])
     assert removed.height == round(params.threshold.fraction * manifest.height)
     assert kept.columns == manifest.columns
-    assert {"id", "key", "caption", "reason", "dao_score", "kdist_score"} <= set(removed.columns)
-    assert removed["reason"].unique().to_list() == ["dao_score_top_fraction"]
+    assert {"id", "key", "caption", "reason", "dao_score", "kdist_score", "slof_score"} <= set(removed.columns)
+    assert removed["reason"].unique().to_list() == [f"{params.threshold.detector}_score_top_fraction"]
 
 
 def test_clean_shards_hold_exactly_the_kept_samples(tiny_run):
@@ -57,7 +57,7 @@ def test_lineage_traces_the_version(tiny_run):
 
 def test_filter_refuses_artifacts_from_other_params(tiny_run, tmp_path):
     root, _ = tiny_run
-    other = tiny_params(root, extra=["threshold.fraction=0.2"])
+    other = tiny_params(extra=["threshold.fraction=0.2"])
     with pytest.raises(DataError) as info:
         filter_dataset(raw_dir=root / "raw", scores_dir=root / "scores", flags_dir=root / "flags",
                        out_dir=tmp_path / "clean", settings=other.filter, params=other)

@@ -57,7 +57,7 @@ def test_ties_at_the_cut_break_by_id():
 
 def test_non_finite_scores_are_flagged_not_dropped(tmp_path):
     scores = write_scores(tmp_path / "scores", dao=np.array([0.1, np.nan, 0.3, np.inf, 0.2, 0.0, -0.1, 0.05, 0.02, 0.01]))
-    summary = threshold_scores(scores_dir=scores, out_dir=tmp_path / "flags", settings=ThresholdSettings(fraction=0.1), base=BaseSettings())
+    summary = threshold_scores(scores_dir=scores, out_dir=tmp_path / "flags", settings=ThresholdSettings(detector="dao", fraction=0.1), base=BaseSettings())
     flags = pl.read_parquet(tmp_path / "flags" / "flags.parquet")
     assert flags.height == 10
     assert flags.filter(pl.col("is_non_finite"))["id"].to_list() == [1, 3]
@@ -73,6 +73,6 @@ def test_threshold_needs_the_detector_column(tmp_path):
 
     scores = write_scores(tmp_path / "scores", kdist=np.arange(5.0))
     with pytest.raises(DataError) as info:
-        threshold_scores(scores_dir=scores, out_dir=tmp_path / "flags", settings=ThresholdSettings(), base=BaseSettings())
+        threshold_scores(scores_dir=scores, out_dir=tmp_path / "flags", settings=ThresholdSettings(detector="dao"), base=BaseSettings())
     assert info.value.param == "threshold.detector"
     assert not (tmp_path / "flags").exists()
