@@ -106,6 +106,73 @@ def _evaluate(p: Params, lay: Layout) -> dict[str, Any]:
     )
 
 
+@dataclass(frozen=True)
+class StageSpec:
+    """What a stage reads, writes and depends on; dvc.yaml states the same (a test checks)."""
+
+    inputs: tuple[str, ...]  # Layout attributes
+    outputs: tuple[str, ...]  # Layout attributes
+    params: tuple[str, ...]  # params sections or dotted keys
+    code: tuple[str, ...]  # source files, relative to the repository root
+
+
+SPECS: dict[str, StageSpec] = {
+    "download": StageSpec((), ("raw",), ("base", "download"),
+                          ("stages/download.py", "clipscrub/synthetic.py", "clipscrub/io.py")),
+    "train": StageSpec(("raw",), ("model", "train_metrics"), ("base", "download", "train"),
+                       ("stages/train.py", "clipscrub/model.py", "clipscrub/synthetic.py")),
+    "embed": StageSpec(("raw", "model"), ("embeddings",), ("base", "embed", "train.enabled", "train.model_name"),
+                       ("stages/embed.py", "clipscrub/model.py")),
+    "index": StageSpec(("embeddings",), ("index",), ("base", "index"),
+                       ("stages/index.py", "clipscrub/neighbours.py")),
+    "score": StageSpec(("embeddings", "index"), ("scores",), ("base", "index", "score"),
+                       ("stages/score.py", "clipscrub/detectors.py")),
+    "threshold": StageSpec(("scores",), ("flags",), ("base", "threshold"), ("stages/threshold.py",)),
+    "filter": StageSpec(("raw", "scores", "flags"), ("clean",),
+                        ("base", "download", "train", "embed", "index", "score", "threshold", "filter"),
+                        ("stages/filter.py",)),
+    "evaluate": StageSpec(("raw", "scores"), ("detection_metrics", "plots"), ("base", "threshold", "evaluate"),
+                          ("stages/evaluate.py",)),
+}
+
+
+def param_value(params: Params, dotted: str) -> Any:
+    """The JSON value of a section (``index``) or a key in one (``train.enabled``)."""
+    section, _, key = dotted.partition(".")
+    data = params.section(section)
+    for part in key.split(".") if key else ():
+        data = data[part]
+    return data
+
+
+def stage_code_version(stage: str) -> str:
+    """Hash of the source files a stage runs (its SPECS code list)."""
+    import hashlib
+
+    root = Path(__file__).resolve().parent.parent
+    h = hashlib.sha256()
+    for rel in SPECS[stage].code:
+        h.update(rel.encode() + b"\0" + (root / rel).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def stage_inputs(stage: str, params: Params, layout: Layout) -> dict[str, Path]:
+    """The files a stage's output depends on, by name: upstream outputs, and for ``embed`` the
+    model files (the victim train wrote, or an external checkpoint and config)."""
+    inputs = {name: getattr(layout, name) for name in SPECS[stage].inputs}
+    if stage == "embed" and not params.train.enabled:
+        del inputs["model"]
+        for name, path in (("checkpoint", params.embed.checkpoint), ("model_config", params.embed.model_config_path)):
+            if path:
+                inputs[name] = Path(path)
+    return inputs
+
+
+def active_stages(params: Params) -> list[str]:
+    """Stages in run order; ``train`` only when the params ask for the demo victim."""
+    return [s for s in STAGES if s != "train" or params.train.enabled]
+
+
 STAGES: dict[str, Callable[[Params, Layout], dict[str, Any]]] = {
     "download": _download,
     "train": _train,

@@ -58,6 +58,8 @@ def embed_dataset(
             model_config=str(model_dir / "model_config.json"),
             device=base.device,
         )
+        # the file's hash identifies it; its location (data/ or a run directory) does not
+        loaded.info["checkpoint"] = "checkpoint.pt (train stage output)"
     else:
         loaded = load_model(
             model_name=settings.model_name,

@@ -1,14 +1,20 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
-import numpy as np
-import pytest
-
-from clipscrub.params import Params, apply_overrides, parse_params
-
+# Prefect: never talk to a server the developer has configured; keep its state out of ~/.prefect
 os.environ.pop("PREFECT_API_URL", None)
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="clipscrub-prefect-home-")
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from clipscrub.params import Params, apply_overrides, parse_params  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
 
 # Small enough to run the whole pipeline in well under a minute on two CPU cores.
@@ -66,3 +72,22 @@ def write_embeddings(directory: Path, image: np.ndarray, text: np.ndarray, ids: 
     np.save(directory / "text.npy", text.astype(np.float32))
     np.save(directory / "ids.npy", np.arange(len(image)) if ids is None else ids)
     return directory
+
+
+def make_dvc_project(proj: Path, params: dict) -> Path:
+    """A git + DVC project holding this repo's pipeline files and code, with ``params``."""
+    import shutil
+    import subprocess
+
+    import yaml
+
+    proj.mkdir(parents=True, exist_ok=True)
+    for name in ("dvc.yaml", ".dvcignore"):
+        shutil.copy(REPO / name, proj / name)
+    for d in ("clipscrub", "stages", "flows", ".dvc"):
+        shutil.copytree(REPO / d, proj / d, ignore=shutil.ignore_patterns("__pycache__", "tmp", "cache"))
+    (proj / "data").mkdir(exist_ok=True)
+    shutil.copy(REPO / "data" / ".gitignore", proj / "data" / ".gitignore")
+    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    subprocess.run(["git", "init", "-q"], cwd=proj, check=True)
+    return proj

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO, tiny_params_dict
+from tests.conftest import make_dvc_project, tiny_params_dict
 
 BIN = Path(sys.executable).parent
 
@@ -37,16 +36,7 @@ def stages_run(output: str) -> list[str]:
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
     """A fresh git + DVC project: this repo's pipeline files and code, tiny params."""
-    proj = tmp_path_factory.mktemp("dvcproj")
-    for name in ("dvc.yaml", ".dvcignore"):
-        shutil.copy(REPO / name, proj / name)
-    for d in ("clipscrub", "stages", "flows", ".dvc"):
-        shutil.copytree(REPO / d, proj / d, ignore=shutil.ignore_patterns("__pycache__", "tmp", "cache"))
-    (proj / "data").mkdir()
-    shutil.copy(REPO / "data" / ".gitignore", proj / "data" / ".gitignore")
-    params = tiny_params_dict()  # relative paths: data/model/...
-    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    sh("git", "init", "-q", cwd=proj)
+    proj = make_dvc_project(tmp_path_factory.mktemp("dvcproj"), tiny_params_dict())
     sh("git", "add", "-A", cwd=proj)
     sh("git", "commit", "-qm", "init", cwd=proj)
     return proj

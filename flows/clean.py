@@ -1,0 +1,164 @@
+"""The clipscrub pipeline as a Prefect 3 flow over the same stage functions as dvc.yaml.
+
+Each stage is a task that calls ``clipscrub.pipeline.run_stage`` and passes file paths only.
+A task's cache key is built like DVC's stage hash: the content hashes of its input artifacts,
+its params (the sections dvc.yaml lists for it) and its code version (the hash of the source
+files it runs). Results persist under ``<out>/.prefect/results`` (or any fsspec URL).
+
+Prefect's cache says "this key was computed", not "the outputs on disk are that computation's":
+so the flow also keeps ``<out>/.clipscrub/state.json`` (per stage: the key and the content hashes
+of the outputs it left), and refreshes the cache of a stage whose outputs are missing or changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.context import TaskRunContext
+from prefect.filesystems import RemoteFileSystem
+from prefect.runtime import flow_run
+from prefect.tasks import exponential_backoff
+
+from clipscrub.io import sha256_path
+from clipscrub.params import Params, parse_params
+from clipscrub.pipeline import SPECS, STAGES, Layout, active_stages, param_value, run_stage, stage_code_version, stage_inputs
+
+STATE_FILE = Path(".clipscrub") / "state.json"
+
+
+def stage_cache_key(stage: str, params: Params, root: str | Path) -> str:
+    """Hash of (stage, its code version, its params, the contents of its inputs)."""
+    lay = Layout(Path(root))
+    h = hashlib.sha256()
+    h.update(f"{stage}\0{stage_code_version(stage)}\0".encode())
+    for key in SPECS[stage].params:
+        h.update(key.encode() + b"=" + json.dumps(param_value(params, key), sort_keys=True).encode() + b"\0")
+    for name, path in sorted(stage_inputs(stage, params, lay).items()):
+        h.update(name.encode() + b":" + sha256_path(path).encode() + b"\0")
+    return f"clipscrub-{stage}-{h.hexdigest()[:40]}"
+
+
+def _task_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
+    return stage_cache_key(parameters["stage"], parse_params(parameters["params"]), parameters["root"])
+
+
+def output_hashes(stage: str, root: str | Path) -> dict[str, str] | None:
+    """Content hash of each output of ``stage`` under ``root``; None if any is missing."""
+    lay = Layout(Path(root))
+    paths = {name: getattr(lay, name) for name in SPECS[stage].outputs}
+    if not all(p.exists() for p in paths.values()):
+        return None
+    return {name: sha256_path(p) for name, p in paths.items()}
+
+
+def _read_state(root: Path) -> dict[str, Any]:
+    path = root / STATE_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _write_state(root: Path, state: dict[str, Any]) -> None:
+    path = root / STATE_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=2, sort_keys=True))
+    tmp.replace(path)
+
+
+def _run_stage_task(stage: str, params: dict[str, Any], root: str) -> dict[str, Any]:
+    logger = get_run_logger()
+    logger.info("running stage %s into %s", stage, root)
+    summary = run_stage(stage, parse_params(params), root)
+    logger.info("stage %s done: %s", stage, json.dumps(summary, sort_keys=True, default=str))
+    return summary
+
+
+STAGE_TASKS = {
+    name: task(
+        _run_stage_task,
+        name=name,
+        cache_key_fn=_task_cache_key,
+        persist_result=True,
+        # a URL list fetch can fail transiently; the other stages are deterministic
+        retries=3 if name == "download" else 0,
+        retry_delay_seconds=exponential_backoff(backoff_factor=5) if name == "download" else 0,
+    )
+    for name in STAGES
+}
+
+
+def _flow_run_name() -> str:
+    params = parse_params(flow_run.parameters["params"])
+    return f"{params.base.name}-{params.hash()[:8]}"
+
+
+def result_storage_for(out_dir: str | Path, url: str | None) -> Path | str:
+    """Local storage under the run's directory, a local path, or any fsspec URL (s3://, gs://...).
+
+    A URL becomes a saved RemoteFileSystem block: Prefect wants task result storage persisted
+    server-side, so that the UI and later runs can resolve it.
+    """
+    if url is None:
+        return (Path(out_dir) / ".prefect" / "results").resolve()
+    if "://" not in url or url.startswith("file://"):
+        return Path(url.removeprefix("file://")).resolve()
+    name = "clipscrub-" + hashlib.sha256(url.encode()).hexdigest()[:12]
+    RemoteFileSystem(basepath=url).save(name, overwrite=True)
+    return f"remote-file-system/{name}"
+
+
+def summary_markdown(params: Params, root: Path, summaries: dict[str, Any], states: dict[str, str]) -> str:
+    lines = [f"# clipscrub run `{params.base.name}` (params {params.hash()[:8]})", ""]
+    filt = summaries.get("filter", {})
+    if filt:
+        frac = filt["removed"] / max(1, filt["scored"])
+        lines += [
+            "| input | failed | scored | kept | removed | removed fraction |",
+            "| --- | --- | --- | --- | --- | --- |",
+            f"| {filt['input']} | {filt['failed']} | {filt['scored']} | {filt['kept']} | {filt['removed']} | {frac:.4f} |",
+            "",
+        ]
+    ev = summaries.get("evaluate", {})
+    if ev.get("ground_truth"):
+        lines += [f"Detection of {ev['poisoned']} known poisoned samples:", "", "| detector | AUROC | PR-AUC |", "| --- | --- | --- |"]
+        for d, m in sorted(ev["detectors"].items(), key=lambda kv: -kv[1]["auroc"]):
+            lines.append(f"| {d} | {m['auroc']:.4f} | {m['pr_auc']:.4f} |")
+        lines.append("")
+    lines += ["| stage | state |", "| --- | --- |"] + [f"| {s} | {st} |" for s, st in states.items()]
+    lines += ["", f"Outputs: `{root}`"]
+    return "\n".join(lines)
+
+
+@flow(name="clean-dataset", flow_run_name=_flow_run_name, log_prints=True)
+def clean_dataset(params: dict[str, Any], out_dir: str, result_storage: str | None = None) -> dict[str, Any]:
+    """Run every stage on ``params`` (a params.yaml mapping) into ``out_dir``.
+
+    Returns ``{"states": {stage: "Completed" | "Cached"}, "summaries": {stage: summary}}``.
+    """
+    settings = parse_params(params)
+    root = Path(out_dir)
+    storage = result_storage_for(root, result_storage)
+    state = _read_state(root)
+    states: dict[str, str] = {}
+    summaries: dict[str, Any] = {}
+    for stage in active_stages(settings):
+        key = stage_cache_key(stage, settings, root)
+        recorded = state.get(stage, {})
+        intact = recorded.get("key") == key and recorded.get("outputs") == output_hashes(stage, root)
+        t = STAGE_TASKS[stage].with_options(result_storage=storage, refresh_cache=not intact)
+        run_state = t(stage=stage, params=settings.model_dump(mode="json", by_alias=True), root=str(root), return_state=True)
+        summaries[stage] = run_state.result()
+        states[stage] = run_state.name
+        state[stage] = {"key": key, "outputs": output_hashes(stage, root)}
+        _write_state(root, state)
+    create_markdown_artifact(
+        summary_markdown(settings, root, summaries, states),
+        key="clipscrub-" + re.sub(r"[^a-z0-9-]+", "-", settings.base.name.lower()).strip("-"),
+        description="clipscrub run summary",
+    )
+    return {"states": states, "summaries": summaries}

@@ -1,0 +1,36 @@
+"""dvc.yaml, the CLI and the Prefect flow describe the same stage graph (clipscrub.pipeline)."""
+
+from __future__ import annotations
+
+import yaml
+
+from clipscrub.pipeline import SPECS, STAGES, Layout
+from tests.conftest import REPO
+
+
+def _paths(entries) -> list[str]:
+    return [next(iter(e)) if isinstance(e, dict) else e for e in entries or []]
+
+
+def test_dvc_yaml_matches_the_stage_specs():
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    assert list(stages) == list(STAGES)
+    lay = Layout(REPO.joinpath("data").relative_to(REPO))
+    for name, spec in SPECS.items():
+        st = stages[name]
+        assert st["cmd"] == f"clipscrub {name} --params params.yaml --root data"
+        inputs = [getattr(lay, i).as_posix() for i in spec.inputs]
+        assert sorted(st["deps"]) == sorted(inputs + list(spec.code)), name
+        assert st["params"] == list(spec.params), name
+        outputs = _paths(st.get("outs")) + _paths(st.get("metrics")) + _paths(st.get("plots"))
+        expected = []
+        for o in spec.outputs:
+            path = getattr(lay, o).as_posix()
+            expected += [f"{path}/roc", f"{path}/hist"] if o == "plots" else [path]
+        assert sorted(outputs) == sorted(expected), name
+
+
+def test_code_files_exist():
+    for spec in SPECS.values():
+        for rel in spec.code:
+            assert (REPO / rel).is_file(), rel
