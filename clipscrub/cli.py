@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from clipscrub.errors import ClipscrubError
@@ -64,7 +65,10 @@ def show_run(root: str) -> str:
     lineage = lay.clean / "lineage.json"
     if lineage.is_file():
         c = json.loads(lineage.read_text())["counts"]
-        lines.append(f"cleaned: kept {c['kept']} of {c['input']}, removed {c['removed']} ({lay.clean})")
+        lines.append(
+            f"cleaned: kept {c['kept']} of {c['input']} input samples; {c['failed']} failed at download, "
+            f"{c['removed']} removed by the detectors ({lay.clean})"
+        )
     if lay.detection_metrics.is_file():
         m = json.loads(lay.detection_metrics.read_text())
         if m.get("ground_truth"):
@@ -102,12 +106,31 @@ def check_writable_dir(path: str, param: str) -> None:
         raise ClipscrubError(f"{path} is not writable: {exc.strerror}", param=param) from None
 
 
-def run_flow(args: argparse.Namespace) -> int:
-    from pathlib import Path
+def check_prefect_server_imports() -> None:
+    """Refuse to start Prefect's ephemeral server where it would crash on import.
 
+    img2dataset depends on the ``dataclasses`` backport, whose ``dataclasses.py`` lands in
+    site-packages; Prefect starts its temporary server with ``--app-dir <site-packages>``, which
+    puts that file ahead of the standard library and the server dies inside pydantic.
+    """
+    import prefect
+    from prefect.settings import Settings
+
+    shadow = Path(prefect.__file__).resolve().parent.parent / "dataclasses.py"
+    # a fresh Settings() reads the environment and profile as `clipscrub run` will see them
+    if shadow.exists() and not Settings().api.url:
+        raise ClipscrubError(
+            f"{shadow} (the 'dataclasses' backport img2dataset pulls in) shadows the standard library "
+            "in Prefect's temporary server: run `pip uninstall -y dataclasses`, or set PREFECT_API_URL "
+            "to a running `prefect server start`"
+        )
+
+
+def run_flow(args: argparse.Namespace) -> int:
     try:
         params = load_params(args.params, args.overrides)
         check_writable_dir(args.out, "--out")
+        check_prefect_server_imports()
     except ClipscrubError as exc:
         print(f"clipscrub: error: {exc}", file=sys.stderr)
         return 2

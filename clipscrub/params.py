@@ -44,10 +44,75 @@ class SyntheticSettings(_Section):
     target: str = Field("banana", min_length=1)
 
 
+class UrlsSettings(_Section):
+    """A url list fetched with img2dataset (its options, under the same names)."""
+
+    path: str | None = None
+    input_format: Literal["auto", "parquet", "csv", "tsv"] = "auto"
+    url_col: str = "url"
+    caption_col: str = "caption"
+    processes: int = Field(2, ge=1)
+    threads: int = Field(32, ge=1)
+    timeout: float = Field(10.0, gt=0)
+    retries: int = Field(0, ge=0)
+    image_size: int = Field(256, ge=8)
+    resize_mode: Literal["no", "keep_ratio", "keep_ratio_largest", "center_crop", "border"] = "keep_ratio"
+    resize_only_if_bigger: bool = True
+    encode_format: Literal["jpg", "png", "webp"] = "jpg"
+    encode_quality: int = Field(95, ge=1, le=100)
+    min_image_size: int = Field(0, ge=0)
+    max_aspect_ratio: float | None = Field(None, gt=0)  # null: no limit
+    max_image_area: float | None = Field(None, gt=0)  # pixels; null: no limit
+    user_agent_token: str | None = None
+    disallowed_header_directives: list[str] = Field(
+        default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"]
+    )
+
+
+class ShardsSettings(_Section):
+    """Existing webdataset shards: a file, a directory of .tar files or a brace pattern."""
+
+    path: str | None = None
+    workers: int = Field(2, ge=1)
+
+
+class FolderSettings(_Section):
+    """A folder of images plus a csv/jsonl captions file mapping file names to captions."""
+
+    path: str | None = None
+    captions: str | None = None
+    file_col: str = "file"
+    caption_col: str = "caption"
+
+
+class PrecomputedSettings(_Section):
+    """clip-retrieval's output layout: img_emb/*.npy, text_emb/*.npy, metadata/*.parquet."""
+
+    path: str | None = None
+    caption_col: str = "caption"
+
+
+SOURCES = ("synthetic", "urls", "shards", "folder", "embeddings")
+
+
 class DownloadSettings(_Section):
-    source: Literal["synthetic"] = "synthetic"
+    source: Literal["synthetic", "urls", "shards", "folder", "embeddings"] = "synthetic"
     shard_size: int = Field(1000, ge=1)
     synthetic: SyntheticSettings = SyntheticSettings()
+    urls: UrlsSettings = UrlsSettings()
+    shards: ShardsSettings = ShardsSettings()
+    folder: FolderSettings = FolderSettings()
+    embeddings: PrecomputedSettings = PrecomputedSettings()
+
+    @model_validator(mode="after")
+    def _source_is_given(self) -> "DownloadSettings":
+        if self.source != "synthetic":
+            sub = getattr(self, self.source)
+            if not sub.path:
+                raise _CrossError(f"download.{self.source}.path", f"must be set when download.source is {self.source!r}")
+            if self.source == "folder" and not self.folder.captions:
+                raise _CrossError("download.folder.captions", "must be set when download.source is 'folder'")
+        return self
 
 
 class TinyModelSettings(_Section):
@@ -168,6 +233,12 @@ class Params(_Section):
 
     @model_validator(mode="after")
     def _cross_section(self) -> "Params":
+        if self.train.enabled and self.download.source != "synthetic":
+            raise _CrossError(
+                "train.enabled",
+                "the demo victim trains only on download.source 'synthetic'; set train.enabled=false "
+                "and name the model to embed with in the embed section",
+            )
         for key, value in (("score.k", self.score.k), ("score.lid_k", self.score.lid_k)):
             if "lid" not in self.score.detectors and key == "score.lid_k":
                 continue

@@ -118,11 +118,12 @@ class StageSpec:
 
 SPECS: dict[str, StageSpec] = {
     "download": StageSpec((), ("raw",), ("base", "download"),
-                          ("stages/download.py", "clipscrub/synthetic.py", "clipscrub/io.py")),
+                          ("stages/download.py", "clipscrub/sources.py", "clipscrub/shards.py",
+                           "clipscrub/synthetic.py", "clipscrub/io.py")),
     "train": StageSpec(("raw",), ("model", "train_metrics"), ("base", "download", "train"),
                        ("stages/train.py", "clipscrub/model.py", "clipscrub/synthetic.py")),
     "embed": StageSpec(("raw", "model"), ("embeddings",), ("base", "embed", "train.enabled", "train.model_name"),
-                       ("stages/embed.py", "clipscrub/model.py")),
+                       ("stages/embed.py", "clipscrub/model.py", "clipscrub/shards.py", "clipscrub/sources.py")),
     "index": StageSpec(("embeddings",), ("index",), ("base", "index"),
                        ("stages/index.py", "clipscrub/neighbours.py")),
     "score": StageSpec(("embeddings", "index"), ("scores",), ("base", "index", "score"),
@@ -130,7 +131,7 @@ SPECS: dict[str, StageSpec] = {
     "threshold": StageSpec(("scores",), ("flags",), ("base", "threshold"), ("stages/threshold.py",)),
     "filter": StageSpec(("raw", "scores", "flags"), ("clean",),
                         ("base", "download", "train", "embed", "index", "score", "threshold", "filter"),
-                        ("stages/filter.py",)),
+                        ("stages/filter.py", "clipscrub/shards.py")),
     "evaluate": StageSpec(("raw", "scores"), ("detection_metrics", "plots"), ("base", "threshold", "evaluate"),
                           ("stages/evaluate.py",)),
 }
@@ -157,9 +158,26 @@ def stage_code_version(stage: str) -> str:
 
 
 def stage_inputs(stage: str, params: Params, layout: Layout) -> dict[str, Path]:
-    """The files a stage's output depends on, by name: upstream outputs, and for ``embed`` the
-    model files (the victim train wrote, or an external checkpoint and config)."""
+    """The files a stage's output depends on, by name: upstream outputs; for ``download`` the
+    user's source files; for ``embed`` the model files (the victim train wrote, or an external
+    checkpoint and config) or the precomputed embeddings."""
     inputs = {name: getattr(layout, name) for name in SPECS[stage].inputs}
+    dl = params.download
+    if stage == "download" and dl.source != "synthetic":
+        sub = getattr(dl, dl.source)
+        if dl.source == "shards":
+            from clipscrub.shards import expand_shards
+
+            inputs.update({f"shard:{p}": p for p in expand_shards(sub.path, param="download.shards.path")})
+        elif dl.source == "embeddings":
+            inputs["metadata"] = Path(sub.path).expanduser() / "metadata"
+        else:
+            inputs["source"] = Path(sub.path).expanduser()
+            if dl.source == "folder":
+                inputs["captions"] = Path(dl.folder.captions).expanduser()
+    if stage == "embed" and dl.source == "embeddings":
+        root = Path(dl.embeddings.path).expanduser()
+        inputs.update({"img_emb": root / "img_emb", "text_emb": root / "text_emb"})
     if stage == "embed" and not params.train.enabled:
         del inputs["model"]
         for name, path in (("checkpoint", params.embed.checkpoint), ("model_config", params.embed.model_config_path)):

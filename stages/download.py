@@ -1,8 +1,12 @@
 """Stage 1, download: materialise the dataset as webdataset shards plus a manifest.
 
 Layout (img2dataset's): ``<out>/shards/00000.tar`` holding ``key.jpg``, ``key.txt``,
-``key.json`` per sample, and ``<out>/manifest.parquet`` with one row per sample and a stable
-integer ``id`` that every later artifact refers to.
+``key.json`` per sample, and ``<out>/manifest.parquet`` with one row per input sample and a
+stable integer ``id`` that every later artifact refers to. ``download.source`` picks where the
+samples come from (clipscrub/sources.py): the synthetic demo, a url list (img2dataset), existing
+shards (read in place), a folder of images with captions, or clip-retrieval embeddings.
+Samples that cannot be used are rows with ``status == "failed"`` and an ``error``; only ``ok``
+rows go on to embed.
 """
 
 from __future__ import annotations
@@ -19,20 +23,11 @@ import webdataset as wds
 from clipscrub.errors import DataError
 from clipscrub.io import atomic_dir, write_lineage
 from clipscrub.params import BaseSettings, DownloadSettings
+from clipscrub.sources import MANIFEST_SCHEMA, fetch_urls, finish_manifest, read_folder, read_precomputed, read_shards
 from clipscrub.synthetic import generate_samples
 
-MANIFEST_SCHEMA = {
-    "id": pl.Int64,
-    "key": pl.String,
-    "shard": pl.String,
-    "caption": pl.String,
-    "image_sha256": pl.String,
-    "width": pl.Int32,
-    "height": pl.Int32,
-    "status": pl.String,
-    "error": pl.String,
-    "is_poison": pl.Boolean,
-}
+__all__ = ["MANIFEST_SCHEMA", "download_dataset"]
+
 JPEG_QUALITY = 95
 
 
@@ -84,8 +79,7 @@ def _synthetic_records(settings: DownloadSettings, seed: int) -> tuple[list[dict
     return records, [s.is_poison for s in samples]
 
 
-def download_dataset(*, out_dir: str | Path, settings: DownloadSettings, base: BaseSettings) -> dict[str, Any]:
-    """Write ``out_dir/shards/*.tar`` and ``out_dir/manifest.parquet``; return counts."""
+def _synthetic_manifest(settings: DownloadSettings, base: BaseSettings, out_dir: Path) -> pl.DataFrame:
     if settings.synthetic.patch_size >= settings.synthetic.image_size:
         raise DataError(
             f"{settings.synthetic.patch_size} must be smaller than download.synthetic.image_size",
@@ -94,38 +88,63 @@ def download_dataset(*, out_dir: str | Path, settings: DownloadSettings, base: B
     records, is_poison = _synthetic_records(settings, base.seed)
     if not records:
         raise DataError("the dataset is empty", param="download.synthetic.num_samples")
+    rows = write_shards(records=records, shard_dir=out_dir / "shards", shard_size=settings.shard_size)
+    size = settings.synthetic.image_size
+    frame = pl.DataFrame(rows).with_row_index("id").with_columns(
+        pl.lit(size).alias("width"), pl.lit(size).alias("height"), pl.lit("ok").alias("status"),
+        pl.Series("is_poison", is_poison),
+    )
+    return finish_manifest(frame)
+
+
+def download_dataset(*, out_dir: str | Path, settings: DownloadSettings, base: BaseSettings) -> dict[str, Any]:
+    """Write ``out_dir/manifest.parquet`` (and shards, for the sources that have images); return
+    counts: ``samples`` input rows = ``ok`` + ``failed``."""
+    extra: dict[str, Any] = {}
+    source_inputs: dict[str, Path] = {}
     with atomic_dir(out_dir) as tmp:
-        rows = write_shards(records=records, shard_dir=tmp / "shards", shard_size=settings.shard_size)
-        size = settings.synthetic.image_size
-        manifest = pl.DataFrame(
-            {
-                "id": list(range(len(rows))),
-                "key": [r["key"] for r in rows],
-                "shard": [r["shard"] for r in rows],
-                "caption": [r["caption"] for r in rows],
-                "image_sha256": [r["image_sha256"] for r in rows],
-                "width": [size] * len(rows),
-                "height": [size] * len(rows),
-                "status": ["ok"] * len(rows),
-                "error": [None] * len(rows),
-                "is_poison": is_poison,
-            },
-            schema=MANIFEST_SCHEMA,
-        )
+        if settings.source == "synthetic":
+            manifest = _synthetic_manifest(settings, base, tmp)
+        elif settings.source == "urls":
+            manifest, extra = fetch_urls(settings=settings.urls, shard_size=settings.shard_size, out_dir=tmp)
+            source_inputs["url_list"] = Path(settings.urls.path).expanduser()
+        elif settings.source == "shards":
+            manifest, extra = read_shards(settings=settings.shards)
+        elif settings.source == "folder":
+            manifest, extra = read_folder(settings=settings.folder, shard_size=settings.shard_size, out_dir=tmp)
+            source_inputs["captions"] = Path(settings.folder.captions).expanduser()
+        else:
+            manifest, extra = read_precomputed(settings=settings.embeddings, out_dir=tmp)
         manifest.write_parquet(tmp / "manifest.parquet", statistics=False)
+        ok = int((manifest["status"] == "ok").sum())
         summary = {
+            "source": settings.source,
             "samples": manifest.height,
-            "ok": manifest.height,
-            "failed": 0,
-            "poisoned": int(sum(is_poison)),
-            "shards": len({r["shard"] for r in rows}),
+            "ok": ok,
+            "failed": manifest.height - ok,
+            "errors": _error_counts(manifest),
+            **extra,
         }
+        if manifest["is_poison"].null_count() == 0:
+            summary["poisoned"] = int(manifest["is_poison"].sum())
+        shards = manifest["shard"].drop_nulls().n_unique()
+        summary["shards"] = int(shards)
         write_lineage(
             tmp,
             stage="download",
             params={"base": base.model_dump(mode="json"), "download": settings.model_dump(mode="json")},
-            inputs={},
+            inputs=source_inputs,
             upstream=[],
             summary=summary,
         )
     return summary
+
+
+def _error_counts(manifest: pl.DataFrame, top: int = 10) -> dict[str, int]:
+    """The most frequent failure reasons, with their counts."""
+    failed = manifest.filter(pl.col("status") == "failed")
+    if failed.height == 0:
+        return {}
+    reasons = failed.select(pl.col("error").fill_null("unknown").alias("reason"))
+    counts = reasons.group_by("reason").len().sort(["len", "reason"], descending=[True, False]).head(top)
+    return dict(zip(counts["reason"].to_list(), counts["len"].to_list()))

@@ -17,12 +17,31 @@ import webdataset as wds
 from clipscrub.errors import DataError
 from clipscrub.io import atomic_dir, code_version, read_lineage, read_manifest, require_file, sha256_file, write_json
 from clipscrub.params import FilterSettings, Params
+from clipscrub.shards import iter_shard, shard_path
 
 
 def _iter_raw(raw_dir: Path, shards: list[str]):
     for shard in shards:
-        for sample in wds.WebDataset(str(raw_dir / "shards" / shard), shardshuffle=False, empty_check=False):
-            yield sample
+        yield from iter_shard(shard_path(raw_dir, shard))
+
+
+def _reshard(raw_dir: Path, ok: pl.DataFrame, kept: pl.DataFrame, shard_dir: Path, shard_size: int) -> dict[str, str]:
+    """Copy the kept samples, byte for byte, into new shards; return key -> new shard name."""
+    keep = set(kept["key"].to_list())
+    new_shard: dict[str, str] = {}
+    shard_dir.mkdir()
+    with wds.ShardWriter(str(shard_dir / "%05d.tar"), maxcount=shard_size, mtime=0, verbose=0) as sink:
+        n = 0
+        for sample in _iter_raw(raw_dir, ok["shard"].unique(maintain_order=True).to_list()):
+            key = sample["__key__"]
+            if key not in keep or key in new_shard:
+                continue
+            sink.write({k: v for k, v in sample.items() if not k.startswith("__") or k == "__key__"})
+            new_shard[key] = f"{n // shard_size:05d}.tar"
+            n += 1
+    if n != len(keep):
+        raise DataError(f"{len(keep) - n} kept samples are missing from the raw shards", param="--raw")
+    return new_shard
 
 
 def _check_upstream_params(stages: dict[str, Any], params: Params) -> None:
@@ -73,21 +92,13 @@ def filter_dataset(
     _check_upstream_params(stages, params)
     model = stages.get("embed", {}).get("model", {})
     with atomic_dir(out_dir) as tmp:
-        keep = set(kept_ids["key"].to_list())
-        new_shard: dict[str, str] = {}
-        shard_dir = tmp / "shards"
-        shard_dir.mkdir()
-        with wds.ShardWriter(str(shard_dir / "%05d.tar"), maxcount=settings.shard_size, mtime=0, verbose=0) as sink:
-            n = 0
-            for sample in _iter_raw(raw_dir, ok["shard"].unique(maintain_order=True).to_list()):
-                if sample["__key__"] not in keep:
-                    continue
-                sink.write({k: v for k, v in sample.items() if not k.startswith("__") or k == "__key__"})
-                new_shard[sample["__key__"]] = f"{n // settings.shard_size:05d}.tar"
-                n += 1
-        if n != len(keep):
-            raise DataError(f"{len(keep) - n} kept samples are missing from the raw shards", param="--raw")
-        kept = kept_ids.with_columns(pl.col("key").replace_strict(new_shard).alias("shard")).sort("id")
+        if ok["shard"].null_count() == ok.height:
+            # precomputed embeddings: no images to re-shard, the kept manifest is the version
+            kept = kept_ids.sort("id")
+        else:
+            kept = kept_ids.with_columns(
+                pl.col("key").replace_strict(_reshard(raw_dir, ok, kept_ids, tmp / "shards", settings.shard_size)).alias("shard")
+            ).sort("id")
         kept.write_parquet(tmp / "manifest.parquet", statistics=False)
         removed.write_parquet(tmp / "removed.parquet", statistics=False)
         stages["filter"] = {"params": {"filter": settings.model_dump(mode="json")}, "code_version": code_version(), "summary": counts}

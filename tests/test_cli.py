@@ -86,3 +86,28 @@ def test_stage_prints_a_json_summary(project):
     assert res.returncode == 0, res.stderr
     summary = json.loads(res.stdout.strip().splitlines()[-1])
     assert summary["stage"] == "embed" and summary["samples"] == 400
+
+
+@pytest.mark.parametrize("api_url, shadowed, expected", [
+    ("", True, "pip uninstall -y dataclasses"),
+    ("", False, None),
+    ("http://127.0.0.1:4200/api", True, None),
+])
+def test_run_refuses_a_shadowed_dataclasses(tmp_path, monkeypatch, api_url, shadowed, expected):
+    import prefect
+
+    from clipscrub.cli import check_prefect_server_imports
+    from clipscrub.errors import ClipscrubError
+
+    site = tmp_path / "site-packages"
+    (site / "prefect").mkdir(parents=True)
+    (site / "prefect" / "__init__.py").write_text("")
+    if shadowed:
+        (site / "dataclasses.py").write_text("# the Python 3.6 backport\n")
+    monkeypatch.setattr(prefect, "__file__", str(site / "prefect" / "__init__.py"))
+    monkeypatch.setenv("PREFECT_API_URL", api_url)
+    if expected is None:
+        check_prefect_server_imports()
+    else:
+        with pytest.raises(ClipscrubError, match=expected):
+            check_prefect_server_imports()

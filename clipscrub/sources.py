@@ -1,0 +1,357 @@
+"""The download stage's sources. Each writes what it must under a scratch directory and returns
+the manifest: one row per input row (or per sample found), with a stable ``id`` and every bad
+sample recorded as ``status == "failed"`` with its ``error`` rather than stopping the run.
+
+- ``urls``: a parquet/csv/tsv url list fetched with img2dataset into webdataset shards; its
+  per-shard status parquet gives every row's outcome.
+- ``shards``: existing webdataset shards, read in place (the manifest holds their absolute paths).
+- ``folder``: a folder of images plus a csv/jsonl captions file, written as shards.
+- ``embeddings``: clip-retrieval's ``img_emb/ text_emb/ metadata/`` layout; no images, the run
+  starts at index (the embed stage converts the arrays).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import webdataset as wds
+
+from clipscrub.errors import DataError
+from clipscrub.params import FolderSettings, PrecomputedSettings, ShardsSettings, UrlsSettings
+from clipscrub.shards import caption_of, decode_image, expand_shards, image_field, iter_shard
+
+MANIFEST_SCHEMA = {
+    "id": pl.Int64,
+    "key": pl.String,
+    "shard": pl.String,
+    "caption": pl.String,
+    "image_sha256": pl.String,
+    "width": pl.Int32,
+    "height": pl.Int32,
+    "status": pl.String,
+    "error": pl.String,
+    "is_poison": pl.Boolean,
+}
+ROW_COL = "clipscrub_row"
+PRECOMPUTED_FILE = "precomputed.json"
+
+
+def finish_manifest(frame: pl.DataFrame) -> pl.DataFrame:
+    """The manifest schema's columns in order (missing ones null), then the source's extra
+    columns; captions that are empty or blank mark an otherwise good sample as failed."""
+    cols = []
+    for name, dtype in MANIFEST_SCHEMA.items():
+        cols.append(pl.col(name).cast(dtype) if name in frame.columns else pl.lit(None, dtype=dtype).alias(name))
+    extras = [c for c in frame.columns if c not in MANIFEST_SCHEMA]
+    out = frame.select(cols + extras)
+    blank = (pl.col("status") == "ok") & (pl.col("caption").is_null() | (pl.col("caption").str.strip_chars() == ""))
+    return out.with_columns(
+        pl.when(blank).then(pl.lit("failed")).otherwise(pl.col("status")).alias("status"),
+        pl.when(blank).then(pl.lit("empty caption")).otherwise(pl.col("error")).alias("error"),
+    ).sort("id")
+
+
+def _read_table(path: Path, fmt: str, *, param: str) -> pl.DataFrame:
+    if not path.is_file():
+        raise DataError(f"file not found: {path}", param=param)
+    if fmt == "auto":
+        suffix = path.suffix.lower()
+        fmt = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl"}.get(suffix)
+        if fmt is None:
+            raise DataError(f"cannot tell the format of {path.name}: use .parquet, .csv, .tsv or .jsonl", param=param)
+    try:
+        if fmt == "parquet":
+            return pl.read_parquet(path)
+        if fmt == "jsonl":
+            return pl.read_ndjson(path)
+        # strings throughout: a caption column of digits must stay text
+        return pl.read_csv(path, separator="\t" if fmt == "tsv" else ",", infer_schema=False, quote_char='"')
+    except (pl.exceptions.PolarsError, OSError) as exc:
+        raise DataError(f"cannot read {path}: {str(exc).splitlines()[0][:200]}", param=param) from None
+
+
+def _require_columns(table: pl.DataFrame, names: dict[str, str], path: Path) -> None:
+    for param, col in names.items():
+        if col not in table.columns:
+            raise DataError(f"{path.name} has no column {col!r} (columns: {', '.join(table.columns)})", param=param)
+
+
+def fetch_urls(*, settings: UrlsSettings, shard_size: int, out_dir: Path) -> tuple[pl.DataFrame, dict[str, Any]]:
+    """Fetch a url list with img2dataset into ``out_dir/shards``; img2dataset's status parquet and
+    stats go to ``out_dir/img2dataset``. Manifest ids are the input's row numbers."""
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations phones home on import
+    from img2dataset import download as img2dataset_download
+
+    src = Path(settings.path).expanduser()
+    table = _read_table(src, settings.input_format, param="download.urls.path")
+    _require_columns(table, {"download.urls.url_col": settings.url_col, "download.urls.caption_col": settings.caption_col}, src)
+    if table.height == 0:
+        raise DataError(f"the url list {src} has no rows", param="download.urls.path")
+    table = table.with_row_index(ROW_COL).with_columns(pl.col(ROW_COL).cast(pl.Int64))
+    url = pl.col(settings.url_col).cast(pl.String)
+    has_url = url.is_not_null() & (url.str.strip_chars() != "")
+    todo = table.filter(has_url).select(ROW_COL, url.alias("url"), pl.col(settings.caption_col).cast(pl.String).alias("caption"))
+    work = out_dir / "img2dataset"
+    work.mkdir(parents=True)
+    shard_dir = out_dir / "shards"
+    if todo.height:
+        todo.write_parquet(work / "input.parquet")
+        img2dataset_download(
+            url_list=str(work / "input.parquet"),
+            input_format="parquet",
+            url_col="url",
+            caption_col="caption",
+            save_additional_columns=[ROW_COL],
+            output_folder=str(shard_dir),
+            output_format="webdataset",
+            processes_count=settings.processes,
+            thread_count=settings.threads,
+            timeout=settings.timeout,
+            retries=settings.retries,
+            number_sample_per_shard=shard_size,
+            image_size=settings.image_size,
+            resize_mode=settings.resize_mode,
+            resize_only_if_bigger=settings.resize_only_if_bigger,
+            encode_format=settings.encode_format,
+            encode_quality=settings.encode_quality,
+            min_image_size=settings.min_image_size,
+            max_aspect_ratio=settings.max_aspect_ratio or float("inf"),
+            max_image_area=settings.max_image_area or float("inf"),
+            user_agent_token=settings.user_agent_token,
+            disallowed_header_directives=list(settings.disallowed_header_directives),
+            compute_hash="sha256",  # of the bytes as fetched, as DataComp's verify_hash expects
+            enable_wandb=False,
+            distributor="multiprocessing",  # the output folder is fresh: incremental mode has nothing to skip
+        )
+        (work / "input.parquet").unlink()
+    else:
+        shard_dir.mkdir()
+    shutil.rmtree(shard_dir / "_tmp", ignore_errors=True)
+    status_files = sorted(shard_dir.glob("*.parquet"))
+    status = (
+        pl.concat(
+            [pl.read_parquet(f).with_columns(pl.lit(f"{f.stem}.tar").alias("shard")) for f in status_files],
+            how="diagonal_relaxed",
+        )
+        if status_files
+        else pl.DataFrame(schema={ROW_COL: pl.Int64, "key": pl.String, "status": pl.String, "error_message": pl.String,
+                                  "width": pl.Int32, "height": pl.Int32, "sha256": pl.String, "shard": pl.String})
+    )
+    for f in status_files + sorted(shard_dir.glob("*_stats.json")):
+        shutil.move(str(f), work / f.name)
+    # img2dataset decodes (OpenCV) and re-encodes every image, whatever resize_mode: a
+    # success is a decodable image
+    ok = pl.col("status") == "success"
+    status = status.select(
+        pl.col(ROW_COL).cast(pl.Int64),
+        pl.col("key"),
+        pl.when(ok).then(pl.col("shard")).alias("shard"),
+        pl.when(ok).then(pl.col("sha256")).alias("image_sha256"),
+        pl.when(ok).then(pl.col("width")).alias("width"),
+        pl.when(ok).then(pl.col("height")).alias("height"),
+        pl.when(ok).then(pl.lit("ok")).otherwise(pl.lit("failed")).alias("status"),
+        pl.when(ok).then(None).otherwise(
+            pl.concat_str([pl.col("status"), pl.col("error_message").fill_null("")], separator=": ").str.strip_chars(": ")
+        ).alias("error"),
+    )
+    lost = status.filter((pl.col("status") == "ok") & pl.col("image_sha256").is_null())
+    if lost.height:
+        raise DataError(f"img2dataset reported {lost.height} successes without a sha256", param="download.urls.path")
+    extras = [c for c in table.columns if c not in (ROW_COL, settings.caption_col) and c not in MANIFEST_SCHEMA]
+    manifest = (
+        table.select(pl.col(ROW_COL).alias("id"), pl.col(settings.caption_col).cast(pl.String).alias("caption"), *extras)
+        .join(status.rename({ROW_COL: "id"}), on="id", how="left")
+        .with_columns(
+            pl.col("status").fill_null("failed"),
+            pl.when(pl.col("status").is_null())
+            .then(pl.when(has_url.fill_null(False)).then(pl.lit("not processed by img2dataset")).otherwise(pl.lit("missing url")))
+            .otherwise(pl.col("error"))
+            .alias("error"),
+        )
+    )
+    if settings.url_col != "url" and settings.url_col in manifest.columns:
+        manifest = manifest.rename({settings.url_col: "url"})
+    # rows img2dataset never saw (no url) still need a unique key
+    manifest = manifest.with_columns(pl.col("key").fill_null(pl.format("row{}", pl.col("id"))))
+    return finish_manifest(manifest), {"img2dataset_shards": len(status_files)}
+
+
+def _check_sample(sample: dict[str, Any]) -> dict[str, Any]:
+    url = None
+    if sample.get("json") is not None:
+        try:
+            meta = json.loads(sample["json"])
+            url = meta.get("url") if isinstance(meta, dict) else None
+        except ValueError:
+            pass
+    row: dict[str, Any] = {"key": sample["__key__"], "caption": caption_of(sample), "status": "ok", "error": None,
+                           "url": url if isinstance(url, str) else None}
+    ext = image_field(sample)
+    if ext is None:
+        return {**row, "status": "failed", "error": "no image in the sample (jpg, jpeg, png or webp)"}
+    data = sample[ext]
+    try:
+        img, _ = decode_image(data)
+    except ValueError as exc:
+        return {**row, "status": "failed", "error": str(exc)}
+    return {**row, "image_sha256": hashlib.sha256(data).hexdigest(), "width": img.width, "height": img.height}
+
+
+def _scan_shard(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    try:
+        for sample in iter_shard(path):
+            rows.append({**_check_sample(sample), "shard": str(path)})
+    except Exception as exc:  # a truncated or non-tar file: its readable samples stay
+        rows.append({"key": f"{path.name}:unreadable", "shard": None, "caption": None, "status": "failed",
+                     "error": f"unreadable shard {path.name}: {type(exc).__name__}: {str(exc)[:120]}"})
+    return rows
+
+
+def read_shards(*, settings: ShardsSettings) -> tuple[pl.DataFrame, dict[str, Any]]:
+    """Index existing shards in place: decode every image once so only decodable ones are ok."""
+    paths = expand_shards(settings.path, param="download.shards.path")
+    with ThreadPoolExecutor(max_workers=settings.workers) as pool:  # PIL decodes without the GIL
+        per_shard = list(pool.map(_scan_shard, paths))
+    rows = [r for shard_rows in per_shard for r in shard_rows]
+    if not rows:
+        raise DataError(f"the shards {settings.path} hold no samples", param="download.shards.path")
+    frame = pl.DataFrame(rows, infer_schema_length=None).with_row_index("id").with_columns(pl.col("id").cast(pl.Int64))
+    # a key seen before (in this or an earlier shard) is a second sample under the same name
+    dup = frame["key"].is_duplicated() & ~frame["key"].is_first_distinct()
+    frame = frame.with_columns(
+        pl.when(dup).then(pl.lit("failed")).otherwise(pl.col("status")).alias("status"),
+        pl.when(dup).then(pl.lit("duplicate key")).otherwise(pl.col("error")).alias("error"),
+        pl.when(dup).then(pl.format("{}#{}", pl.col("key"), pl.col("id"))).otherwise(pl.col("key")).alias("key"),
+    )
+    if "url" in frame.columns and frame["url"].null_count() == frame.height:
+        frame = frame.drop("url")
+    return finish_manifest(frame), {"source_shards": len(paths)}
+
+
+def read_folder(*, settings: FolderSettings, shard_size: int, out_dir: Path) -> tuple[pl.DataFrame, dict[str, Any]]:
+    """Write the captioned images of a folder as shards; ids are the captions file's rows."""
+    folder = Path(settings.path).expanduser()
+    if not folder.is_dir():
+        raise DataError(f"image folder not found: {folder}", param="download.folder.path")
+    cap_path = Path(settings.captions).expanduser()
+    table = _read_table(cap_path, "auto", param="download.folder.captions")
+    _require_columns(table, {"download.folder.file_col": settings.file_col, "download.folder.caption_col": settings.caption_col}, cap_path)
+    if table.height == 0:
+        raise DataError(f"the captions file {cap_path} has no rows", param="download.folder.captions")
+    shard_dir = out_dir / "shards"
+    shard_dir.mkdir(parents=True)
+    rows = []
+    n_written = 0
+    files = table[settings.file_col].cast(pl.String).to_list()
+    captions = table[settings.caption_col].cast(pl.String).to_list()
+    with wds.ShardWriter(str(shard_dir / "%05d.tar"), maxcount=shard_size, mtime=0, verbose=0) as sink:
+        for i, (name, caption) in enumerate(zip(files, captions)):
+            key = f"{i:09d}"
+            row: dict[str, Any] = {"id": i, "key": key, "caption": caption, "status": "failed"}
+            path = folder / name if name else None
+            if path is None or not path.is_file():
+                rows.append({**row, "error": f"file not found: {name}"})
+                continue
+            data = path.read_bytes()
+            try:
+                img, ext = decode_image(data)
+            except ValueError as exc:
+                rows.append({**row, "error": str(exc)})
+                continue
+            sha256 = hashlib.sha256(data).hexdigest()  # of the file as given, whatever is stored
+            if ext == "other":  # GIF, BMP, TIFF...: stored as PNG so every reader can open it
+                buf = io.BytesIO()
+                img.save(buf, format="PNG")
+                data, ext = buf.getvalue(), "png"
+            if caption is None or not caption.strip():
+                rows.append({**row, "error": "empty caption"})
+                continue
+            meta = json.dumps({"key": key, "caption": caption, "file": name}, sort_keys=True)
+            sink.write({"__key__": key, ext: data, "txt": caption, "json": meta.encode()})
+            rows.append({**row, "shard": f"{n_written // shard_size:05d}.tar", "image_sha256": sha256,
+                         "width": img.width, "height": img.height, "status": "ok", "error": None})
+            n_written += 1
+    extras = table.drop(settings.caption_col).rename({settings.file_col: "file"}) if settings.file_col != "file" else table.drop(settings.caption_col)
+    extras = extras.select([c for c in extras.columns if c not in MANIFEST_SCHEMA]).with_row_index("id").with_columns(pl.col("id").cast(pl.Int64))
+    frame = pl.DataFrame(rows, infer_schema_length=None).join(extras, on="id", how="left")
+    listed = {str(Path(f)) for f in files if f}
+    uncaptioned = sum(1 for p in folder.rglob("*") if p.is_file() and str(p.relative_to(folder)) not in listed and p != cap_path)
+    return finish_manifest(frame), {"uncaptioned_files": uncaptioned}
+
+
+def _numbered(paths: list[Path]) -> list[Path]:
+    """clip-retrieval's parts (img_emb_0.npy, ..., img_emb_10.npy) in numeric order."""
+    def part(p: Path) -> tuple[int, str]:
+        m = re.search(r"(\d+)$", p.stem)
+        return (int(m.group(1)) if m else -1, p.name)
+    return sorted(paths, key=part)
+
+
+def precomputed_parts(root: Path) -> list[dict[str, Any]]:
+    """The aligned (img_emb, text_emb, metadata) files of a clip-retrieval output, with row
+    counts and dims read from the .npy headers (nothing loaded)."""
+    parts = {}
+    for sub, ext in (("img_emb", "npy"), ("text_emb", "npy"), ("metadata", "parquet")):
+        files = _numbered(list((root / sub).glob(f"*.{ext}"))) if (root / sub).is_dir() else []
+        if not files:
+            raise DataError(f"no {sub}/*.{ext} under {root} (expected clip-retrieval's layout)", param="download.embeddings.path")
+        parts[sub] = files
+    counts = {sub: len(files) for sub, files in parts.items()}
+    if len(set(counts.values())) != 1:
+        raise DataError(f"img_emb, text_emb and metadata hold different numbers of parts: {counts}", param="download.embeddings.path")
+    out = []
+    for img, txt, meta in zip(parts["img_emb"], parts["text_emb"], parts["metadata"]):
+        shapes = {}
+        for p in (img, txt):
+            try:
+                arr = np.load(p, mmap_mode="r")
+            except (ValueError, OSError) as exc:
+                raise DataError(f"cannot read {p}: {exc}", param="download.embeddings.path") from None
+            if arr.ndim != 2:
+                raise DataError(f"{p} holds an array of shape {arr.shape}, not (N, d)", param="download.embeddings.path")
+            shapes[p] = arr.shape
+        rows = pl.scan_parquet(meta).select(pl.len()).collect().item()
+        if not shapes[img][0] == shapes[txt][0] == rows:
+            raise DataError(
+                f"{img.name}, {txt.name} and {meta.name} disagree on the row count "
+                f"({shapes[img][0]}, {shapes[txt][0]}, {rows})",
+                param="download.embeddings.path",
+            )
+        out.append({"img_emb": str(img), "text_emb": str(txt), "metadata": str(meta), "rows": rows,
+                    "image_dim": shapes[img][1], "text_dim": shapes[txt][1]})
+    return out
+
+
+def read_precomputed(*, settings: PrecomputedSettings, out_dir: Path) -> tuple[pl.DataFrame, dict[str, Any]]:
+    """The manifest of a clip-retrieval output (one row per embedding row, all ok) and
+    ``out_dir/precomputed.json`` naming the aligned files for the embed stage."""
+    root = Path(settings.path).expanduser().resolve()
+    if not root.is_dir():
+        raise DataError(f"embeddings folder not found: {root}", param="download.embeddings.path")
+    parts = precomputed_parts(root)
+    meta = pl.concat([pl.read_parquet(p["metadata"]) for p in parts], how="diagonal_relaxed")
+    if settings.caption_col not in meta.columns:
+        raise DataError(f"metadata has no column {settings.caption_col!r} (columns: {', '.join(meta.columns)})",
+                        param="download.embeddings.caption_col")
+    meta = meta.with_row_index("id").with_columns(pl.col("id").cast(pl.Int64))
+    caption = pl.col(settings.caption_col).cast(pl.String).alias("caption")
+    key = pl.col("key").cast(pl.String) if "key" in meta.columns and meta["key"].is_unique().all() else pl.format("{}", pl.col("id").cast(pl.String).str.zfill(9))
+    keep = [c for c in meta.columns if c not in MANIFEST_SCHEMA and c not in (settings.caption_col, "id")]
+    sizes = [pl.col(c) for c in ("width", "height") if c in meta.columns]
+    sha = [pl.col("sha256").cast(pl.String).alias("image_sha256")] if "sha256" in meta.columns else []
+    frame = meta.select("id", key.alias("key"), caption, *sizes, *sha, *[c for c in keep if c != "sha256"]).with_columns(
+        pl.lit("ok").alias("status")
+    )
+    (out_dir / PRECOMPUTED_FILE).write_text(json.dumps({"root": str(root), "parts": parts}, indent=2, sort_keys=True) + "\n")
+    return finish_manifest(frame), {"parts": len(parts), "dim": parts[0]["image_dim"]}

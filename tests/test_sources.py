@@ -1,0 +1,354 @@
+"""Every download source, end to end through filter: url lists (img2dataset against a local HTTP
+server), existing shards, a folder with a captions file, and clip-retrieval embeddings."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+
+import numpy as np
+import open_clip
+import polars as pl
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+
+from clipscrub.errors import ClipscrubError, DataError, ParamError
+from clipscrub.params import parse_params
+from clipscrub.pipeline import Layout, run_stage
+from clipscrub.sources import MANIFEST_SCHEMA
+from tests.conftest import tiny_params_dict
+from tests.imageserver import ImageServer, image_bytes
+
+COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30), (30, 200, 200), (200, 30, 200),
+           (120, 60, 20), (20, 60, 120), (90, 90, 90), (250, 140, 0), (0, 140, 250), (140, 0, 250)]
+# small enough for a dozen samples: every sample is its own reference set
+SMALL = ["train.enabled=false", "index.reference.mode=all", "index.k=4", "score.k=2", "score.lid_k=3",
+         "score.iforest.n_estimators=10", "threshold.fraction=0.2", "evaluate.tpr=0.5"]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A randomly initialised tiny open_clip model as a checkpoint plus config JSON."""
+    d = tmp_path_factory.mktemp("model")
+    cfg = {"embed_dim": 16,
+           "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
+           "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    (d / "tiny.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(d / "tiny.json")
+    torch.manual_seed(0)
+    model = open_clip.create_model("tiny")
+    torch.save({"epoch": 1, "state_dict": model.state_dict()}, d / "tiny.pt")
+    return d
+
+
+def source_params(tiny_model, source: str, sub: dict, extra: list[str] | None = None):
+    data = tiny_params_dict(SMALL + (extra or []))
+    data["download"]["source"] = source
+    data["download"]["shard_size"] = 4
+    data["download"][source].update(sub)
+    data["embed"].update({"model_name": "tiny", "pretrained": None, "checkpoint": str(tiny_model / "tiny.pt"),
+                          "model_config": str(tiny_model / "tiny.json"), "batch_size": 5})
+    return parse_params(data)
+
+
+def run_through_filter(params, root):
+    lay = Layout(root)
+    for stage in ("download", "embed", "index", "score", "threshold", "filter"):
+        run_stage(stage, params, root)
+    return lay
+
+
+def check_end_to_end(lay: Layout):
+    """The invariants every source must keep, from manifest to cleaned version."""
+    manifest = pl.read_parquet(lay.raw / "manifest.parquet")
+    assert list(manifest.columns[: len(MANIFEST_SCHEMA)]) == list(MANIFEST_SCHEMA)
+    assert {n: manifest.schema[n] for n in MANIFEST_SCHEMA} == MANIFEST_SCHEMA
+    assert manifest["id"].is_unique().all() and manifest["key"].is_unique().all()
+    assert set(manifest["status"].unique()) <= {"ok", "failed"}
+    ok = manifest.filter(pl.col("status") == "ok")
+    failed = manifest.filter(pl.col("status") == "failed")
+    assert failed["error"].null_count() == 0 and ok["error"].null_count() == ok.height
+    assert ok["image_sha256"].null_count() == 0 or ok["shard"].null_count() == ok.height
+    assert (ok["caption"].str.strip_chars() != "").all()
+    # only ok rows are embedded, in manifest order
+    assert np.load(lay.embeddings / "ids.npy").tolist() == ok["id"].to_list()
+    kept = pl.read_parquet(lay.clean / "manifest.parquet")
+    removed = pl.read_parquet(lay.clean / "removed.parquet")
+    assert kept.height + removed.height == ok.height
+    assert not set(kept["id"]) & set(removed["id"])
+    assert kept.columns == manifest.columns  # extra source columns survive cleaning
+    lineage = json.loads((lay.clean / "lineage.json").read_text())
+    assert lineage["counts"] == {"input": manifest.height, "failed": failed.height, "scored": ok.height,
+                                 "kept": kept.height, "removed": removed.height}
+    return manifest, kept
+
+
+def shard_samples(paths) -> dict[str, dict]:
+    out = {}
+    for p in paths:
+        for s in wds.WebDataset(str(p), shardshuffle=False, empty_check=False):
+            out[s["__key__"]] = s
+    return out
+
+
+# --- url lists -------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def server():
+    routes = {}
+    for i, colour in enumerate(COLOURS[:8]):
+        fmt, ext, ctype = [("JPEG", "jpg", "image/jpeg"), ("PNG", "png", "image/png"), ("WEBP", "webp", "image/webp")][i % 3]
+        routes[f"/img{i}.{ext}"] = (ctype, image_bytes(fmt, colour=colour))
+    routes["/corrupt.jpg"] = ("image/jpeg", b"\xff\xd8\xff\xe0" + b"not really a jpeg" * 20)
+    routes["/page.jpg"] = ("text/html", b"<html><body>not an image</body></html>")
+    routes["/huge.jpg"] = ("image/jpeg", image_bytes("JPEG", size=(6000, 4000), colour=(10, 180, 90)))
+    with ImageServer(routes, slow_seconds=4.0) as srv:
+        yield srv
+
+
+def url_rows(server) -> list[dict]:
+    """(url, caption, expected status, expected error fragment) for every case the issue names."""
+    good = [f"/img{i}.{['jpg', 'png', 'webp'][i % 3]}" for i in range(8)]
+    return [
+        *[{"url": server.url(p), "caption": f"a photo of thing {i}", "expect": "ok"} for i, p in enumerate(good)],
+        {"url": server.url("/missing.jpg"), "caption": "not there", "expect": "404"},
+        {"url": server.url("/slow/img0.jpg"), "caption": "too slow", "expect": "timed out"},
+        {"url": server.url("/corrupt.jpg"), "caption": "corrupt bytes", "expect": "decod"},
+        {"url": server.url("/page.jpg"), "caption": "an html page", "expect": "decod"},
+        {"url": server.url("/huge.jpg"), "caption": "a huge image", "expect": "ok"},
+        {"url": server.url(good[1]), "caption": "the same url again", "expect": "ok"},
+        {"url": server.url(good[2]), "caption": "zoë's naïve café 🍌 香蕉 \u200b\U0001f600 ﷺ", "expect": "ok"},
+        {"url": server.url(good[3]), "caption": "", "expect": "empty caption"},
+        {"url": server.url(good[4]), "caption": "   ", "expect": "empty caption"},
+        {"url": None, "caption": "no url at all", "expect": "missing url"},
+    ]
+
+
+def write_url_list(rows, path, fmt):
+    table = pl.DataFrame({"url": [r["url"] for r in rows], "caption": [r["caption"] for r in rows],
+                          "license": [f"cc-{i}" for i in range(len(rows))]}, schema={"url": pl.String, "caption": pl.String, "license": pl.String})
+    if fmt == "parquet":
+        table.write_parquet(path)
+    else:
+        table.write_csv(path, separator="\t" if fmt == "tsv" else ",")
+    return path
+
+
+@pytest.mark.parametrize("fmt,resize_mode", [("parquet", "keep_ratio"), ("csv", "no"), ("tsv", "center_crop")])
+def test_url_list_end_to_end(server, tiny_model, tmp_path, fmt, resize_mode):
+    rows = url_rows(server)
+    path = write_url_list(rows, tmp_path / f"urls.{fmt}", fmt)
+    params = source_params(tiny_model, "urls", {"path": str(path), "timeout": 1.0, "processes": 1, "threads": 8,
+                                                "image_size": 64, "resize_mode": resize_mode})
+    lay = run_through_filter(params, tmp_path / "data")
+    manifest, kept = check_end_to_end(lay)
+    assert manifest.height == len(rows)  # every input row, in input order
+    assert manifest["id"].to_list() == list(range(len(rows)))
+    for row, got in zip(rows, manifest.iter_rows(named=True)):
+        assert got["caption"] == (row["caption"] if fmt == "parquet" or row["caption"] else got["caption"])
+        assert got["license"].startswith("cc-")
+        if row["expect"] == "ok":
+            assert got["status"] == "ok", (row, got)
+            assert got["url"] == row["url"]
+        else:
+            assert got["status"] == "failed", (row, got)
+            assert row["expect"] in got["error"].lower(), (row, got)
+    summary = json.loads((lay.raw / "lineage.json").read_text())["stages"]["download"]["summary"]
+    assert summary["ok"] + summary["failed"] == summary["samples"] == len(rows)
+    assert summary["ok"] == sum(r["expect"] == "ok" for r in rows)
+    # image_sha256 is of the bytes as served; the stored image decodes at the recorded size
+    samples = shard_samples(sorted((lay.raw / "shards").glob("*.tar")))
+    ok = manifest.filter(pl.col("status") == "ok")
+    for r in ok.iter_rows(named=True):
+        s = samples[r["key"]]
+        served = server.routes[r["url"].removeprefix(server.base_url)][1]
+        assert hashlib.sha256(served).hexdigest() == r["image_sha256"]
+        data = s["jpg"]  # img2dataset re-encodes every image as JPEG
+        assert Image.open(io.BytesIO(data)).size == (r["width"], r["height"])
+        assert s["txt"].decode() == r["caption"]
+    huge = ok.filter(pl.col("caption") == "a huge image").row(0, named=True)
+    assert (huge["width"], huge["height"]) == ((6000, 4000) if resize_mode == "no" else (96, 64) if resize_mode == "keep_ratio" else (64, 64))
+    dup = ok.filter(pl.col("url") == server.url("/img1.png"))
+    assert dup.height == 2 and dup["image_sha256"].n_unique() == 1
+    assert (lay.raw / "img2dataset").is_dir() and list((lay.raw / "img2dataset").glob("*_stats.json"))
+    # the cleaned shards hold exactly the kept samples, byte for byte
+    clean = shard_samples(sorted((lay.clean / "shards").glob("*.tar")))
+    assert sorted(clean) == sorted(kept["key"].to_list())
+    assert all(clean[k]["jpg"] == samples[k]["jpg"] for k in clean)
+
+
+def test_url_list_missing_columns_is_a_clear_error(tiny_model, tmp_path):
+    path = tmp_path / "urls.csv"
+    pl.DataFrame({"link": ["http://127.0.0.1:9/a.jpg"], "caption": ["x"]}).write_csv(path)
+    params = source_params(tiny_model, "urls", {"path": str(path)})
+    with pytest.raises(DataError, match="no column 'url'") as info:
+        run_stage("download", params, tmp_path / "data")
+    assert info.value.param == "download.urls.url_col"
+    assert not (tmp_path / "data" / "raw").exists()
+
+
+def test_source_path_is_required():
+    data = tiny_params_dict(["train.enabled=false", "download.source=urls"])
+    with pytest.raises(ParamError) as info:
+        parse_params(data)
+    assert info.value.param == "download.urls.path"
+
+
+def test_victim_training_needs_the_synthetic_source():
+    data = tiny_params_dict(["download.source=shards", "download.shards.path=/x/{0..1}.tar"])
+    with pytest.raises(ParamError) as info:
+        parse_params(data)
+    assert info.value.param == "train.enabled"
+
+
+# --- existing shards -------------------------------------------------------------------------
+
+def write_source_shards(d):
+    """Two shards in img2dataset / clip-retrieval layouts, with the bad cases mixed in."""
+    d.mkdir()
+    samples = [
+        [("a0", "jpg", image_bytes("JPEG", colour=COLOURS[0]), "a red thing"),
+         ("a1", "png", image_bytes("PNG", colour=COLOURS[1]), "a green thing"),
+         ("a2", "webp", image_bytes("WEBP", colour=COLOURS[2]), "a blue thing"),
+         ("a3", "jpg", b"\xff\xd8\xff garbage", "corrupt"),
+         ("a4", None, None, "no image"),
+         ("a5", "jpeg", image_bytes("JPEG", colour=COLOURS[3]), ""),
+         ("a6", "jpg", image_bytes("JPEG", colour=COLOURS[4]), "ok again")],
+        [("b0", "jpg", image_bytes("JPEG", colour=COLOURS[5]), None),  # caption only in json
+         ("a0", "jpg", image_bytes("JPEG", colour=COLOURS[6]), "a key used twice"),
+         *[(f"b{i}", "jpg", image_bytes("JPEG", colour=COLOURS[i + 6]), f"thing number {i}") for i in range(1, 6)]],
+    ]
+    for n, shard in enumerate(samples):
+        with wds.TarWriter(str(d / f"{n:05d}.tar")) as sink:
+            for key, ext, data, caption in shard:
+                sample = {"__key__": key, "json": json.dumps({"url": f"http://example.com/{key}", "caption": caption or "from json"}).encode()}
+                if ext:
+                    sample[ext] = data
+                if caption is not None:
+                    sample["txt"] = caption.encode()
+                sink.write(sample)
+    return str(d / "{00000..00001}.tar")
+
+
+def test_existing_shards_end_to_end(tiny_model, tmp_path):
+    pattern = write_source_shards(tmp_path / "src")
+    params = source_params(tiny_model, "shards", {"path": pattern})
+    lay = run_through_filter(params, tmp_path / "data")
+    manifest, kept = check_end_to_end(lay)
+    assert manifest.height == 14
+    status = dict(zip(manifest["key"], manifest["error"].fill_null("ok")))
+    assert status["a0"] == status["a1"] == status["a2"] == status["a6"] == "ok"
+    assert "cannot decode" in status["a3"]
+    assert "no image" in status["a4"]
+    assert status["a5"] == "empty caption"
+    assert status["b0"] == "ok" and manifest.filter(pl.col("key") == "b0")["caption"].item() == "from json"
+    assert status["a0#8"] == "duplicate key"
+    # read in place: the manifest points at the user's shards, nothing is copied into raw/
+    assert set(manifest.filter(pl.col("status") == "ok")["shard"]) == {str((tmp_path / "src" / f"{i:05d}.tar").resolve()) for i in range(2)}
+    assert not (lay.raw / "shards").exists()
+    assert manifest["url"].null_count() == 0
+    src = shard_samples(sorted((tmp_path / "src").glob("*.tar")))
+    clean = shard_samples(sorted((lay.clean / "shards").glob("*.tar")))
+    assert sorted(clean) == sorted(kept["key"].to_list())
+    a0 = clean.get("a0")
+    if a0 is not None:  # the first sample under a duplicated key is the one kept
+        assert a0["jpg"] == image_bytes("JPEG", colour=COLOURS[0])
+    assert all(any(clean[k].get(e) == src[k].get(e) for e in ("jpg", "png", "webp", "jpeg")) for k in clean if k != "a0")
+
+
+def test_missing_shard_is_a_clear_error(tiny_model, tmp_path):
+    params = source_params(tiny_model, "shards", {"path": str(tmp_path / "{00000..00002}.tar")})
+    with pytest.raises(DataError, match="shard not found") as info:
+        run_stage("download", params, tmp_path / "data")
+    assert info.value.param == "download.shards.path"
+
+
+# --- a folder with captions -----------------------------------------------------------------
+
+@pytest.mark.parametrize("captions_format", ["csv", "jsonl"])
+def test_image_folder_end_to_end(tiny_model, tmp_path, captions_format):
+    folder = tmp_path / "images"
+    (folder / "sub").mkdir(parents=True)
+    entries = []
+    for i, (fmt, ext) in enumerate([("JPEG", "jpg"), ("PNG", "png"), ("WEBP", "webp"), ("GIF", "gif"), ("BMP", "bmp"),
+                                    ("JPEG", "jpeg"), ("PNG", "png"), ("JPEG", "jpg")]):
+        name = f"sub/img.{i}.{ext}" if i % 2 else f"img {i}.{ext}"  # dots and spaces in names
+        (folder / name).write_bytes(image_bytes(fmt, colour=COLOURS[i]))
+        entries.append({"file": name, "caption": f"picture {i} ✓"})
+    (folder / "broken.jpg").write_bytes(b"\x00" * 100)
+    (folder / "uncaptioned.png").write_bytes(image_bytes("PNG"))
+    entries += [{"file": "broken.jpg", "caption": "broken file"}, {"file": "gone.jpg", "caption": "missing file"},
+                {"file": "img 0.jpg", "caption": ""}]
+    table = pl.DataFrame(entries).with_columns(pl.lit("photographer").alias("credit"))
+    captions = tmp_path / f"captions.{captions_format}"
+    table.write_csv(captions) if captions_format == "csv" else table.write_ndjson(captions)
+    params = source_params(tiny_model, "folder", {"path": str(folder), "captions": str(captions)})
+    lay = run_through_filter(params, tmp_path / "data")
+    manifest, kept = check_end_to_end(lay)
+    assert manifest["file"].to_list() == table["file"].to_list()
+    assert manifest["credit"].to_list() == ["photographer"] * table.height
+    errors = manifest["error"].to_list()
+    assert errors[:8] == [None] * 8
+    assert "cannot decode" in errors[8] and "file not found" in errors[9] and errors[10] == "empty caption"
+    summary = json.loads((lay.raw / "lineage.json").read_text())["stages"]["download"]["summary"]
+    assert summary["uncaptioned_files"] == 1
+    raw = shard_samples(sorted((lay.raw / "shards").glob("*.tar")))
+    exts = {k: next(e for e in ("jpg", "png", "webp") if e in s) for k, s in raw.items()}
+    assert [exts[k] for k in manifest["key"][:8]] == ["jpg", "png", "webp", "png", "png", "jpg", "png", "jpg"]
+    jpg0 = manifest.row(0, named=True)
+    assert raw[jpg0["key"]]["jpg"] == (folder / "img 0.jpg").read_bytes()  # stored as given
+
+
+# --- clip-retrieval embeddings --------------------------------------------------------------
+
+def write_clip_retrieval(d, *, parts=(7, 5), dim=16, seed=0):
+    rng = np.random.default_rng(seed)
+    for sub in ("img_emb", "text_emb", "metadata"):
+        (d / sub).mkdir(parents=True)
+    start = 0
+    for i, n in enumerate(parts):
+        for sub in ("img_emb", "text_emb"):
+            x = rng.normal(size=(n, dim))
+            np.save(d / sub / f"{sub}_{i}.npy", (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16))
+        pl.DataFrame({"url": [f"http://example.com/{start + j}.jpg" for j in range(n)],
+                      "caption": [f"caption {start + j}" if start + j != 3 else "" for j in range(n)],
+                      "similarity": rng.uniform(0.2, 0.4, n)}).write_parquet(d / "metadata" / f"metadata_{i}.parquet")
+        start += n
+    return d
+
+
+def test_clip_retrieval_embeddings_end_to_end(tiny_model, tmp_path):
+    src = write_clip_retrieval(tmp_path / "emb")
+    params = source_params(tiny_model, "embeddings", {"path": str(src)})
+    lay = run_through_filter(params, tmp_path / "data")
+    manifest, kept = check_end_to_end(lay)
+    assert manifest.height == 12 and manifest["url"].to_list() == [f"http://example.com/{i}.jpg" for i in range(12)]
+    assert manifest.filter(pl.col("status") == "failed")["id"].to_list() == [3]
+    ids = np.load(lay.embeddings / "ids.npy")
+    image = np.load(lay.embeddings / "image.npy")
+    want = np.concatenate([np.load(src / "img_emb" / f"img_emb_{i}.npy") for i in range(2)]).astype(np.float32)[ids]
+    np.testing.assert_allclose(image, want / np.linalg.norm(want, axis=1, keepdims=True), rtol=1e-6)
+    assert not (lay.clean / "shards").exists()
+    assert "similarity" in kept.columns
+
+
+def test_precomputed_dimension_must_match_the_model(tiny_model, tmp_path):
+    src = write_clip_retrieval(tmp_path / "emb", dim=24)
+    params = source_params(tiny_model, "embeddings", {"path": str(src)})
+    run_stage("download", params, tmp_path / "data")
+    with pytest.raises(DataError, match="dimension 24 but model 'tiny' embeds in 16") as info:
+        run_stage("embed", params, tmp_path / "data")
+    assert info.value.param == "embed.model_name"
+    assert not (tmp_path / "data" / "embeddings").exists()
+
+
+def test_precomputed_parts_must_align(tiny_model, tmp_path):
+    src = write_clip_retrieval(tmp_path / "emb")
+    np.save(src / "text_emb" / "text_emb_1.npy", np.ones((4, 16), dtype=np.float16))
+    params = source_params(tiny_model, "embeddings", {"path": str(src)})
+    with pytest.raises(ClipscrubError, match="disagree on the row count"):
+        run_stage("download", params, tmp_path / "data")
+    assert not (tmp_path / "data" / "raw").exists()
