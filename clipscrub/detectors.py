@@ -81,15 +81,19 @@ def clip_score(image: np.ndarray, text: np.ndarray) -> np.ndarray:
     return num / np.maximum(den, EPS)
 
 
-def iforest_score(*, fit: np.ndarray, score: np.ndarray, n_estimators: int, max_samples: int, seed: int) -> np.ndarray:
-    """Isolation-forest anomaly score (higher = more anomalous). fit (M, d), score (N, d) -> (N,)."""
+def fit_iforest(fit: np.ndarray, *, n_estimators: int, max_samples: int, seed: int):
+    """An isolation forest fitted on (M, d) embeddings (the reference samples)."""
     from sklearn.ensemble import IsolationForest
 
     forest = IsolationForest(
         n_estimators=n_estimators, max_samples=min(max_samples, len(fit)), random_state=seed, n_jobs=1
     )
-    forest.fit(fit)
-    return -forest.score_samples(score).astype(np.float64)
+    return forest.fit(fit)
+
+
+def iforest_score(forest, rows: np.ndarray) -> np.ndarray:
+    """Isolation-forest anomaly score (higher = more anomalous). (N, d) -> (N,)."""
+    return -forest.score_samples(rows).astype(np.float64)
 
 
 LOW_IS_SUSPICIOUS = frozenset({"clip"})

@@ -1,34 +1,95 @@
-"""Reference sets and exact k-nearest-reference search with faiss.
+"""Reference sets and k-nearest-reference search with faiss.
 
 A *reference entry* is one embedding of one reference sample: its image embedding, its caption
 embedding, or both (modality ``image_text``, the paper's CLIP setting). Every entry has an
 ``owner``: the dataset row of the sample it came from. A query never counts an entry of its own
 sample (its own image or its own caption) among its neighbours.
+
+Search: N queries against m sampled references is one large matrix product, so it is always
+exact (``IndexFlatL2``). Against the whole dataset, exact search costs N x N; above
+``exact_max_entries`` entries an approximate index is built instead (HNSW on the CPU; IVF on a
+GPU, where faiss has no HNSW, or above ``hnsw_max_entries``) and its recall@k against exact
+search is measured on a sample of queries. faiss-gpu is used whenever a CUDA GPU is visible.
+Every candidate faiss proposes is re-ranked with exactly recomputed distances, so results do
+not depend on the index's rounding.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Union
 
 import faiss
 import numpy as np
+import polars as pl
 
-from clipscrub.errors import ParamError
+from clipscrub.arrays import RowReader
+from clipscrub.errors import DataError, ParamError
 
-# extra candidates fetched beyond k + self entries, so that the exact float64 re-ranking below
-# (which repairs faiss's ||x||^2 + ||y||^2 - 2xy rounding near zero) sees every contender
+if TYPE_CHECKING:
+    from clipscrub.params import SearchSettings
+
+# extra candidates fetched beyond k + self entries, so that the exact re-ranking below (which
+# repairs faiss's ||x||^2 + ||y||^2 - 2xy rounding near zero) sees every contender
 RERANK_MARGIN = 8
-RERANK_BLOCK = 2048
+
+Rows = Union[np.ndarray, RowReader]
 
 
-def draw_references(*, n: int, mode: str, size: int, draws: int, seed: int) -> np.ndarray:
+def gpu_count() -> int:
+    return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+
+
+def read_trusted_rows(path: str | Path, ids: np.ndarray) -> np.ndarray:
+    """Embedding rows (m,) of the samples a trusted-reference file names, sorted.
+
+    ``path``: a parquet or csv table with an ``id`` column (e.g. a manifest; rows whose
+    ``status`` is not ok are skipped), or a text file with one id per line.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"trusted reference file not found: {p}", param="index.reference.path")
+    try:
+        if p.suffix in (".parquet", ".csv"):
+            table = pl.read_parquet(p) if p.suffix == ".parquet" else pl.read_csv(p)
+            if "id" not in table.columns:
+                raise DataError(f"{p} has no 'id' column (columns: {', '.join(table.columns)})", param="index.reference.path")
+            if "status" in table.columns:
+                table = table.filter(pl.col("status") == "ok")
+            wanted = table["id"].cast(pl.Int64).to_numpy()
+        else:
+            wanted = np.array([int(line) for line in p.read_text().split() if line.strip()], dtype=np.int64)
+    except (ValueError, pl.exceptions.PolarsError) as exc:
+        raise DataError(f"cannot read ids from {p}: {str(exc).splitlines()[0]}", param="index.reference.path") from None
+    wanted = np.unique(wanted)
+    order = np.argsort(ids, kind="stable")
+    pos = np.searchsorted(ids, wanted, sorter=order)
+    pos = np.minimum(pos, len(ids) - 1)
+    found = ids[order[pos]] == wanted
+    if not found.all():
+        missing = wanted[~found][:5].tolist()
+        raise DataError(
+            f"{int((~found).sum())} trusted ids are not embedded samples of this dataset, e.g. {missing}",
+            param="index.reference.path",
+        )
+    return np.sort(order[pos]).astype(np.int64)
+
+
+def draw_references(
+    *, n: int, mode: str, size: int, draws: int, seed: int, trusted_rows: np.ndarray | None = None
+) -> np.ndarray:
     """Dataset rows of the reference samples, (draws, m) int64, each row sorted.
 
     ``random``: ``draws`` independent seeded samples of ``size`` rows without replacement.
-    ``all``: the whole dataset as one draw (``size`` and ``draws`` do not apply).
+    ``trusted``: the given rows, one draw. ``all``: the whole dataset as one draw.
     """
     if mode == "all":
         return np.arange(n, dtype=np.int64)[None, :]
+    if mode == "trusted":
+        if trusted_rows is None:
+            raise ParamError("the trusted mode needs the rows of the trusted samples", param="index.reference.path")
+        return np.asarray(trusted_rows, dtype=np.int64)[None, :]
     if size > n:
         raise ParamError(
             f"{size} exceeds the dataset size ({n}); lower it or use index.reference.mode: all",
@@ -38,34 +99,102 @@ def draw_references(*, n: int, mode: str, size: int, draws: int, seed: int) -> n
     return np.stack([np.sort(rng.choice(n, size=size, replace=False)) for _ in range(draws)]).astype(np.int64)
 
 
-def query_embeddings(image: np.ndarray, text: np.ndarray, modality: str) -> np.ndarray:
+def query_embeddings(image: Rows, text: Rows, modality: str) -> Rows:
     """The query of each sample: its caption embedding for ``text``, else its image embedding."""
     return text if modality == "text" else image
 
 
-def reference_entries(
-    image: np.ndarray, text: np.ndarray, rows: np.ndarray, modality: str
-) -> tuple[np.ndarray, np.ndarray]:
-    """Entry vectors (R, d) and owners (R,) for reference rows (m,).
+def _take(rows_of: Rows, rows: np.ndarray) -> np.ndarray:
+    if isinstance(rows_of, RowReader):
+        return rows_of.take(rows)
+    return np.ascontiguousarray(rows_of[rows], dtype=np.float32)
+
+
+def _read(rows_of: Rows, start: int, stop: int) -> np.ndarray:
+    if isinstance(rows_of, RowReader):
+        return rows_of.read(start, stop)
+    return np.ascontiguousarray(rows_of[start:stop], dtype=np.float32)
+
+
+def reference_entries(image: Rows, text: Rows, rows: np.ndarray, modality: str) -> tuple[np.ndarray, np.ndarray]:
+    """Entry vectors (R, d) float32 and owners (R,) for reference rows (m,).
 
     ``image_text`` lays out the m image entries first, then the m caption entries (R = 2m).
     """
     if modality == "image":
-        return image[rows], rows
+        return _take(image, rows), rows
     if modality == "text":
-        return text[rows], rows
-    return np.concatenate([image[rows], text[rows]]), np.concatenate([rows, rows])
+        return _take(text, rows), rows
+    return np.concatenate([_take(image, rows), _take(text, rows)]), np.concatenate([rows, rows])
 
 
 def self_entries_per_query(modality: str) -> int:
     return 2 if modality == "image_text" else 1
 
 
-def _make_index(d: int) -> faiss.Index:
-    index = faiss.IndexFlatL2(d)
-    if hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0:
-        index = faiss.index_cpu_to_all_gpus(index)  # faiss-gpu: used whenever a GPU is present
-    return index
+def choose_method(*, mode: str, entries: int, search: "SearchSettings", gpus: int) -> str:
+    """``exact``, ``hnsw`` or ``ivf`` for a reference set of ``entries`` entries."""
+    if search.method != "auto":
+        return search.method
+    if mode != "all" or entries <= search.exact_max_entries:
+        return "exact"
+    return "ivf" if gpus > 0 or entries > search.hnsw_max_entries else "hnsw"
+
+
+@dataclass
+class SearchIndex:
+    """A faiss index over the reference entries, and a CPU flat index holding them (R, d).
+
+    ``flat`` recomputes candidate distances exactly (``compute_distance_subset``: direct sums of
+    squared differences, so duplicates are at exactly 0); ``refs`` is a view of its vectors.
+    """
+
+    index: faiss.Index
+    flat: faiss.IndexFlat
+    method: str
+    on_gpu: bool
+
+    @property
+    def refs(self) -> np.ndarray:
+        return faiss.rev_swig_ptr(self.flat.get_xb(), self.flat.ntotal * self.flat.d).reshape(self.flat.ntotal, self.flat.d)
+
+
+def _to_gpu(index: faiss.Index) -> tuple[faiss.Index, bool]:
+    if gpu_count() > 0:
+        return faiss.index_cpu_to_all_gpus(index), True
+    return index, False
+
+
+def build_search_index(refs: np.ndarray, *, method: str, search: "SearchSettings", seed: int) -> SearchIndex:
+    """Index reference entries (R, d) float32 for k-NN search with ``method``."""
+    r_n, dim = refs.shape
+    if method == "hnsw":
+        # IndexHNSWFlat keeps its vectors in a flat storage index: use it, do not hold them twice
+        index = faiss.IndexHNSWFlat(dim, search.hnsw_m)
+        index.hnsw.efConstruction = search.ef_construction
+        index.add(refs)
+        index.hnsw.efSearch = search.ef_search
+        return SearchIndex(index, faiss.downcast_index(index.storage), method, False)
+    flat = faiss.IndexFlatL2(dim)
+    flat.add(refs)
+    if method == "exact":
+        if gpu_count() > 0:
+            gpu_index, _ = _to_gpu(faiss.IndexFlatL2(dim))
+            gpu_index.add(refs)
+            return SearchIndex(gpu_index, flat, method, True)
+        return SearchIndex(flat, flat, method, False)
+    nlist = search.nlist or max(1, min(r_n // 39, int(4 * np.sqrt(r_n))))
+    quantizer = faiss.IndexFlatL2(dim)
+    index = faiss.IndexIVFFlat(quantizer, dim, nlist)
+    index.cp.seed = seed
+    # faiss warns below 39 training points per centroid and gains little above 256
+    train_n = min(r_n, 256 * nlist)
+    train = refs[np.sort(np.random.default_rng(seed).choice(r_n, size=train_n, replace=False))]
+    index.train(train)
+    index.add(refs)
+    index.nprobe = min(search.nprobe, nlist)
+    index, on_gpu = _to_gpu(index)
+    return SearchIndex(index, flat, method, on_gpu)
 
 
 @dataclass
@@ -81,47 +210,45 @@ class Neighbours:
 
 def find_neighbours(
     *,
-    queries: np.ndarray,
+    queries: Rows,
     query_owners: np.ndarray,
-    refs: np.ndarray,
+    index: SearchIndex,
     ref_owners: np.ndarray,
     k: int,
     max_self: int,
     chunk_size: int = 65536,
 ) -> Neighbours:
-    """Exact k nearest reference entries of each query, excluding entries it owns.
+    """k nearest reference entries of each query, excluding entries it owns.
 
-    queries (Q, d), query_owners (Q,), refs (R, d), ref_owners (R,). faiss's exact L2 search
-    proposes k + max_self + margin candidates; their distances are recomputed exactly (float64
-    accumulation of differences, so duplicates are at exactly 0) and ties broken by entry index.
+    queries (Q, d) (an array or a RowReader, read ``chunk_size`` rows at a time), query_owners
+    (Q,), ref_owners (R,). faiss proposes k + max_self + margin candidates; their distances are
+    recomputed directly from the differences (duplicates at exactly 0, no cancellation) and ties
+    broken by entry index.
     """
-    q_n, dim = queries.shape
-    r_n = refs.shape[0]
+    q_n = len(queries)
+    r_n = index.flat.ntotal
     if k + max_self > r_n:
         raise ParamError(f"k ({k}) leaves too few reference entries ({r_n}) to choose from", param="index.k")
-    refs32 = np.ascontiguousarray(refs, dtype=np.float32)
-    index = _make_index(dim)
-    index.add(refs32)
     cand = min(r_n, k + max_self + RERANK_MARGIN)
+    if index.method == "hnsw":
+        index.index.hnsw.efSearch = max(index.index.hnsw.efSearch, cand)
     out_e = np.empty((q_n, k), dtype=np.int64)
     out_d = np.empty((q_n, k), dtype=np.float32)
     for start in range(0, q_n, chunk_size):
         stop = min(q_n, start + chunk_size)
-        q32 = np.ascontiguousarray(queries[start:stop], dtype=np.float32)
-        _, idx = index.search(q32, cand)
-        for b in range(0, stop - start, RERANK_BLOCK):
-            sl = slice(b, min(stop - start, b + RERANK_BLOCK))
-            e, d = _rerank(q32[sl], idx[sl], refs32, ref_owners, query_owners[start:stop][sl], k)
-            out_e[start + sl.start : start + sl.stop] = e
-            out_d[start + sl.start : start + sl.stop] = d
+        q32 = _read(queries, start, stop)
+        _, idx = index.index.search(q32, cand)
+        sq = np.empty(idx.shape, dtype=np.float32)
+        safe = np.ascontiguousarray(np.maximum(idx, 0))  # faiss pads with -1 when it finds fewer
+        index.flat.compute_distance_subset(len(q32), faiss.swig_ptr(q32), cand, faiss.swig_ptr(sq), faiss.swig_ptr(safe))
+        out_e[start:stop], out_d[start:stop] = _rerank(idx, sq, ref_owners, query_owners[start:stop], k)
     return Neighbours(out_e, out_d)
 
 
-def _rerank(q: np.ndarray, idx: np.ndarray, refs: np.ndarray, ref_owners: np.ndarray, owners: np.ndarray, k: int):
-    diff = q[:, None, :].astype(np.float64) - refs[idx]  # (b, c, d) float64: exact zero for duplicates
-    dist = np.sqrt(np.einsum("bcd,bcd->bc", diff, diff))
-    dist[ref_owners[idx] == owners[:, None]] = np.inf
-    dist[idx < 0] = np.inf
+def _rerank(idx: np.ndarray, sq: np.ndarray, ref_owners: np.ndarray, owners: np.ndarray, k: int):
+    """Drop own and padding candidates, order by (exact distance, entry index), keep k."""
+    dist = np.sqrt(sq.astype(np.float64))
+    dist[(ref_owners[np.maximum(idx, 0)] == owners[:, None]) | (idx < 0)] = np.inf
     # sort by (distance, entry index): order by index first, then a stable sort by distance
     by_idx = np.argsort(idx, axis=1, kind="stable")
     idx = np.take_along_axis(idx, by_idx, 1)
@@ -131,3 +258,30 @@ def _rerank(q: np.ndarray, idx: np.ndarray, refs: np.ndarray, ref_owners: np.nda
     if not np.isfinite(dist_k).all():
         raise ParamError("fewer than k reference entries remain after excluding the query's own", param="index.k")
     return np.take_along_axis(idx, order, 1), dist_k.astype(np.float32)
+
+
+def measure_recall(
+    *,
+    queries: Rows,
+    query_owners: np.ndarray,
+    found: Neighbours,
+    index: SearchIndex,
+    ref_owners: np.ndarray,
+    k: int,
+    max_self: int,
+    sample: int,
+    seed: int,
+) -> float:
+    """recall@k of ``found`` against exact search, on ``sample`` seeded queries (1.0 if exact)."""
+    if index.method == "exact":
+        return 1.0
+    q_n = len(queries)
+    rows = np.sort(np.random.default_rng(seed).choice(q_n, size=min(sample, q_n), replace=False))
+    exact = find_neighbours(
+        queries=_take(queries, rows), query_owners=query_owners[rows],
+        index=SearchIndex(index.flat, index.flat, "exact", False),  # brute force over the same vectors
+        ref_owners=ref_owners, k=k, max_self=max_self,
+    )
+    approx = found.entries[rows]
+    hits = (approx[:, :, None] == exact.entries[:, None, :]).any(axis=2).sum()
+    return float(hits) / approx.size

@@ -149,20 +149,46 @@ class EmbedSettings(_Section):
     checkpoint: str | None = None
     model_config_path: str | None = Field(None, alias="model_config")
     batch_size: int = Field(256, ge=1)
+    dtype: Literal["float32", "float16"] = "float32"
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True, populate_by_name=True)
 
 
 class ReferenceSettings(_Section):
-    mode: Literal["random", "all"] = "random"
+    mode: Literal["random", "trusted", "all"] = "random"
     size: int = Field(750, ge=2)
     draws: int = Field(4, ge=1)
+    path: str | None = None
+
+    @model_validator(mode="after")
+    def _trusted_needs_path(self) -> "ReferenceSettings":
+        if self.mode == "trusted" and not self.path:
+            raise _CrossError(
+                "index.reference.path",
+                "required with index.reference.mode: trusted (a manifest/table with an 'id' column, or one id per line)",
+            )
+        return self
+
+
+class SearchSettings(_Section):
+    """How neighbours are searched when the references are the whole dataset (mode: all)."""
+
+    method: Literal["auto", "exact", "hnsw", "ivf"] = "auto"
+    exact_max_entries: int = Field(200_000, ge=1)
+    hnsw_max_entries: int = Field(4_000_000, ge=1)
+    hnsw_m: int = Field(32, ge=4)
+    ef_construction: int = Field(80, ge=8)
+    ef_search: int = Field(128, ge=1)
+    nlist: int = Field(0, ge=0)
+    nprobe: int = Field(32, ge=1)
+    recall_sample: int = Field(1000, ge=1)
 
 
 class IndexSettings(_Section):
     k: int = Field(64, ge=1)
     modality: Literal["image_text", "image", "text"] = "image_text"
     reference: ReferenceSettings = ReferenceSettings()
+    search: SearchSettings = SearchSettings()
     chunk_size: int = Field(65536, ge=1)
 
     @model_validator(mode="after")

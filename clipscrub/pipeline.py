@@ -125,9 +125,10 @@ SPECS: dict[str, StageSpec] = {
     "embed": StageSpec(("raw", "model"), ("embeddings",), ("base", "embed", "train.enabled", "train.model_name"),
                        ("stages/embed.py", "clipscrub/model.py", "clipscrub/shards.py", "clipscrub/sources.py")),
     "index": StageSpec(("embeddings",), ("index",), ("base", "index"),
-                       ("stages/index.py", "clipscrub/neighbours.py")),
+                       ("stages/index.py", "clipscrub/neighbours.py", "clipscrub/arrays.py")),
     "score": StageSpec(("embeddings", "index"), ("scores",), ("base", "index", "score"),
-                       ("stages/score.py", "clipscrub/detectors.py")),
+                       ("stages/score.py", "clipscrub/detectors.py", "stages/index.py", "clipscrub/neighbours.py",
+                        "clipscrub/arrays.py")),
     "threshold": StageSpec(("scores",), ("flags",), ("base", "threshold"), ("stages/threshold.py",)),
     "filter": StageSpec(("raw", "scores", "flags"), ("clean",),
                         ("base", "download", "train", "embed", "index", "score", "threshold", "filter"),
@@ -160,7 +161,7 @@ def stage_code_version(stage: str) -> str:
 def stage_inputs(stage: str, params: Params, layout: Layout) -> dict[str, Path]:
     """The files a stage's output depends on, by name: upstream outputs; for ``download`` the
     user's source files; for ``embed`` the model files (the victim train wrote, or an external
-    checkpoint and config) or the precomputed embeddings."""
+    checkpoint and config) or the precomputed embeddings; for ``index`` a trusted reference list."""
     inputs = {name: getattr(layout, name) for name in SPECS[stage].inputs}
     dl = params.download
     if stage == "download" and dl.source != "synthetic":
@@ -178,6 +179,8 @@ def stage_inputs(stage: str, params: Params, layout: Layout) -> dict[str, Path]:
     if stage == "embed" and dl.source == "embeddings":
         root = Path(dl.embeddings.path).expanduser()
         inputs.update({"img_emb": root / "img_emb", "text_emb": root / "text_emb"})
+    if stage == "index" and params.index.reference.mode == "trusted":
+        inputs["trusted"] = Path(params.index.reference.path).expanduser()
     if stage == "embed" and not params.train.enabled:
         del inputs["model"]
         for name, path in (("checkpoint", params.embed.checkpoint), ("model_config", params.embed.model_config_path)):

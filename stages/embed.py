@@ -1,6 +1,6 @@
 """Stage 3, embed: image and caption embeddings from an open_clip model.
 
-Writes ``<out>/image.npy`` and ``<out>/text.npy`` (N, d) float32, L2-normalised as CLIP compares
+Writes ``<out>/image.npy`` and ``<out>/text.npy`` (N, d) in ``embed.dtype`` (float32, or float16 to halve storage), L2-normalised as CLIP compares
 them, and ``<out>/ids.npy`` (N,) int64: row i is the manifest's i-th ``ok`` sample. ``model.json``
 records the model name, pretrained tag and checkpoint sha256.
 """
@@ -60,7 +60,7 @@ def expected_dim(settings: EmbedSettings) -> int | None:
 
 def convert_precomputed(*, raw_dir: Path, ok: pl.DataFrame, out_dir: Path, settings: EmbedSettings) -> dict[str, Any]:
     """Copy clip-retrieval embeddings (the manifest's ok rows) into the embed stage's layout,
-    L2-normalised float32, part by part so memory stays bounded by one part."""
+    L2-normalised (in ``embed.dtype``), part by part so memory stays bounded by one part."""
     spec = read_json(raw_dir / PRECOMPUTED_FILE)
     parts = spec["parts"]
     dims = {(p["image_dim"], p["text_dim"]) for p in parts}
@@ -77,8 +77,8 @@ def convert_precomputed(*, raw_dir: Path, ok: pl.DataFrame, out_dir: Path, setti
             param="embed.model_name",
         )
     ids = ok["id"].to_numpy().astype(np.int64)
-    image_out = np.lib.format.open_memmap(out_dir / "image.npy", mode="w+", dtype=np.float32, shape=(len(ids), image_dim))
-    text_out = np.lib.format.open_memmap(out_dir / "text.npy", mode="w+", dtype=np.float32, shape=(len(ids), text_dim))
+    image_out = np.lib.format.open_memmap(out_dir / "image.npy", mode="w+", dtype=settings.dtype, shape=(len(ids), image_dim))
+    text_out = np.lib.format.open_memmap(out_dir / "text.npy", mode="w+", dtype=settings.dtype, shape=(len(ids), text_dim))
     start = 0
     for part in tqdm(parts, desc="embeddings", unit="part"):
         stop = start + part["rows"]
@@ -176,8 +176,8 @@ def embed_dataset(
 
     summary = {"samples": int(ok.height), "dim": int(image_emb.shape[1]), "device": dev.type}
     with atomic_dir(out_dir) as tmp:
-        np.save(tmp / "image.npy", image_emb)
-        np.save(tmp / "text.npy", text_emb)
+        np.save(tmp / "image.npy", image_emb.astype(settings.dtype, copy=False))
+        np.save(tmp / "text.npy", text_emb.astype(settings.dtype, copy=False))
         np.save(tmp / "ids.npy", ok["id"].to_numpy().astype(np.int64))
         write_json(tmp / "model.json", loaded.info)
         write_lineage(

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from clipscrub.detectors import clip_score, density_scores, iforest_score
+from clipscrub.detectors import clip_score, density_scores, fit_iforest, iforest_score
 from clipscrub.io import atomic_dir, require_file, write_lineage
 from clipscrub.neighbours import query_embeddings
 from clipscrub.params import BaseSettings, IndexSettings, ScoreSettings
@@ -31,7 +31,7 @@ def score_samples(
 ) -> dict[str, Any]:
     """Write ``<out>/scores.parquet`` (id + one ``<detector>_score`` per detector)."""
     emb_dir, idx_dir = Path(embeddings_dir), Path(index_dir)
-    image, text, ids = load_embeddings(emb_dir)
+    image, text, ids = load_embeddings(emb_dir, chunk_size=index.chunk_size)
     load = lambda name: np.load(require_file(idx_dir / f"{name}.npy", param="--index", what="index"), mmap_mode="r")
     neighbours, distances, ref_distances = load("neighbours"), load("distances"), load("ref_distances")
     ref_rows = load("ref_rows")
@@ -54,12 +54,16 @@ def score_samples(
     if "iforest" in wanted:
         queries = query_embeddings(image, text, index.modality)
         fit_rows = np.unique(ref_rows.reshape(-1))
-        columns["iforest"] = iforest_score(
-            fit=np.asarray(queries[fit_rows]), score=np.asarray(queries),
-            n_estimators=settings.iforest.n_estimators, max_samples=settings.iforest.max_samples, seed=base.seed,
+        forest = fit_iforest(
+            queries.take(fit_rows), n_estimators=settings.iforest.n_estimators,
+            max_samples=settings.iforest.max_samples, seed=base.seed,
         )
+        columns["iforest"] = np.concatenate([iforest_score(forest, rows) for _, rows in queries.chunks(index.chunk_size)])
     if "clip" in wanted:
-        columns["clip"] = clip_score(np.asarray(image), np.asarray(text))
+        columns["clip"] = np.concatenate([
+            clip_score(img, txt)
+            for (_, img), (_, txt) in zip(image.chunks(index.chunk_size), text.chunks(index.chunk_size))
+        ])
 
     order = [d for d in settings.detectors]
     frame = pl.DataFrame({"id": np.asarray(ids), **{f"{d}_score": columns[d] for d in order}})

@@ -66,10 +66,12 @@ def tiny_run(tmp_path_factory) -> tuple[Path, Params]:
     return root, params
 
 
-def write_embeddings(directory: Path, image: np.ndarray, text: np.ndarray, ids: np.ndarray | None = None) -> Path:
+def write_embeddings(
+    directory: Path, image: np.ndarray, text: np.ndarray, ids: np.ndarray | None = None, *, dtype: str = "float32"
+) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
-    np.save(directory / "image.npy", image.astype(np.float32))
-    np.save(directory / "text.npy", text.astype(np.float32))
+    np.save(directory / "image.npy", image.astype(dtype))
+    np.save(directory / "text.npy", text.astype(dtype))
     np.save(directory / "ids.npy", np.arange(len(image)) if ids is None else ids)
     return directory
 

@@ -32,6 +32,10 @@ def test_params_yaml_holds_every_default():
         ({"threshold": {"method": "score"}}, "threshold.score", "must be set"),
         ({"base": {"seed": 1.5}}, "base.seed", "valid integer"),
         ({"index": {"modality": "audio"}}, "index.modality", "image_text"),
+        ({"index": {"reference": {"mode": "trusted"}}}, "index.reference.path", "required with index.reference.mode: trusted"),
+        ({"index": {"search": {"method": "annoy"}}}, "index.search.method", "hnsw"),
+        ({"index": {"search": {"ef_serach": 64}}}, "index.search.ef_serach", "unknown key"),
+        ({"embed": {"dtype": "bfloat16"}}, "embed.dtype", "float16"),
     ],
 )
 def test_bad_params_name_the_key(data, param, fragment):

@@ -34,3 +34,14 @@ def test_code_files_exist():
     for spec in SPECS.values():
         for rel in spec.code:
             assert (REPO / rel).is_file(), rel
+
+
+def test_trusted_reference_file_is_an_index_input(tmp_path):
+    """The flow's cache key for index covers the trusted list's content, not just its path."""
+    from clipscrub.params import parse_params
+    from clipscrub.pipeline import Layout, stage_inputs
+
+    ids = tmp_path / "clean_ids.txt"
+    params = parse_params({"index": {"reference": {"mode": "trusted", "path": str(ids)}}})
+    assert stage_inputs("index", params, Layout(tmp_path))["trusted"] == ids
+    assert "trusted" not in stage_inputs("index", parse_params({}), Layout(tmp_path))

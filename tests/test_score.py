@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import polars as pl
 import pytest
@@ -36,22 +38,28 @@ def make_data(seed: int, n: int, d: int, kind: str) -> tuple[np.ndarray, np.ndar
     return image, text
 
 
-def run_stages(tmp_path, image, text, *, modality, mode, size, draws, k, lid_k, seed):
+def run_stages(tmp_path, image, text, *, modality, mode, size, draws, k, lid_k, seed, ids=None, reference=None, search=None,
+               dtype="float32"):
+    """index + score on the given embeddings; (scores, ref_rows (r, m), index summary)."""
     params = parse_params(
         {
             "base": {"seed": seed},
-            "index": {"k": max(k, lid_k), "modality": modality, "reference": {"mode": mode, "size": size, "draws": draws}, "chunk_size": 7},
+            "index": {
+                "k": max(k, lid_k), "modality": modality, "chunk_size": 7,
+                "reference": {"mode": mode, "size": size, "draws": draws, **(reference or {})},
+                "search": search or {},
+            },
             "score": {"detectors": ["kdist", "slof", "lid", "dao"], "k": k, "lid_k": lid_k},
             "threshold": {"detector": "dao"},
         }
     )
-    emb = write_embeddings(tmp_path / "emb", image, text)
-    build_index(embeddings_dir=emb, out_dir=tmp_path / "index", settings=params.index, base=params.base)
+    emb = write_embeddings(tmp_path / "emb", image, text, ids, dtype=dtype)
+    summary = build_index(embeddings_dir=emb, out_dir=tmp_path / "index", settings=params.index, base=params.base)
     score_samples(
         embeddings_dir=emb, index_dir=tmp_path / "index", out_dir=tmp_path / "scores",
         settings=params.score, index=params.index, base=params.base,
     )
-    return pl.read_parquet(tmp_path / "scores" / "scores.parquet"), np.load(tmp_path / "index" / "ref_rows.npy")
+    return pl.read_parquet(tmp_path / "scores" / "scores.parquet"), np.load(tmp_path / "index" / "ref_rows.npy"), summary
 
 
 def assert_parity(got: pl.DataFrame, image, text, ref_rows, modality, k, lid_k):
@@ -64,14 +72,127 @@ def assert_parity(got: pl.DataFrame, image, text, ref_rows, modality, k, lid_k):
 
 
 @pytest.mark.parametrize("modality", ["image_text", "image", "text"])
-@pytest.mark.parametrize("mode", ["random", "all"])
+@pytest.mark.parametrize("mode", ["random", "trusted", "all"])
 @pytest.mark.parametrize("kind", ["lattice", "gauss"])
 def test_scores_match_bruteforce(tmp_path, modality, mode, kind):
     image, text = make_data(3, 60, 4 if kind == "lattice" else 8, kind)
+    ids = 1000 + 7 * np.arange(60)  # sample ids are not row numbers
+    trusted = np.sort(np.random.default_rng(5).choice(60, size=23, replace=False))
+    (tmp_path / "trusted.txt").write_text("\n".join(str(i) for i in ids[trusted][::-1]) + "\n")
+    reference = {"path": str(tmp_path / "trusted.txt")} if mode == "trusted" else None
     draws = 2 if mode == "random" else 1
-    got, ref_rows = run_stages(tmp_path, image, text, modality=modality, mode=mode, size=25, draws=draws, k=5, lid_k=9, seed=1)
-    assert ref_rows.shape == ((2, 25) if mode == "random" else (1, 60))
+    got, ref_rows, summary = run_stages(
+        tmp_path, image, text, ids=ids, reference=reference,
+        modality=modality, mode=mode, size=25, draws=draws, k=5, lid_k=9, seed=1,
+    )
+    assert ref_rows.shape == {"random": (2, 25), "trusted": (1, 23), "all": (1, 60)}[mode]
+    if mode == "trusted":
+        assert ref_rows[0].tolist() == trusted.tolist()
+    assert summary["search"] == "exact" and summary["recall_at_k"] == 1.0
+    assert got["id"].to_list() == ids.tolist()
     assert_parity(got, image, text, ref_rows, modality, 5, 9)
+
+
+@pytest.mark.parametrize("modality", ["image_text", "image"])
+@pytest.mark.parametrize("search", [
+    {"method": "hnsw", "hnsw_m": 8, "ef_construction": 200, "ef_search": 400},
+    {"method": "ivf", "nlist": 8, "nprobe": 8},  # probing every list: exhaustive
+    {"method": "auto", "exact_max_entries": 100, "nlist": 4, "nprobe": 4},  # auto picks hnsw here
+])
+def test_approximate_search_matches_bruteforce_when_exhaustive(tmp_path, modality, search):
+    # no duplicates here: among equidistant entries an approximate index may return any one
+    rng = np.random.default_rng(4)
+    image = rng.normal(size=(300, 8)).astype(np.float32)
+    text = (image + 0.5 * rng.normal(size=image.shape)).astype(np.float32)
+    got, ref_rows, summary = run_stages(
+        tmp_path, image, text, modality=modality, mode="all", size=2, draws=1, k=5, lid_k=9, seed=2, search=search,
+    )
+    assert summary["search"] == (search["method"] if search["method"] != "auto" else "hnsw")
+    assert summary["recall_at_k"] == 1.0
+    assert_parity(got, image, text, ref_rows, modality, 5, 9)
+
+
+def test_approximate_recall_is_measured_against_exact(tmp_path):
+    """A deliberately weak IVF (1 of 32 lists probed) reports the recall it really reaches."""
+    rng = np.random.default_rng(0)
+    image = rng.normal(size=(2000, 16)).astype(np.float32)
+    params = parse_params({
+        "index": {"k": 10, "modality": "image", "reference": {"mode": "all"},
+                  "search": {"method": "ivf", "nlist": 32, "nprobe": 1, "recall_sample": 200}},
+        "score": {"k": 10, "lid_k": 10},
+    })
+    emb = write_embeddings(tmp_path / "emb", image, image)
+    summary = build_index(embeddings_dir=emb, out_dir=tmp_path / "index", settings=params.index, base=params.base)
+    found = np.load(tmp_path / "index" / "neighbours.npy")[0]
+    d = ((image[:, None, :].astype(np.float64) - image[None, :, :]) ** 2).sum(-1)
+    np.fill_diagonal(d, np.inf)
+    exact = np.argsort(d, axis=1, kind="stable")[:, :10]
+    rows = np.sort(np.random.default_rng(0).choice(2000, size=200, replace=False))
+    true_recall = (found[rows][:, :, None] == exact[rows][:, None, :]).any(2).mean()
+    assert summary["search"] == "ivf"
+    assert 0.05 < summary["recall_at_k"] < 0.95
+    assert summary["recall_at_k"] == pytest.approx(true_recall, abs=1e-9)
+
+
+@pytest.mark.parametrize("mode, entries, gpus, expected", [
+    ("random", 10_000_000, 0, "exact"),
+    ("trusted", 10_000_000, 1, "exact"),
+    ("all", 200_000, 0, "exact"),
+    ("all", 200_001, 0, "hnsw"),
+    ("all", 200_001, 1, "ivf"),
+    ("all", 4_000_001, 0, "ivf"),
+])
+def test_search_method_is_chosen_by_size(mode, entries, gpus, expected):
+    from clipscrub.neighbours import choose_method
+    from clipscrub.params import SearchSettings
+
+    assert choose_method(mode=mode, entries=entries, search=SearchSettings(), gpus=gpus) == expected
+
+
+def test_float16_storage_scores_its_own_values_exactly(tmp_path):
+    image, text = make_data(6, 80, 8, "gauss")
+    image, text = image / np.linalg.norm(image, axis=1, keepdims=True), text / np.linalg.norm(text, axis=1, keepdims=True)
+    got16, ref_rows, _ = run_stages(tmp_path / "16", image, text, modality="image_text", mode="random", size=30, draws=2,
+                                    k=5, lid_k=9, seed=3, dtype="float16")
+    assert np.load(tmp_path / "16" / "emb" / "image.npy").dtype == np.float16
+    half = lambda a: a.astype(np.float16).astype(np.float32)
+    assert_parity(got16, half(image), half(text), ref_rows, "image_text", 5, 9)
+    got32, _, _ = run_stages(tmp_path / "32", image, text, modality="image_text", mode="random", size=30, draws=2,
+                             k=5, lid_k=9, seed=3)
+    for name in ("kdist", "slof", "dao"):  # float16 keeps ~3 significant digits; DAO crosses zero
+        a, b = got16[f"{name}_score"].to_numpy(), got32[f"{name}_score"].to_numpy()
+        np.testing.assert_allclose(a, b, rtol=2e-2, atol=5e-3 * np.abs(b).max(), err_msg=name)
+
+
+@pytest.mark.parametrize("content, expected", [
+    ("ids.txt:1000\n1007\n99999\n", "1 trusted ids are not embedded samples of this dataset, e.g. [99999]"),
+    ("ids.csv:name\na\n", "has no 'id' column"),
+    ("ids.txt:1000\nbanana\n", "cannot read ids"),
+    ("", "trusted reference file not found"),
+])
+def test_bad_trusted_reference_is_a_clear_error(tmp_path, content, expected):
+    from clipscrub.errors import DataError
+
+    path = tmp_path / "missing.txt"
+    if content:
+        name, body = content.split(":", 1)
+        path = tmp_path / name
+        path.write_text(body)
+    image, text = make_data(1, 30, 4, "gauss")
+    with pytest.raises(DataError, match=re.escape(expected)) as err:
+        run_stages(tmp_path, image, text, ids=1000 + 7 * np.arange(30), reference={"path": str(path)},
+                   modality="image_text", mode="trusted", size=2, draws=1, k=3, lid_k=3, seed=0)
+    assert err.value.param == "index.reference.path"
+    assert not (tmp_path / "index").exists()
+
+
+def test_trusted_manifest_uses_only_ok_rows(tmp_path):
+    image, text = make_data(2, 40, 6, "gauss")
+    ids = np.arange(40) * 2
+    pl.DataFrame({"id": ids[:20], "status": ["ok", "failed"] * 10}).write_parquet(tmp_path / "clean.parquet")
+    _, ref_rows, _ = run_stages(tmp_path, image, text, ids=ids, reference={"path": str(tmp_path / "clean.parquet")},
+                                modality="image_text", mode="trusted", size=2, draws=1, k=3, lid_k=3, seed=0)
+    assert ref_rows[0].tolist() == list(range(0, 20, 2))
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -86,7 +207,7 @@ def test_scores_match_bruteforce_property(tmp_path_factory, seed, n, k, kind, mo
     tmp = tmp_path_factory.mktemp("prop")
     image, text = make_data(seed, n, 3, kind)
     lid_k = k + 2
-    got, ref_rows = run_stages(tmp, image, text, modality=modality, mode="random", size=12, draws=1, k=k, lid_k=lid_k, seed=seed)
+    got, ref_rows, _ = run_stages(tmp, image, text, modality=modality, mode="random", size=12, draws=1, k=k, lid_k=lid_k, seed=seed)
     assert_parity(got, image, text, ref_rows, modality, k, lid_k)
 
 
@@ -96,7 +217,7 @@ def test_isolated_point_scores_highest(tmp_path):
     image = rng.normal(size=(200, 8)).astype(np.float32)
     image[17] += 12.0
     text = image + 0.01 * rng.normal(size=image.shape).astype(np.float32)
-    got, _ = run_stages(tmp_path, image, text, modality="image_text", mode="random", size=80, draws=1, k=5, lid_k=9, seed=0)
+    got, _, _ = run_stages(tmp_path, image, text, modality="image_text", mode="random", size=80, draws=1, k=5, lid_k=9, seed=0)
     for name in ("kdist", "slof", "dao"):
         assert int(np.argmax(got[f"{name}_score"].to_numpy())) == 17, name
 

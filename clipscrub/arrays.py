@@ -1,0 +1,54 @@
+"""Row access to large (N, d) .npy embedding files with memory bounded by what is read.
+
+A numpy memmap keeps every page it has touched mapped (and counted in the process's RSS) for
+as long as the map lives. Scanning 1M x 512 float32 embeddings through one memmap therefore
+costs 2 GiB of RSS; ``RowReader`` maps the file only for the duration of one read.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from clipscrub.errors import DataError
+
+EMBEDDING_DTYPES = ("float32", "float16")
+
+
+class RowReader:
+    """Float32 rows of a 2-D .npy file (float32 or float16 on disk), read slice by slice."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        arr = np.load(self.path, mmap_mode="r")
+        if arr.ndim != 2:
+            raise DataError(f"{self.path} holds a {arr.ndim}-D array, expected (N, d)", param="--embeddings")
+        if arr.dtype.name not in EMBEDDING_DTYPES:
+            raise DataError(f"{self.path} holds {arr.dtype.name}, expected float32 or float16", param="--embeddings")
+        self.shape: tuple[int, int] = (int(arr.shape[0]), int(arr.shape[1]))
+        self.dtype = arr.dtype
+        del arr
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) as a C-contiguous float32 array (stop - start, d)."""
+        arr = np.load(self.path, mmap_mode="r")
+        out = np.array(arr[start:stop], dtype=np.float32, order="C")
+        del arr  # unmaps: the pages leave this process's RSS
+        return out
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """Rows at (sorted or not) indices ``rows`` (m,) as float32 (m, d)."""
+        arr = np.load(self.path, mmap_mode="r")
+        out = np.array(arr[np.asarray(rows, dtype=np.int64)], dtype=np.float32, order="C")
+        del arr
+        return out
+
+    def chunks(self, size: int) -> Iterator[tuple[int, np.ndarray]]:
+        """(start, rows) for consecutive chunks of at most ``size`` rows."""
+        for start in range(0, len(self), size):
+            yield start, self.read(start, min(len(self), start + size))
