@@ -152,17 +152,15 @@ class SearchIndex:
     index: faiss.Index
     flat: faiss.IndexFlat
     method: str
-    on_gpu: bool
 
     @property
     def refs(self) -> np.ndarray:
         return faiss.rev_swig_ptr(self.flat.get_xb(), self.flat.ntotal * self.flat.d).reshape(self.flat.ntotal, self.flat.d)
 
 
-def _to_gpu(index: faiss.Index) -> tuple[faiss.Index, bool]:
-    if gpu_count() > 0:
-        return faiss.index_cpu_to_all_gpus(index), True
-    return index, False
+def _to_gpu(index: faiss.Index) -> faiss.Index:
+    """A copy of ``index`` on every visible GPU; ``index`` itself on a machine without one."""
+    return faiss.index_cpu_to_all_gpus(index) if gpu_count() > 0 else index
 
 
 def build_search_index(refs: np.ndarray, *, method: str, search: "SearchSettings", seed: int) -> SearchIndex:
@@ -174,15 +172,11 @@ def build_search_index(refs: np.ndarray, *, method: str, search: "SearchSettings
         index.hnsw.efConstruction = search.ef_construction
         index.add(refs)
         index.hnsw.efSearch = search.ef_search
-        return SearchIndex(index, faiss.downcast_index(index.storage), method, False)
+        return SearchIndex(index, faiss.downcast_index(index.storage), method)
     flat = faiss.IndexFlatL2(dim)
     flat.add(refs)
     if method == "exact":
-        if gpu_count() > 0:
-            gpu_index, _ = _to_gpu(faiss.IndexFlatL2(dim))
-            gpu_index.add(refs)
-            return SearchIndex(gpu_index, flat, method, True)
-        return SearchIndex(flat, flat, method, False)
+        return SearchIndex(_to_gpu(flat), flat, method)
     nlist = search.nlist or max(1, min(r_n // 39, int(4 * np.sqrt(r_n))))
     quantizer = faiss.IndexFlatL2(dim)
     index = faiss.IndexIVFFlat(quantizer, dim, nlist)
@@ -193,8 +187,7 @@ def build_search_index(refs: np.ndarray, *, method: str, search: "SearchSettings
     index.train(train)
     index.add(refs)
     index.nprobe = min(search.nprobe, nlist)
-    index, on_gpu = _to_gpu(index)
-    return SearchIndex(index, flat, method, on_gpu)
+    return SearchIndex(_to_gpu(index), flat, method)
 
 
 @dataclass
@@ -241,14 +234,18 @@ def find_neighbours(
         sq = np.empty(idx.shape, dtype=np.float32)
         safe = np.ascontiguousarray(np.maximum(idx, 0))  # faiss pads with -1 when it finds fewer
         index.flat.compute_distance_subset(len(q32), faiss.swig_ptr(q32), cand, faiss.swig_ptr(sq), faiss.swig_ptr(safe))
-        out_e[start:stop], out_d[start:stop] = _rerank(idx, sq, ref_owners, query_owners[start:stop], k)
+        out_e[start:stop], out_d[start:stop] = _rerank(idx, safe, sq, ref_owners, query_owners[start:stop], k)
     return Neighbours(out_e, out_d)
 
 
-def _rerank(idx: np.ndarray, sq: np.ndarray, ref_owners: np.ndarray, owners: np.ndarray, k: int):
-    """Drop own and padding candidates, order by (exact distance, entry index), keep k."""
+def _rerank(idx: np.ndarray, safe: np.ndarray, sq: np.ndarray, ref_owners: np.ndarray, owners: np.ndarray, k: int):
+    """Drop own and padding candidates, order by (exact distance, entry index), keep k.
+
+    idx (Q, c) faiss's candidates (-1 = padding), safe (Q, c) the same with padding at 0,
+    sq (Q, c) their exact squared distances.
+    """
     dist = np.sqrt(sq.astype(np.float64))
-    dist[(ref_owners[np.maximum(idx, 0)] == owners[:, None]) | (idx < 0)] = np.inf
+    dist[(ref_owners[safe] == owners[:, None]) | (idx < 0)] = np.inf
     # sort by (distance, entry index): order by index first, then a stable sort by distance
     by_idx = np.argsort(idx, axis=1, kind="stable")
     idx = np.take_along_axis(idx, by_idx, 1)
@@ -279,7 +276,7 @@ def measure_recall(
     rows = np.sort(np.random.default_rng(seed).choice(q_n, size=min(sample, q_n), replace=False))
     exact = find_neighbours(
         queries=_take(queries, rows), query_owners=query_owners[rows],
-        index=SearchIndex(index.flat, index.flat, "exact", False),  # brute force over the same vectors
+        index=SearchIndex(index.flat, index.flat, "exact"),  # brute force over the same vectors
         ref_owners=ref_owners, k=k, max_self=max_self,
     )
     approx = found.entries[rows]

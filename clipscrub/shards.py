@@ -24,6 +24,20 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 PIL_FORMAT_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 
 
+def shard_writer(shard_dir: Path, shard_size: int) -> wds.ShardWriter:
+    """A writer of ``shard_dir/00000.tar``, ``00001.tar``, ... holding ``shard_size`` samples each.
+
+    mtime is fixed so identical content gives byte-identical shards (DVC and Prefect hash them).
+    """
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    return wds.ShardWriter(str(shard_dir / "%05d.tar"), maxcount=shard_size, mtime=0, verbose=0)
+
+
+def shard_name(position: int, shard_size: int) -> str:
+    """The name of the shard ``shard_writer`` puts its ``position``-th sample (0-based) in."""
+    return f"{position // shard_size:05d}.tar"
+
+
 def shard_path(raw_dir: str | Path, shard: str) -> Path:
     """Where a manifest ``shard`` entry lives."""
     p = Path(shard)

@@ -24,11 +24,10 @@ from typing import Any
 
 import numpy as np
 import polars as pl
-import webdataset as wds
 
 from clipscrub.errors import DataError
 from clipscrub.params import FolderSettings, PrecomputedSettings, ShardsSettings, UrlsSettings
-from clipscrub.shards import caption_of, decode_image, expand_shards, image_field, iter_shard
+from clipscrub.shards import caption_of, decode_image, expand_shards, image_field, iter_shard, shard_name, shard_writer
 
 MANIFEST_SCHEMA = {
     "id": pl.Int64,
@@ -249,13 +248,11 @@ def read_folder(*, settings: FolderSettings, shard_size: int, out_dir: Path) -> 
     _require_columns(table, {"download.folder.file_col": settings.file_col, "download.folder.caption_col": settings.caption_col}, cap_path)
     if table.height == 0:
         raise DataError(f"the captions file {cap_path} has no rows", param="download.folder.captions")
-    shard_dir = out_dir / "shards"
-    shard_dir.mkdir(parents=True)
     rows = []
     n_written = 0
     files = table[settings.file_col].cast(pl.String).to_list()
     captions = table[settings.caption_col].cast(pl.String).to_list()
-    with wds.ShardWriter(str(shard_dir / "%05d.tar"), maxcount=shard_size, mtime=0, verbose=0) as sink:
+    with shard_writer(out_dir / "shards", shard_size) as sink:
         for i, (name, caption) in enumerate(zip(files, captions)):
             key = f"{i:09d}"
             row: dict[str, Any] = {"id": i, "key": key, "caption": caption, "status": "failed"}
@@ -279,7 +276,7 @@ def read_folder(*, settings: FolderSettings, shard_size: int, out_dir: Path) -> 
                 continue
             meta = json.dumps({"key": key, "caption": caption, "file": name}, sort_keys=True)
             sink.write({"__key__": key, ext: data, "txt": caption, "json": meta.encode()})
-            rows.append({**row, "shard": f"{n_written // shard_size:05d}.tar", "image_sha256": sha256,
+            rows.append({**row, "shard": shard_name(n_written, shard_size), "image_sha256": sha256,
                          "width": img.width, "height": img.height, "status": "ok", "error": None})
             n_written += 1
     extras = table.drop(settings.caption_col).rename({settings.file_col: "file"}) if settings.file_col != "file" else table.drop(settings.caption_col)

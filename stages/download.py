@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
-import webdataset as wds
 
 from clipscrub.errors import DataError
 from clipscrub.io import atomic_dir, write_lineage
 from clipscrub.params import BaseSettings, DownloadSettings
+from clipscrub.shards import shard_name, shard_writer
 from clipscrub.sources import MANIFEST_SCHEMA, fetch_urls, finish_manifest, read_folder, read_precomputed, read_shards
 from clipscrub.synthetic import generate_samples
 
@@ -44,17 +44,15 @@ def write_shards(
 
     Returns the records' manifest rows (without ``id``), in input order.
     """
-    shard_dir.mkdir(parents=True, exist_ok=True)
     rows = []
-    # mtime fixed so identical content gives byte-identical shards (DVC and Prefect hash them)
-    with wds.ShardWriter(str(shard_dir / "%05d.tar"), maxcount=shard_size, mtime=0, verbose=0) as sink:
+    with shard_writer(shard_dir, shard_size) as sink:
         for i, rec in enumerate(records):
             meta = dict(rec["json"], key=rec["key"], caption=rec["txt"])
             sink.write({"__key__": rec["key"], "jpg": rec["jpg"], "txt": rec["txt"], "json": json.dumps(meta, sort_keys=True).encode()})
             rows.append(
                 {
                     "key": rec["key"],
-                    "shard": f"{i // shard_size:05d}.tar",
+                    "shard": shard_name(i, shard_size),
                     "caption": rec["txt"],
                     "image_sha256": hashlib.sha256(rec["jpg"]).hexdigest(),
                 }

@@ -179,17 +179,24 @@ def embed_dataset(
         np.save(tmp / "image.npy", image_emb.astype(settings.dtype, copy=False))
         np.save(tmp / "text.npy", text_emb.astype(settings.dtype, copy=False))
         np.save(tmp / "ids.npy", ok["id"].to_numpy().astype(np.int64))
-        write_json(tmp / "model.json", loaded.info)
-        write_lineage(
-            tmp,
-            stage="embed",
-            params={"base": base.model_dump(mode="json"), "embed": settings.model_dump(mode="json", by_alias=True)},
-            inputs={"raw": raw_dir},
-            upstream=[raw_dir] + ([model_dir] if model_dir is not None else []),
-            summary={k: v for k, v in summary.items() if k != "device"},
-            extra={"model": loaded.info},
-        )
+        _record_model(tmp, info=loaded.info, summary=summary, raw_dir=raw_dir,
+                      upstream=[raw_dir] + ([model_dir] if model_dir is not None else []), settings=settings, base=base)
     return summary
+
+
+def _record_model(tmp: Path, *, info: dict[str, Any], summary: dict[str, Any], raw_dir: Path, upstream: list[Path],
+                  settings: EmbedSettings, base: BaseSettings) -> None:
+    """model.json and the embed lineage, beside the arrays in ``tmp``."""
+    write_json(tmp / "model.json", info)
+    write_lineage(
+        tmp,
+        stage="embed",
+        params={"base": base.model_dump(mode="json"), "embed": settings.model_dump(mode="json", by_alias=True)},
+        inputs={"raw": raw_dir},
+        upstream=upstream,
+        summary={k: v for k, v in summary.items() if k != "device"},
+        extra={"model": info},
+    )
 
 
 def _write_precomputed(*, raw_dir: Path, ok: pl.DataFrame, out_dir, settings: EmbedSettings, base: BaseSettings) -> dict[str, Any]:
@@ -197,14 +204,5 @@ def _write_precomputed(*, raw_dir: Path, ok: pl.DataFrame, out_dir, settings: Em
             "precomputed": read_json(raw_dir / PRECOMPUTED_FILE)["root"]}
     with atomic_dir(out_dir) as tmp:
         summary = convert_precomputed(raw_dir=raw_dir, ok=ok, out_dir=tmp, settings=settings)
-        write_json(tmp / "model.json", info)
-        write_lineage(
-            tmp,
-            stage="embed",
-            params={"base": base.model_dump(mode="json"), "embed": settings.model_dump(mode="json", by_alias=True)},
-            inputs={"raw": raw_dir},
-            upstream=[raw_dir],
-            summary={k: v for k, v in summary.items() if k != "device"},
-            extra={"model": info},
-        )
+        _record_model(tmp, info=info, summary=summary, raw_dir=raw_dir, upstream=[raw_dir], settings=settings, base=base)
     return summary

@@ -12,12 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
-import webdataset as wds
 
 from clipscrub.errors import DataError
 from clipscrub.io import atomic_dir, code_version, read_lineage, read_manifest, require_file, sha256_file, write_json
 from clipscrub.params import FilterSettings, Params
-from clipscrub.shards import iter_shard, shard_path
+from clipscrub.shards import iter_shard, shard_name, shard_path, shard_writer
 
 
 def _iter_raw(raw_dir: Path, shards: list[str]):
@@ -29,15 +28,14 @@ def _reshard(raw_dir: Path, ok: pl.DataFrame, kept: pl.DataFrame, shard_dir: Pat
     """Copy the kept samples, byte for byte, into new shards; return key -> new shard name."""
     keep = set(kept["key"].to_list())
     new_shard: dict[str, str] = {}
-    shard_dir.mkdir()
-    with wds.ShardWriter(str(shard_dir / "%05d.tar"), maxcount=shard_size, mtime=0, verbose=0) as sink:
+    with shard_writer(shard_dir, shard_size) as sink:
         n = 0
         for sample in _iter_raw(raw_dir, ok["shard"].unique(maintain_order=True).to_list()):
             key = sample["__key__"]
             if key not in keep or key in new_shard:
                 continue
             sink.write({k: v for k, v in sample.items() if not k.startswith("__") or k == "__key__"})
-            new_shard[key] = f"{n // shard_size:05d}.tar"
+            new_shard[key] = shard_name(n, shard_size)
             n += 1
     if n != len(keep):
         raise DataError(f"{len(keep) - n} kept samples are missing from the raw shards", param="--raw")
