@@ -62,7 +62,7 @@ def _check_writable(parent: Path, param: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_dir(out_dir: str | Path, *, param: str = "--out") -> Iterator[Path]:
+def atomic_dir(out_dir: str | Path, *, param: str = "--root") -> Iterator[Path]:
     """Yield a scratch directory that replaces ``out_dir`` only if the block succeeds.
 
     A failed or killed stage leaves no output that looks complete: the scratch directory is a
@@ -87,7 +87,7 @@ def atomic_dir(out_dir: str | Path, *, param: str = "--out") -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_file(path: str | Path, *, param: str = "--out") -> Iterator[Path]:
+def atomic_file(path: str | Path, *, param: str = "--root") -> Iterator[Path]:
     """Yield a scratch file path that is renamed onto ``path`` only if the block succeeds."""
     path = Path(path)
     _check_writable(path.parent, param)
@@ -117,7 +117,10 @@ def require_file(path: str | Path, *, param: str, what: str = "input") -> Path:
 
 def read_manifest(raw_dir: str | Path) -> pl.DataFrame:
     path = require_file(Path(raw_dir) / "manifest.parquet", param="--raw", what="manifest")
-    manifest = pl.read_parquet(path)
+    try:
+        manifest = pl.read_parquet(path)
+    except (OSError, pl.exceptions.PolarsError) as exc:
+        raise DataError(f"cannot read the manifest {path}: {str(exc).splitlines()[0]}", param="--raw") from None
     if manifest.height == 0:
         raise DataError(f"the dataset is empty: {path} has no rows", param="--raw")
     return manifest

@@ -57,7 +57,10 @@ def register_model_config(model_name: str, config: dict[str, Any]) -> None:
 
 
 def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
+    """The first informative line: load_state_dict's errors open with a bare heading."""
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    if len(lines) > 1 and lines[0].endswith(":"):
+        return f"{lines[0]} {lines[1]}"[:300]
     return (lines[0] if lines else "")[:300]
 
 

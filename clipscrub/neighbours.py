@@ -122,10 +122,15 @@ def reference_entries(image: Rows, text: Rows, rows: np.ndarray, modality: str) 
     ``image_text`` lays out the m image entries first, then the m caption entries (R = 2m).
     """
     if modality == "image":
-        return _take(image, rows), rows
+        return _take(image, rows), entry_owners(rows, modality)
     if modality == "text":
-        return _take(text, rows), rows
-    return np.concatenate([_take(image, rows), _take(text, rows)]), np.concatenate([rows, rows])
+        return _take(text, rows), entry_owners(rows, modality)
+    return np.concatenate([_take(image, rows), _take(text, rows)]), entry_owners(rows, modality)
+
+
+def entry_owners(rows: np.ndarray, modality: str) -> np.ndarray:
+    """The dataset row (R,) each reference entry belongs to, for reference rows (m,)."""
+    return np.concatenate([rows, rows]) if modality == "image_text" else np.asarray(rows)
 
 
 def self_entries_per_query(modality: str) -> int:
@@ -170,7 +175,14 @@ def build_search_index(refs: np.ndarray, *, method: str, search: "SearchSettings
         # IndexHNSWFlat keeps its vectors in a flat storage index: use it, do not hold them twice
         index = faiss.IndexHNSWFlat(dim, search.hnsw_m)
         index.hnsw.efConstruction = search.ef_construction
-        index.add(refs)
+        threads = faiss.omp_get_max_threads()
+        if search.deterministic_build:
+            # a multi-threaded build links entries in a racy order: same recall, different bytes
+            faiss.omp_set_num_threads(1)
+        try:
+            index.add(refs)
+        finally:
+            faiss.omp_set_num_threads(threads)
         index.hnsw.efSearch = search.ef_search
         return SearchIndex(index, faiss.downcast_index(index.storage), method)
     flat = faiss.IndexFlatL2(dim)

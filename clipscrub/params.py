@@ -182,6 +182,8 @@ class SearchSettings(_Section):
     nlist: int = Field(0, ge=0)
     nprobe: int = Field(32, ge=1)
     recall_sample: int = Field(1000, ge=1)
+    # faiss inserts into HNSW from several threads, in an order that varies run to run
+    deterministic_build: bool = True
 
 
 class IndexSettings(_Section):

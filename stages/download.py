@@ -25,6 +25,7 @@ from clipscrub.params import BaseSettings, DownloadSettings
 from clipscrub.shards import shard_name, shard_writer
 from clipscrub.sources import MANIFEST_SCHEMA, fetch_urls, finish_manifest, read_folder, read_precomputed, read_shards
 from clipscrub.synthetic import generate_samples
+from clipscrub.validation import docs_dir_for, manifest_tables, validate
 
 __all__ = ["MANIFEST_SCHEMA", "download_dataset"]
 
@@ -114,6 +115,7 @@ def download_dataset(*, out_dir: str | Path, settings: DownloadSettings, base: B
         else:
             manifest, extra = read_precomputed(settings=settings.embeddings, out_dir=tmp)
         manifest.write_parquet(tmp / "manifest.parquet", statistics=False)
+        validated = validate("download", manifest_tables(manifest), docs_dir=docs_dir_for(out_dir, "download"))
         ok = int((manifest["status"] == "ok").sum())
         summary = {
             "source": settings.source,
@@ -134,6 +136,7 @@ def download_dataset(*, out_dir: str | Path, settings: DownloadSettings, base: B
             inputs=source_inputs,
             upstream=[],
             summary=summary,
+            extra={"validation": validated},
         )
     return summary
 

@@ -3,11 +3,16 @@
 Writes ``<out>/image.npy`` and ``<out>/text.npy`` (N, d) in ``embed.dtype`` (float32, or float16 to halve storage), L2-normalised as CLIP compares
 them, and ``<out>/ids.npy`` (N,) int64: row i is the manifest's i-th ``ok`` sample. ``model.json``
 records the model name, pretrained tag and checkpoint sha256.
+
+Shard by shard: each finished shard is saved in a hidden ``.embeddings.parts`` directory beside
+the output, so a killed run resumes where it stopped; the arrays are assembled, validated (the
+embeddings suite of ``clipscrub.validation``) and renamed into place only when every shard is done.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -17,33 +22,36 @@ import polars as pl
 import torch
 from tqdm import tqdm
 
-from clipscrub.errors import DataError
-from clipscrub.io import atomic_dir, read_json, read_manifest, write_json, write_lineage
-from clipscrub.model import load_model
+from clipscrub.arrays import RowReader
+from clipscrub.errors import ClipscrubError, DataError
+from clipscrub.io import (atomic_dir, atomic_file, code_version, read_json, read_manifest, sha256_file, write_json,
+                          write_lineage)
+from clipscrub.model import LoadedModel, load_model
 from clipscrub.params import BaseSettings, EmbedSettings
 from clipscrub.shards import decode_image, image_field, iter_shard, shard_path
 from clipscrub.sources import PRECOMPUTED_FILE
+from clipscrub.validation import docs_dir_for, embedding_tables, validate
 
 
-def iter_samples(raw_dir: Path, manifest: pl.DataFrame) -> Iterator[tuple[str, Any, str]]:
-    """(key, RGB PIL image, caption) for the given manifest rows (its ok rows), shard by shard.
+def iter_shard_samples(raw_dir: Path, shard: str, captions: dict[str, str]) -> Iterator[tuple[str, Any, str]]:
+    """(key, RGB PIL image, caption) of the samples of one shard that ``captions`` (key -> caption:
+    the shard's ok manifest rows) lists, in shard order.
 
     Only the listed keys are decoded: shards may hold samples the download stage failed
     (an undecodable image, an empty caption), which never reach the model.
     """
-    wanted = dict(zip(manifest["key"].to_list(), manifest["caption"].to_list()))
-    for shard in manifest["shard"].unique(maintain_order=True).to_list():
-        for sample in iter_shard(shard_path(raw_dir, shard)):
-            key = sample["__key__"]
-            ext = image_field(sample)
-            if key not in wanted or ext is None:
-                continue
-            caption = wanted.pop(key)  # a later sample reusing the key is not this row
-            try:
-                image, _ = decode_image(sample[ext])
-            except ValueError as exc:
-                raise DataError(f"sample {key!r} in {shard}: {exc} (the shard changed since download)", param="--raw") from None
-            yield key, image, caption
+    wanted = dict(captions)
+    for sample in iter_shard(shard_path(raw_dir, shard)):
+        key = sample["__key__"]
+        ext = image_field(sample)
+        if key not in wanted or ext is None:
+            continue
+        caption = wanted.pop(key)  # a later sample reusing the key is not this row
+        try:
+            image, _ = decode_image(sample[ext])
+        except ValueError as exc:
+            raise DataError(f"sample {key!r} in {shard}: {exc} (the shard changed since download)", param="--raw") from None
+        yield key, image, caption
 
 
 def expected_dim(settings: EmbedSettings) -> int | None:
@@ -97,6 +105,75 @@ def convert_precomputed(*, raw_dir: Path, ok: pl.DataFrame, out_dir: Path, setti
     return {"samples": int(len(ids)), "dim": int(image_dim), "device": "none"}
 
 
+def parts_dir_for(out_dir: str | Path) -> Path:
+    """Where embed keeps finished shards until the stage completes: a hidden sibling of its output."""
+    out_dir = Path(out_dir)
+    return out_dir.parent / f".{out_dir.name}.parts"
+
+
+def _open_parts(parts: Path, fingerprint: dict[str, Any]) -> None:
+    """Keep the finished shards of an interrupted run with the same inputs, model and params;
+    drop anything else (another run's parts, a part whose write was cut short)."""
+    stamp = parts / "fingerprint.json"
+    if parts.is_dir() and (not stamp.is_file() or read_json(stamp) != fingerprint):
+        shutil.rmtree(parts)
+    parts.mkdir(parents=True, exist_ok=True)
+    for stray in parts.glob(".*"):
+        stray.unlink()
+    if not stamp.is_file():
+        write_json(stamp, fingerprint)
+
+
+def _shard_groups(ok: pl.DataFrame) -> list[tuple[str, np.ndarray]]:
+    """(shard, its ok rows (n,) in manifest order) in order of first appearance."""
+    frame = ok.select("shard").with_row_index("row")
+    groups = frame.group_by("shard", maintain_order=True).agg(pl.col("row"))
+    return [(shard, np.asarray(rows, dtype=np.int64)) for shard, rows in groups.iter_rows()]
+
+
+def _embed_shard(loaded: LoadedModel, *, raw_dir: Path, shard: str, rows: np.ndarray, ok: pl.DataFrame,
+                 batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Image and caption embeddings (n, d) float32 of one shard's ok rows (n,), batched within the
+    shard so that a resumed run computes every shard exactly as an uninterrupted one."""
+    sub = ok[rows]
+    keys = sub["key"].to_list()
+    position = {k: i for i, k in enumerate(keys)}
+    image_parts: list[np.ndarray] = []
+    text_parts: list[np.ndarray] = []
+    order: list[int] = []
+    batch: list[tuple[Any, str]] = []
+
+    def flush() -> None:
+        imgs = torch.stack([loaded.preprocess(b[0]) for b in batch]).to(loaded.device)
+        toks = loaded.tokenizer([b[1] for b in batch]).to(loaded.device)
+        image_parts.append(loaded.model.encode_image(imgs, normalize=True).float().cpu().numpy())
+        text_parts.append(loaded.model.encode_text(toks, normalize=True).float().cpu().numpy())
+        batch.clear()
+
+    for key, img, txt in iter_shard_samples(raw_dir, shard, dict(zip(keys, sub["caption"].to_list()))):
+        order.append(position[key])
+        batch.append((img, txt))
+        if len(batch) == batch_size:
+            flush()
+    if batch:
+        flush()
+    if len(order) != len(keys):
+        missing = sorted(set(keys) - {keys[i] for i in order})
+        raise DataError(
+            f"{len(missing)} manifest samples are missing from shard {shard}, e.g. {missing[:5]} "
+            "(the shard changed since download)", param="--raw",
+        )
+    inverse = np.argsort(np.asarray(order))
+    return np.concatenate(image_parts)[inverse], np.concatenate(text_parts)[inverse]
+
+
+def _model_dim(settings: EmbedSettings, model_dir: Path | None) -> int | None:
+    if model_dir is not None:
+        cfg = read_json(model_dir / "model_config.json")
+        return cfg.get("model_cfg", cfg).get("embed_dim")
+    return expected_dim(settings)
+
+
 @torch.no_grad()
 def embed_dataset(
     *,
@@ -107,16 +184,20 @@ def embed_dataset(
     model_dir: str | Path | None = None,
     model_name: str | None = None,
 ) -> dict[str, Any]:
-    """Embed every ok sample of ``raw_dir``; return counts and the embedding dimension.
+    """Embed every ok sample of ``raw_dir``, shard by shard; return counts and the dimension.
 
     With ``model_dir`` (the train stage's output) the model is that directory's checkpoint and
     config, registered as ``model_name``; otherwise the model the ``embed`` settings name.
+    Finished shards are kept in ``parts_dir_for(out_dir)`` until the stage completes, so a run
+    that was killed resumes with the shards it had not finished (``shards_resumed`` counts the
+    others) and writes the same bytes as an uninterrupted run.
     """
     raw_dir = Path(raw_dir)
     manifest = read_manifest(raw_dir)
     ok = manifest.filter(pl.col("status") == "ok")
     if ok.height == 0:
-        raise DataError("no sample downloaded successfully: nothing to embed", param="--raw")
+        reasons = ", ".join(f"{r}: {n}" for r, n in _failure_counts(manifest))
+        raise DataError(f"all {manifest.height} samples failed to download ({reasons}): nothing to embed", param="--raw")
     if (raw_dir / PRECOMPUTED_FILE).is_file():
         return _write_precomputed(raw_dir=raw_dir, ok=ok, out_dir=out_dir, settings=settings, base=base)
     if model_dir is not None:
@@ -138,54 +219,81 @@ def embed_dataset(
             model_config=settings.model_config_path,
             device=base.device,
         )
-    model, dev = loaded.model, loaded.device
-    key_to_row = {k: i for i, k in enumerate(ok["key"].to_list())}
-    image_emb: np.ndarray | None = None
-    text_emb: np.ndarray | None = None
-    seen = np.zeros(ok.height, dtype=bool)
-    batch: list[tuple[int, Any, str]] = []
+    groups = _shard_groups(ok)
+    parts = parts_dir_for(out_dir)
+    _open_parts(parts, {
+        "manifest_sha256": sha256_file(raw_dir / "manifest.parquet"),
+        "model": loaded.info,
+        "embed": settings.model_dump(mode="json", by_alias=True),
+        "device": loaded.device.type,
+        "code_version": code_version(),
+    })
+    try:
+        summary = _embed_shards(loaded, raw_dir=raw_dir, ok=ok, groups=groups, parts=parts, out_dir=out_dir,
+                                settings=settings, base=base, model_dir=model_dir)
+    except ClipscrubError:
+        # parts outlive an interruption, not a run that failed on its data
+        shutil.rmtree(parts, ignore_errors=True)
+        raise
+    shutil.rmtree(parts, ignore_errors=True)
+    return summary
 
-    def flush() -> None:
-        nonlocal image_emb, text_emb
-        rows = np.array([b[0] for b in batch])
-        imgs = torch.stack([loaded.preprocess(b[1]) for b in batch]).to(dev)
-        toks = loaded.tokenizer([b[2] for b in batch]).to(dev)
-        fi = model.encode_image(imgs, normalize=True).float().cpu().numpy()
-        ft = model.encode_text(toks, normalize=True).float().cpu().numpy()
-        if image_emb is None:
-            image_emb = np.zeros((ok.height, fi.shape[1]), dtype=np.float32)
-            text_emb = np.zeros((ok.height, ft.shape[1]), dtype=np.float32)
-        image_emb[rows], text_emb[rows] = fi, ft
-        seen[rows] = True
-        batch.clear()
 
-    with tqdm(total=ok.height, desc="embed", unit="sample") as bar:
-        for key, img, txt in iter_samples(raw_dir, ok):
-            if key not in key_to_row:
-                continue
-            batch.append((key_to_row[key], img, txt))
-            if len(batch) == settings.batch_size:
-                bar.update(len(batch))
-                flush()
-        if batch:
-            bar.update(len(batch))
-            flush()
-    if not seen.all():
-        missing = ok.filter(pl.Series(~seen))["key"].head(5).to_list()
-        raise DataError(f"{int((~seen).sum())} manifest samples are missing from the shards, e.g. {missing}", param="--raw")
+def _embed_shards(loaded: LoadedModel, *, raw_dir: Path, ok: pl.DataFrame, groups: list[tuple[str, np.ndarray]],
+                  parts: Path, out_dir: str | Path, settings: EmbedSettings, base: BaseSettings,
+                  model_dir: Path | None) -> dict[str, Any]:
+    """Embed the shards without a finished part, then assemble, validate and publish the arrays."""
+    resumed = 0
+    for i, (shard, rows) in enumerate(tqdm(groups, desc="embed", unit="shard")):
+        part = parts / f"part-{i:06d}.npz"
+        if part.is_file():
+            resumed += 1
+            continue
+        image, text = _embed_shard(loaded, raw_dir=raw_dir, shard=shard, rows=rows, ok=ok, batch_size=settings.batch_size)
+        with atomic_file(part) as tmp_part:
+            with open(tmp_part, "wb") as f:
+                np.savez(f, rows=rows, image=image, text=text)
 
-    summary = {"samples": int(ok.height), "dim": int(image_emb.shape[1]), "device": dev.type}
     with atomic_dir(out_dir) as tmp:
-        np.save(tmp / "image.npy", image_emb.astype(settings.dtype, copy=False))
-        np.save(tmp / "text.npy", text_emb.astype(settings.dtype, copy=False))
-        np.save(tmp / "ids.npy", ok["id"].to_numpy().astype(np.int64))
-        _record_model(tmp, info=loaded.info, summary=summary, raw_dir=raw_dir,
+        arrays: dict[str, np.memmap] = {}
+        for i, (_, rows) in enumerate(groups):
+            with np.load(parts / f"part-{i:06d}.npz") as part:
+                if not np.array_equal(part["rows"], rows):
+                    raise DataError(f"embedding part {i} does not match the manifest: delete {parts}", param="--raw")
+                for name in ("image", "text"):
+                    if name not in arrays:
+                        arrays[name] = np.lib.format.open_memmap(
+                            tmp / f"{name}.npy", mode="w+", dtype=settings.dtype, shape=(ok.height, part[name].shape[1]))
+                    arrays[name][rows] = part[name]
+        dim = int(arrays["image"].shape[1])
+        for arr in arrays.values():
+            arr.flush()
+        del arrays
+        ids = ok["id"].to_numpy().astype(np.int64)
+        np.save(tmp / "ids.npy", ids)
+        summary = {"samples": int(ok.height), "dim": dim, "device": loaded.device.type,
+                   "shards": len(groups), "shards_resumed": resumed}
+        validated = _validate(tmp, ids=ids, dim=_model_dim(settings, model_dir), out_dir=out_dir)
+        _record_model(tmp, info=loaded.info, summary=summary, raw_dir=raw_dir, validated=validated,
                       upstream=[raw_dir] + ([model_dir] if model_dir is not None else []), settings=settings, base=base)
     return summary
 
 
+def _failure_counts(manifest: pl.DataFrame, top: int = 3) -> list[tuple[str, int]]:
+    reasons = manifest.select(pl.col("error").fill_null("unknown")).group_by("error").len()
+    return reasons.sort(["len", "error"], descending=[True, False]).head(top).rows()
+
+
+def _validate(tmp: Path, *, ids: np.ndarray, dim: int | None, out_dir: str | Path) -> dict[str, Any]:
+    """The embeddings suite on the arrays in ``tmp``: one finite unit vector of the model's
+    dimension per ok manifest row."""
+    tables = embedding_tables(ids=np.load(tmp / "ids.npy"), image=RowReader(tmp / "image.npy"),
+                              text=RowReader(tmp / "text.npy"), dim=dim, ok_ids=ids)
+    return validate("embed", tables, docs_dir=docs_dir_for(out_dir, "embed"))
+
+
 def _record_model(tmp: Path, *, info: dict[str, Any], summary: dict[str, Any], raw_dir: Path, upstream: list[Path],
-                  settings: EmbedSettings, base: BaseSettings) -> None:
+                  settings: EmbedSettings, base: BaseSettings, validated: dict[str, Any]) -> None:
     """model.json and the embed lineage, beside the arrays in ``tmp``."""
     write_json(tmp / "model.json", info)
     write_lineage(
@@ -194,8 +302,9 @@ def _record_model(tmp: Path, *, info: dict[str, Any], summary: dict[str, Any], r
         params={"base": base.model_dump(mode="json"), "embed": settings.model_dump(mode="json", by_alias=True)},
         inputs={"raw": raw_dir},
         upstream=upstream,
-        summary={k: v for k, v in summary.items() if k != "device"},
-        extra={"model": info},
+        # where it ran and what a resume skipped do not change the bytes
+        summary={k: v for k, v in summary.items() if k not in ("device", "shards_resumed")},
+        extra={"model": info, "validation": validated},
     )
 
 
@@ -204,5 +313,7 @@ def _write_precomputed(*, raw_dir: Path, ok: pl.DataFrame, out_dir, settings: Em
             "precomputed": read_json(raw_dir / PRECOMPUTED_FILE)["root"]}
     with atomic_dir(out_dir) as tmp:
         summary = convert_precomputed(raw_dir=raw_dir, ok=ok, out_dir=tmp, settings=settings)
-        _record_model(tmp, info=info, summary=summary, raw_dir=raw_dir, upstream=[raw_dir], settings=settings, base=base)
+        validated = _validate(tmp, ids=ok["id"].to_numpy().astype(np.int64), dim=expected_dim(settings), out_dir=out_dir)
+        _record_model(tmp, info=info, summary=summary, raw_dir=raw_dir, upstream=[raw_dir], settings=settings, base=base,
+                      validated=validated)
     return summary

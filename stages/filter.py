@@ -17,6 +17,7 @@ from clipscrub.errors import DataError
 from clipscrub.io import atomic_dir, code_version, read_lineage, read_manifest, require_file, sha256_file, write_json
 from clipscrub.params import FilterSettings, Params
 from clipscrub.shards import iter_shard, shard_name, shard_path, shard_writer
+from clipscrub.validation import docs_dir_for, filter_tables, validate
 
 
 def _iter_raw(raw_dir: Path, shards: list[str]):
@@ -111,4 +112,8 @@ def filter_dataset(
             "stages": stages,
         }
         write_json(tmp / "lineage.json", lineage)
+        validate("filter", filter_tables(
+            kept=pl.read_parquet(tmp / "manifest.parquet"), removed=pl.read_parquet(tmp / "removed.parquet"),
+            scored_ids=ok["id"], out_dir=tmp, required=["manifest.parquet", "removed.parquet", "lineage.json"],
+        ), docs_dir=docs_dir_for(out_dir, "filter"))
     return counts

@@ -26,6 +26,7 @@ from clipscrub.neighbours import (
     build_search_index,
     choose_method,
     draw_references,
+    entry_owners,
     find_neighbours,
     gpu_count,
     measure_recall,
@@ -35,6 +36,7 @@ from clipscrub.neighbours import (
     self_entries_per_query,
 )
 from clipscrub.params import BaseSettings, IndexSettings
+from clipscrub.validation import docs_dir_for, neighbour_tables, validate
 
 
 def load_embeddings(emb_dir: Path, *, chunk_size: int = 65536) -> tuple[RowReader, RowReader, np.ndarray]:
@@ -108,6 +110,12 @@ def build_index(
         for arr in out.values():
             arr.flush()
         del out
+        validated = validate("index", neighbour_tables(
+            ids=ids, neighbours=np.load(tmp / "neighbours.npy", mmap_mode="r"),
+            distances=np.load(tmp / "distances.npy", mmap_mode="r"),
+            owners=[entry_owners(rows, settings.modality) for rows in ref_rows], entries=entries_n,
+            chunk_size=settings.chunk_size,
+        ), docs_dir=docs_dir_for(out_dir, "index"))
         summary = {
             "samples": n,
             "draws": int(draws),
@@ -124,6 +132,7 @@ def build_index(
             inputs={"embeddings": emb_dir, **({"trusted": Path(ref.path)} if trusted is not None else {})},
             upstream=[emb_dir],
             summary=summary,
+            extra={"validation": validated},
         )
     return summary
 

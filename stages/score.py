@@ -17,6 +17,7 @@ from clipscrub.detectors import clip_score, density_scores, fit_iforest, iforest
 from clipscrub.io import atomic_dir, require_file, write_lineage
 from clipscrub.neighbours import query_embeddings
 from clipscrub.params import BaseSettings, IndexSettings, ScoreSettings
+from clipscrub.validation import docs_dir_for, score_tables, validate
 from stages.index import load_embeddings
 
 
@@ -29,7 +30,9 @@ def score_samples(
     index: IndexSettings,
     base: BaseSettings,
 ) -> dict[str, Any]:
-    """Write ``<out>/scores.parquet`` (id + one ``<detector>_score`` per detector)."""
+    """Write ``<out>/scores.parquet``: id, one ``<detector>_score`` per detector, and
+    ``non_finite_scores`` (the detectors whose score is NaN or infinite for that row, comma
+    separated; null when all are finite)."""
     emb_dir, idx_dir = Path(embeddings_dir), Path(index_dir)
     image, text, ids = load_embeddings(emb_dir, chunk_size=index.chunk_size)
     load = lambda name: np.load(require_file(idx_dir / f"{name}.npy", param="--index", what="index"), mmap_mode="r")
@@ -67,10 +70,17 @@ def score_samples(
 
     order = [d for d in settings.detectors]
     frame = pl.DataFrame({"id": np.asarray(ids), **{f"{d}_score": columns[d] for d in order}})
+    # marked, not dropped: threshold flags them and evaluate ranks them most suspicious
+    frame = frame.with_columns(
+        pl.concat_str([pl.when(~pl.col(f"{d}_score").is_finite()).then(pl.lit(d)) for d in order],
+                      separator=",", ignore_nulls=True).replace("", None).alias("non_finite_scores")
+    )
     non_finite = {d: int((~np.isfinite(columns[d])).sum()) for d in order}
     summary = {"samples": frame.height, "detectors": order, "non_finite": non_finite}
     with atomic_dir(out_dir) as tmp:
         frame.write_parquet(tmp / "scores.parquet", statistics=False)
+        validated = validate("score", score_tables(pl.read_parquet(tmp / "scores.parquet"), ids=np.asarray(ids),
+                                                   detectors=order), docs_dir=docs_dir_for(out_dir, "score"))
         write_lineage(
             tmp,
             stage="score",
@@ -78,5 +88,6 @@ def score_samples(
             inputs={"embeddings": emb_dir, "index": idx_dir},
             upstream=[idx_dir],
             summary=summary,
+            extra={"validation": validated},
         )
     return summary

@@ -10,6 +10,7 @@ import torch
 from clipscrub.errors import DataError, ParamError
 from clipscrub.io import sha256_file
 from clipscrub.model import load_model
+from clipscrub.params import parse_params
 from stages.embed import embed_dataset
 
 
@@ -98,6 +99,74 @@ def test_embed_rejects_a_dataset_with_no_ok_rows(tiny_run, tmp_path):
     shutil.copytree(root / "raw", tmp_path / "raw")
     m = pl.read_parquet(tmp_path / "raw" / "manifest.parquet").with_columns(status=pl.lit("failed"))
     m.write_parquet(tmp_path / "raw" / "manifest.parquet")
-    with pytest.raises(DataError, match="no sample downloaded successfully"):
+    with pytest.raises(DataError, match="all 400 samples failed to download"):
         embed_dataset(raw_dir=tmp_path / "raw", out_dir=tmp_path / "emb", settings=params.embed, base=params.base)
     assert not (tmp_path / "emb").exists()
+
+
+@pytest.fixture(scope="module")
+def many_shards(tiny_run, tmp_path_factory):
+    """A project whose 600 samples sit in 60 shards of 10, with the tiny victim: (dir, params)."""
+    import shutil
+
+    import yaml
+
+    from clipscrub.pipeline import run_stage
+    from tests.conftest import tiny_params_dict
+
+    root, _ = tiny_run
+    proj = tmp_path_factory.mktemp("many-shards")
+    data = tiny_params_dict(["download.synthetic.num_samples=600", "download.shard_size=10", "embed.batch_size=4"])
+    (proj / "params.yaml").write_text(yaml.safe_dump(data))
+    params = parse_params(data)
+    run_stage("download", params, proj / "data")
+    shutil.copytree(root / "model", proj / "data" / "model")
+    return proj, params
+
+
+def _embedding_hashes(directory) -> dict[str, str]:
+    return {p.name: sha256_file(p) for p in sorted(directory.iterdir())}
+
+
+@pytest.mark.parametrize("kill_after_parts", [2, 30])
+def test_killed_embed_resumes_with_the_missing_shards(many_shards, tmp_path, kill_after_parts):
+    """SIGKILL a real `clipscrub embed` process after some shards; the rerun computes only the
+    others, and every output file is byte-identical to an uninterrupted run's."""
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from clipscrub.pipeline import run_stage
+    from stages.embed import parts_dir_for
+
+    proj, params = many_shards
+    reference = tmp_path / "reference"
+    shutil.copytree(proj / "data", reference / "data")
+    whole = run_stage("embed", params, reference / "data")
+    assert whole["shards"] == 60 and whole["shards_resumed"] == 0
+
+    work = tmp_path / "work"
+    shutil.copytree(proj, work)
+    parts = parts_dir_for(work / "data" / "embeddings")
+    cmd = [sys.executable, "-m", "clipscrub.cli", "embed", "-p", "params.yaml", "--root", "data"]
+    proc = subprocess.Popen(cmd, cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if parts.is_dir() and len(list(parts.glob("part-*.npz"))) >= kill_after_parts:
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.002)
+    assert proc.wait(timeout=60) == -signal.SIGKILL, "embed finished before it could be killed"
+    done = len(list(parts.glob("part-*.npz")))
+    assert kill_after_parts <= done < 60
+    assert not (work / "data" / "embeddings").exists()  # nothing that looks complete
+
+    res = subprocess.run(cmd, cwd=work, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    assert summary["shards_resumed"] == done and summary["shards"] == 60
+    assert _embedding_hashes(work / "data" / "embeddings") == _embedding_hashes(reference / "data" / "embeddings")
+    assert not parts.exists()

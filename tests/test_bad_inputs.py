@@ -1,0 +1,257 @@
+"""The README's table of bad inputs: for each, the one-line message the user sees, and that the
+stage left no output (nor any scratch file) behind. Rows a source marks ``failed`` instead of
+stopping (corrupt image, empty caption, duplicate key, ...) are checked in test_sources.py."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import polars as pl
+import pytest
+import yaml
+
+from clipscrub.cli import main
+from clipscrub.params import parse_params
+from clipscrub.pipeline import run_stage
+from tests.conftest import tiny_params_dict
+from tests.test_sources import tiny_model, write_clip_retrieval  # noqa: F401 (fixture)
+
+
+@dataclass
+class Project:
+    dir: Path
+    tiny_root: Path
+    tiny_model: Path
+
+    @property
+    def data(self) -> Path:
+        return self.dir / "data"
+
+    def copy(self, *stages: str) -> None:
+        for name in stages:
+            shutil.copytree(self.tiny_root / name, self.data / name)
+
+    def params(self, extra: list[str] | None = None, **sections) -> dict:
+        data = tiny_params_dict(extra)
+        for section, values in sections.items():
+            data[section].update(values)
+        (self.dir / "params.yaml").write_text(yaml.safe_dump(data))
+        return data
+
+    def external_model(self, **embed) -> dict:
+        return {"model_name": "tiny", "pretrained": None, "checkpoint": str(self.tiny_model / "tiny.pt"),
+                "model_config": str(self.tiny_model / "tiny.json"), **embed}
+
+
+def _precomputed(p: Project, *, dim: int = 16, poke=None) -> list[str]:
+    src = write_clip_retrieval(p.dir / "src", dim=dim)
+    if poke:
+        path = src / "img_emb" / "img_emb_0.npy"
+        arr = np.load(path)
+        poke(arr)
+        np.save(path, arr)
+    data = p.params(["train.enabled=false", "index.reference.mode=all", "index.k=4", "score.k=2", "score.lid_k=3"],
+                    embed=p.external_model())
+    data["download"]["source"] = "embeddings"
+    data["download"]["embeddings"]["path"] = str(src)
+    (p.dir / "params.yaml").write_text(yaml.safe_dump(data))
+    run_stage("download", parse_params(data), p.data)
+    return ["embed"]
+
+
+def nan_embedding(p):
+    return _precomputed(p, poke=lambda a: a.__setitem__((5, 2), np.nan))
+
+
+def zero_embedding(p):
+    return _precomputed(p, poke=lambda a: a.__setitem__(5, 0))
+
+
+def wrong_dimension(p):
+    return _precomputed(p, dim=24)
+
+
+def k_not_below_reference_size(p):
+    p.copy("embeddings")
+    p.params()
+    return ["index", "-S", "index.k=500"]
+
+
+def k_not_below_dataset_size(p):
+    p.copy("embeddings")
+    p.params(["index.reference.mode=all", "index.reference.size=10", "index.k=5000", "score.lid_k=20"])
+    return ["index"]
+
+
+def empty_dataset(p):
+    (p.dir / "images").mkdir()
+    (p.dir / "captions.csv").write_text("file,caption\n")
+    data = p.params(["train.enabled=false"])
+    data["download"]["source"] = "folder"
+    data["download"]["folder"].update({"path": str(p.dir / "images"), "captions": str(p.dir / "captions.csv")})
+    (p.dir / "params.yaml").write_text(yaml.safe_dump(data))
+    return ["download"]
+
+
+def all_samples_failed(p):
+    (p.dir / "images").mkdir()
+    (p.dir / "captions.csv").write_text("file,caption\na.jpg,a cat\nb.jpg,a dog\nc.jpg,a bird\n")
+    data = p.params(["train.enabled=false"], embed=p.external_model())
+    data["download"]["source"] = "folder"
+    data["download"]["folder"].update({"path": str(p.dir / "images"), "captions": str(p.dir / "captions.csv")})
+    (p.dir / "params.yaml").write_text(yaml.safe_dump(data))
+    run_stage("download", parse_params(data), p.data)
+    return ["embed"]
+
+
+def missing_url_column(p):
+    (p.dir / "urls.csv").write_text("link,caption\nhttp://127.0.0.1:9/a.jpg,a cat\n")
+    data = p.params(["train.enabled=false"])
+    data["download"]["source"] = "urls"
+    data["download"]["urls"]["path"] = str(p.dir / "urls.csv")
+    (p.dir / "params.yaml").write_text(yaml.safe_dump(data))
+    return ["download"]
+
+
+def unknown_detector(p):
+    p.copy("embeddings", "index")
+    p.params()
+    return ["score", "-S", "score.detectors=[dao, lof]"]
+
+
+def typo_key(p):
+    data = p.params()
+    data["threshold"]["fractoin"] = 0.1
+    (p.dir / "params.yaml").write_text(yaml.safe_dump(data))
+    p.copy("scores")
+    return ["threshold"]
+
+
+def wrong_type(p):
+    p.copy("embeddings", "index")
+    p.params()
+    return ["score", "-S", "score.k=sixteen"]
+
+
+def missing_params_file(p):
+    return ["download", "-p", str(p.dir / "nope.yaml")]
+
+
+def unreadable_checkpoint(p):
+    p.copy("raw")
+    (p.dir / "bad.pt").write_bytes(b"not a checkpoint" * 10)
+    p.params(["train.enabled=false"], embed=p.external_model(checkpoint=str(p.dir / "bad.pt")))
+    return ["embed"]
+
+
+def checkpoint_of_another_model(p):
+    p.copy("raw")
+    cfg = json.loads((p.tiny_model / "tiny.json").read_text())
+    cfg["vision_cfg"]["width"] *= 2
+    (p.dir / "wide.json").write_text(json.dumps(cfg))
+    p.params(["train.enabled=false"], embed=p.external_model(model_name="tiny-wide", model_config=str(p.dir / "wide.json")))
+    return ["embed"]
+
+
+def output_not_writable(p):
+    p.params()
+    (p.dir / "file").write_text("a file, not a directory")
+    return ["download", "--root", str(p.dir / "file" / "data")]
+
+
+def upstream_output_missing(p):
+    p.copy("embeddings")
+    p.params()
+    return ["score"]
+
+
+def corrupt_manifest(p):
+    p.copy("raw", "model")
+    (p.data / "raw" / "manifest.parquet").write_bytes(b"PAR1 but not really")
+    p.params()
+    return ["embed"]
+
+
+def repeated_id_in_manifest(p):
+    p.copy("raw", "model")
+    path = p.data / "raw" / "manifest.parquet"
+    m = pl.read_parquet(path)
+    m.with_columns(pl.when(pl.col("id") == 7).then(6).otherwise(pl.col("id")).alias("id")).write_parquet(path)
+    p.params()
+    return ["embed"]
+
+
+def trusted_ids_not_in_dataset(p):
+    p.copy("embeddings")
+    (p.dir / "trusted.txt").write_text("0\n1\n99999\n")
+    p.params(["index.reference.mode=trusted", "index.k=2", "score.k=1", "score.lid_k=2"])
+    data = yaml.safe_load((p.dir / "params.yaml").read_text())
+    data["index"]["reference"]["path"] = str(p.dir / "trusted.txt")
+    (p.dir / "params.yaml").write_text(yaml.safe_dump(data))
+    return ["index"]
+
+
+def stale_upstream_params(p):
+    p.copy("raw", "scores", "flags")
+    p.params()
+    return ["filter", "-S", "index.reference.draws=2"]
+
+
+# (case, stage output that must not exist, fragments of the message)
+CASES: list[tuple[Callable[[Project], list[str]], str, list[str]]] = [
+    (nan_embedding, "embeddings",
+     ["embed: validation failed: embed.embeddings: expect_column_values_to_not_be_null(image_norm): 1 of 11 rows, e.g. ids [5]",
+      "data docs: ", "validation/embed/index.html"]),
+    (zero_embedding, "embeddings",
+     ["embed: validation failed: embed.embeddings: expect_column_values_to_be_between(image_norm)", "ids [5]", "(values [0.0])"]),
+    (wrong_dimension, "embeddings", ["embed.model_name: the precomputed embeddings have dimension 24 but model 'tiny' embeds in 16"]),
+    (k_not_below_reference_size, "index", ["index.k: 500 must be smaller than index.reference.size (120)"]),
+    (k_not_below_dataset_size, "index", ["index.k: k (5000) needs more reference entries than 800"]),
+    (empty_dataset, "raw", ["download.folder.captions: the captions file", "has no rows"]),
+    (all_samples_failed, "embeddings", ["--raw: all 3 samples failed to download (file not found: a.jpg: 1, file not found: b.jpg: 1, "
+                                          "file not found: c.jpg: 1): nothing to embed"]),
+    (missing_url_column, "raw", ["download.urls.url_col: urls.csv has no column 'url' (columns: link, caption)"]),
+    (unknown_detector, "scores", ["score.detectors: unknown detector 'lof'; choose from kdist, slof, lid, dao, iforest, clip"]),
+    (typo_key, "flags", ["threshold.fractoin: unknown key"]),
+    (wrong_type, "scores", ["score.k: Input should be a valid integer (got 'sixteen')"]),
+    (missing_params_file, "raw", ["--params: params file not found:", "nope.yaml"]),
+    (unreadable_checkpoint, "embeddings", ["embed.checkpoint: cannot read checkpoint"]),
+    (checkpoint_of_another_model, "embeddings", ["embed.checkpoint: checkpoint", "does not fit model 'tiny-wide': Error(s) in loading state_dict for CLIP: size mismatch for"]),
+    (output_not_writable, "raw", ["--root: cannot create output directory", "file/data: Not a directory"]),
+    (upstream_output_missing, "scores", ["--index: index not found:", "(run the upstream stage first)"]),
+    (corrupt_manifest, "embeddings", ["--raw: cannot read the manifest data/raw/manifest.parquet: parquet: "]),
+    (repeated_id_in_manifest, "embeddings",
+     ["embed: validation failed: embed.embeddings: expect_column_values_to_be_unique(id): 2 of 400 rows, e.g. ids [6, 6]"]),
+    (trusted_ids_not_in_dataset, "index", ["index.reference.path: 1 trusted ids are not embedded samples of this dataset, e.g. [99999]"]),
+    (stale_upstream_params, "clean", ["index: the index stage's output was made with other 'index' params than the ones given"]),
+]
+
+
+@pytest.mark.parametrize(("case", "output", "fragments"), CASES, ids=[c[0].__name__ for c in CASES])
+def test_bad_input_stops_with_a_message_and_no_output(tiny_run, tiny_model, tmp_path, capsys, monkeypatch,  # noqa: F811
+                                                      case, output, fragments):
+    project = Project(tmp_path, tiny_run[0], tiny_model)
+    project.data.mkdir()
+    monkeypatch.chdir(tmp_path)
+    args = case(project)
+    argv = [args[0], "-p", "params.yaml", "--root", "data", *args[1:]]
+    before = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if "validation" not in p.parts)
+    capsys.readouterr()
+    assert main(argv) == 2
+    # progress bars may precede it on stderr; the error is one line, the last
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("clipscrub: error: "), err
+    for fragment in fragments:
+        assert fragment in err, err
+    assert not (project.data / output).exists()
+    after = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if "validation" not in p.parts)
+    # nothing published, nothing half-written: only the data docs a failed validation writes
+    assert after == before
+    if "validation failed" in err:
+        stage = err.split("clipscrub: error: ")[1].split(":")[0]
+        assert (project.data / "validation" / stage / "index.html").is_file()
