@@ -21,6 +21,7 @@ STAGE_HELP = {
     "threshold": "flag samples from one detector's scores",
     "filter": "write the cleaned dataset, removed.parquet and lineage.json",
     "evaluate": "AUROC / PR-AUC / FPR@TPR per detector against known poison (DVC metrics and plots)",
+    "report": "one self-contained HTML page: histograms, ROC/PR, top flagged samples, clusters, lineage",
 }
 
 
@@ -42,6 +43,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-o", "--out", required=True, help="run directory: the same layout as data/ in the DVC pipeline")
     sp.add_argument("--result-storage", default=None,
                     help="where Prefect persists task results: a path or fsspec URL (default: OUTDIR/.prefect/results)")
+    sp = sub.add_parser("diff", help="compare two cleaned versions: params, counts, removed ids, metric deltas",
+                        description="A and B: directories (a data root, a run directory, or a cleaned version), "
+                        "or git revisions / DVC experiment names of the DVC project at --project.")
+    sp.add_argument("a", metavar="A")
+    sp.add_argument("b", metavar="B")
+    sp.add_argument("--project", default=".", help="DVC project that revisions and experiments belong to (default: .)")
+    sp.add_argument("--format", choices=("table", "json"), default="table")
+    sp.add_argument("--ids-out", default="clipscrub-diff.parquet",
+                    help="parquet of the ids removed in only one version (default: clipscrub-diff.parquet)")
     sp = sub.add_parser("show", help="print a run's counts, victim metrics and per-detector figures")
     sp.add_argument("--root", default="data", help="data directory of the run (default: data)")
     return parser
@@ -82,6 +92,8 @@ def show_run(root: str) -> str:
                 )
             th = m["threshold"]
             lines.append(f"  (precision / recall: the threshold rule '{th['method']}' applied to each detector)")
+    if (lay.report / "index.html").is_file():
+        lines.append(f"report: {lay.report / 'index.html'} (open it in a browser)")
     if not lines:
         raise ClipscrubError(f"no finished run under {root}", param="--root")
     return "\n".join(lines)
@@ -153,8 +165,30 @@ def run_flow(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_diff(args: argparse.Namespace) -> int:
+    from clipscrub.diff import diff_versions, differing_ids, format_table, load_version
+    from clipscrub.io import atomic_file
+
+    try:
+        a = load_version(args.a, project=args.project, label="A")
+        b = load_version(args.b, project=args.project, label="B")
+        result = diff_versions(a, b)
+        ids = differing_ids(a, b)
+        with atomic_file(args.ids_out, param="--ids-out") as tmp:
+            ids.write_parquet(tmp)
+    except ClipscrubError as exc:
+        print(f"clipscrub: error: {exc}", file=sys.stderr)
+        return 2
+    result["ids_out"] = str(args.ids_out)
+    print(json.dumps(result, indent=2, sort_keys=True) if args.format == "json" else
+          format_table(result) + f"\n\n{ids.height} differing ids written to {args.ids_out}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "diff":
+        return run_diff(args)
     if args.command == "show":
         try:
             print(show_run(args.root))

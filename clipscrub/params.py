@@ -248,6 +248,14 @@ class EvaluateSettings(_Section):
     hist_bins: int = Field(40, ge=2)
 
 
+class ReportSettings(_Section):
+    top_n: int = Field(48, ge=1)
+    thumb_size: int = Field(96, ge=16, le=512)
+    hist_bins: int = Field(40, ge=2)
+    near_duplicate_cosine: float = Field(0.98, gt=0.0, le=1.0)
+    cluster_members_shown: int = Field(8, ge=1)
+
+
 class Params(_Section):
     base: BaseSettings = BaseSettings()
     download: DownloadSettings = DownloadSettings()
@@ -258,6 +266,7 @@ class Params(_Section):
     threshold: ThresholdSettings = ThresholdSettings()
     filter: FilterSettings = FilterSettings()
     evaluate: EvaluateSettings = EvaluateSettings()
+    report: ReportSettings = ReportSettings()
 
     @model_validator(mode="after")
     def _cross_section(self) -> "Params":

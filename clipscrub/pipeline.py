@@ -39,6 +39,8 @@ class Layout:
     def detection_metrics(self) -> Path: return self.root / "metrics" / "detection.json"
     @property
     def plots(self) -> Path: return self.root / "plots"
+    @property
+    def report(self) -> Path: return self.root / "report"
 
 
 def _download(p: Params, lay: Layout) -> dict[str, Any]:
@@ -106,6 +108,15 @@ def _evaluate(p: Params, lay: Layout) -> dict[str, Any]:
     )
 
 
+def _report(p: Params, lay: Layout) -> dict[str, Any]:
+    from stages.report import write_report
+
+    return write_report(
+        raw_dir=lay.raw, embeddings_dir=lay.embeddings, scores_dir=lay.scores, flags_dir=lay.flags,
+        clean_dir=lay.clean, out_dir=lay.report, settings=p.report, threshold=p.threshold, base=p.base,
+    )
+
+
 @dataclass(frozen=True)
 class StageSpec:
     """What a stage reads, writes and depends on; dvc.yaml states the same (a test checks)."""
@@ -135,6 +146,8 @@ SPECS: dict[str, StageSpec] = {
                         ("stages/filter.py", "clipscrub/shards.py")),
     "evaluate": StageSpec(("raw", "scores"), ("detection_metrics", "plots"), ("base", "threshold", "evaluate"),
                           ("stages/evaluate.py",)),
+    "report": StageSpec(("raw", "embeddings", "scores", "flags", "clean"), ("report",), ("base", "threshold", "report"),
+                        ("stages/report.py", "stages/threshold.py", "clipscrub/shards.py")),
 }
 
 
@@ -203,6 +216,7 @@ STAGES: dict[str, Callable[[Params, Layout], dict[str, Any]]] = {
     "threshold": _threshold,
     "filter": _filter,
     "evaluate": _evaluate,
+    "report": _report,
 }
 
 

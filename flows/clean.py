@@ -130,6 +130,10 @@ def summary_markdown(params: Params, root: Path, summaries: dict[str, Any], stat
             lines.append(f"| {d} | {m['auroc']:.4f} | {m['pr_auc']:.4f} |")
         lines.append("")
     lines += ["| stage | state |", "| --- | --- |"] + [f"| {s} | {st} |" for s, st in states.items()]
+    rep = summaries.get("report", {})
+    if rep:
+        lines += ["", f"Report: `{root / 'report' / 'index.html'}` ({rep['gallery']} samples in the gallery, "
+                      f"{rep['clusters']} clusters of flagged samples sharing a caption or an image)"]
     lines += ["", f"Outputs: `{root}`"]
     return "\n".join(lines)
 

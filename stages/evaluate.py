@@ -3,7 +3,7 @@
 Writes a DVC metrics JSON (per detector: AUROC, PR-AUC, FPR and detection error at the
 ``evaluate.tpr`` true-positive rate, precision and recall when the threshold rule is applied to
 that detector) and DVC plot data: ``roc/<detector>.csv`` (fpr, tpr) and ``hist/<detector>.csv``
-(score bin centre, clean and poisoned counts). Non-finite scores rank as the most suspicious
+(score bin centre, clean and poisoned counts), ``pr/<detector>.csv`` (recall, precision). Non-finite scores rank as the most suspicious
 (the threshold stage flags them), so they count against a detector rather than vanish.
 """
 
@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 import polars as pl
-from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
 from clipscrub.detectors import suspicion
 from clipscrub.io import atomic_dir, atomic_file, read_manifest, require_file, write_json
@@ -67,6 +67,7 @@ def evaluate_detectors(
     with atomic_dir(plots_dir) as tmp_plots:
         (tmp_plots / "roc").mkdir()
         (tmp_plots / "hist").mkdir()
+        (tmp_plots / "pr").mkdir()
         if has_truth:
             y = truth.to_numpy().astype(bool)
             ids = scores["id"].to_numpy()
@@ -82,6 +83,9 @@ def evaluate_detectors(
                 per[d] = detection_metrics(y=y, values=values, detector=d, tpr_target=settings.tpr, flagged=flagged)
                 fpr, tpr, _ = roc_curve(y, _ranked(values, d))
                 pl.DataFrame({"fpr": fpr, "tpr": tpr}).write_csv(tmp_plots / "roc" / f"{d}.csv", float_precision=6)
+                precision, recall, _ = precision_recall_curve(y, _ranked(values, d))
+                pl.DataFrame({"recall": recall, "precision": precision}).write_csv(
+                    tmp_plots / "pr" / f"{d}.csv", float_precision=6)
                 finite = np.isfinite(values)
                 edges = np.histogram_bin_edges(values[finite], bins=settings.hist_bins)
                 clean_counts, _ = np.histogram(values[finite & ~y], bins=edges)

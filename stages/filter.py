@@ -19,6 +19,9 @@ from clipscrub.params import FilterSettings, Params
 from clipscrub.shards import iter_shard, shard_name, shard_path, shard_writer
 from clipscrub.validation import docs_dir_for, filter_tables, validate
 
+# sections that only describe a version, never change it
+REPORTING = ("evaluate", "report")
+
 
 def _iter_raw(raw_dir: Path, shards: list[str]):
     for shard in shards:
@@ -105,8 +108,8 @@ def filter_dataset(
             "dataset": params.base.name,
             "input_manifest_sha256": sha256_file(raw_dir / "manifest.parquet"),
             "model": model,
-            "params": {name: params.section(name) for name in type(params).model_fields if name != "evaluate"},
-            "params_hash": params.hash(*(n for n in type(params).model_fields if n != "evaluate")),
+            "params": {name: params.section(name) for name in type(params).model_fields if name not in REPORTING},
+            "params_hash": params.hash(*(n for n in type(params).model_fields if n not in REPORTING)),
             "code_version": code_version(),
             "counts": counts,
             "stages": stages,

@@ -44,7 +44,7 @@ def project(tmp_path_factory) -> Path:
 
 def test_repro_runs_every_stage_then_nothing(project):
     out = stages_run(sh("dvc", "repro", cwd=project))
-    assert out == ["download", "train", "embed", "index", "score", "threshold", "filter", "evaluate"]
+    assert out == ["download", "train", "embed", "index", "score", "threshold", "filter", "evaluate", "report"]
     assert (project / "data" / "clean" / "lineage.json").is_file()
     assert stages_run(sh("dvc", "repro", cwd=project)) == []
     assert "up to date" in sh("dvc", "status", cwd=project)
@@ -54,7 +54,7 @@ def test_threshold_change_reruns_only_downstream(project):
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["threshold"]["fraction"] = 0.1
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert stages_run(sh("dvc", "repro", cwd=project)) == ["threshold", "filter", "evaluate"]
+    assert stages_run(sh("dvc", "repro", cwd=project)) == ["threshold", "filter", "evaluate", "report"]
     lineage = json.loads((project / "data" / "clean" / "lineage.json").read_text())
     assert lineage["params"]["threshold"]["fraction"] == 0.1
     assert lineage["counts"]["removed"] == 40
@@ -64,7 +64,7 @@ def test_threshold_change_reruns_only_downstream(project):
 
 def test_experiments_and_metrics_diff(project):
     out = sh("dvc", "exp", "run", "-n", "tight", "-S", "threshold.fraction=0.02", cwd=project)
-    assert stages_run(out) == ["threshold", "filter", "evaluate"]
+    assert stages_run(out) == ["threshold", "filter", "evaluate", "report"]
     shown = json.loads(sh("dvc", "exp", "show", "--json", cwd=project))
     text = json.dumps(shown)
     assert '"tight"' in text and "detection.json" in text
@@ -73,3 +73,31 @@ def test_experiments_and_metrics_diff(project):
     assert flagged == {"old": 40, "new": 8, "diff": -32}
     lineage = json.loads((project / "data" / "clean" / "lineage.json").read_text())
     assert lineage["counts"]["removed"] == 8
+
+
+def test_diff_between_two_experiments(project, tmp_path):
+    """`clipscrub diff` of two `dvc exp run -S threshold...` experiments, read from git and the
+    DVC cache, reconciles with each experiment's removed.parquet (applied one after the other)."""
+    import polars as pl
+
+    sh("dvc", "exp", "run", "-n", "loose", "-S", "threshold.fraction=0.05", cwd=project)
+    out = tmp_path / "ids.parquet"
+    result = json.loads(sh(str(BIN / "clipscrub"), "diff", "tight", "loose", "--format", "json",
+                           "--ids-out", str(out), cwd=project))
+    assert result["params"] == {"threshold.fraction": {"a": 0.02, "b": 0.05}}
+    assert (result["counts"]["a"]["removed"], result["counts"]["b"]["removed"]) == (8, 20)
+    removed = {}
+    for name in ("tight", "loose"):
+        sh("dvc", "exp", "apply", name, cwd=project)
+        removed[name] = set(pl.read_parquet(project / "data" / "clean" / "removed.parquet")["id"].to_list())
+    ra, rb = removed["tight"], removed["loose"]
+    assert result["removed"]["only_a"] == len(ra - rb) and result["removed"]["only_b"] == len(rb - ra)
+    assert result["removed"]["both"] == len(ra & rb) == 8
+    assert result["removed"]["jaccard"] == round(len(ra & rb) / len(ra | rb), 6)
+    assert set(pl.read_parquet(out)["id"].to_list()) == ra ^ rb
+    assert set(result["metrics"]) == {"kdist", "slof", "lid", "dao", "iforest", "clip"}
+    plots = json.loads(sh("dvc", "plots", "diff", "tight", "loose", "--json", cwd=project))
+    shown = json.dumps(plots)
+    assert all(f"data/plots/{kind}/kdist.csv" in shown for kind in ("roc", "pr", "hist"))
+    text = sh(str(BIN / "clipscrub"), "diff", "HEAD", "loose", "--ids-out", str(tmp_path / "h.parquet"), cwd=project)
+    assert "threshold.fraction" in text and "0.1 -> 0.05" in text  # HEAD: the commit at fraction 0.1

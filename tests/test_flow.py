@@ -20,7 +20,7 @@ from clipscrub.pipeline import SPECS, Layout
 from tests.conftest import REPO, make_dvc_project, tiny_params_dict
 
 BIN = Path(sys.executable).parent
-ALL = ["download", "train", "embed", "index", "score", "threshold", "filter", "evaluate"]
+ALL = ["download", "train", "embed", "index", "score", "threshold", "filter", "evaluate", "report"]
 
 
 @pytest.fixture(scope="module")
@@ -57,9 +57,9 @@ def test_identical_rerun_computes_nothing(flow_dir):
 
 
 def test_threshold_change_recomputes_threshold_onward(flow_dir):
-    assert computed(run_flow(flow_dir, ["threshold.fraction=0.1"])) == ["threshold", "filter", "evaluate"]
+    assert computed(run_flow(flow_dir, ["threshold.fraction=0.1"])) == ["threshold", "filter", "evaluate", "report"]
     # and back: the earlier results are still in the cache, but the outputs on disk changed
-    assert computed(run_flow(flow_dir)) == ["threshold", "filter", "evaluate"]
+    assert computed(run_flow(flow_dir)) == ["threshold", "filter", "evaluate", "report"]
     assert set(run_flow(flow_dir).values()) == {"Cached"}
 
 
@@ -74,7 +74,7 @@ def test_missing_or_edited_outputs_are_recomputed(flow_dir, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(flow_dir, out)
     shutil.rmtree(out / "flags")
-    # threshold reruns; its output is byte-identical, so filter and evaluate stay cached
+    # threshold reruns; its output is byte-identical, so filter, evaluate and report stay cached
     assert computed(run_flow(out)) == ["threshold"]
     (out / "clean" / "removed.parquet").write_bytes(b"tampered")
     assert computed(run_flow(out)) == ["filter"]

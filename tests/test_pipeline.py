@@ -26,7 +26,7 @@ def test_dvc_yaml_matches_the_stage_specs():
         expected = []
         for o in spec.outputs:
             path = getattr(lay, o).as_posix()
-            expected += [f"{path}/roc", f"{path}/hist"] if o == "plots" else [path]
+            expected += [f"{path}/roc", f"{path}/hist", f"{path}/pr"] if o == "plots" else [path]
         assert sorted(outputs) == sorted(expected), name
 
 

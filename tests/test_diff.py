@@ -1,0 +1,63 @@
+"""`clipscrub diff` between two output directories (DVC revisions and experiments: test_dvc.py)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import polars as pl
+import pytest
+
+from clipscrub.cli import main
+from clipscrub.pipeline import run_stage
+from tests.conftest import tiny_params
+
+
+@pytest.fixture(scope="module")
+def two_versions(tiny_run, tmp_path_factory):
+    """The tiny run (top 5% removed) and a copy re-thresholded at top 10%."""
+    root, _ = tiny_run
+    other = tmp_path_factory.mktemp("other") / "data"
+    shutil.copytree(root, other)
+    params = tiny_params(["threshold.fraction=0.1"])
+    for stage in ("threshold", "filter", "evaluate"):
+        run_stage(stage, params, other)
+    return root, other
+
+
+def test_diff_json_reconciles_with_both_removed_files(two_versions, tmp_path, capsys):
+    a, b = two_versions
+    out = tmp_path / "ids.parquet"
+    assert main(["diff", str(a), str(b), "--format", "json", "--ids-out", str(out)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["params"] == {"threshold.fraction": {"a": 0.05, "b": 0.1}}
+    assert result["counts"]["a"]["removed"] == 20 and result["counts"]["b"]["removed"] == 40
+    ra = set(pl.read_parquet(a / "clean" / "removed.parquet")["id"].to_list())
+    rb = set(pl.read_parquet(b / "clean" / "removed.parquet")["id"].to_list())
+    assert ra < rb  # a stricter top fraction removes a subset
+    assert result["removed"] == {"only_a": 0, "only_b": 20, "both": 20, "jaccard": 0.5}
+    ids = pl.read_parquet(out)
+    assert set(ids["id"].to_list()) == ra ^ rb
+    assert set(ids["removed_in"].to_list()) == {"b"}
+    assert ids["reason"].to_list() == ["kdist_score_top_fraction"] * 20
+    metrics = result["metrics"]["kdist"]
+    assert metrics["auroc"]["delta"] == 0.0  # the scores did not change, only the cut
+    assert metrics["recall_at_threshold"]["b"] >= metrics["recall_at_threshold"]["a"]
+
+
+def test_diff_table(two_versions, tmp_path, capsys):
+    a, b = two_versions
+    assert main(["diff", str(a / "clean"), str(b), "--ids-out", str(tmp_path / "d.parquet")]) == 0
+    text = capsys.readouterr().out
+    assert "threshold.fraction" in text and "0.05 -> 0.1" in text
+    assert re.search(r"removed\s+20\s+40\s+\+20", text) and re.search(r"kept\s+380\s+360\s+-20", text)
+    assert "removed only in A: 0, only in B: 20, in both: 20 (Jaccard 0.5000)" in text
+    assert "20 differing ids written to" in text
+
+
+def test_diff_of_something_that_is_no_version(tmp_path, capsys):
+    assert main(["diff", str(tmp_path), "nope-rev", "--project", str(tmp_path), "--ids-out", str(tmp_path / "x.parquet")]) == 2
+    err = capsys.readouterr().err
+    assert "clipscrub: error: A:" in err and "holds no cleaned version" in err
+    assert not (tmp_path / "x.parquet").exists()
