@@ -70,6 +70,9 @@ def atomic_dir(out_dir: str | Path, *, param: str = "--root") -> Iterator[Path]:
     """
     out_dir = Path(out_dir)
     _check_writable(out_dir.parent, param)
+    # scratch left by a killed run (SIGKILL skips the cleanup below) would pile up otherwise
+    for stale in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:

@@ -170,3 +170,4 @@ def test_killed_embed_resumes_with_the_missing_shards(many_shards, tmp_path, kil
     assert summary["shards_resumed"] == done and summary["shards"] == 60
     assert _embedding_hashes(work / "data" / "embeddings") == _embedding_hashes(reference / "data" / "embeddings")
     assert not parts.exists()
+    assert not list((work / "data").glob(".embeddings.tmp-*"))
