@@ -112,8 +112,10 @@ def validate(stage: str, tables: list[Table], *, docs_dir: str | Path) -> dict[s
     """
     import great_expectations as gx
 
-    # GX logs every metric it computes at INFO through the root logger of the stage's process
-    logging.getLogger("great_expectations").setLevel(logging.WARNING)
+    # GX sets some of its loggers to INFO explicitly; with a root handler (open_clip installs
+    # one) they would print a line per context to the stage's stderr
+    for name in [n for n in logging.root.manager.loggerDict if n.startswith("great_expectations")]:
+        logging.getLogger(name).setLevel(logging.WARNING)
     docs_dir = Path(docs_dir)
     shutil.rmtree(docs_dir, ignore_errors=True)
     docs_dir.mkdir(parents=True, exist_ok=True)
