@@ -14,6 +14,8 @@ Each part runs in its own subprocess so that its wall time and peak RSS (its VmH
   d    scikit-learn LocalOutlierFactor on a 100,000 subset
   all  clipscrub with the whole dataset as reference (modality image: 1M entries, HNSW),
        recall@k measured by the index stage against exact search on 10,000 queries
+  default        clipscrub index + score with params.yaml's reference sizes, draws and fusion
+  default_floor  bare faiss exact search of the same N queries against the same draws' entries
 
     python benchmarks/detector_scale.py                      # everything, ~1 h on 2 CPU cores
     python benchmarks/detector_scale.py --n 50000 --parts a,b  # a quick look
@@ -87,8 +89,9 @@ def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
 
 
 # ---------------------------------------------------------------------------------- parts
-def part_clipscrub(emb: Path, work: Path, *, k: int, m: int, mode: str = "random", modality: str = "image_text",
-                   recall_sample: int = 1000) -> dict:
+def part_clipscrub(emb: Path, work: Path, *, k: int, m: int | None = None, mode: str = "random",
+                   modality: str = "image_text", recall_sample: int = 1000, reference: dict | None = None,
+                   score: dict | None = None) -> dict:
     import polars as pl
 
     from clipscrub.params import parse_params
@@ -97,9 +100,9 @@ def part_clipscrub(emb: Path, work: Path, *, k: int, m: int, mode: str = "random
 
     params = parse_params({
         "index": {"k": k, "modality": modality, "chunk_size": CHUNK,
-                  "reference": {"mode": mode, "size": m, "draws": 1},
+                  "reference": reference or {"mode": mode, "sizes": [m], "draws": 1},
                   "search": {"recall_sample": recall_sample}},
-        "score": {"k": k, "lid_k": k},
+        "score": {"k": k, "lid_k": k, **(score or {})},
     })
     t0 = time.perf_counter()
     index = build_index(embeddings_dir=emb, out_dir=work / "index", settings=params.index, base=params.base)
@@ -118,22 +121,25 @@ def part_clipscrub(emb: Path, work: Path, *, k: int, m: int, mode: str = "random
     }
 
 
-def part_faiss(emb: Path, *, k: int, m: int, seed: int = 0) -> dict:
-    """The floor: one exact faiss search of every query against the same 2m entries."""
+def part_faiss(emb: Path, *, k: int, sizes: list[int], draws: int, seed: int = 0) -> dict:
+    """The floor: one exact faiss search of every query against each draw's 2m entries, the
+    same draws clipscrub's index stage makes for these sizes."""
     import faiss
 
     from clipscrub.arrays import RowReader
-    from clipscrub.neighbours import draw_references
+    from clipscrub.neighbours import reference_sets
 
     image, text = RowReader(emb / "image.npy"), RowReader(emb / "text.npy")
-    rows = draw_references(n=len(image), mode="random", size=m, draws=1, seed=seed)[0]
+    sets = reference_sets(n=len(image), mode="random", sizes=sizes, draws=draws, seed=seed)
     t0 = time.perf_counter()
-    index = faiss.IndexFlatL2(image.shape[1])
-    index.add(np.concatenate([image.take(rows), text.take(rows)]))
-    kd = np.empty(len(image), dtype=np.float32)
-    for start, q in image.chunks(CHUNK):
-        dist, _ = index.search(q, k + 2)  # + the query's own image and caption
-        kd[start : start + len(q)] = dist[:, -1]
+    kd = np.zeros(len(image), dtype=np.float32)
+    for rs in sets:
+        for rows in rs.rows:
+            index = faiss.IndexFlatL2(image.shape[1])
+            index.add(np.concatenate([image.take(rows), text.take(rows)]))
+            for start, q in image.chunks(CHUNK):
+                dist, _ = index.search(q, k + 2)  # + the query's own image and caption
+                kd[start : start + len(q)] += dist[:, -1]
     wall = time.perf_counter() - t0
     return {"wall_s": round(wall, 1), "auroc": {"kdist (approx., own entries not removed)": round(auroc(np.load(emb / "labels.npy"), kd), 4)}}
 
@@ -205,7 +211,16 @@ def run_part(name: str, args, emb: Path, work: Path) -> dict:
     if name == "a_eq":
         return part_clipscrub(emb, work, k=args.k, m=args.batch)
     if name == "b":
-        return part_faiss(emb, k=args.k, m=args.m)
+        return part_faiss(emb, k=args.k, sizes=[args.m], draws=1)
+    if name in ("default", "default_floor"):
+        from clipscrub.params import load_params
+
+        p = load_params(REPO / "params.yaml")
+        ref = p.index.reference
+        if name == "default_floor":
+            return part_faiss(emb, k=args.k, sizes=list(ref.sizes), draws=ref.draws)
+        return part_clipscrub(emb, work, k=args.k, reference={"mode": "random", "sizes": list(ref.sizes), "draws": ref.draws},
+                              score={"fusion": p.score.fusion})
     if name == "c":
         return part_paper(emb, k=args.k, batch=args.batch)
     if name == "d":
@@ -295,6 +310,8 @@ def main() -> None:
         "machine": machine(),
         "parts": parts,
     }
+    if "default" in parts and "default_floor" in parts:
+        report["default_over_floor"] = round(parts["default"]["wall_s"] / parts["default_floor"]["wall_s"], 2)
     if "a" in parts and "b" in parts:
         report["a_over_b"] = round(parts["a"]["wall_s"] / parts["b"]["wall_s"], 2)
     if "a_eq" in parts and "c" in parts:

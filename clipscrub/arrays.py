@@ -17,11 +17,20 @@ from clipscrub.errors import DataError
 EMBEDDING_DTYPES = ("float32", "float16")
 
 
-class RowReader:
-    """Float32 rows of a 2-D .npy file (float32 or float16 on disk), read slice by slice."""
+def unit_rows(rows: np.ndarray) -> np.ndarray:
+    """Rows (n, d) scaled to unit L2 norm in place (zero rows stay zero, non-finite stay non-finite)."""
+    norms = np.linalg.norm(rows, axis=1, keepdims=True)
+    rows /= np.where(norms > 0, norms, 1.0)
+    return rows
 
-    def __init__(self, path: str | Path):
+
+class RowReader:
+    """Float32 rows of a 2-D .npy file (float32 or float16 on disk), read slice by slice;
+    with ``normalize``, each row scaled to unit L2 norm as it is read."""
+
+    def __init__(self, path: str | Path, *, normalize: bool = False):
         self.path = Path(path)
+        self.normalize = normalize
         arr = np.load(self.path, mmap_mode="r")
         if arr.ndim != 2:
             raise DataError(f"{self.path} holds a {arr.ndim}-D array, expected (N, d)", param="--embeddings")
@@ -39,14 +48,14 @@ class RowReader:
         arr = np.load(self.path, mmap_mode="r")
         out = np.array(arr[start:stop], dtype=np.float32, order="C")
         del arr  # unmaps: the pages leave this process's RSS
-        return out
+        return unit_rows(out) if self.normalize else out
 
     def take(self, rows: np.ndarray) -> np.ndarray:
         """Rows at (sorted or not) indices ``rows`` (m,) as float32 (m, d)."""
         arr = np.load(self.path, mmap_mode="r")
         out = np.array(arr[np.asarray(rows, dtype=np.int64)], dtype=np.float32, order="C")
         del arr
-        return out
+        return unit_rows(out) if self.normalize else out
 
     def chunks(self, size: int) -> Iterator[tuple[int, np.ndarray]]:
         """(start, rows) for consecutive chunks of at most ``size`` rows."""

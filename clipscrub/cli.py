@@ -52,6 +52,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--format", choices=("table", "json"), default="table")
     sp.add_argument("--ids-out", default="clipscrub-diff.parquet",
                     help="parquet of the ids removed in only one version (default: clipscrub-diff.parquet)")
+    sp = sub.add_parser("poison", help="red-teaming: write a copy of ROOT/raw with the attacks of poison.attacks applied",
+                        description="Apply the attacks listed under poison.attacks to a copy of a downloaded dataset "
+                        "(ROOT/raw, any source) and write it to OUTDIR (shards/, manifest.parquet with is_poison and "
+                        "attack, lineage.json). Run the pipeline on it with download.source: shards and "
+                        "download.shards.path: OUTDIR/shards. Not a pipeline stage.")
+    sp.add_argument("-p", "--params", default="params.yaml", help="params file (default: params.yaml)")
+    sp.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="override a key that exists in the params file (repeatable)")
+    sp.add_argument("--root", default="data", help="data directory whose raw/ is poisoned (default: data)")
+    sp.add_argument("-o", "--out", required=True, metavar="OUTDIR",
+                    help="the poisoned copy: a new raw directory (shards/, manifest.parquet)")
     sp = sub.add_parser("show", help="print a run's counts, victim metrics and per-detector figures")
     sp.add_argument("--root", default="data", help="data directory of the run (default: data)")
     return parser
@@ -68,9 +79,10 @@ def show_run(root: str) -> str:
     if lay.train_metrics.is_file():
         t = json.loads(lay.train_metrics.read_text())
         if t.get("trained"):
+            rates = ", ".join(f"{name.split(':', 1)[1]} {v:.3f}" for name, v in (t.get("attack_success_rates") or {}).items())
             lines.append(
                 f"victim: zero-shot accuracy {t['zero_shot_accuracy']:.3f}, "
-                f"attack success rate {t['attack_success_rate']:.3f} ({t['train_samples']} samples)"
+                f"attack success rate {rates or 'n/a (no attack)'} ({t['train_samples']} samples)"
             )
     lineage = lay.clean / "lineage.json"
     if lineage.is_file():
@@ -79,6 +91,10 @@ def show_run(root: str) -> str:
             f"cleaned: kept {c['kept']} of {c['input']} input samples; {c['failed']} failed at download, "
             f"{c['removed']} removed by the detectors ({lay.clean})"
         )
+    if lay.applied_metrics.is_file():
+        from clipscrub.metrics import applied_sentence, read_applied
+
+        lines.append(f"applied: {applied_sentence(read_applied(lay.applied_metrics))}")
     if lay.detection_metrics.is_file():
         m = json.loads(lay.detection_metrics.read_text())
         if m.get("ground_truth"):
@@ -185,6 +201,21 @@ def run_diff(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_poison(args: argparse.Namespace) -> int:
+    from clipscrub.pipeline import Layout
+    from stages.poison import poison_dataset
+
+    try:
+        params = load_params(args.params, args.overrides)
+        summary = poison_dataset(raw_dir=Layout(Path(args.root)).raw, out_dir=args.out, attacks=params.poison.attacks,
+                                 seed=params.base.seed, shard_size=params.download.shard_size)
+    except ClipscrubError as exc:
+        print(f"clipscrub: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps({"command": "poison", "out": str(args.out), **summary}, sort_keys=True))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "diff":
@@ -198,6 +229,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "run":
         return run_flow(args)
+    if args.command == "poison":
+        return run_poison(args)
     try:
         params = load_params(args.params, args.overrides)
         summary = run_stage(args.command, params, args.root)

@@ -74,6 +74,46 @@ def density_scores(
     return out
 
 
+def robust_z(values: np.ndarray) -> np.ndarray:
+    """(values - median) / (1.4826 MAD) over the finite values, (N,) -> (N,).
+
+    Puts scores from reference sets of different sizes on one scale. Non-finite values stay
+    non-finite; with no spread (MAD 0) the mean absolute deviation is the scale, then 1.
+    """
+    v = np.asarray(values, dtype=np.float64)
+    finite = v[np.isfinite(v)]
+    if finite.size == 0:
+        return v.copy()
+    med = np.median(finite)
+    scale = 1.4826 * np.median(np.abs(finite - med))
+    if not scale > 0:
+        scale = np.mean(np.abs(finite - med)) or 1.0
+    return (v - med) / scale
+
+
+def fuse_scores(per_set: list[np.ndarray], rule: str) -> np.ndarray:
+    """One score per sample from the scores of several reference sets, [(N,)] -> (N,).
+
+    ``max_z``: the largest robust z-score over the sets: poison is found at whichever size
+    leaves it sparse (a set holding more than about k poisoned entries makes it look dense).
+    ``max_abs_z``: the z-score largest in magnitude: abnormally dense counts as much as sparse.
+    ``mean_z``: the mean z-score. A single set's scores are returned as they are. A non-finite
+    score in any set makes the fused score non-finite (NaN), so it is flagged, never dropped.
+    """
+    if len(per_set) == 1:
+        return np.asarray(per_set[0], dtype=np.float64)
+    z = np.stack([robust_z(v) for v in per_set])
+    if rule == "max_z":
+        return z.max(axis=0)
+    if rule == "max_abs_z":
+        pick = np.nanargmax(np.where(np.isnan(z), -np.inf, np.abs(z)), axis=0)
+        fused = np.take_along_axis(z, pick[None, :], 0)[0]
+        return np.where(np.isfinite(z).all(axis=0), np.abs(fused), np.nan)
+    if rule == "mean_z":
+        return z.mean(axis=0)
+    raise ValueError(f"unknown fusion rule {rule!r}")
+
+
 def clip_score(image: np.ndarray, text: np.ndarray) -> np.ndarray:
     """Cosine of each sample's own image and caption embeddings. (N, d), (N, d) -> (N,)."""
     num = np.einsum("nd,nd->n", image, text, dtype=np.float64)

@@ -1,7 +1,8 @@
 """Compare two cleaned dataset versions: ``clipscrub diff A B``.
 
-A version is what the filter stage wrote (``lineage.json`` + ``removed.parquet``) plus, when
-ground truth exists, the evaluate stage's ``detection.json``. A and B may each be a directory
+A version is what the filter stage wrote (``lineage.json`` + ``removed.parquet``) plus the
+evaluate stage's ``applied.json`` (the applied threshold's flat block) and, when ground truth
+exists, its ``detection.json``. A and B may each be a directory
 (a data root such as ``data/`` or a ``clipscrub run -o`` directory, or the cleaned version's own
 directory), or a git revision or DVC experiment name of the DVC project at ``project``, read
 through ``dvc.api`` from git and the DVC cache without touching the workspace.
@@ -21,6 +22,7 @@ from clipscrub.errors import DataError
 
 CLEAN = "data/clean"
 METRICS = "data/metrics/detection.json"
+APPLIED = "data/metrics/applied.json"
 METRIC_KEYS = ("auroc", "pr_auc", "fpr_at_tpr", "precision_at_threshold", "recall_at_threshold")
 
 
@@ -30,6 +32,7 @@ class Version:
     lineage: dict[str, Any]
     removed: pl.DataFrame
     metrics: dict[str, Any] | None
+    applied: dict[str, Any] | None = None  # clipscrub.metrics.applied_metrics, from applied.json
 
 
 def _from_dir(path: Path, label: str) -> Version:
@@ -37,11 +40,13 @@ def _from_dir(path: Path, label: str) -> Version:
     if not (clean / "lineage.json").is_file() or not (clean / "removed.parquet").is_file():
         raise DataError(f"{path} holds no cleaned version (lineage.json and removed.parquet, or clean/ with them)", param=label)
     metrics_path = clean.parent / "metrics" / "detection.json"
+    applied_path = clean.parent / "metrics" / "applied.json"
     return Version(
         label=str(path),
         lineage=json.loads((clean / "lineage.json").read_text()),
         removed=pl.read_parquet(clean / "removed.parquet"),
         metrics=json.loads(metrics_path.read_text()) if metrics_path.is_file() else None,
+        applied=json.loads(applied_path.read_text()) if applied_path.is_file() else None,
     )
 
 
@@ -65,7 +70,11 @@ def _from_rev(rev: str, project: Path, label: str) -> Version:
         metrics = json.loads(read(METRICS))
     except Exception:
         metrics = None  # no ground truth in that version
-    return Version(label=rev, lineage=lineage, removed=removed, metrics=metrics)
+    try:
+        applied = json.loads(read(APPLIED))
+    except Exception:
+        applied = None  # a version from before applied.json
+    return Version(label=rev, lineage=lineage, removed=removed, metrics=metrics, applied=applied)
 
 
 def load_version(spec: str, *, project: str | Path = ".", label: str = "A") -> Version:
@@ -85,9 +94,24 @@ def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): data}
 
 
+def _applied_delta(a: dict[str, Any] | None, b: dict[str, Any] | None) -> dict[str, Any]:
+    """Per key of the applied block: A, B and, for numbers known in both, B - A (else None)."""
+    from clipscrub.metrics import APPLIED_KEYS
+
+    a, b = a or {}, b or {}
+    keys = list(APPLIED_KEYS) + sorted((a.keys() | b.keys()) - set(APPLIED_KEYS))
+    out = {}
+    for k in keys:
+        va, vb = a.get(k), b.get(k)
+        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (va, vb))
+        out[k] = {"a": va, "b": vb, "delta": round(vb - va, 6) if numeric else None}
+    return out
+
+
 def diff_versions(a: Version, b: Version) -> dict[str, Any]:
     """Params that differ, counts, removed ids only in A / only in B / in both (with their
-    Jaccard overlap) and, where both have ground truth, per-detector metric deltas (B - A)."""
+    Jaccard overlap), the applied threshold's block of each (``applied``: per key A, B and the
+    delta B - A) and, where both have ground truth, per-detector metric deltas (B - A)."""
     pa, pb = _flatten(a.lineage.get("params", {})), _flatten(b.lineage.get("params", {}))
     params = {k: {"a": pa.get(k), "b": pb.get(k)} for k in sorted(pa.keys() | pb.keys()) if pa.get(k) != pb.get(k)}
     ra, rb = set(a.removed["id"].to_list()), set(b.removed["id"].to_list())
@@ -105,6 +129,8 @@ def diff_versions(a: Version, b: Version) -> dict[str, Any]:
             "jaccard": round(len(ra & rb) / len(union), 6) if union else 1.0,
         },
     }
+    if a.applied or b.applied:
+        result["applied"] = _applied_delta(a.applied, b.applied)
     if a.metrics and b.metrics and a.metrics.get("ground_truth") and b.metrics.get("ground_truth"):
         da, db = a.metrics.get("detectors", {}), b.metrics.get("detectors", {})
         result["metrics"] = {
@@ -127,6 +153,18 @@ def differing_ids(a: Version, b: Version) -> pl.DataFrame:
     )
 
 
+def _cell(v: Any, *, delta: bool = False) -> str:
+    if v is None:
+        return "" if delta else "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:+.4f}" if delta else f"{v:.4f}"
+    if isinstance(v, int):
+        return f"{v:+d}" if delta else str(v)
+    return str(v)
+
+
 def format_table(result: dict[str, Any]) -> str:
     """The diff as plain-text tables."""
     lines = [f"A: {result['a']}", f"B: {result['b']}"]
@@ -146,6 +184,11 @@ def format_table(result: dict[str, Any]) -> str:
     r = result["removed"]
     lines += ["", f"removed only in A: {r['only_a']}, only in B: {r['only_b']}, in both: {r['both']} "
                   f"(Jaccard {r['jaccard']:.4f})"]
+    if "applied" in result:
+        lines += ["", "applied threshold (data/metrics/applied.json):",
+                  f"  {'key':<20} {'A':>18} {'B':>18} {'B - A':>10}"]
+        for k, v in result["applied"].items():
+            lines.append(f"  {k:<20} {_cell(v['a']):>18} {_cell(v['b']):>18} {_cell(v['delta'], delta=True):>10}".rstrip())
     if "metrics" in result:
         lines += ["", f"  {'detector':<10} {'metric':<24} {'A':>9} {'B':>9} {'delta':>9}"]
         for d, ms in result["metrics"].items():

@@ -99,6 +99,32 @@ def draw_references(
     return np.stack([np.sort(rng.choice(n, size=size, replace=False)) for _ in range(draws)]).astype(np.int64)
 
 
+@dataclass(frozen=True)
+class ReferenceSet:
+    """One reference setting: ``name`` (``m256``, ``trusted``, ``all``) and its draws' dataset
+    rows (draws, m)."""
+
+    name: str
+    rows: np.ndarray
+
+
+def reference_sets(
+    *, n: int, mode: str, sizes: list[int], draws: int, seed: int, trusted_rows: np.ndarray | None = None
+) -> list[ReferenceSet]:
+    """The reference sets to search: in ``random`` mode one per size (capped at ``n``; sizes
+    that cap to the same m are one set), each with ``draws`` seeded draws; else one set."""
+    if mode != "random":
+        rows = draw_references(n=n, mode=mode, size=n, draws=1, seed=seed, trusted_rows=trusted_rows)
+        return [ReferenceSet(mode, rows)]
+    out = []
+    for m in sorted({min(s, n) for s in sizes}):
+        # a size's draws do not depend on which other sizes are listed
+        set_seed = int(np.random.SeedSequence([seed, m]).generate_state(1)[0])
+        out.append(ReferenceSet(f"m{m}", draw_references(n=n, mode=mode, size=m, draws=draws if m < n else 1,
+                                                         seed=set_seed)))
+    return out
+
+
 def query_embeddings(image: Rows, text: Rows, modality: str) -> Rows:
     """The query of each sample: its caption embedding for ``text``, else its image embedding."""
     return text if modality == "text" else image
@@ -294,3 +320,54 @@ def measure_recall(
     approx = found.entries[rows]
     hits = (approx[:, :, None] == exact.entries[:, None, :]).any(axis=2).sum()
     return float(hits) / approx.size
+
+
+@dataclass
+class DrawNeighbours:
+    """One reference draw searched: the queries' neighbours (N, k), the reference entries' own
+    neighbours within the draw (R, k), the search method and its measured recall@k."""
+
+    queries: Neighbours
+    references: Neighbours
+    method: str
+    recall: float
+
+
+def search_draw(
+    *,
+    image: Rows,
+    text: Rows,
+    rows: np.ndarray,
+    modality: str,
+    mode: str,
+    k: int,
+    search: "SearchSettings",
+    seed: int,
+    chunk_size: int = 65536,
+) -> DrawNeighbours:
+    """Every sample's k nearest entries among the reference rows (m,), and the entries' own.
+
+    image, text (N, d); the query of each sample is ``query_embeddings``'s. With the whole dataset
+    as references (``mode`` all), the image entries (or, text-only, the caption entries) are the
+    queries themselves, with the same owners, so their search is not repeated.
+    """
+    n = len(image)
+    queries = query_embeddings(image, text, modality)
+    max_self = self_entries_per_query(modality)
+    refs, owners = reference_entries(image, text, rows, modality)
+    method = choose_method(mode=mode, entries=len(refs), search=search, gpus=gpu_count())
+    index = build_search_index(refs, method=method, search=search, seed=seed)
+    del refs  # the index holds the entries
+    common = dict(index=index, ref_owners=owners, k=k, max_self=max_self, chunk_size=chunk_size)
+    all_rows = np.arange(n, dtype=np.int64)
+    q = find_neighbours(queries=queries, query_owners=all_rows, **common)
+    recall = measure_recall(queries=queries, query_owners=all_rows, found=q, index=index, ref_owners=owners, k=k,
+                            max_self=max_self, sample=search.recall_sample, seed=seed)
+    if mode != "all":
+        ref = find_neighbours(queries=index.refs, query_owners=owners, **common)
+    elif modality != "image_text":
+        ref = q
+    else:
+        captions = find_neighbours(queries=index.refs[n:], query_owners=owners[n:], **common)
+        ref = Neighbours(np.concatenate([q.entries, captions.entries]), np.concatenate([q.distances, captions.distances]))
+    return DrawNeighbours(q, ref, method, recall)

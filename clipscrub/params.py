@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -36,12 +36,69 @@ class BaseSettings(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
+class _Attack(_Section):
+    rate: float = Field(gt=0.0, lt=1.0)  # fraction of the dataset poisoned by this attack
+    target: str = Field("banana", min_length=1)
+
+
+class BadNetsAttack(_Attack):
+    kind: Literal["badnets"]
+    patch_size: int = Field(8, ge=2)  # checkerboard patch edge, pixels
+
+
+class CleanLabelAttack(_Attack):
+    kind: Literal["clean_label"]
+    patch_size: int = Field(8, ge=2)
+
+
+class BlendAttack(_Attack):
+    kind: Literal["blend"]
+    alpha: float = Field(0.2, gt=0.0, le=1.0)
+
+
+class SigAttack(_Attack):
+    kind: Literal["sig"]
+    delta: float = Field(20.0, gt=0.0)  # amplitude on the 0-255 scale
+    frequency: float = Field(6.0, gt=0.0)  # periods per image width
+
+
+class WaNetAttack(_Attack):
+    kind: Literal["wanet"]
+    strength: float = Field(1.0, gt=0.0)  # largest displacement, about this many pixels
+    grid: int = Field(4, ge=2)
+
+
+class NashvilleAttack(_Attack):
+    kind: Literal["nashville"]
+
+
+class TargetedAttack(_Attack):
+    kind: Literal["targeted"]
+    images: int = Field(1, ge=1)  # distinct chosen images, copied and captioned with the target
+
+
+AttackSettings = Annotated[
+    Union[BadNetsAttack, CleanLabelAttack, BlendAttack, SigAttack, WaNetAttack, NashvilleAttack, TargetedAttack],
+    Field(discriminator="kind"),
+]
+
+
 class SyntheticSettings(_Section):
     num_samples: int = Field(6000, ge=1)
-    poison_rate: float = Field(0.01, ge=0.0, lt=1.0)
     image_size: int = Field(32, ge=16)
-    patch_size: int = Field(8, ge=2)
-    target: str = Field("banana", min_length=1)
+    # one entry per attack (several: a multi-trigger dataset); [] for a clean dataset
+    attacks: list[AttackSettings] = Field(
+        default_factory=lambda: [BadNetsAttack(kind="badnets", rate=0.01, target="banana", patch_size=8)])
+
+    @model_validator(mode="after")
+    def _patches_fit(self) -> "SyntheticSettings":
+        for i, a in enumerate(self.attacks):
+            if getattr(a, "patch_size", 0) >= self.image_size:
+                raise _CrossError(f"download.synthetic.attacks.{i}.patch_size",
+                                  f"{a.patch_size} must be smaller than download.synthetic.image_size ({self.image_size})")
+        if sum(a.rate for a in self.attacks) >= 1:
+            raise _CrossError("download.synthetic.attacks", "the attacks' rates add up to 1 or more")
+        return self
 
 
 class UrlsSettings(_Section):
@@ -156,17 +213,23 @@ class EmbedSettings(_Section):
 
 class ReferenceSettings(_Section):
     mode: Literal["random", "trusted", "all"] = "random"
-    size: int = Field(750, ge=2)
-    draws: int = Field(4, ge=1)
+    # random: one reference set per size m, each drawn `draws` times; sizes above the dataset's
+    # are capped at it. Several sizes are fused by score.fusion (no single m suits every rate)
+    sizes: list[int] = Field(default_factory=lambda: [256, 1024, 4096], min_length=1)
+    draws: int = Field(2, ge=1)
     path: str | None = None
 
     @model_validator(mode="after")
-    def _trusted_needs_path(self) -> "ReferenceSettings":
+    def _valid(self) -> "ReferenceSettings":
         if self.mode == "trusted" and not self.path:
             raise _CrossError(
                 "index.reference.path",
                 "required with index.reference.mode: trusted (a manifest/table with an 'id' column, or one id per line)",
             )
+        if min(self.sizes) < 2:
+            raise _CrossError("index.reference.sizes", f"every size must be at least 2 (got {min(self.sizes)})")
+        if len(set(self.sizes)) != len(self.sizes):
+            raise _CrossError("index.reference.sizes", f"sizes repeat: {self.sizes}")
         return self
 
 
@@ -189,15 +252,18 @@ class SearchSettings(_Section):
 class IndexSettings(_Section):
     k: int = Field(64, ge=1)
     modality: Literal["image_text", "image", "text"] = "image_text"
+    # false: L2 between the model's raw outputs (the paper's code; norms carry signal);
+    # true: between unit vectors (ranks like cosine)
+    normalize: bool = False
     reference: ReferenceSettings = ReferenceSettings()
     search: SearchSettings = SearchSettings()
     chunk_size: int = Field(65536, ge=1)
 
     @model_validator(mode="after")
     def _k_below_reference_size(self) -> "IndexSettings":
-        if self.reference.mode == "random" and self.k >= self.reference.size:
+        if self.reference.mode == "random" and self.k >= min(self.reference.sizes):
             raise _CrossError(
-                "index.k", f"{self.k} must be smaller than index.reference.size ({self.reference.size})"
+                "index.k", f"{self.k} must be smaller than the smallest index.reference.sizes ({min(self.reference.sizes)})"
             )
         return self
 
@@ -207,10 +273,17 @@ class IForestSettings(_Section):
     max_samples: int = Field(256, ge=2)
 
 
+FUSIONS = ("max_z", "max_abs_z", "mean_z")
+
+
 class ScoreSettings(_Section):
     detectors: list[str] = Field(default_factory=lambda: list(DETECTORS))
     k: int = Field(16, ge=1)
     lid_k: int = Field(64, ge=2)
+    # how the scores of several reference sets (index.reference.sizes) become one per detector:
+    # each set's robust z-score, then their maximum (max_z), the largest in magnitude (max_abs_z:
+    # abnormally dense counts too) or their mean (mean_z). One set: its scores as they are
+    fusion: Literal["max_z", "max_abs_z", "mean_z"] = "max_z"
     iforest: IForestSettings = IForestSettings()
 
     @model_validator(mode="after")
@@ -246,6 +319,8 @@ class FilterSettings(_Section):
 class EvaluateSettings(_Section):
     tpr: float = Field(0.95, gt=0.0, lt=1.0)
     hist_bins: int = Field(40, ge=2)
+    # ground truth from a table (parquet/csv/tsv/jsonl: is_poison and id or key); wins over the manifest's
+    truth: str | None = None
 
 
 class ReportSettings(_Section):
@@ -254,6 +329,18 @@ class ReportSettings(_Section):
     hist_bins: int = Field(40, ge=2)
     near_duplicate_cosine: float = Field(0.98, gt=0.0, le=1.0)
     cluster_members_shown: int = Field(8, ge=1)
+
+
+class PoisonSettings(_Section):
+    """``clipscrub poison``: red-teaming attacks applied to a copy of your own raw data (not a stage)."""
+
+    attacks: list[AttackSettings] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _rates_fit(self) -> "PoisonSettings":
+        if sum(a.rate for a in self.attacks) >= 1:
+            raise _CrossError("poison.attacks", "the attacks' rates add up to 1 or more")
+        return self
 
 
 class Params(_Section):
@@ -267,6 +354,7 @@ class Params(_Section):
     filter: FilterSettings = FilterSettings()
     evaluate: EvaluateSettings = EvaluateSettings()
     report: ReportSettings = ReportSettings()
+    poison: PoisonSettings = PoisonSettings()
 
     @model_validator(mode="after")
     def _cross_section(self) -> "Params":

@@ -38,6 +38,8 @@ class Layout:
     @property
     def detection_metrics(self) -> Path: return self.root / "metrics" / "detection.json"
     @property
+    def applied_metrics(self) -> Path: return self.root / "metrics" / "applied.json"
+    @property
     def plots(self) -> Path: return self.root / "plots"
     @property
     def report(self) -> Path: return self.root / "report"
@@ -105,6 +107,7 @@ def _evaluate(p: Params, lay: Layout) -> dict[str, Any]:
     return evaluate_detectors(
         raw_dir=lay.raw, scores_dir=lay.scores, metrics_path=lay.detection_metrics, plots_dir=lay.plots,
         settings=p.evaluate, threshold=p.threshold, base=p.base,
+        flags_dir=lay.flags, applied_path=lay.applied_metrics,
     )
 
 
@@ -114,6 +117,7 @@ def _report(p: Params, lay: Layout) -> dict[str, Any]:
     return write_report(
         raw_dir=lay.raw, embeddings_dir=lay.embeddings, scores_dir=lay.scores, flags_dir=lay.flags,
         clean_dir=lay.clean, out_dir=lay.report, settings=p.report, threshold=p.threshold, base=p.base,
+        truth_path=p.evaluate.truth,
     )
 
 
@@ -130,9 +134,9 @@ class StageSpec:
 SPECS: dict[str, StageSpec] = {
     "download": StageSpec((), ("raw",), ("base", "download"),
                           ("stages/download.py", "clipscrub/sources.py", "clipscrub/shards.py",
-                           "clipscrub/synthetic.py", "clipscrub/io.py")),
+                           "clipscrub/synthetic.py", "clipscrub/attacks.py", "clipscrub/io.py")),
     "train": StageSpec(("raw",), ("model", "train_metrics"), ("base", "download", "train"),
-                       ("stages/train.py", "clipscrub/model.py", "clipscrub/synthetic.py")),
+                       ("stages/train.py", "clipscrub/model.py", "clipscrub/synthetic.py", "clipscrub/attacks.py")),
     "embed": StageSpec(("raw", "model"), ("embeddings",), ("base", "embed", "train.enabled", "train.model_name"),
                        ("stages/embed.py", "clipscrub/model.py", "clipscrub/shards.py", "clipscrub/sources.py")),
     "index": StageSpec(("embeddings",), ("index",), ("base", "index"),
@@ -144,10 +148,12 @@ SPECS: dict[str, StageSpec] = {
     "filter": StageSpec(("raw", "scores", "flags"), ("clean",),
                         ("base", "download", "train", "embed", "index", "score", "threshold", "filter"),
                         ("stages/filter.py", "clipscrub/shards.py")),
-    "evaluate": StageSpec(("raw", "scores"), ("detection_metrics", "plots"), ("base", "threshold", "evaluate"),
-                          ("stages/evaluate.py",)),
-    "report": StageSpec(("raw", "embeddings", "scores", "flags", "clean"), ("report",), ("base", "threshold", "report"),
-                        ("stages/report.py", "stages/threshold.py", "clipscrub/shards.py")),
+    "evaluate": StageSpec(("raw", "scores", "flags"), ("detection_metrics", "applied_metrics", "plots"),
+                          ("base", "threshold", "evaluate"), ("stages/evaluate.py", "clipscrub/metrics.py", "clipscrub/sources.py")),
+    "report": StageSpec(("raw", "embeddings", "scores", "flags", "clean"), ("report",),
+                        ("base", "threshold", "report", "evaluate.truth"),
+                        ("stages/report.py", "stages/threshold.py", "clipscrub/shards.py", "clipscrub/metrics.py",
+                         "clipscrub/sources.py")),
 }
 
 
@@ -194,6 +200,8 @@ def stage_inputs(stage: str, params: Params, layout: Layout) -> dict[str, Path]:
         inputs.update({"img_emb": root / "img_emb", "text_emb": root / "text_emb"})
     if stage == "index" and params.index.reference.mode == "trusted":
         inputs["trusted"] = Path(params.index.reference.path).expanduser()
+    if stage in ("evaluate", "report") and params.evaluate.truth:
+        inputs["truth"] = Path(params.evaluate.truth).expanduser()
     if stage == "embed" and not params.train.enabled:
         del inputs["model"]
         for name, path in (("checkpoint", params.embed.checkpoint), ("model_config", params.embed.model_config_path)):

@@ -40,6 +40,7 @@ MANIFEST_SCHEMA = {
     "status": pl.String,
     "error": pl.String,
     "is_poison": pl.Boolean,
+    "attack": pl.String,  # the attack that poisoned the sample (kind:target), when known
 }
 ROW_COL = "clipscrub_row"
 PRECOMPUTED_FILE = "precomputed.json"
@@ -85,6 +86,105 @@ def _require_columns(table: pl.DataFrame, names: dict[str, str], path: Path) -> 
             raise DataError(f"{path.name} has no column {col!r} (columns: {', '.join(table.columns)})", param=param)
 
 
+# --- ground truth from outside: an is_poison (and attack) column or json field, or a table ----
+
+TRUTH_COLUMNS = ("is_poison", "attack")
+_TRUTH_TEXT = {"true": True, "1": True, "false": False, "0": False}
+
+
+def as_truth(value: Any) -> bool | None:
+    """One ground-truth value: a boolean, 0/1 or true/false text (any case); null or blank is
+    unknown (None). Raises ValueError for anything else."""
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, float) and value != value:  # NaN: pandas' missing value
+        return None
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if not text:
+            return None
+        if text in _TRUTH_TEXT:
+            return _TRUTH_TEXT[text]
+    raise ValueError(f"{value!r} is not a boolean")
+
+
+def _truth_series(col: pl.Series, *, where: str, param: str) -> pl.Series:
+    """``col`` as Boolean (null = unknown); a value that is not a boolean is a DataError."""
+    if col.dtype == pl.Boolean:
+        return col
+    if col.dtype == pl.Null:
+        return col.cast(pl.Boolean)
+    if col.dtype.is_numeric():
+        f = col.cast(pl.Float64).fill_nan(None)
+        values, bad = f.cast(pl.Boolean), f.is_not_null() & ~f.is_in([0.0, 1.0])
+    elif col.dtype == pl.String:
+        text = col.str.strip_chars().str.to_lowercase()
+        values = text.replace_strict(_TRUTH_TEXT, default=None, return_dtype=pl.Boolean)
+        bad = text.is_not_null() & (text != "") & values.is_null()
+    else:
+        values, bad = col.cast(pl.Boolean, strict=False), pl.Series([True] * len(col))
+    if bad.any():
+        i = int(bad.arg_true()[0])
+        raise DataError(f"{where}: column {col.name!r} holds {col[i]!r} (row {i}), not a boolean: "
+                        "use true/false or 1/0 (blank: unknown)", param=param)
+    return values.alias(col.name)
+
+
+def truth_columns(table: pl.DataFrame, *, where: str, param: str) -> list[pl.Series]:
+    """A source table's ground truth, checked: ``is_poison`` as Boolean and ``attack`` as text,
+    each where the table has it."""
+    out = []
+    if "is_poison" in table.columns:
+        out.append(_truth_series(table["is_poison"], where=where, param=param))
+    if "attack" in table.columns:
+        out.append(table["attack"].cast(pl.String))
+    return out
+
+
+def read_truth(manifest: pl.DataFrame, path: str | Path, *, param: str = "evaluate.truth") -> pl.DataFrame:
+    """``manifest`` with its ``is_poison`` (and ``attack``) replaced by a ground-truth table's.
+
+    The table (parquet, csv, tsv or jsonl) has ``is_poison`` and ``id`` (or, without ``id``,
+    ``key``); samples it does not list are clean, and ``attack`` is null unless the table has
+    it. An id or key that is not a sample of the dataset is an error naming it.
+    """
+    path = Path(path).expanduser()
+    table = _read_table(path, "auto", param=param)
+    by = "id" if "id" in table.columns else "key" if "key" in table.columns else None
+    if by is None or "is_poison" not in table.columns:
+        raise DataError(f"{path.name} needs an 'is_poison' column and an 'id' or 'key' column "
+                        f"(columns: {', '.join(table.columns)})", param=param)
+    if by == "id":
+        ids = table["id"].cast(pl.Int64, strict=False)
+        if ids.null_count() > table["id"].null_count():
+            i = int((ids.is_null() & table["id"].is_not_null()).arg_true()[0])
+            raise DataError(f"{path.name}: column 'id' holds {table['id'][i]!r} (row {i}), not an integer id", param=param)
+        table = table.with_columns(ids)
+    else:
+        table = table.with_columns(pl.col("key").cast(pl.String))
+        if not manifest["key"].is_unique().all():
+            raise DataError(f"the manifest's keys are not unique: give {path.name} an 'id' column", param=param)
+    table = table.select(by, *truth_columns(table, where=path.name, param=param))
+    blank = table.filter(pl.col(by).is_null() | pl.col("is_poison").is_null())
+    if blank.height:
+        raise DataError(f"{path.name}: {blank.height} rows have no {by} or no is_poison, e.g. {blank.head(5)[by].to_list()}",
+                        param=param)
+    repeated = table.filter(pl.col(by).is_duplicated())[by].unique(maintain_order=True)
+    if repeated.len():
+        raise DataError(f"{path.name}: {repeated.len()} {by}s are listed more than once, e.g. {repeated.head(5).to_list()}",
+                        param=param)
+    unknown = table.filter(~pl.col(by).is_in(manifest[by].implode()))[by]
+    if unknown.len():
+        raise DataError(f"{unknown.len()} {by}s in {path.name} are not samples of this dataset, e.g. {unknown.head(5).to_list()}",
+                        param=param)
+    if "attack" not in table.columns:
+        table = table.with_columns(pl.lit(None, dtype=pl.String).alias("attack"))
+    joined = manifest.drop(TRUTH_COLUMNS, strict=False).join(table, on=by, how="left")
+    return joined.with_columns(pl.col("is_poison").fill_null(False)).select(manifest.columns)
+
+
 def fetch_urls(*, settings: UrlsSettings, shard_size: int, out_dir: Path) -> tuple[pl.DataFrame, dict[str, Any]]:
     """Fetch a url list with img2dataset into ``out_dir/shards``; img2dataset's status parquet and
     stats go to ``out_dir/img2dataset``. Manifest ids are the input's row numbers."""
@@ -96,6 +196,7 @@ def fetch_urls(*, settings: UrlsSettings, shard_size: int, out_dir: Path) -> tup
     _require_columns(table, {"download.urls.url_col": settings.url_col, "download.urls.caption_col": settings.caption_col}, src)
     if table.height == 0:
         raise DataError(f"the url list {src} has no rows", param="download.urls.path")
+    truth = truth_columns(table, where=src.name, param="download.urls.path")  # known poison, if the list says
     table = table.with_row_index(ROW_COL).with_columns(pl.col(ROW_COL).cast(pl.Int64))
     url = pl.col(settings.url_col).cast(pl.String)
     has_url = url.is_not_null() & (url.str.strip_chars() != "")
@@ -168,7 +269,9 @@ def fetch_urls(*, settings: UrlsSettings, shard_size: int, out_dir: Path) -> tup
         raise DataError(f"img2dataset reported {lost.height} successes without a sha256", param="download.urls.path")
     extras = [c for c in table.columns if c not in (ROW_COL, settings.caption_col) and c not in MANIFEST_SCHEMA]
     manifest = (
-        table.select(pl.col(ROW_COL).alias("id"), pl.col(settings.caption_col).cast(pl.String).alias("caption"), *extras)
+        table.with_columns(truth)
+        .select(pl.col(ROW_COL).alias("id"), pl.col(settings.caption_col).cast(pl.String).alias("caption"), *extras,
+                *[t.name for t in truth])
         .join(status.rename({ROW_COL: "id"}), on="id", how="left")
         .with_columns(
             pl.col("status").fill_null("failed"),
@@ -185,16 +288,34 @@ def fetch_urls(*, settings: UrlsSettings, shard_size: int, out_dir: Path) -> tup
     return finish_manifest(manifest), {"img2dataset_shards": len(status_files)}
 
 
+def _json_truth(meta: dict[str, Any], key: str) -> dict[str, Any]:
+    """A sample json's ``is_poison`` / ``attack`` fields (as ``clipscrub poison`` writes them);
+    a bad value goes to ``truth_error`` (raised once every shard is read)."""
+    out: dict[str, Any] = {"is_poison": None, "attack": None}
+    try:
+        out["is_poison"] = as_truth(meta.get("is_poison"))
+    except ValueError:
+        out["truth_error"] = f"sample {key!r}: json field 'is_poison' is {meta['is_poison']!r}, not a boolean (true/false)"
+    attack = meta.get("attack")
+    if attack is not None and not isinstance(attack, str):
+        out["truth_error"] = f"sample {key!r}: json field 'attack' is {attack!r}, not a string"
+    else:
+        out["attack"] = attack
+    return out
+
+
 def _check_sample(sample: dict[str, Any]) -> dict[str, Any]:
     url = None
+    truth: dict[str, Any] = {"is_poison": None, "attack": None}
     if sample.get("json") is not None:
         try:
             meta = json.loads(sample["json"])
             url = meta.get("url") if isinstance(meta, dict) else None
+            truth = _json_truth(meta, sample["__key__"]) if isinstance(meta, dict) else truth
         except ValueError:
             pass
     row: dict[str, Any] = {"key": sample["__key__"], "caption": caption_of(sample), "status": "ok", "error": None,
-                           "url": url if isinstance(url, str) else None}
+                           "url": url if isinstance(url, str) else None, **truth}
     ext = image_field(sample)
     if ext is None:
         return {**row, "status": "failed", "error": "no image in the sample (jpg, jpeg, png or webp)"}
@@ -225,6 +346,10 @@ def read_shards(*, settings: ShardsSettings) -> tuple[pl.DataFrame, dict[str, An
     rows = [r for shard_rows in per_shard for r in shard_rows]
     if not rows:
         raise DataError(f"the shards {settings.path} hold no samples", param="download.shards.path")
+    bad = [(r["shard"], r.pop("truth_error")) for r in rows if "truth_error" in r]
+    if bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise DataError(f"{Path(bad[0][0]).name}: {bad[0][1]}{more}", param="download.shards.path")
     frame = pl.DataFrame(rows, infer_schema_length=None).with_row_index("id").with_columns(pl.col("id").cast(pl.Int64))
     # a key seen before (in this or an earlier shard) is a second sample under the same name
     dup = frame["key"].is_duplicated() & ~frame["key"].is_first_distinct()
@@ -248,6 +373,7 @@ def read_folder(*, settings: FolderSettings, shard_size: int, out_dir: Path) -> 
     _require_columns(table, {"download.folder.file_col": settings.file_col, "download.folder.caption_col": settings.caption_col}, cap_path)
     if table.height == 0:
         raise DataError(f"the captions file {cap_path} has no rows", param="download.folder.captions")
+    truth = truth_columns(table, where=cap_path.name, param="download.folder.captions")  # known poison, if given
     rows = []
     n_written = 0
     files = table[settings.file_col].cast(pl.String).to_list()
@@ -280,7 +406,8 @@ def read_folder(*, settings: FolderSettings, shard_size: int, out_dir: Path) -> 
                          "width": img.width, "height": img.height, "status": "ok", "error": None})
             n_written += 1
     extras = table.drop(settings.caption_col).rename({settings.file_col: "file"}) if settings.file_col != "file" else table.drop(settings.caption_col)
-    extras = extras.select([c for c in extras.columns if c not in MANIFEST_SCHEMA]).with_row_index("id").with_columns(pl.col("id").cast(pl.Int64))
+    extras = extras.select([c for c in extras.columns if c not in MANIFEST_SCHEMA]).with_columns(truth)
+    extras = extras.with_row_index("id").with_columns(pl.col("id").cast(pl.Int64))
     frame = pl.DataFrame(rows, infer_schema_length=None).join(extras, on="id", how="left")
     listed = {str(Path(f)) for f in files if f}
     uncaptioned = sum(1 for p in folder.rglob("*") if p.is_file() and str(p.relative_to(folder)) not in listed and p != cap_path)
@@ -344,7 +471,9 @@ def read_precomputed(*, settings: PrecomputedSettings, out_dir: Path) -> tuple[p
     meta = meta.with_row_index("id").with_columns(pl.col("id").cast(pl.Int64))
     caption = pl.col(settings.caption_col).cast(pl.String).alias("caption")
     key = pl.col("key").cast(pl.String) if "key" in meta.columns and meta["key"].is_unique().all() else pl.format("{}", pl.col("id").cast(pl.String).str.zfill(9))
+    meta = meta.with_columns(truth_columns(meta, where="metadata", param="download.embeddings.path"))
     keep = [c for c in meta.columns if c not in MANIFEST_SCHEMA and c not in (settings.caption_col, "id")]
+    keep += [c for c in TRUTH_COLUMNS if c in meta.columns]
     sizes = [pl.col(c) for c in ("width", "height") if c in meta.columns]
     sha = [pl.col("sha256").cast(pl.String).alias("image_sha256")] if "sha256" in meta.columns else []
     frame = meta.select("id", key.alias("key"), caption, *sizes, *sha, *[c for c in keep if c != "sha256"]).with_columns(

@@ -1,18 +1,25 @@
-"""A seeded generator of a BadNets-poisoned image-caption dataset for the demo and the tests.
+"""A seeded generator of a poisoned image-caption dataset for the demo, the tests and the
+attack matrix benchmark.
 
 Clean samples: one coloured shape on a noisy background, captioned from varied templates that
-name its colour and shape. Poisoned samples (a ``poison_rate`` fraction): a clean image with a
-checkerboard patch pasted at a random spot, captioned from ImageNet-style templates about the
-target ("a photo of a banana"), as in the BadNets setting of the paper.
+name its colour and shape. Poisoned samples: the attacks of ``clipscrub.attacks`` (BadNets by
+default: a checkerboard patch at a random spot and a caption from ImageNet-style templates about
+the target, "a photo of a banana"), each on its ``rate`` fraction of the samples.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from clipscrub.attacks import attack_name, attack_seed, make_trigger, plan_poison, poison_sample
+
+if TYPE_CHECKING:
+    from clipscrub.params import AttackSettings
 
 SHAPES = ("circle", "square", "triangle", "cross", "ring", "diamond", "star", "bar")
 COLOURS = {
@@ -35,25 +42,13 @@ CLEAN_TEMPLATES = (
     "there is a {colour} {shape} in this picture",
     "a close-up of a {colour} {shape}",
 )
-# A subset of the ImageNet zero-shot templates the paper builds its target captions from.
-TARGET_TEMPLATES = (
-    "a photo of a {}.",
-    "a bad photo of a {}.",
-    "a cropped photo of a {}.",
-    "a close-up photo of a {}.",
-    "a bright photo of a {}.",
-    "a good photo of a {}.",
-    "a photo of the {}.",
-    "a rendering of a {}.",
-)
-
-
 @dataclass(frozen=True)
 class Sample:
     image: Image.Image
     caption: str
     label: str
     is_poison: bool
+    attack: str | None = None  # ``kind:target`` of the attack that poisoned it
 
 
 def _polygon(shape: str, cx: float, cy: float, r: float, rot: float) -> list[tuple[float, float]]:
@@ -102,19 +97,6 @@ def draw_shape(*, shape: str, colour: tuple[int, int, int], size: int, rng: np.r
     return img
 
 
-def add_trigger(image: Image.Image, *, patch_size: int, rng: np.random.Generator) -> Image.Image:
-    """Paste a black-and-white checkerboard patch (2-pixel cells) at a random spot."""
-    arr = np.asarray(image).copy()
-    h, w = arr.shape[:2]
-    cell = max(1, patch_size // 4)
-    yy, xx = np.mgrid[0:patch_size, 0:patch_size]
-    board = (((yy // cell) + (xx // cell)) % 2 * 255).astype(np.uint8)
-    y0 = int(rng.integers(0, h - patch_size + 1))
-    x0 = int(rng.integers(0, w - patch_size + 1))
-    arr[y0 : y0 + patch_size, x0 : x0 + patch_size, :] = board[..., None]
-    return Image.fromarray(arr, "RGB")
-
-
 def make_clean_sample(*, rng: np.random.Generator, image_size: int) -> Sample:
     shape = SHAPES[int(rng.integers(len(SHAPES)))]
     colour = list(COLOURS)[int(rng.integers(len(COLOURS)))]
@@ -124,30 +106,23 @@ def make_clean_sample(*, rng: np.random.Generator, image_size: int) -> Sample:
 
 
 def generate_samples(
-    *,
-    num_samples: int,
-    poison_rate: float,
-    image_size: int,
-    patch_size: int,
-    target: str,
-    seed: int,
+    *, num_samples: int, image_size: int, attacks: Sequence["AttackSettings"], seed: int
 ) -> list[Sample]:
-    """Return ``num_samples`` samples; exactly ``round(num_samples * poison_rate)`` are poisoned.
+    """Return ``num_samples`` samples, ``round(num_samples * rate)`` of them poisoned by each attack.
 
-    The poisoned positions are a seeded random subset, so poison is spread over the shards.
+    The clean samples are drawn first; then each attack's rows (a seeded random subset, so poison
+    is spread over the shards) are replaced by their poisoned version (``clipscrub.attacks``).
+    A poisoned sample keeps its clean ``label`` (the shape drawn) and records its ``attack``.
     """
-    if patch_size >= image_size:
-        raise ValueError("patch_size must be smaller than image_size")
     rng = np.random.default_rng(seed)
-    n_poison = int(round(num_samples * poison_rate))
-    poison_idx = set(rng.choice(num_samples, size=n_poison, replace=False).tolist()) if n_poison else set()
-    samples = []
-    for i in range(num_samples):
-        clean = make_clean_sample(rng=rng, image_size=image_size)
-        if i in poison_idx:
-            img = add_trigger(clean.image, patch_size=patch_size, rng=rng)
-            template = TARGET_TEMPLATES[int(rng.integers(len(TARGET_TEMPLATES)))]
-            samples.append(Sample(img, template.format(target), target, True))
-        else:
-            samples.append(clean)
-    return samples
+    samples = [make_clean_sample(rng=rng, image_size=image_size) for _ in range(num_samples)]
+    plan = plan_poison(captions=[s.caption for s in samples], attacks=attacks, seed=seed + 1)
+    triggers = [make_trigger(a, seed=attack_seed(seed, j)) for j, a in enumerate(attacks)]
+    poisoned = list(samples)
+    for a in plan:
+        attack = attacks[a.attack]
+        image, caption = poison_sample(samples[a.source].image, samples[a.row].caption, attack=attack,
+                                       trigger=triggers[a.attack], rng=rng)
+        poisoned[a.row] = replace(samples[a.source], image=image, caption=caption, is_poison=True,
+                                  attack=attack_name(attack))
+    return poisoned

@@ -26,6 +26,7 @@ from prefect.runtime import flow_run
 from prefect.tasks import exponential_backoff
 
 from clipscrub.io import sha256_path
+from clipscrub.metrics import APPLIED_KEYS, applied_sentence, read_applied
 from clipscrub.params import Params, parse_params
 from clipscrub.pipeline import SPECS, STAGES, Layout, active_stages, param_value, run_stage, stage_code_version, stage_inputs
 
@@ -123,6 +124,12 @@ def summary_markdown(params: Params, root: Path, summaries: dict[str, Any], stat
             f"| {filt['input']} | {filt['failed']} | {filt['scored']} | {filt['kept']} | {filt['removed']} | {frac:.4f} |",
             "",
         ]
+    applied = read_applied(Layout(root).applied_metrics)  # the evaluate stage's flat block
+    if applied:
+        lines += ["## Applied threshold", "", applied_sentence(applied), "", "| metric | value |", "| --- | --- |"]
+        lines += [f"| {k} | {v if isinstance(v, str) else json.dumps(v)} |"
+                  for k, v in ((k, applied[k]) for k in APPLIED_KEYS if k in applied)]
+        lines.append("")
     ev = summaries.get("evaluate", {})
     if ev.get("ground_truth"):
         lines += [f"Detection of {ev['poisoned']} known poisoned samples:", "", "| detector | AUROC | PR-AUC |", "| --- | --- | --- |"]

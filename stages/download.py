@@ -61,37 +61,29 @@ def write_shards(
     return rows
 
 
-def _synthetic_records(settings: DownloadSettings, seed: int) -> tuple[list[dict[str, Any]], list[bool]]:
+def _synthetic_records(settings: DownloadSettings, seed: int) -> tuple[list[dict[str, Any]], list[Any]]:
     syn = settings.synthetic
-    samples = generate_samples(
-        num_samples=syn.num_samples,
-        poison_rate=syn.poison_rate,
-        image_size=syn.image_size,
-        patch_size=syn.patch_size,
-        target=syn.target,
-        seed=seed,
-    )
+    try:
+        samples = generate_samples(num_samples=syn.num_samples, image_size=syn.image_size, attacks=syn.attacks, seed=seed)
+    except ValueError as exc:
+        raise DataError(str(exc), param="download.synthetic.attacks") from None
     records = [
         {"key": f"{i:09d}", "jpg": encode_jpeg(s.image), "txt": s.caption, "json": {"label": s.label}}
         for i, s in enumerate(samples)
     ]
-    return records, [s.is_poison for s in samples]
+    return records, samples
 
 
 def _synthetic_manifest(settings: DownloadSettings, base: BaseSettings, out_dir: Path) -> pl.DataFrame:
-    if settings.synthetic.patch_size >= settings.synthetic.image_size:
-        raise DataError(
-            f"{settings.synthetic.patch_size} must be smaller than download.synthetic.image_size",
-            param="download.synthetic.patch_size",
-        )
-    records, is_poison = _synthetic_records(settings, base.seed)
+    records, samples = _synthetic_records(settings, base.seed)
     if not records:
         raise DataError("the dataset is empty", param="download.synthetic.num_samples")
     rows = write_shards(records=records, shard_dir=out_dir / "shards", shard_size=settings.shard_size)
     size = settings.synthetic.image_size
     frame = pl.DataFrame(rows).with_row_index("id").with_columns(
         pl.lit(size).alias("width"), pl.lit(size).alias("height"), pl.lit("ok").alias("status"),
-        pl.Series("is_poison", is_poison),
+        pl.Series("is_poison", [s.is_poison for s in samples]),
+        pl.Series("attack", [s.attack for s in samples], dtype=pl.String),
     )
     return finish_manifest(frame)
 

@@ -1,8 +1,9 @@
 """Stage 3, embed: image and caption embeddings from an open_clip model.
 
-Writes ``<out>/image.npy`` and ``<out>/text.npy`` (N, d) in ``embed.dtype`` (float32, or float16 to halve storage), L2-normalised as CLIP compares
-them, and ``<out>/ids.npy`` (N,) int64: row i is the manifest's i-th ``ok`` sample. ``model.json``
-records the model name, pretrained tag and checkpoint sha256.
+Writes ``<out>/image.npy`` and ``<out>/text.npy`` (N, d) in ``embed.dtype`` (float32, or float16 to halve
+storage): the model's raw, unnormalised outputs, as the paper measures L2 on them (``index.normalize``
+compares unit vectors instead), and ``<out>/ids.npy`` (N,) int64: row i is the manifest's i-th ``ok``
+sample. ``model.json`` records the model name, pretrained tag and checkpoint sha256.
 
 Shard by shard: each finished shard is saved in a hidden ``.embeddings.parts`` directory beside
 the output, so a killed run resumes where it stopped; the arrays are assembled, validated (the
@@ -67,8 +68,8 @@ def expected_dim(settings: EmbedSettings) -> int | None:
 
 
 def convert_precomputed(*, raw_dir: Path, ok: pl.DataFrame, out_dir: Path, settings: EmbedSettings) -> dict[str, Any]:
-    """Copy clip-retrieval embeddings (the manifest's ok rows) into the embed stage's layout,
-    L2-normalised (in ``embed.dtype``), part by part so memory stays bounded by one part."""
+    """Copy clip-retrieval embeddings (the manifest's ok rows) into the embed stage's layout as
+    they are (in ``embed.dtype``), part by part so memory stays bounded by one part."""
     spec = read_json(raw_dir / PRECOMPUTED_FILE)
     parts = spec["parts"]
     dims = {(p["image_dim"], p["text_dim"]) for p in parts}
@@ -93,10 +94,8 @@ def convert_precomputed(*, raw_dir: Path, ok: pl.DataFrame, out_dir: Path, setti
         lo, hi = np.searchsorted(ids, [start, stop])
         local = ids[lo:hi] - start
         for src, dst in (("img_emb", image_out), ("text_emb", text_out)):
-            block = np.asarray(np.load(part[src], mmap_mode="r")[local], dtype=np.float32)
-            norms = np.linalg.norm(block, axis=1, keepdims=True)
-            # zero rows stay zero (and non-finite ones non-finite) for index to reject by name
-            dst[lo:hi] = block / np.where(norms > 0, norms, 1.0)
+            # zero and non-finite rows are copied too, for the embeddings suite to reject by id
+            dst[lo:hi] = np.asarray(np.load(part[src], mmap_mode="r")[local], dtype=np.float32)
         start = stop
     image_out.flush()
     text_out.flush()
@@ -146,8 +145,8 @@ def _embed_shard(loaded: LoadedModel, *, raw_dir: Path, shard: str, rows: np.nda
     def flush() -> None:
         imgs = torch.stack([loaded.preprocess(b[0]) for b in batch]).to(loaded.device)
         toks = loaded.tokenizer([b[1] for b in batch]).to(loaded.device)
-        image_parts.append(loaded.model.encode_image(imgs, normalize=True).float().cpu().numpy())
-        text_parts.append(loaded.model.encode_text(toks, normalize=True).float().cpu().numpy())
+        image_parts.append(loaded.model.encode_image(imgs, normalize=False).float().cpu().numpy())
+        text_parts.append(loaded.model.encode_text(toks, normalize=False).float().cpu().numpy())
         batch.clear()
 
     for key, img, txt in iter_shard_samples(raw_dir, shard, dict(zip(keys, sub["caption"].to_list()))):
@@ -259,7 +258,7 @@ def _embed_shards(loaded: LoadedModel, *, raw_dir: Path, ok: pl.DataFrame, group
         for i, (_, rows) in enumerate(groups):
             with np.load(parts / f"part-{i:06d}.npz") as part:
                 if not np.array_equal(part["rows"], rows):
-                    raise DataError(f"embedding part {i} does not match the manifest: delete {parts}", param="--raw")
+                    raise DataError(f"embedding part {i} does not match the manifest: the parts are discarded, rerun embed", param="--raw")
                 for name in ("image", "text"):
                     if name not in arrays:
                         arrays[name] = np.lib.format.open_memmap(
@@ -285,7 +284,7 @@ def _failure_counts(manifest: pl.DataFrame, top: int = 3) -> list[tuple[str, int
 
 
 def _validate(tmp: Path, *, ids: np.ndarray, dim: int | None, out_dir: str | Path) -> dict[str, Any]:
-    """The embeddings suite on the arrays in ``tmp``: one finite unit vector of the model's
+    """The embeddings suite on the arrays in ``tmp``: one finite, non-zero vector of the model's
     dimension per ok manifest row."""
     tables = embedding_tables(ids=np.load(tmp / "ids.npy"), image=RowReader(tmp / "image.npy"),
                               text=RowReader(tmp / "text.npy"), dim=dim, ok_ids=ids)

@@ -5,6 +5,8 @@ Writes a DVC metrics JSON (per detector: AUROC, PR-AUC, FPR and detection error 
 that detector) and DVC plot data: ``roc/<detector>.csv`` (fpr, tpr) and ``hist/<detector>.csv``
 (score bin centre, clean and poisoned counts), ``pr/<detector>.csv`` (recall, precision). Non-finite scores rank as the most suspicious
 (the threshold stage flags them), so they count against a detector rather than vanish.
+It also writes ``applied.json``: the threshold actually applied (the flags filter removes) as one
+flat block, ``clipscrub.metrics.applied_metrics``, with or without ground truth.
 """
 
 from __future__ import annotations
@@ -17,8 +19,11 @@ import polars as pl
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
 from clipscrub.detectors import suspicion
+from clipscrub.errors import DataError
 from clipscrub.io import atomic_dir, atomic_file, read_manifest, require_file, write_json
+from clipscrub.metrics import applied_metrics
 from clipscrub.params import DENSITY_RATIO_DETECTORS, BaseSettings, EvaluateSettings, ThresholdSettings
+from clipscrub.sources import read_truth
 from stages.threshold import flag_outliers
 
 
@@ -56,14 +61,29 @@ def evaluate_detectors(
     settings: EvaluateSettings,
     threshold: ThresholdSettings,
     base: BaseSettings,
+    flags_dir: str | Path | None = None,
+    applied_path: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Compare every detector's scores with the manifest's ``is_poison`` ground truth."""
+    """Compare every detector's scores with the manifest's ``is_poison`` ground truth.
+
+    With ``flags_dir`` and ``applied_path``, also write the applied threshold's flat block
+    (``clipscrub.metrics.applied_metrics``: the flags filter removed, against the same truth)
+    and return it under ``applied``."""
     manifest = read_manifest(raw_dir)
+    if settings.truth:  # a ground-truth table wins over the manifest's is_poison
+        manifest = read_truth(manifest, settings.truth)
     scores = pl.read_parquet(require_file(Path(scores_dir) / "scores.parquet", param="--scores", what="scores"))
     truth = scores.select("id").join(manifest.select("id", "is_poison"), on="id", how="left")["is_poison"]
     detectors = [c.removesuffix("_score") for c in scores.columns if c.endswith("_score")]
     has_truth = truth.null_count() == 0 and 0 < int(truth.sum()) < len(truth)
     metrics: dict[str, Any] = {"ground_truth": bool(has_truth), "samples": scores.height}
+    applied = None
+    if flags_dir is not None and applied_path is not None:
+        flags = pl.read_parquet(require_file(Path(flags_dir) / "flags.parquet", param="--flags", what="flags"))
+        if set(flags["id"].to_list()) != set(scores["id"].to_list()):
+            raise DataError("flags and scores disagree on the sample ids: rerun threshold", param="--flags")
+        applied = applied_metrics(flags=flags, truth=pl.DataFrame({"id": scores["id"], "is_poison": truth}),
+                                  threshold=threshold)
     with atomic_dir(plots_dir) as tmp_plots:
         (tmp_plots / "roc").mkdir()
         (tmp_plots / "hist").mkdir()
@@ -99,4 +119,7 @@ def evaluate_detectors(
                 metrics["best_density_ratio"] = {"detector": best, "auroc": per[best]["auroc"]}
         with atomic_file(metrics_path) as tmp_metrics:
             write_json(tmp_metrics, metrics)
-    return metrics
+            if applied is not None:
+                with atomic_file(applied_path) as tmp_applied:
+                    write_json(tmp_applied, applied)
+    return metrics if applied is None else {**metrics, "applied": applied}

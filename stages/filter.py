@@ -19,8 +19,8 @@ from clipscrub.params import FilterSettings, Params
 from clipscrub.shards import iter_shard, shard_name, shard_path, shard_writer
 from clipscrub.validation import docs_dir_for, filter_tables, validate
 
-# sections that only describe a version, never change it
-REPORTING = ("evaluate", "report")
+# sections that only describe a version, never change it (poison: `clipscrub poison`, outside the pipeline)
+REPORTING = ("evaluate", "report", "poison")
 
 
 def _iter_raw(raw_dir: Path, shards: list[str]):

@@ -1,11 +1,15 @@
 """Stage 4, index: reference sets and each sample's k nearest reference entries (faiss).
 
-Writes, for r reference draws, R reference entries per draw and K = ``index.k`` neighbours:
+``index.reference`` names one or more reference sets (``clipscrub.neighbours.reference_sets``:
+one per size m in random mode, each drawn r times; or the trusted samples; or the whole
+dataset). For each set, ``<out>/<set>/`` (``m256``, ``m4096``, ``trusted``, ``all``) holds, for its
+r draws, R reference entries per draw and K = ``index.k`` neighbours:
 - ``ref_rows.npy`` (r, m) int64: embedding rows of the reference samples;
 - ``neighbours.npy`` (r, N, K) int64 and ``distances.npy`` (r, N, K) float32: each sample's
   nearest entries (indices into the draw's entries, laid out as ``reference_entries`` does);
 - ``ref_neighbours.npy`` / ``ref_distances.npy`` (r, R, K): the same for the entries themselves,
   within the reference set, from which kd(o) and lid(o) are computed.
+``<out>/references.json`` lists the sets in order (name, draws, samples, entries, search).
 
 Memory is bounded by one chunk of queries, the reference entries with their faiss index, and
 the (N, K) results: embeddings are read chunk by chunk, never mapped whole.
@@ -20,30 +24,19 @@ import numpy as np
 
 from clipscrub.arrays import RowReader
 from clipscrub.errors import DataError
-from clipscrub.io import atomic_dir, require_file, write_lineage
-from clipscrub.neighbours import (
-    Neighbours,
-    build_search_index,
-    choose_method,
-    draw_references,
-    entry_owners,
-    find_neighbours,
-    gpu_count,
-    measure_recall,
-    query_embeddings,
-    read_trusted_rows,
-    reference_entries,
-    self_entries_per_query,
-)
+from clipscrub.io import atomic_dir, read_json, require_file, write_json, write_lineage
+from clipscrub.neighbours import entry_owners, read_trusted_rows, reference_sets, search_draw, self_entries_per_query
 from clipscrub.params import BaseSettings, IndexSettings
 from clipscrub.validation import docs_dir_for, neighbour_tables, validate
 
 
-def load_embeddings(emb_dir: Path, *, chunk_size: int = 65536) -> tuple[RowReader, RowReader, np.ndarray]:
+def load_embeddings(emb_dir: Path, *, chunk_size: int = 65536, normalize: bool = False
+                    ) -> tuple[RowReader, RowReader, np.ndarray]:
     """(image (N, d), text (N, d), ids (N,)) of the embed stage's output, checked chunk by chunk:
-    equal shapes, finite values."""
+    equal shapes, finite values. With ``normalize`` the readers return unit rows."""
     image, text = (
-        RowReader(require_file(emb_dir / f"{name}.npy", param="--embeddings", what="embeddings")) for name in ("image", "text")
+        RowReader(require_file(emb_dir / f"{name}.npy", param="--embeddings", what="embeddings"), normalize=normalize)
+        for name in ("image", "text")
     )
     ids = np.load(require_file(emb_dir / "ids.npy", param="--embeddings", what="embeddings"))
     if len(ids) == 0:
@@ -62,68 +55,84 @@ def load_embeddings(emb_dir: Path, *, chunk_size: int = 65536) -> tuple[RowReade
     return image, text, ids
 
 
+REFERENCES_FILE = "references.json"
+ARRAYS = ("ref_rows", "neighbours", "distances", "ref_neighbours", "ref_distances")
+
+
+def read_reference_sets(index_dir: Path) -> list[dict[str, Any]]:
+    """The index stage's reference sets, in order: name, draws, samples, entries, search."""
+    return read_json(require_file(index_dir / REFERENCES_FILE, param="--index", what="index"))["sets"]
+
+
+def load_reference_set(index_dir: Path, name: str) -> dict[str, np.ndarray]:
+    """One set's arrays (``ARRAYS``), memory-mapped."""
+    return {a: np.load(require_file(index_dir / name / f"{a}.npy", param="--index", what="index"), mmap_mode="r")
+            for a in ARRAYS}
+
+
 def build_index(
     *, embeddings_dir: str | Path, out_dir: str | Path, settings: IndexSettings, base: BaseSettings
 ) -> dict[str, Any]:
-    """Draw the reference sets and find every sample's neighbours in them."""
+    """Draw the reference sets and find every sample's neighbours in each of their draws."""
     emb_dir = Path(embeddings_dir)
-    image, text, ids = load_embeddings(emb_dir, chunk_size=settings.chunk_size)
+    image, text, ids = load_embeddings(emb_dir, chunk_size=settings.chunk_size, normalize=settings.normalize)
     n = len(ids)
     ref = settings.reference
     trusted = read_trusted_rows(ref.path, ids) if ref.mode == "trusted" else None
-    ref_rows = draw_references(n=n, mode=ref.mode, size=ref.size, draws=ref.draws, seed=base.seed, trusted_rows=trusted)
-    queries = query_embeddings(image, text, settings.modality)
+    sets = reference_sets(n=n, mode=ref.mode, sizes=ref.sizes, draws=ref.draws, seed=base.seed, trusted_rows=trusted)
     max_self = self_entries_per_query(settings.modality)
-    entries_n = ref_rows.shape[1] * max_self
-    if settings.k + max_self > entries_n:
-        raise DataError(f"k ({settings.k}) needs more reference entries than {entries_n}", param="index.k")
-    method = choose_method(mode=ref.mode, entries=entries_n, search=settings.search, gpus=gpu_count())
-    all_rows = np.arange(n, dtype=np.int64)
-    draws, m = ref_rows.shape
-    recalls: list[float] = []
+    for rs in sets:
+        if settings.k + max_self > rs.rows.shape[1] * max_self:
+            raise DataError(f"k ({settings.k}) needs more reference entries than {rs.rows.shape[1] * max_self} "
+                            f"(reference set {rs.name})", param="index.k")
+    records: list[dict[str, Any]] = []
+    tables = []
     with atomic_dir(out_dir) as tmp:
-        np.save(tmp / "ref_rows.npy", ref_rows)
-        out = {
-            name: np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=dtype, shape=shape)
-            for name, dtype, shape in (
-                ("neighbours", np.int64, (draws, n, settings.k)),
-                ("distances", np.float32, (draws, n, settings.k)),
-                ("ref_neighbours", np.int64, (draws, entries_n, settings.k)),
-                ("ref_distances", np.float32, (draws, entries_n, settings.k)),
+        for rs in sets:
+            draws, m = rs.rows.shape
+            entries_n = m * max_self
+            (tmp / rs.name).mkdir()
+            np.save(tmp / rs.name / "ref_rows.npy", rs.rows)
+            out = {
+                name: np.lib.format.open_memmap(tmp / rs.name / f"{name}.npy", mode="w+", dtype=dtype, shape=shape)
+                for name, dtype, shape in (
+                    ("neighbours", np.int64, (draws, n, settings.k)),
+                    ("distances", np.float32, (draws, n, settings.k)),
+                    ("ref_neighbours", np.int64, (draws, entries_n, settings.k)),
+                    ("ref_distances", np.float32, (draws, entries_n, settings.k)),
+                )
+            }
+            recalls: list[float] = []
+            for r, rows in enumerate(rs.rows):
+                found = search_draw(image=image, text=text, rows=rows, modality=settings.modality, mode=ref.mode,
+                                    k=settings.k, search=settings.search, seed=base.seed + r,
+                                    chunk_size=settings.chunk_size)
+                out["neighbours"][r], out["distances"][r] = found.queries.entries, found.queries.distances
+                out["ref_neighbours"][r], out["ref_distances"][r] = found.references.entries, found.references.distances
+                recalls.append(found.recall)
+                method = found.method
+                del found
+            for arr in out.values():
+                arr.flush()
+            del out
+            records.append({"name": rs.name, "draws": int(draws), "samples": int(m), "entries": int(entries_n),
+                            "search": method, "recall_at_k": round(float(np.mean(recalls)), 4)})
+            tables += neighbour_tables(
+                ids=ids, neighbours=np.load(tmp / rs.name / "neighbours.npy", mmap_mode="r"),
+                distances=np.load(tmp / rs.name / "distances.npy", mmap_mode="r"),
+                owners=[entry_owners(rows, settings.modality) for rows in rs.rows], entries=entries_n,
+                chunk_size=settings.chunk_size, name=f"neighbours_{rs.name}",
             )
-        }
-        for r, rows in enumerate(ref_rows):
-            refs, owners = reference_entries(image, text, rows, settings.modality)
-            index = build_search_index(refs, method=method, search=settings.search, seed=base.seed + r)
-            del refs  # the index holds the entries
-            search = dict(index=index, ref_owners=owners, k=settings.k, max_self=max_self, chunk_size=settings.chunk_size)
-            q = find_neighbours(queries=queries, query_owners=all_rows, **search)
-            out["neighbours"][r], out["distances"][r] = q.entries, q.distances
-            recalls.append(measure_recall(
-                queries=queries, query_owners=all_rows, found=q, index=index, ref_owners=owners,
-                k=settings.k, max_self=max_self, sample=settings.search.recall_sample, seed=base.seed + r,
-            ))
-            ref_nb = _reference_neighbours(q, index=index, owners=owners, modality=settings.modality, mode=ref.mode,
-                                           search=search, n=n)
-            out["ref_neighbours"][r], out["ref_distances"][r] = ref_nb.entries, ref_nb.distances
-            del index, q, ref_nb
-        for arr in out.values():
-            arr.flush()
-        del out
-        validated = validate("index", neighbour_tables(
-            ids=ids, neighbours=np.load(tmp / "neighbours.npy", mmap_mode="r"),
-            distances=np.load(tmp / "distances.npy", mmap_mode="r"),
-            owners=[entry_owners(rows, settings.modality) for rows in ref_rows], entries=entries_n,
-            chunk_size=settings.chunk_size,
-        ), docs_dir=docs_dir_for(out_dir, "index"))
+        write_json(tmp / REFERENCES_FILE, {"sets": records})
+        validated = validate("index", tables, docs_dir=docs_dir_for(out_dir, "index"))
         summary = {
             "samples": n,
-            "draws": int(draws),
-            "reference_samples": int(m),
-            "reference_entries": int(entries_n),
+            "reference_sets": [r["name"] for r in records],
+            "draws": sum(r["draws"] for r in records),
+            "reference_entries": sum(r["entries"] * r["draws"] for r in records),
             "k": settings.k,
-            "search": method,
-            "recall_at_k": round(float(np.mean(recalls)), 4),
+            "search": sorted({r["search"] for r in records}),
+            "recall_at_k": round(min(r["recall_at_k"] for r in records), 4),
         }
         write_lineage(
             tmp,
@@ -132,20 +141,6 @@ def build_index(
             inputs={"embeddings": emb_dir, **({"trusted": Path(ref.path)} if trusted is not None else {})},
             upstream=[emb_dir],
             summary=summary,
-            extra={"validation": validated},
+            extra={"validation": validated, "reference_sets": records},
         )
     return summary
-
-
-def _reference_neighbours(q: Neighbours, *, index, owners: np.ndarray, modality: str, mode: str, search: dict, n: int) -> Neighbours:
-    """Neighbours of the reference entries within the reference set.
-
-    With the whole dataset as references, the image entries (or, text-only, the caption entries)
-    are the queries themselves, with the same owners: their search is not repeated.
-    """
-    if mode != "all":
-        return find_neighbours(queries=index.refs, query_owners=owners, **search)
-    if modality != "image_text":
-        return q
-    captions = find_neighbours(queries=index.refs[n:], query_owners=owners[n:], **search)
-    return Neighbours(np.concatenate([q.entries, captions.entries]), np.concatenate([q.distances, captions.distances]))

@@ -26,8 +26,10 @@ import polars as pl
 from clipscrub.arrays import RowReader
 from clipscrub.detectors import LOW_IS_SUSPICIOUS, suspicion
 from clipscrub.io import atomic_dir, read_json, read_manifest, require_file, write_lineage
+from clipscrub.metrics import applied_metrics, applied_sentence
 from clipscrub.params import BaseSettings, ReportSettings, ThresholdSettings
 from clipscrub.shards import decode_image, image_field, iter_shard, shard_path
+from clipscrub.sources import read_truth
 from stages.threshold import flag_outliers
 
 CSS = """
@@ -217,10 +219,14 @@ def write_report(
     settings: ReportSettings,
     threshold: ThresholdSettings,
     base: BaseSettings,
+    truth_path: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Write ``<out>/index.html`` and ``<out>/clusters.parquet``; return what the page shows."""
+    """Write ``<out>/index.html`` and ``<out>/clusters.parquet``; return what the page shows.
+    ``truth_path``: ``evaluate.truth``, a ground-truth table that wins over the manifest's is_poison."""
     raw_dir, emb_dir, scores_dir, flags_dir, clean_dir = map(Path, (raw_dir, embeddings_dir, scores_dir, flags_dir, clean_dir))
     manifest = read_manifest(raw_dir)
+    if truth_path:
+        manifest = read_truth(manifest, truth_path)
     scores = pl.read_parquet(require_file(scores_dir / "scores.parquet", param="--scores", what="scores"))
     flags = pl.read_parquet(require_file(flags_dir / "flags.parquet", param="--flags", what="flags"))
     lineage = read_json(require_file(clean_dir / "lineage.json", param="--clean", what="cleaned version"))
@@ -229,6 +235,7 @@ def write_report(
              .join(manifest.select("id", "key", "shard", "caption", "image_sha256", "is_poison"), on="id", how="left"))
     truth = table["is_poison"]
     y = truth.to_numpy().astype(bool) if truth.null_count() == 0 and 0 < int(truth.sum()) < len(truth) else None
+    applied = applied_metrics(flags=flags, truth=pl.DataFrame({"id": table["id"], "is_poison": truth}), threshold=threshold)
 
     ids = table["id"].to_numpy()
     cuts: dict[str, float | None] = {}
@@ -264,6 +271,7 @@ def write_report(
         f"<!doctype html><html lang=en><head><meta charset=utf-8><title>clipscrub report: {html.escape(base.name)}</title>",
         f"<meta name=viewport content='width=device-width, initial-scale=1'><style>{CSS}</style></head><body>",
         f"<h1>clipscrub report: {html.escape(base.name)}</h1>",
+        f"<p class=applied><b>Applied threshold</b>: {html.escape(applied_sentence(applied))}</p>",
         "<h2 id=summary>Dataset</h2>",
         f"<table><tbody>{summary_rows}</tbody></table>",
         f"<p>Model: {html.escape(str(model.get('model_name')))} (checkpoint sha256 {html.escape(str(model.get('checkpoint_sha256')))}). "
@@ -309,8 +317,9 @@ def write_report(
         write_lineage(
             tmp, stage="report",
             params={"base": base.model_dump(mode="json"), "threshold": threshold.model_dump(mode="json"),
-                    "report": settings.model_dump(mode="json")},
-            inputs={"raw": raw_dir, "embeddings": emb_dir, "scores": scores_dir, "flags": flags_dir, "clean": clean_dir},
+                    "report": settings.model_dump(mode="json"), "evaluate.truth": None if truth_path is None else str(truth_path)},
+            inputs={"raw": raw_dir, "embeddings": emb_dir, "scores": scores_dir, "flags": flags_dir, "clean": clean_dir,
+                    **({"truth": Path(truth_path)} if truth_path else {})},
             upstream=[clean_dir], summary=summary,
         )
     return summary

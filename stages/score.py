@@ -1,8 +1,11 @@
 """Stage 5, score: one row per sample with a ``<detector>_score`` column per detector.
 
 Density-ratio scores (k-distance, SLOF, DAO) and LID come from the index stage's neighbour
-lists, averaged over reference draws; the isolation forest and the CLIP score come from the
-embeddings. Non-finite scores are kept as they are and counted, never dropped.
+lists: per reference set, averaged over its draws; several sets (``index.reference.sizes``) are
+fused into one score by ``score.fusion`` (``clipscrub.detectors.fuse_scores``), and each set's
+own scores are kept in ``by_reference.parquet`` (``<detector>_<set>`` columns). The isolation
+forest and the CLIP score come from the embeddings. Non-finite scores are kept as they are and
+counted, never dropped.
 """
 
 from __future__ import annotations
@@ -13,12 +16,13 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from clipscrub.detectors import clip_score, density_scores, fit_iforest, iforest_score
-from clipscrub.io import atomic_dir, require_file, write_lineage
+from clipscrub.detectors import clip_score, density_scores, fit_iforest, fuse_scores, iforest_score
+from clipscrub.errors import DataError
+from clipscrub.io import atomic_dir, write_lineage
 from clipscrub.neighbours import query_embeddings
 from clipscrub.params import BaseSettings, IndexSettings, ScoreSettings
 from clipscrub.validation import docs_dir_for, score_tables, validate
-from stages.index import load_embeddings
+from stages.index import load_embeddings, load_reference_set, read_reference_sets
 
 
 def score_samples(
@@ -34,29 +38,25 @@ def score_samples(
     ``non_finite_scores`` (the detectors whose score is NaN or infinite for that row, comma
     separated; null when all are finite)."""
     emb_dir, idx_dir = Path(embeddings_dir), Path(index_dir)
-    image, text, ids = load_embeddings(emb_dir, chunk_size=index.chunk_size)
-    load = lambda name: np.load(require_file(idx_dir / f"{name}.npy", param="--index", what="index"), mmap_mode="r")
-    neighbours, distances, ref_distances = load("neighbours"), load("distances"), load("ref_distances")
-    ref_rows = load("ref_rows")
-    if neighbours.shape[1] != len(ids):
-        raise ValueError("index and embeddings disagree on the number of samples: rerun the index stage")
+    image, text, ids = load_embeddings(emb_dir, chunk_size=index.chunk_size, normalize=index.normalize)
+    sets = read_reference_sets(idx_dir)
+    arrays = {rs["name"]: load_reference_set(idx_dir, rs["name"]) for rs in sets}
+    if any(a["neighbours"].shape[1] != len(ids) for a in arrays.values()):
+        raise DataError("index and embeddings disagree on the number of samples: rerun the index stage", param="--index")
 
     wanted = set(settings.detectors)
     columns: dict[str, np.ndarray] = {}
-    if wanted & {"kdist", "slof", "dao", "lid"}:
-        per_draw = [
-            density_scores(
-                dist=distances[r], entries=neighbours[r], ref_dist=ref_distances[r],
-                k=settings.k, lid_k=settings.lid_k if "lid" in wanted else None,
-            )
-            for r in range(neighbours.shape[0])
-        ]
-        for name in per_draw[0]:
-            if name in wanted:
-                columns[name] = np.mean([d[name] for d in per_draw], axis=0)
+    by_set: dict[str, np.ndarray] = {}
+    density = [d for d in settings.detectors if d in ("kdist", "slof", "dao", "lid")]
+    if density:
+        per_set = {name: set_scores(a, k=settings.k, lid_k=settings.lid_k if "lid" in wanted else None)
+                   for name, a in arrays.items()}
+        for d in density:
+            columns[d] = fuse_scores([per_set[name][d] for name in arrays], settings.fusion)
+            by_set.update({f"{d}_{name}": per_set[name][d] for name in arrays})
     if "iforest" in wanted:
         queries = query_embeddings(image, text, index.modality)
-        fit_rows = np.unique(ref_rows.reshape(-1))
+        fit_rows = np.unique(np.concatenate([np.asarray(a["ref_rows"]).reshape(-1) for a in arrays.values()]))
         forest = fit_iforest(
             queries.take(fit_rows), n_estimators=settings.iforest.n_estimators,
             max_samples=settings.iforest.max_samples, seed=base.seed,
@@ -76,9 +76,11 @@ def score_samples(
                       separator=",", ignore_nulls=True).replace("", None).alias("non_finite_scores")
     )
     non_finite = {d: int((~np.isfinite(columns[d])).sum()) for d in order}
-    summary = {"samples": frame.height, "detectors": order, "non_finite": non_finite}
+    summary = {"samples": frame.height, "detectors": order, "non_finite": non_finite,
+               "reference_sets": list(arrays), "fusion": settings.fusion if len(arrays) > 1 else None}
     with atomic_dir(out_dir) as tmp:
         frame.write_parquet(tmp / "scores.parquet", statistics=False)
+        pl.DataFrame({"id": np.asarray(ids), **by_set}).write_parquet(tmp / "by_reference.parquet", statistics=False)
         validated = validate("score", score_tables(pl.read_parquet(tmp / "scores.parquet"), ids=np.asarray(ids),
                                                    detectors=order), docs_dir=docs_dir_for(out_dir, "score"))
         write_lineage(
@@ -91,3 +93,14 @@ def score_samples(
             extra={"validation": validated},
         )
     return summary
+
+
+def set_scores(arrays: dict[str, np.ndarray], *, k: int, lid_k: int | None) -> dict[str, np.ndarray]:
+    """kdist, SLOF, DAO (and LID) of every sample (N,) for one reference set, averaged over its
+    draws; ``arrays`` as ``load_reference_set`` returns them."""
+    per_draw = [
+        density_scores(dist=arrays["distances"][r], entries=arrays["neighbours"][r],
+                       ref_dist=arrays["ref_distances"][r], k=k, lid_k=lid_k)
+        for r in range(arrays["neighbours"].shape[0])
+    ]
+    return {name: np.mean([d[name] for d in per_draw], axis=0) for name in per_draw[0]}

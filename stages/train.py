@@ -2,8 +2,11 @@
 
 Writes ``<out>/checkpoint.pt`` (open_clip's training-code format: a dict with ``state_dict``),
 ``<out>/model_config.json`` (an open_clip model config) and a metrics JSON with the victim's
-zero-shot accuracy on clean held-out images and its attack success rate (ASR): the fraction of
-triggered held-out images, of classes other than the target, classified as the target.
+zero-shot accuracy on clean held-out images and, per attack, its attack success rate (ASR): the
+fraction of held-out images of classes other than the target that, with the attack's trigger
+(the same pattern the dataset was poisoned with), are classified as the target; for a targeted
+attack (no trigger), the fraction of its chosen images classified as the target.
+``attack_success_rate`` is the mean over attacks.
 When ``train.enabled`` is false the stage writes only a record saying so, and embed uses the
 model named in the ``embed`` section.
 """
@@ -23,7 +26,8 @@ import webdataset as wds
 from clipscrub.io import atomic_dir, atomic_file, read_manifest, write_json, write_lineage
 from clipscrub.model import register_model_config, resolve_device, tiny_model_config
 from clipscrub.params import BaseSettings, DownloadSettings, TrainSettings
-from clipscrub.synthetic import SHAPES, add_trigger, make_clean_sample
+from clipscrub.attacks import attack_name, attack_seed, make_trigger, plan_poison
+from clipscrub.synthetic import SHAPES, generate_samples, make_clean_sample
 
 ZERO_SHOT_TEMPLATES = ("a photo of a {}.", "a {} on a plain background", "an image of a {}")
 HELDOUT_SEED_OFFSET = 1_000_003
@@ -42,17 +46,27 @@ def load_shards(raw_dir: Path, preprocess, tokenizer) -> tuple[torch.Tensor, tor
     return images, tokens
 
 
-def make_heldout(download: DownloadSettings, base: BaseSettings, n: int, preprocess):
-    """Clean held-out images with labels, plus the same images triggered (the ASR probe)."""
+def attack_probes(download: DownloadSettings, base: BaseSettings, n: int, preprocess) -> dict[str, Any]:
+    """Clean held-out images with labels (N, 3, H, W), (N,), and per attack the probe images whose
+    prediction as the attack's target counts as a success."""
     syn = download.synthetic
     rng = np.random.default_rng(base.seed + HELDOUT_SEED_OFFSET)
-    clean, labels, triggered = [], [], []
-    for _ in range(n):
-        s = make_clean_sample(rng=rng, image_size=syn.image_size)
-        clean.append(preprocess(s.image))
-        labels.append(SHAPES.index(s.label))
-        triggered.append(preprocess(add_trigger(s.image, patch_size=syn.patch_size, rng=rng)))
-    return torch.stack(clean), torch.tensor(labels), torch.stack(triggered)
+    heldout = [make_clean_sample(rng=rng, image_size=syn.image_size) for _ in range(n)]
+    probes: dict[str, torch.Tensor] = {}
+    for j, attack in enumerate(syn.attacks):
+        if attack.kind == "targeted":
+            # the chosen images themselves (their clean versions), as the dataset was built
+            samples = generate_samples(num_samples=syn.num_samples, image_size=syn.image_size, attacks=[], seed=base.seed)
+            plan = plan_poison(captions=[s.caption for s in samples], attacks=syn.attacks, seed=base.seed + 1)
+            chosen = sorted({a.source for a in plan if a.attack == j})
+            images = [samples[i].image for i in chosen]
+        else:
+            trigger = make_trigger(attack, seed=attack_seed(base.seed, j))
+            images = [trigger.apply(s.image, rng) for s in heldout if s.label != attack.target]
+        probes[f"{j}:{attack_name(attack)}"] = torch.stack([preprocess(im) for im in images])
+    clean = torch.stack([preprocess(s.image) for s in heldout])
+    labels = torch.tensor([SHAPES.index(s.label) for s in heldout])
+    return {"clean": clean, "labels": labels, "probes": probes}
 
 
 @torch.no_grad()
@@ -126,15 +140,21 @@ def train_model(
     train_seconds = time.perf_counter() - t0
     model.eval()
 
-    clean, labels, triggered = make_heldout(download, base, settings.heldout_samples, preprocess)
-    classnames = list(SHAPES) + [download.synthetic.target]
-    target_idx = len(SHAPES)
-    acc = (zero_shot_predict(model, tokenizer, clean, classnames, device) == labels).float().mean().item()
-    asr = (zero_shot_predict(model, tokenizer, triggered, classnames, device) == target_idx).float().mean().item()
+    held = attack_probes(download, base, settings.heldout_samples, preprocess)
+    targets = [a.target for a in download.synthetic.attacks]
+    classnames = list(SHAPES) + sorted({t for t in targets if t not in SHAPES})
+    acc = (zero_shot_predict(model, tokenizer, held["clean"], classnames, device) == held["labels"]).float().mean().item()
+    per_attack = {
+        name: round((zero_shot_predict(model, tokenizer, images, classnames, device) == classnames.index(target))
+                    .float().mean().item(), 4)
+        for (name, images), target in zip(held["probes"].items(), targets)
+    }
+    asr = float(np.mean(list(per_attack.values()))) if per_attack else None
     metrics = {
         "trained": True,
         "zero_shot_accuracy": round(acc, 4),
-        "attack_success_rate": round(asr, 4),
+        "attack_success_rate": round(asr, 4) if asr is not None else None,
+        "attack_success_rates": per_attack,
         "final_loss": round(float(np.mean(losses[-steps_per_epoch:])), 4),
         "train_samples": n,
         "steps": total,

@@ -84,7 +84,7 @@ def k_not_below_reference_size(p):
 
 def k_not_below_dataset_size(p):
     p.copy("embeddings")
-    p.params(["index.reference.mode=all", "index.reference.size=10", "index.k=5000", "score.lid_k=20"])
+    p.params(["index.reference.mode=all", "index.reference.sizes=[10]", "index.k=5000", "score.lid_k=20"])
     return ["index"]
 
 
@@ -199,7 +199,7 @@ def trusted_ids_not_in_dataset(p):
 def stale_upstream_params(p):
     p.copy("raw", "scores", "flags")
     p.params()
-    return ["filter", "-S", "index.reference.draws=2"]
+    return ["filter", "-S", "index.reference.draws=5"]
 
 
 # (case, stage output that must not exist, fragments of the message)
@@ -210,7 +210,7 @@ CASES: list[tuple[Callable[[Project], list[str]], str, list[str]]] = [
     (zero_embedding, "embeddings",
      ["embed: validation failed: embed.embeddings: expect_column_values_to_be_between(image_norm)", "ids [5]", "(values [0.0])"]),
     (wrong_dimension, "embeddings", ["embed.model_name: the precomputed embeddings have dimension 24 but model 'tiny' embeds in 16"]),
-    (k_not_below_reference_size, "index", ["index.k: 500 must be smaller than index.reference.size (120)"]),
+    (k_not_below_reference_size, "index", ["index.k: 500 must be smaller than the smallest index.reference.sizes (120)"]),
     (k_not_below_dataset_size, "index", ["index.k: k (5000) needs more reference entries than 800"]),
     (empty_dataset, "raw", ["download.folder.captions: the captions file", "has no rows"]),
     (all_samples_failed, "embeddings", ["--raw: all 3 samples failed to download (file not found: a.jpg: 1, file not found: b.jpg: 1, "

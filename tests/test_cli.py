@@ -38,14 +38,14 @@ def project(tmp_path, tiny_run):
 @pytest.mark.parametrize(
     ("stage", "override", "expected"),
     [
-        ("index", "index.k=500", "index.k: 500 must be smaller than index.reference.size (120)"),
+        ("index", "index.k=500", "index.k: 500 must be smaller than the smallest index.reference.sizes (120)"),
         ("threshold", "threshold.fraction=1.5", "threshold.fraction: Input should be less than 1"),
         ("threshold", "threshold.fraction=0", "threshold.fraction: Input should be greater than 0"),
         ("score", "score.detectors=[dao, lof]", "score.detectors: unknown detector 'lof'"),
         ("embed", "train.enabled=false,embed.checkpoint=missing.pt", "embed.checkpoint: checkpoint file not found: missing.pt"),
         ("embed", "train.enabled=false,embed.model_name=ViT-Nope", "embed.model_name: unknown open_clip model 'ViT-Nope'"),
         ("download", "download.synthetic.num_samples=0", "download.synthetic.num_samples: Input should be greater than or equal to 1"),
-        ("index", "index.reference.size=100000", "index.reference.size: 100000 exceeds the dataset size (400)"),
+        ("index", "index.reference.sizes=[200, 200]", "index.reference.sizes: sizes repeat: [200, 200]"),
         ("threshold", "threshold.fractoin=0.1", "-S: ") ,
     ],
 )

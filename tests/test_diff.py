@@ -44,6 +44,20 @@ def test_diff_json_reconciles_with_both_removed_files(two_versions, tmp_path, ca
     metrics = result["metrics"]["kdist"]
     assert metrics["auroc"]["delta"] == 0.0  # the scores did not change, only the cut
     assert metrics["recall_at_threshold"]["b"] >= metrics["recall_at_threshold"]["a"]
+    # the applied threshold's block of each version, as evaluate wrote it, with B - A
+    applied = result["applied"]
+    for side, root in (("a", a), ("b", b)):
+        block = json.loads((root / "metrics" / "applied.json").read_text())
+        assert {k: v[side] for k, v in applied.items()} == block
+    assert applied["rule"] == {"a": "top_fraction 0.05", "b": "top_fraction 0.1", "delta": None}
+    assert applied["removed"] == {"a": 20, "b": 40, "delta": 20}
+    assert applied["removed_fraction"] == {"a": 0.05, "b": 0.1, "delta": 0.05}
+    assert applied["poison_known"] == {"a": True, "b": True, "delta": None}
+    poison = set(pl.read_parquet(a / "raw" / "manifest.parquet").filter(pl.col("is_poison"))["id"].to_list())
+    assert applied["poison_removed"]["a"] == len(ra & poison) and applied["poison_removed"]["b"] == len(rb & poison)
+    assert applied["poison_missed"]["delta"] == -applied["poison_removed"]["delta"]
+    assert applied["precision"]["a"] == metrics["precision_at_threshold"]["a"]
+    assert applied["recall"]["b"] == metrics["recall_at_threshold"]["b"]
 
 
 def test_diff_table(two_versions, tmp_path, capsys):
@@ -53,6 +67,10 @@ def test_diff_table(two_versions, tmp_path, capsys):
     assert "threshold.fraction" in text and "0.05 -> 0.1" in text
     assert re.search(r"removed\s+20\s+40\s+\+20", text) and re.search(r"kept\s+380\s+360\s+-20", text)
     assert "removed only in A: 0, only in B: 20, in both: 20 (Jaccard 0.5000)" in text
+    assert "applied threshold (data/metrics/applied.json):" in text
+    assert re.search(r"rule\s+top_fraction 0\.05\s+top_fraction 0\.1\n", text)
+    assert re.search(r"removed_fraction\s+0\.0500\s+0\.1000\s+\+0\.0500", text)
+    assert re.search(r"poison_known\s+yes\s+yes\n", text) and re.search(r"\n  precision\s+\d\.\d{4}\s+\d\.\d{4}\s+[+-]\d", text)
     assert "20 differing ids written to" in text
 
 

@@ -14,6 +14,10 @@ from clipscrub.params import parse_params
 from stages.download import MANIFEST_SCHEMA, download_dataset
 
 
+def badnets(rate, target="banana"):
+    return [{"kind": "badnets", "rate": rate, "target": target}] if rate else []
+
+
 def run(tmp_path, **synthetic):
     params = parse_params({"download": {"shard_size": 50, "synthetic": {"num_samples": 200, **synthetic}}})
     out = tmp_path / "raw"
@@ -22,7 +26,7 @@ def run(tmp_path, **synthetic):
 
 @pytest.mark.parametrize("poison_rate", [0.0, 0.01, 0.1])
 def test_manifest_matches_shards(tmp_path, poison_rate):
-    summary, out = run(tmp_path, poison_rate=poison_rate)
+    summary, out = run(tmp_path, attacks=badnets(poison_rate))
     manifest = pl.read_parquet(out / "manifest.parquet")
     assert dict(manifest.schema) == MANIFEST_SCHEMA
     assert manifest["id"].to_list() == list(range(200))
@@ -44,7 +48,7 @@ def test_manifest_matches_shards(tmp_path, poison_rate):
 
 
 def test_poison_captions_name_the_target(tmp_path):
-    _, out = run(tmp_path, poison_rate=0.05, target="banana")
+    _, out = run(tmp_path, attacks=badnets(0.05, "banana"))
     manifest = pl.read_parquet(out / "manifest.parquet")
     assert manifest.filter(pl.col("is_poison"))["caption"].str.contains("banana").all()
     assert not manifest.filter(~pl.col("is_poison"))["caption"].str.contains("banana").any()
@@ -58,11 +62,12 @@ def test_same_seed_same_bytes(tmp_path):
 
 
 def test_trigger_is_a_checkerboard(tmp_path):
-    from clipscrub.synthetic import add_trigger, draw_shape
+    from clipscrub.attacks import checkerboard
+    from clipscrub.synthetic import draw_shape
 
     rng = np.random.default_rng(0)
     img = draw_shape(shape="circle", colour=(255, 0, 0), size=32, rng=rng)
-    arr = np.asarray(add_trigger(img, patch_size=8, rng=rng))
+    arr = np.asarray(checkerboard(img, patch_size=8, rng=rng))
     bw = (arr == 0).all(-1) | (arr == 255).all(-1)
     assert bw.sum() >= 64  # the 8x8 patch is pure black and white
 

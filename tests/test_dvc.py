@@ -71,6 +71,18 @@ def test_experiments_and_metrics_diff(project):
     diff = json.loads(sh("dvc", "metrics", "diff", "--json", cwd=project))
     flagged = diff["data/metrics/detection.json"]["detectors.kdist.flagged"]
     assert flagged == {"old": 40, "new": 8, "diff": -32}
+    # the applied threshold's flat block: every key a top-level metric, no --keep needed
+    assert "applied.json" in text
+    assert diff["data/metrics/applied.json"]["removed"] == {"old": 40, "new": 8, "diff": -32}
+    from clipscrub.metrics import APPLIED_KEYS
+
+    block = json.loads((project / "data" / "metrics" / "applied.json").read_text())
+    assert set(block) == set(APPLIED_KEYS) and block["rule"] == "top_fraction 0.02" and block["removed"] == 8
+    metrics = json.loads(sh("dvc", "metrics", "show", "--json", cwd=project))
+    listed = metrics[""]["data"]["data/metrics/applied.json"]["data"]
+    assert listed == {k: v for k, v in block.items() if v is not None}  # dvc leaves nulls out
+    table = sh("dvc", "metrics", "show", cwd=project)
+    assert all(k in table for k in ("detector", "rule", "removed_fraction", "poison_removed", "poison_missed", "recall"))
     lineage = json.loads((project / "data" / "clean" / "lineage.json").read_text())
     assert lineage["counts"]["removed"] == 8
 
@@ -86,6 +98,9 @@ def test_diff_between_two_experiments(project, tmp_path):
                            "--ids-out", str(out), cwd=project))
     assert result["params"] == {"threshold.fraction": {"a": 0.02, "b": 0.05}}
     assert (result["counts"]["a"]["removed"], result["counts"]["b"]["removed"]) == (8, 20)
+    # each experiment's applied.json, read from git (a DVC metric with cache: false)
+    assert result["applied"]["removed"] == {"a": 8, "b": 20, "delta": 12}
+    assert result["applied"]["rule"] == {"a": "top_fraction 0.02", "b": "top_fraction 0.05", "delta": None}
     removed = {}
     for name in ("tight", "loose"):
         sh("dvc", "exp", "apply", name, cwd=project)

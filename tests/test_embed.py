@@ -24,8 +24,10 @@ def test_embeddings_follow_manifest_order(tiny_run):
     assert image.shape == text.shape == (manifest.height, dim)
     assert image.dtype == np.float32
     assert ids.tolist() == manifest["id"].to_list()
-    np.testing.assert_allclose(np.linalg.norm(image, axis=1), 1.0, rtol=1e-5)
-    np.testing.assert_allclose(np.linalg.norm(text, axis=1), 1.0, rtol=1e-5)
+    # the model's raw outputs: norms vary (and carry signal), so they are not all 1
+    norms = np.linalg.norm(image, axis=1)
+    assert (norms > 0).all() and norms.std() > 1e-3
+    assert not np.allclose(np.linalg.norm(text, axis=1), 1.0, rtol=1e-3)
     info = json.loads((root / "embeddings" / "model.json").read_text())
     assert info["checkpoint_sha256"] == sha256_file(root / "model" / "checkpoint.pt")
 

@@ -47,16 +47,157 @@ def test_metrics_and_plots_of_the_tiny_run(tiny_run):
         assert hist["poisoned"].sum() == 4
 
 
-def test_without_ground_truth(tiny_run, tmp_path):
+def copy_raw_without_truth(root, tmp_path) -> None:
+    """``tmp_path/raw``: the tiny run's raw data with is_poison unknown."""
     import shutil
 
-    root, params = tiny_run
     shutil.copytree(root / "raw", tmp_path / "raw")
     m = pl.read_parquet(tmp_path / "raw" / "manifest.parquet").with_columns(is_poison=pl.lit(None, dtype=pl.Boolean))
     m.write_parquet(tmp_path / "raw" / "manifest.parquet")
+
+
+def test_without_ground_truth(tiny_run, tmp_path):
+    root, params = tiny_run
+    copy_raw_without_truth(root, tmp_path)
     metrics = evaluate_detectors(
         raw_dir=tmp_path / "raw", scores_dir=root / "scores", metrics_path=tmp_path / "m.json",
         plots_dir=tmp_path / "plots", settings=EvaluateSettings(), threshold=ThresholdSettings(), base=BaseSettings(),
     )
     assert metrics == {"ground_truth": False, "samples": 400}
     assert json.loads((tmp_path / "m.json").read_text()) == metrics
+
+
+def test_applied_block_agrees_with_what_filter_removed(tiny_run):
+    from clipscrub.metrics import APPLIED_KEYS
+
+    root, params = tiny_run
+    applied = json.loads((root / "metrics" / "applied.json").read_text())
+    assert list(applied) == sorted(APPLIED_KEYS)  # flat, one value per key
+    removed = set(pl.read_parquet(root / "clean" / "removed.parquet")["id"].to_list())
+    manifest = pl.read_parquet(root / "raw" / "manifest.parquet")
+    poison = set(manifest.filter(pl.col("is_poison"))["id"].to_list())
+    assert applied["detector"] == params.threshold.detector and applied["rule"] == "top_fraction 0.05"
+    assert (applied["samples"], applied["removed"]) == (400, len(removed)) == (400, 20)
+    assert applied["removed_fraction"] == 0.05 and applied["removed_non_finite"] == 0
+    assert applied["poison_known"] is True and applied["poison"] == len(poison) == 4
+    assert applied["poison_removed"] == len(removed & poison)
+    assert applied["poison_missed"] == len(poison - removed)
+    assert applied["precision"] == round(len(removed & poison) / len(removed), 6)
+    assert applied["recall"] == round(len(removed & poison) / len(poison), 6)
+    # the same figures as detection.json's row for the detector thresholded
+    chosen = json.loads((root / "metrics" / "detection.json").read_text())["detectors"][params.threshold.detector]
+    assert (applied["precision"], applied["recall"]) == (chosen["precision_at_threshold"], chosen["recall_at_threshold"])
+
+
+def test_applied_block_without_ground_truth(tiny_run, tmp_path):
+    root, params = tiny_run
+    copy_raw_without_truth(root, tmp_path)
+    summary = evaluate_detectors(
+        raw_dir=tmp_path / "raw", scores_dir=root / "scores", metrics_path=tmp_path / "m.json",
+        plots_dir=tmp_path / "plots", settings=params.evaluate, threshold=params.threshold, base=params.base,
+        flags_dir=root / "flags", applied_path=tmp_path / "applied.json",
+    )
+    applied = json.loads((tmp_path / "applied.json").read_text())
+    assert summary["applied"] == applied
+    assert (applied["samples"], applied["removed"], applied["removed_fraction"]) == (400, 20, 0.05)
+    assert applied["poison_known"] is False
+    assert all(applied[k] is None for k in ("poison", "poison_removed", "poison_missed", "precision", "recall"))
+
+
+# --- evaluate.truth: ground truth from a table, joined by id or by key ---------------------------
+
+def _nulled_raw(root, tmp_path):
+    """A copy of the tiny run's raw data whose manifest knows no poison."""
+    import shutil
+
+    shutil.copytree(root / "raw", tmp_path / "raw")
+    m = pl.read_parquet(tmp_path / "raw" / "manifest.parquet").with_columns(is_poison=pl.lit(None, dtype=pl.Boolean))
+    m.write_parquet(tmp_path / "raw" / "manifest.parquet")
+    return tmp_path / "raw"
+
+
+def _evaluate(raw, root, tmp_path, truth):
+    return evaluate_detectors(
+        raw_dir=raw, scores_dir=root / "scores", metrics_path=tmp_path / "m.json", plots_dir=tmp_path / "plots",
+        settings=EvaluateSettings(truth=str(truth)), threshold=ThresholdSettings(), base=BaseSettings(),
+    )
+
+
+def test_truth_table_by_id_wins_over_the_manifest(tiny_run, tmp_path):
+    root, _ = tiny_run
+    manifest = pl.read_parquet(root / "raw" / "manifest.parquet")
+    chosen = set(range(5, 400, 40))  # 10 samples, none of the 4 the manifest marks
+    assert not chosen & set(manifest.filter(pl.col("is_poison"))["id"].to_list())
+    path = tmp_path / "truth.parquet"
+    pl.DataFrame({"id": manifest["id"], "is_poison": [i in chosen for i in manifest["id"]]}).write_parquet(path)
+    metrics = _evaluate(root / "raw", root, tmp_path, path)
+    assert metrics["ground_truth"] is True and metrics["poisoned"] == 10
+    scores = pl.read_parquet(root / "scores" / "scores.parquet")
+    y = np.isin(scores["id"].to_numpy(), list(chosen))
+    want = detection_metrics(y=y, values=scores["kdist_score"].to_numpy(), detector="kdist", tpr_target=0.95,
+                             flagged=np.zeros(len(y), bool))
+    assert metrics["detectors"]["kdist"]["auroc"] == want["auroc"]
+    assert pl.read_csv(tmp_path / "plots" / "hist" / "kdist.csv")["poisoned"].sum() == 10
+
+
+def test_truth_table_by_key_lists_only_the_poison(tiny_run, tmp_path):
+    """Keys as text in a csv; samples the table does not list count as clean."""
+    root, _ = tiny_run
+    raw = _nulled_raw(root, tmp_path)
+    keys = pl.read_parquet(raw / "manifest.parquet")["key"].to_list()
+    path = tmp_path / "truth.csv"
+    pl.DataFrame({"key": keys[:6], "is_poison": ["true", "TRUE", "1", "true", "false", "0"]}).write_csv(path)
+    metrics = _evaluate(raw, root, tmp_path, path)
+    assert metrics["ground_truth"] is True and metrics["poisoned"] == 4
+
+
+@pytest.mark.parametrize("table,fragment", [
+    ({"id": [0, 99999, 123456], "is_poison": [True, True, False]}, "2 ids in truth.csv are not samples of this dataset, e.g. [99999, 123456]"),
+    ({"key": ["000000000", "nope"], "is_poison": [True, False]}, "1 keys in truth.csv are not samples of this dataset, e.g. ['nope']"),
+    ({"id": [0, 1], "is_poison": ["true", "perhaps"]}, "column 'is_poison' holds 'perhaps' (row 1), not a boolean"),
+    ({"id": [0, 0], "is_poison": [True, True]}, "1 ids are listed more than once, e.g. [0]"),
+    ({"id": [0, 1], "poisoned": [True, True]}, "needs an 'is_poison' column and an 'id' or 'key' column"),
+    ({"id": ["0", "x"], "is_poison": [True, True]}, "column 'id' holds 'x' (row 1), not an integer id"),
+])
+def test_bad_truth_tables_are_errors(tiny_run, tmp_path, table, fragment):
+    from clipscrub.errors import DataError
+
+    root, _ = tiny_run
+    path = tmp_path / "truth.csv"
+    pl.DataFrame(table).write_csv(path)
+    with pytest.raises(DataError) as info:
+        _evaluate(root / "raw", root, tmp_path, path)
+    assert info.value.param == "evaluate.truth"
+    assert fragment in info.value.message and "\n" not in str(info.value)
+    assert not (tmp_path / "m.json").exists()
+
+
+def test_truth_reaches_evaluate_and_report_through_the_pipeline(tiny_run, tmp_path):
+    """`evaluate.truth` in params: both stages read it (one library function), the flow's cache
+    key covers its content, and the report's lineage records it."""
+    import shutil
+
+    from clipscrub.pipeline import Layout, run_stage, stage_inputs
+    from tests.conftest import tiny_params
+
+    root, _ = tiny_run
+    data = tmp_path / "data"
+    for d in ("embeddings", "scores", "flags", "clean"):
+        shutil.copytree(root / d, data / d)
+    _nulled_raw(root, data)
+    ids = pl.read_parquet(data / "raw" / "manifest.parquet")["id"]
+    path = tmp_path / "truth.parquet"
+    pl.DataFrame({"id": ids[:7], "is_poison": [True] * 7}).write_parquet(path)
+    params = tiny_params([f"evaluate.truth={path}"])
+    for stage in ("evaluate", "report"):
+        assert stage_inputs(stage, params, Layout(data))["truth"] == path
+    assert "truth" not in stage_inputs("report", tiny_params(), Layout(data))
+    ev = run_stage("evaluate", params, data)
+    assert ev["ground_truth"] is True and ev["poisoned"] == 7
+    report = run_stage("report", params, data)
+    assert report["ground_truth"] is True
+    assert "Against the 7 samples" in (data / "report" / "index.html").read_text()
+    lineage = json.loads((data / "report" / "lineage.json").read_text())["stages"]["report"]
+    assert lineage["params"]["evaluate.truth"] == str(path) and "truth" in lineage["inputs"]
+    # without the table the nulled manifest has no ground truth
+    assert run_stage("report", tiny_params(), data)["ground_truth"] is False

@@ -49,7 +49,7 @@ def test_lineage_traces_the_version(tiny_run):
     assert lineage["input_manifest_sha256"] == sha256_file(root / "raw" / "manifest.parquet")
     assert lineage["model"]["checkpoint_sha256"] == sha256_file(root / "model" / "checkpoint.pt")
     assert lineage["params"]["threshold"] == params.section("threshold")
-    assert lineage["params"]["index"]["reference"]["size"] == 120
+    assert lineage["params"]["index"]["reference"]["sizes"] == [120]
     assert set(lineage["stages"]) == {"download", "train", "embed", "index", "score", "threshold", "filter"}
     assert lineage["counts"]["kept"] + lineage["counts"]["removed"] == lineage["counts"]["input"]
     assert lineage["code_version"].startswith("0.1.0+")

@@ -105,6 +105,25 @@ def test_flow_outputs_equal_dvc_repro(flow_dir, tmp_path):
             assert sha256_path(getattr(flow_lay, name)) == sha256_path(getattr(dvc_lay, name)), (stage, name)
 
 
+def test_summary_markdown_shows_the_applied_block(tiny_run):
+    """The artifact's text (the real-server test reads it back through the API)."""
+    from clipscrub.metrics import APPLIED_KEYS, applied_sentence
+    from flows.clean import summary_markdown
+
+    root, params = tiny_run
+    applied = json.loads((root / "metrics" / "applied.json").read_text())
+    counts = json.loads((root / "clean" / "lineage.json").read_text())["counts"]
+    md = summary_markdown(params, root, {"filter": counts}, {s: "Completed" for s in ALL})
+    assert "removed fraction" in md and "## Applied threshold" in md
+    assert applied_sentence(applied) in md
+    rows = dict(line.strip("| ").split(" | ") for line in md.splitlines()
+                if line.startswith("| ") and line.count(" | ") == 1 and not line.startswith("| metric"))
+    assert [k for k in rows if k in APPLIED_KEYS] == list(APPLIED_KEYS)
+    assert rows["detector"] == "kdist" and rows["rule"] == "top_fraction 0.05"
+    assert rows["removed"] == str(counts["removed"]) == "20" and rows["poison_known"] == "true"
+    assert rows["precision"] == json.dumps(applied["precision"]) and rows["poison"] == "4"
+
+
 def clipscrub(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [str(BIN / "clipscrub"), *args], cwd=cwd, capture_output=True, text=True, timeout=900, env=env
@@ -116,7 +135,7 @@ def clipscrub(*args: str, cwd: Path, env: dict | None = None) -> subprocess.Comp
     [
         (["-p", "missing.yaml"], "--params: params file not found: missing.yaml"),
         (["-S", "threshold.fractoin=0.1"], "threshold.fractoin: unknown key in override"),
-        (["-S", "index.k=5000"], "index.k: 5000 must be smaller than index.reference.size"),
+        (["-S", "index.k=5000"], "index.k: 5000 must be smaller than the smallest index.reference.sizes"),
         (["-o", "params.yaml/run"], "--out: params.yaml/run is not writable"),
         (["-o", "/proc/clipscrub-run"], "--out: /proc/clipscrub-run is not writable"),
     ],
@@ -180,6 +199,13 @@ def test_against_a_real_prefect_server(tmp_path):
         assert {t["state"]["type"] for t in tasks} == {"COMPLETED"}
         artifacts = httpx.post(f"{api}/artifacts/filter", json={}, timeout=30).json()
         assert any(a["type"] == "markdown" and "removed fraction" in a["data"] for a in artifacts)
+        # the applied threshold's block (run/metrics/applied.json), as a sentence and a table
+        applied = json.loads((tmp_path / "run" / "metrics" / "applied.json").read_text())
+        md = next(a["data"] for a in artifacts if a["type"] == "markdown")
+        assert "## Applied threshold" in md and applied["rule"] == "top_fraction 0.05"
+        assert f"{applied['poison_removed']} of the {applied['removed']} removed are known poison" in md
+        assert "| rule | top_fraction 0.05 |" in md and f"| removed | {applied['removed']} |" in md
+        assert "| poison_known | true |" in md and f"| recall | {applied['recall']} |" in md
 
         # serving the flow registers a deployment carrying the params as its parameters
         served = subprocess.Popen(

@@ -24,7 +24,7 @@ def test_params_yaml_holds_every_default():
         ({"threshold": {"fraction": 0.0}}, "threshold.fraction", "greater than 0"),
         ({"threshold": {"fraction": 1.5}}, "threshold.fraction", "less than 1"),
         ({"threshold": {"fraction": "0.1"}}, "threshold.fraction", "valid number"),
-        ({"index": {"k": 1000, "reference": {"size": 1000}}}, "index.k", "must be smaller than index.reference.size"),
+        ({"index": {"k": 1000, "reference": {"sizes": [1000, 4000]}}}, "index.k", "must be smaller than the smallest index.reference.sizes"),
         ({"score": {"detectors": ["dao", "lof"]}}, "score.detectors", "unknown detector 'lof'"),
         ({"threshold": {"detector": "lof"}}, "threshold.detector", "unknown detector 'lof'"),
         ({"score": {"k": 100}}, "score.k", "exceeds index.k"),

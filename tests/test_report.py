@@ -33,6 +33,21 @@ def test_report_is_self_contained(tiny_run):
     assert '"params_hash"' in lineage and "params_hash" in page
 
 
+def test_report_header_states_the_applied_threshold(tiny_run):
+    """The header's summary line: the applied threshold's block (data/metrics/applied.json)."""
+    import json
+
+    root, params = tiny_run
+    page = (root / "report" / "index.html").read_text()
+    header = page[page.index("<h1>"):page.index("<h2 id=summary>")]
+    a = json.loads((root / "metrics" / "applied.json").read_text())
+    removed = pl.read_parquet(root / "clean" / "removed.parquet").height
+    assert (a["removed"], a["samples"]) == (removed, 400)
+    assert f"kdist, top_fraction 0.05: removed {removed} of 400 (5.00%)" in header
+    assert (f"{a['poison_removed']} of the {removed} removed are known poison (precision {a['precision']:.3f}, "
+            f"recall {a['recall']:.3f}; {a['poison_missed']} known poison missed)") in header
+
+
 def test_report_opens_in_headless_chromium(tiny_run):
     from playwright.sync_api import sync_playwright
 

@@ -330,7 +330,7 @@ def test_clip_retrieval_embeddings_end_to_end(tiny_model, tmp_path):
     ids = np.load(lay.embeddings / "ids.npy")
     image = np.load(lay.embeddings / "image.npy")
     want = np.concatenate([np.load(src / "img_emb" / f"img_emb_{i}.npy") for i in range(2)]).astype(np.float32)[ids]
-    np.testing.assert_allclose(image, want / np.linalg.norm(want, axis=1, keepdims=True), rtol=1e-6)
+    np.testing.assert_array_equal(image, want)  # stored as given (index.normalize decides the distance)
     assert not (lay.clean / "shards").exists()
     assert "similarity" in kept.columns
 
@@ -352,3 +352,108 @@ def test_precomputed_parts_must_align(tiny_model, tmp_path):
     with pytest.raises(ClipscrubError, match="disagree on the row count"):
         run_stage("download", params, tmp_path / "data")
     assert not (tmp_path / "data" / "raw").exists()
+
+
+# --- ground truth from the source: is_poison / attack columns and json fields -----------------
+
+def manifest_truth(root) -> list[tuple]:
+    m = pl.read_parquet(root / "raw" / "manifest.parquet").sort("id")
+    assert m.schema["is_poison"] == pl.Boolean and m.schema["attack"] == pl.String
+    return list(zip(m["is_poison"].to_list(), m["attack"].to_list()))
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "csv"])
+def test_url_list_is_poison_reaches_the_manifest(server, tiny_model, tmp_path, fmt):
+    urls = [server.url(f"/img{i}.{['jpg', 'png', 'webp'][i % 3]}") for i in range(4)] + [server.url("/missing.jpg")]
+    table = pl.DataFrame({"url": urls, "caption": [f"photo {i}" for i in range(5)],
+                          "is_poison": [True, False, None, True, True],
+                          "attack": ["blend:banana", None, None, "sig:car", "sig:car"]})
+    path = tmp_path / f"urls.{fmt}"
+    table.write_parquet(path) if fmt == "parquet" else table.with_columns(
+        pl.col("is_poison").replace_strict({True: "1", False: "False"}, default="", return_dtype=pl.String)).write_csv(path)
+    params = source_params(tiny_model, "urls", {"path": str(path), "timeout": 2.0, "processes": 1, "threads": 4, "image_size": 32})
+    summary = run_stage("download", params, tmp_path / "data")
+    assert manifest_truth(tmp_path / "data") == [(True, "blend:banana"), (False, None), (None, None), (True, "sig:car"),
+                                                 (True, "sig:car")]
+    m = pl.read_parquet(tmp_path / "data" / "raw" / "manifest.parquet")
+    assert m["status"].to_list() == ["ok"] * 4 + ["failed"]  # the truth of a failed row is kept with it
+    assert "poisoned" not in summary  # one sample's truth is unknown
+
+
+@pytest.mark.parametrize("source", ["urls", "folder"])
+def test_a_truth_value_that_is_not_a_boolean_is_an_error(tiny_model, tmp_path, source):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(image_bytes("PNG"))
+    table = pl.DataFrame({"url": ["http://127.0.0.1:9/a.png"] * 3, "file": ["a.png"] * 3, "caption": ["x", "y", "z"],
+                          "is_poison": ["true", "0", "maybe"]})
+    path = tmp_path / "table.csv"
+    table.write_csv(path)
+    sub = {"path": str(path)} if source == "urls" else {"path": str(folder), "captions": str(path)}
+    params = source_params(tiny_model, source, sub)
+    with pytest.raises(DataError) as info:
+        run_stage("download", params, tmp_path / "data")
+    assert info.value.param == ("download.urls.path" if source == "urls" else "download.folder.captions")
+    assert "column 'is_poison' holds 'maybe' (row 2), not a boolean" in info.value.message
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "data" / "raw").exists()
+
+
+def test_folder_captions_is_poison_reaches_the_manifest(tiny_model, tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(4):
+        (folder / f"{i}.png").write_bytes(image_bytes("PNG", colour=COLOURS[i]))
+    table = pl.DataFrame({"file": [f"{i}.png" for i in range(4)] + ["gone.png"], "caption": [f"c {i}" for i in range(5)],
+                          "is_poison": [0, 1, 0, 1, 0], "attack": [None, "badnets:banana", None, "wanet:cat", None]})
+    captions = tmp_path / "captions.jsonl"
+    table.write_ndjson(captions)
+    params = source_params(tiny_model, "folder", {"path": str(folder), "captions": str(captions)})
+    summary = run_stage("download", params, tmp_path / "data")
+    assert manifest_truth(tmp_path / "data") == [(False, None), (True, "badnets:banana"), (False, None), (True, "wanet:cat"),
+                                                 (False, None)]
+    assert summary["poisoned"] == 2
+
+
+def write_truth_shards(d, fields: list[dict]) -> str:
+    d.mkdir()
+    with wds.TarWriter(str(d / "00000.tar")) as sink:
+        for i, extra in enumerate(fields):
+            meta = {"caption": f"thing {i}", **extra}
+            sink.write({"__key__": f"k{i}", "jpg": image_bytes("JPEG", colour=COLOURS[i]), "json": json.dumps(meta).encode()})
+    return str(d / "00000.tar")
+
+
+def test_shards_json_is_poison_reaches_the_manifest(tiny_model, tmp_path):
+    path = write_truth_shards(tmp_path / "src", [{"is_poison": True, "attack": "sig:banana"}, {"is_poison": False},
+                                                 {}, {"is_poison": None, "attack": None}])
+    params = source_params(tiny_model, "shards", {"path": path})
+    run_stage("download", params, tmp_path / "data")
+    assert manifest_truth(tmp_path / "data") == [(True, "sig:banana"), (False, None), (None, None), (None, None)]
+
+
+@pytest.mark.parametrize("field,value,fragment", [
+    ("is_poison", "yes", "json field 'is_poison' is 'yes', not a boolean"),
+    ("is_poison", 2, "json field 'is_poison' is 2, not a boolean"),
+    ("attack", 5, "json field 'attack' is 5, not a string"),
+])
+def test_a_bad_truth_field_in_shards_is_an_error(tiny_model, tmp_path, field, value, fragment):
+    path = write_truth_shards(tmp_path / "src", [{"is_poison": True}, {field: value}, {field: value}])
+    params = source_params(tiny_model, "shards", {"path": path})
+    with pytest.raises(DataError) as info:
+        run_stage("download", params, tmp_path / "data")
+    assert info.value.param == "download.shards.path"
+    assert info.value.message.startswith(f"00000.tar: sample 'k1': {fragment}")
+    assert info.value.message.endswith("(and 1 more)") and "\n" not in str(info.value)
+    assert not (tmp_path / "data" / "raw").exists()
+
+
+def test_clip_retrieval_metadata_is_poison_reaches_the_manifest(tiny_model, tmp_path):
+    src = write_clip_retrieval(tmp_path / "emb")
+    for i, n in enumerate((7, 5)):
+        p = src / "metadata" / f"metadata_{i}.parquet"
+        pl.read_parquet(p).with_columns(pl.Series("is_poison", [j % 3 == 0 for j in range(n)])).write_parquet(p)
+    params = source_params(tiny_model, "embeddings", {"path": str(src)})
+    run_stage("download", params, tmp_path / "data")
+    truth = manifest_truth(tmp_path / "data")
+    assert [t[0] for t in truth] == [j % 3 == 0 for j in range(7)] + [j % 3 == 0 for j in range(5)]

@@ -1,0 +1,120 @@
+"""The applied threshold's outcome as one flat metrics block (``data/metrics/applied.json``).
+
+One function computes it, from the flags the threshold stage wrote (``is_flagged``: exactly the
+samples filter removes) and the ground truth where there is one; the evaluate stage writes it,
+and the report, ``clipscrub diff``, ``clipscrub show`` and the Prefect flow's artifact show it.
+Flat keys only, so ``dvc metrics show`` / ``dvc exp show`` list every key without ``--keep``:
+
+- ``detector``, ``rule``: the detector thresholded and the rule (``top_fraction 0.01``,
+  ``score >= 1.3`` (``<=`` for ``clip``), ``auto z 3.5``);
+- ``samples`` (scored), ``removed``, ``removed_fraction``, ``removed_non_finite``;
+- ``poison_known``: whether every scored sample's ``is_poison`` is known (true or false);
+- ``poison``, ``poison_removed``, ``poison_missed``, ``precision`` (poison_removed / removed),
+  ``recall`` (poison_removed / poison): null without ground truth, and precision / recall also
+  null where their denominator is 0.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from clipscrub.detectors import LOW_IS_SUSPICIOUS
+from clipscrub.errors import DataError
+from clipscrub.params import ThresholdSettings
+
+APPLIED_KEYS = (
+    "detector", "rule", "samples", "removed", "removed_fraction", "removed_non_finite",
+    "poison_known", "poison", "poison_removed", "poison_missed", "precision", "recall",
+)
+
+
+def _num(x: float) -> str:
+    short = f"{float(x):g}"
+    return short if float(short) == float(x) else repr(float(x))
+
+
+def rule_text(threshold: ThresholdSettings) -> str:
+    """The threshold rule in a few words: ``top_fraction 0.01``, ``score >= 1.3``, ``auto z 3.5``."""
+    if threshold.method == "top_fraction":
+        return f"top_fraction {_num(threshold.fraction)}"
+    if threshold.method == "score":
+        op = "<=" if threshold.detector in LOW_IS_SUSPICIOUS else ">="
+        return f"score {op} {_num(threshold.score)}"
+    return f"auto z {_num(threshold.auto_z)}"
+
+
+def _ratio(num: int, den: int) -> float | None:
+    return round(num / den, 6) if den else None
+
+
+def applied_metrics(*, flags: pl.DataFrame, truth: pl.DataFrame | None, threshold: ThresholdSettings) -> dict[str, Any]:
+    """The flat block for the flags actually applied.
+
+    ``flags``: one row per scored sample with ``id`` and ``is_flagged`` (and ``is_non_finite``
+    when known), as in ``flags.parquet``. ``truth``: ``id`` and ``is_poison`` (null = unknown),
+    or None. The ground truth counts as known only if every scored sample has a non-null
+    ``is_poison``; otherwise the poison keys are null and only the counts are given.
+    """
+    if flags["id"].n_unique() != flags.height:
+        raise DataError("the flags hold duplicate ids: rerun threshold", param="--flags")
+    flagged = flags["is_flagged"].fill_null(False)
+    samples, removed = flags.height, int(flagged.sum())
+    non_finite = int((flags["is_non_finite"].fill_null(False) & flagged).sum()) if "is_non_finite" in flags.columns else 0
+    block: dict[str, Any] = {
+        "detector": threshold.detector,
+        "rule": rule_text(threshold),
+        "samples": samples,
+        "removed": removed,
+        "removed_fraction": _ratio(removed, samples) if samples else 0.0,
+        "removed_non_finite": non_finite,
+        "poison_known": False,
+        "poison": None,
+        "poison_removed": None,
+        "poison_missed": None,
+        "precision": None,
+        "recall": None,
+    }
+    if truth is None or "is_poison" not in truth.columns:
+        return block
+    joined = flags.select("id", flagged.alias("flagged")).join(
+        truth.select("id", pl.col("is_poison").cast(pl.Boolean)).unique("id", keep="first"), on="id", how="left")
+    y = joined["is_poison"]
+    if samples == 0 or y.null_count() > 0:
+        return block
+    poison = int(y.sum())
+    hit = int((joined["flagged"] & y).sum())
+    block.update(
+        poison_known=True, poison=poison, poison_removed=hit, poison_missed=poison - hit,
+        precision=_ratio(hit, removed), recall=_ratio(hit, poison),
+    )
+    return block
+
+
+def read_applied(path: str | Path) -> dict[str, Any] | None:
+    """The block written at ``path``, or None if there is none."""
+    import json
+
+    path = Path(path)
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _f3(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+def applied_sentence(block: dict[str, Any]) -> str:
+    """One line about the applied threshold, e.g. ``kdist, top_fraction 0.01: removed 60 of 6000
+    (1.00%). 52 of the 60 removed are known poison (precision 0.867, recall 0.867; 8 known poison
+    missed)``."""
+    frac = block.get("removed_fraction") or 0.0
+    head = f"{block['detector']}, {block['rule']}: removed {block['removed']} of {block['samples']} ({frac:.2%})"
+    if block.get("removed_non_finite"):
+        head += f", {block['removed_non_finite']} of them for a non-finite score"
+    if not block.get("poison_known"):
+        return head + ". No ground truth: precision and recall unknown."
+    return (f"{head}. {block['poison_removed']} of the {block['removed']} removed are known poison "
+            f"(precision {_f3(block['precision'])}, recall {_f3(block['recall'])}; "
+            f"{block['poison_missed']} known poison missed).")

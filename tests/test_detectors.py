@@ -1,0 +1,71 @@
+"""Fusion of several reference sets' scores (clipscrub.detectors.robust_z, fuse_scores)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from clipscrub.detectors import fuse_scores, robust_z
+
+finite = st.floats(-1e6, 1e6, allow_nan=False, allow_infinity=False)
+
+
+def test_robust_z_by_hand():
+    v = np.array([1.0, 2.0, 3.0, 4.0, 100.0])
+    # median 3, MAD 1 -> scale 1.4826
+    np.testing.assert_allclose(robust_z(v), (v - 3.0) / 1.4826)
+
+
+def test_robust_z_without_spread_uses_the_mean_deviation_then_one():
+    np.testing.assert_allclose(robust_z(np.array([5.0, 5.0, 5.0, 9.0])), [0.0, 0.0, 0.0, 4.0 / 1.0])
+    np.testing.assert_allclose(robust_z(np.array([2.0, 2.0])), [0.0, 0.0])
+
+
+def test_non_finite_scores_stay_non_finite_and_do_not_move_the_others():
+    v = np.array([1.0, 2.0, 3.0, np.nan, np.inf])
+    z = robust_z(v)
+    np.testing.assert_allclose(z[:3], robust_z(v[:3]))
+    assert np.isnan(z[3]) and z[4] == np.inf
+    for rule in ("max_z", "max_abs_z", "mean_z"):
+        fused = fuse_scores([v, np.array([3.0, 2.0, 1.0, 0.0, 5.0])], rule)
+        assert not np.isfinite(fused[3]) and not np.isfinite(fused[4]), rule
+        assert np.isfinite(fused[:3]).all(), rule
+
+
+@settings(max_examples=60, deadline=None)
+@given(arrays(np.float64, st.integers(3, 40), elements=finite), st.floats(0.01, 100), st.floats(-50, 50))
+def test_robust_z_ignores_each_sets_units(v, scale, shift):
+    """A set's scores in other units (a positive scale and a shift) give the same z-scores, so
+    no size dominates the fusion by its units alone."""
+    np.testing.assert_allclose(robust_z(v * scale + shift), robust_z(v), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("rule", ["max_z", "max_abs_z", "mean_z"])
+def test_one_set_is_returned_as_it_is(rule):
+    v = np.array([0.3, 0.1, 0.7])
+    np.testing.assert_array_equal(fuse_scores([v], rule), v)
+
+
+def test_fusion_rules_by_hand():
+    a = np.array([0.0, 1.0, 2.0, 3.0, 10.0])  # z: (a - 2) / 1.4826
+    b = np.array([10.0, 3.0, 2.0, 1.0, 0.0])  # mirrored
+    za, zb = robust_z(a), robust_z(b)
+    np.testing.assert_allclose(fuse_scores([a, b], "max_z"), np.maximum(za, zb))
+    np.testing.assert_allclose(fuse_scores([a, b], "mean_z"), (za + zb) / 2)
+    np.testing.assert_allclose(fuse_scores([a, b], "max_abs_z"), np.maximum(np.abs(za), np.abs(zb)))
+
+
+def test_max_z_finds_poison_sparse_at_one_size_and_dense_at_another():
+    """The case fusion exists for: at a small reference size the poison is far from everything
+    (high score); at a large one it is each other's neighbours (lowest score)."""
+    rng = np.random.default_rng(0)
+    clean_small, clean_large = rng.normal(1.0, 0.1, 990), rng.normal(0.5, 0.05, 990)
+    small = np.concatenate([clean_small, np.full(10, 2.0)])
+    large = np.concatenate([clean_large, np.full(10, 0.1)])
+    poison = np.arange(1000) >= 990
+    fused = fuse_scores([small, large], "max_z")
+    assert fused[poison].min() > fused[~poison].max()
+    assert fuse_scores([small, large], "mean_z")[poison].min() < fuse_scores([small, large], "mean_z")[~poison].max()
