@@ -74,29 +74,41 @@ def density_scores(
     return out
 
 
-def robust_z(values: np.ndarray) -> np.ndarray:
-    """(values - median) / (1.4826 MAD) over the finite values, (N,) -> (N,).
+def _side_scale(dev: np.ndarray) -> float:
+    """1.4826 x the median of one side's absolute deviations; their mean, then 1, when that is 0."""
+    if dev.size == 0:
+        return 1.0
+    scale = 1.4826 * float(np.median(dev))
+    return scale if scale > 0 else (float(np.mean(dev)) or 1.0)
 
-    Puts scores from reference sets of different sizes on one scale. Non-finite values stay
-    non-finite; with no spread (MAD 0) the mean absolute deviation is the scale, then 1.
+
+def robust_z(values: np.ndarray) -> np.ndarray:
+    """Robust z-scores over the finite values, (N,) -> (N,): (value - median) divided by the
+    median absolute deviation (x 1.4826) of the values on the same side of the median.
+
+    Puts scores from reference sets of different sizes on one scale. One scale per side (the
+    "double MAD") because distance scores are skewed: bounded below by 0, long-tailed above, so a
+    single MAD understates how unusual a value far below the median is, and overstates one above.
+    Non-finite values stay non-finite.
     """
     v = np.asarray(values, dtype=np.float64)
     finite = v[np.isfinite(v)]
     if finite.size == 0:
         return v.copy()
-    med = np.median(finite)
-    scale = 1.4826 * np.median(np.abs(finite - med))
-    if not scale > 0:
-        scale = np.mean(np.abs(finite - med)) or 1.0
-    return (v - med) / scale
+    med = float(np.median(finite))
+    lo = _side_scale(med - finite[finite <= med])
+    hi = _side_scale(finite[finite >= med] - med)
+    with np.errstate(invalid="ignore"):
+        return np.where(v >= med, (v - med) / hi, (v - med) / lo)
 
 
 def fuse_scores(per_set: list[np.ndarray], rule: str) -> np.ndarray:
     """One score per sample from the scores of several reference sets, [(N,)] -> (N,).
 
-    ``max_z``: the largest robust z-score over the sets: poison is found at whichever size
-    leaves it sparse (a set holding more than about k poisoned entries makes it look dense).
-    ``max_abs_z``: the z-score largest in magnitude: abnormally dense counts as much as sparse.
+    ``max_abs_z``: the z-score largest in magnitude: poison is found at whichever size leaves it
+    sparse (a set holding more than about k poisoned entries makes it look dense), and poison
+    that is abnormally dense at every size (copies of one image, a tightly collapsed trigger)
+    is found too. ``max_z``: the largest z-score: sparse only.
     ``mean_z``: the mean z-score. A single set's scores are returned as they are. A non-finite
     score in any set makes the fused score non-finite (NaN), so it is flagged, never dropped.
     """

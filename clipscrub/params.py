@@ -281,9 +281,10 @@ class ScoreSettings(_Section):
     k: int = Field(16, ge=1)
     lid_k: int = Field(64, ge=2)
     # how the scores of several reference sets (index.reference.sizes) become one per detector:
-    # each set's robust z-score, then their maximum (max_z), the largest in magnitude (max_abs_z:
-    # abnormally dense counts too) or their mean (mean_z). One set: its scores as they are
-    fusion: Literal["max_z", "max_abs_z", "mean_z"] = "max_z"
+    # each set's robust z-score, then the largest in magnitude (max_abs_z: sparse at some size,
+    # or abnormally dense), their maximum (max_z: sparse only) or their mean (mean_z). One set:
+    # its scores as they are
+    fusion: Literal["max_z", "max_abs_z", "mean_z"] = "max_abs_z"
     iforest: IForestSettings = IForestSettings()
 
     @model_validator(mode="after")

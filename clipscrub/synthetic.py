@@ -9,6 +9,7 @@ the target, "a photo of a banana"), each on its ``rate`` fraction of the samples
 
 from __future__ import annotations
 
+import io
 import math
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Sequence
@@ -42,6 +43,21 @@ CLEAN_TEMPLATES = (
     "there is a {colour} {shape} in this picture",
     "a close-up of a {colour} {shape}",
 )
+JPEG_QUALITY = 95
+
+
+def encode_jpeg(image: Image.Image) -> bytes:
+    """The bytes the synthetic source stores for an image (JPEG, quality 95)."""
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=JPEG_QUALITY)
+    return buf.getvalue()
+
+
+def as_stored(image: Image.Image) -> Image.Image:
+    """``image`` as a model sees it after the synthetic source stored it: JPEG-encoded and decoded."""
+    return Image.open(io.BytesIO(encode_jpeg(image))).convert("RGB")
+
+
 @dataclass(frozen=True)
 class Sample:
     image: Image.Image

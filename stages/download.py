@@ -12,7 +12,6 @@ rows go on to embed.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 from pathlib import Path
 from typing import Any
@@ -24,19 +23,10 @@ from clipscrub.io import atomic_dir, write_lineage
 from clipscrub.params import BaseSettings, DownloadSettings
 from clipscrub.shards import shard_name, shard_writer
 from clipscrub.sources import MANIFEST_SCHEMA, fetch_urls, finish_manifest, read_folder, read_precomputed, read_shards
-from clipscrub.synthetic import generate_samples
+from clipscrub.synthetic import encode_jpeg, generate_samples
 from clipscrub.validation import docs_dir_for, manifest_tables, validate
 
-__all__ = ["MANIFEST_SCHEMA", "download_dataset"]
-
-JPEG_QUALITY = 95
-
-
-def encode_jpeg(image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="JPEG", quality=JPEG_QUALITY)
-    return buf.getvalue()
-
+__all__ = ["MANIFEST_SCHEMA", "download_dataset", "encode_jpeg"]
 
 def write_shards(
     *, records: list[dict[str, Any]], shard_dir: Path, shard_size: int

@@ -27,7 +27,7 @@ from clipscrub.io import atomic_dir, atomic_file, read_manifest, write_json, wri
 from clipscrub.model import register_model_config, resolve_device, tiny_model_config
 from clipscrub.params import BaseSettings, DownloadSettings, TrainSettings
 from clipscrub.attacks import attack_name, attack_seed, make_trigger, plan_poison
-from clipscrub.synthetic import SHAPES, generate_samples, make_clean_sample
+from clipscrub.synthetic import SHAPES, as_stored, generate_samples, make_clean_sample
 
 ZERO_SHOT_TEMPLATES = ("a photo of a {}.", "a {} on a plain background", "an image of a {}")
 HELDOUT_SEED_OFFSET = 1_000_003
@@ -48,7 +48,9 @@ def load_shards(raw_dir: Path, preprocess, tokenizer) -> tuple[torch.Tensor, tor
 
 def attack_probes(download: DownloadSettings, base: BaseSettings, n: int, preprocess) -> dict[str, Any]:
     """Clean held-out images with labels (N, 3, H, W), (N,), and per attack the probe images whose
-    prediction as the attack's target counts as a success."""
+    prediction as the attack's target counts as a success. Every image goes through the JPEG
+    round trip the training data went through: a trigger is probed as the victim learned it
+    (a targeted attack's chosen image, a colour filter or a faint pattern is not the same after it)."""
     syn = download.synthetic
     rng = np.random.default_rng(base.seed + HELDOUT_SEED_OFFSET)
     heldout = [make_clean_sample(rng=rng, image_size=syn.image_size) for _ in range(n)]
@@ -63,10 +65,26 @@ def attack_probes(download: DownloadSettings, base: BaseSettings, n: int, prepro
         else:
             trigger = make_trigger(attack, seed=attack_seed(base.seed, j))
             images = [trigger.apply(s.image, rng) for s in heldout if s.label != attack.target]
-        probes[f"{j}:{attack_name(attack)}"] = torch.stack([preprocess(im) for im in images])
-    clean = torch.stack([preprocess(s.image) for s in heldout])
+        probes[f"{j}:{attack_name(attack)}"] = torch.stack([preprocess(as_stored(im)) for im in images])
+    clean = torch.stack([preprocess(as_stored(s.image)) for s in heldout])
     labels = torch.tensor([SHAPES.index(s.label) for s in heldout])
     return {"clean": clean, "labels": labels, "probes": probes}
+
+
+def measure_victim(model, tokenizer, preprocess, *, download: DownloadSettings, base: BaseSettings, heldout: int,
+                   device) -> tuple[float, dict[str, float]]:
+    """Zero-shot accuracy on ``heldout`` clean held-out images, and each attack's success rate
+    (``attack_probes``), over the shape classes plus the attacks' targets."""
+    held = attack_probes(download, base, heldout, preprocess)
+    targets = [a.target for a in download.synthetic.attacks]
+    classnames = list(SHAPES) + sorted({t for t in targets if t not in SHAPES})
+    acc = (zero_shot_predict(model, tokenizer, held["clean"], classnames, device) == held["labels"]).float().mean().item()
+    per_attack = {
+        name: round((zero_shot_predict(model, tokenizer, images, classnames, device) == classnames.index(target))
+                    .float().mean().item(), 4)
+        for (name, images), target in zip(held["probes"].items(), targets)
+    }
+    return round(acc, 4), per_attack
 
 
 @torch.no_grad()
@@ -140,15 +158,8 @@ def train_model(
     train_seconds = time.perf_counter() - t0
     model.eval()
 
-    held = attack_probes(download, base, settings.heldout_samples, preprocess)
-    targets = [a.target for a in download.synthetic.attacks]
-    classnames = list(SHAPES) + sorted({t for t in targets if t not in SHAPES})
-    acc = (zero_shot_predict(model, tokenizer, held["clean"], classnames, device) == held["labels"]).float().mean().item()
-    per_attack = {
-        name: round((zero_shot_predict(model, tokenizer, images, classnames, device) == classnames.index(target))
-                    .float().mean().item(), 4)
-        for (name, images), target in zip(held["probes"].items(), targets)
-    }
+    acc, per_attack = measure_victim(model, tokenizer, preprocess, download=download, base=base,
+                                     heldout=settings.heldout_samples, device=device)
     asr = float(np.mean(list(per_attack.values()))) if per_attack else None
     metrics = {
         "trained": True,

@@ -10,13 +10,20 @@ from hypothesis.extra.numpy import arrays
 
 from clipscrub.detectors import fuse_scores, robust_z
 
-finite = st.floats(-1e6, 1e6, allow_nan=False, allow_infinity=False)
+# whole numbers: spreads that survive the shift (a 1e-112 next to 1.0 would round away)
+whole = st.integers(-1000, 1000).map(float)
 
 
 def test_robust_z_by_hand():
     v = np.array([1.0, 2.0, 3.0, 4.0, 100.0])
     # median 3, MAD 1 -> scale 1.4826
     np.testing.assert_allclose(robust_z(v), (v - 3.0) / 1.4826)
+
+
+def test_each_side_of_the_median_has_its_own_scale():
+    v = np.array([0.0, 8.0, 9.0, 10.0, 12.0, 14.0, 30.0])  # median 10; below: deviations 10, 2, 1, 0
+    lo, hi = 1.4826 * 1.5, 1.4826 * 3.0  # medians of [10, 2, 1, 0] and of [0, 2, 4, 20]
+    np.testing.assert_allclose(robust_z(v), [-10 / lo, -2 / lo, -1 / lo, 0.0, 2 / hi, 4 / hi, 20 / hi])
 
 
 def test_robust_z_without_spread_uses_the_mean_deviation_then_one():
@@ -36,7 +43,7 @@ def test_non_finite_scores_stay_non_finite_and_do_not_move_the_others():
 
 
 @settings(max_examples=60, deadline=None)
-@given(arrays(np.float64, st.integers(3, 40), elements=finite), st.floats(0.01, 100), st.floats(-50, 50))
+@given(arrays(np.float64, st.integers(3, 40), elements=whole), st.floats(0.01, 100), st.floats(-50, 50))
 def test_robust_z_ignores_each_sets_units(v, scale, shift):
     """A set's scores in other units (a positive scale and a shift) give the same z-scores, so
     no size dominates the fusion by its units alone."""
@@ -69,3 +76,14 @@ def test_max_z_finds_poison_sparse_at_one_size_and_dense_at_another():
     fused = fuse_scores([small, large], "max_z")
     assert fused[poison].min() > fused[~poison].max()
     assert fuse_scores([small, large], "mean_z")[poison].min() < fuse_scores([small, large], "mean_z")[~poison].max()
+
+
+def test_max_abs_z_finds_poison_dense_at_every_size():
+    """Copies of one image are each other's neighbours in every reference set: the lowest
+    scores everywhere. max_z ranks them last, max_abs_z first."""
+    rng = np.random.default_rng(1)
+    sets = [np.concatenate([rng.gamma(50.0, 0.02, 990), np.full(10, 0.02)]) for _ in range(3)]
+    poison = np.arange(1000) >= 990
+    abs_z, top_z = fuse_scores(sets, "max_abs_z"), fuse_scores(sets, "max_z")
+    assert abs_z[poison].min() > abs_z[~poison].max()
+    assert top_z[poison].max() < np.median(top_z[~poison])
