@@ -90,11 +90,8 @@ def draw_references(
         if trusted_rows is None:
             raise ParamError("the trusted mode needs the rows of the trusted samples", param="index.reference.path")
         return np.asarray(trusted_rows, dtype=np.int64)[None, :]
-    if size > n:
-        raise ParamError(
-            f"{size} exceeds the dataset size ({n}); lower it or use index.reference.mode: all",
-            param="index.reference.size",
-        )
+    if size > n:  # reference_sets caps the sizes it asks for; a direct caller may not
+        raise ParamError(f"{size} exceeds the dataset size ({n})", param="index.reference.sizes")
     rng = np.random.default_rng(seed)
     return np.stack([np.sort(rng.choice(n, size=size, replace=False)) for _ in range(draws)]).astype(np.int64)
 
