@@ -39,24 +39,30 @@ def score_samples(
     separated; null when all are finite)."""
     emb_dir, idx_dir = Path(embeddings_dir), Path(index_dir)
     image, text, ids = load_embeddings(emb_dir, chunk_size=index.chunk_size, normalize=index.normalize)
-    sets = read_reference_sets(idx_dir)
-    arrays = {rs["name"]: load_reference_set(idx_dir, rs["name"]) for rs in sets}
-    if any(a["neighbours"].shape[1] != len(ids) for a in arrays.values()):
-        raise DataError("index and embeddings disagree on the number of samples: rerun the index stage", param="--index")
-
+    names = [rs["name"] for rs in read_reference_sets(idx_dir)]
     wanted = set(settings.detectors)
+    density = [d for d in settings.detectors if d in ("kdist", "slof", "dao", "lid")]
+    per_set: dict[str, dict[str, np.ndarray]] = {}
+    ref_rows: list[np.ndarray] = []
+    for name in names:
+        # one set mapped at a time: a set's (r, N, K) neighbour files are what dominates memory
+        arrays = load_reference_set(idx_dir, name)
+        if arrays["neighbours"].shape[1] != len(ids):
+            raise DataError("index and embeddings disagree on the number of samples: rerun the index stage",
+                            param="--index")
+        ref_rows.append(np.asarray(arrays["ref_rows"]).reshape(-1))
+        if density:
+            per_set[name] = set_scores(arrays, k=settings.k, lid_k=settings.lid_k if "lid" in wanted else None)
+        del arrays
+
     columns: dict[str, np.ndarray] = {}
     by_set: dict[str, np.ndarray] = {}
-    density = [d for d in settings.detectors if d in ("kdist", "slof", "dao", "lid")]
-    if density:
-        per_set = {name: set_scores(a, k=settings.k, lid_k=settings.lid_k if "lid" in wanted else None)
-                   for name, a in arrays.items()}
-        for d in density:
-            columns[d] = fuse_scores([per_set[name][d] for name in arrays], settings.fusion)
-            by_set.update({f"{d}_{name}": per_set[name][d] for name in arrays})
+    for d in density:
+        columns[d] = fuse_scores([per_set[name][d] for name in names], settings.fusion)
+        by_set.update({f"{d}_{name}": per_set[name][d] for name in names})
     if "iforest" in wanted:
         queries = query_embeddings(image, text, index.modality)
-        fit_rows = np.unique(np.concatenate([np.asarray(a["ref_rows"]).reshape(-1) for a in arrays.values()]))
+        fit_rows = np.unique(np.concatenate(ref_rows))
         forest = fit_iforest(
             queries.take(fit_rows), n_estimators=settings.iforest.n_estimators,
             max_samples=settings.iforest.max_samples, seed=base.seed,
@@ -77,7 +83,7 @@ def score_samples(
     )
     non_finite = {d: int((~np.isfinite(columns[d])).sum()) for d in order}
     summary = {"samples": frame.height, "detectors": order, "non_finite": non_finite,
-               "reference_sets": list(arrays), "fusion": settings.fusion if len(arrays) > 1 else None}
+               "reference_sets": names, "fusion": settings.fusion if len(names) > 1 else None}
     with atomic_dir(out_dir) as tmp:
         frame.write_parquet(tmp / "scores.parquet", statistics=False)
         pl.DataFrame({"id": np.asarray(ids), **by_set}).write_parquet(tmp / "by_reference.parquet", statistics=False)
