@@ -183,7 +183,7 @@ def detect_planted(rate: float, *, cache: Path, params: Params) -> dict:
     return {"attack": "planted", "rate": rate, "samples": PLANTED_N, "poisoned": outliers, "settings": settings}
 
 
-def remeasure_victim(attack: str, rate: float, *, cache: Path, params: Params) -> dict:
+def remeasure_victim(attack: str, rate: float, *, cache: Path, params: Params, base_params: Path) -> dict:
     """The victim's zero-shot accuracy and attack success rates measured now, from its checkpoint,
     with the train stage's own measurement (``stages.train.measure_victim``)."""
     import torch
@@ -192,7 +192,7 @@ def remeasure_victim(attack: str, rate: float, *, cache: Path, params: Params) -
     from stages.train import measure_victim
 
     root = cell_dir(cache, attack, rate)
-    cell = cell_params(attack, rate, base_params=REPO / "params.yaml", seed=params.base.seed)
+    cell = cell_params(attack, rate, base_params=base_params, seed=params.base.seed)
     torch.set_num_threads(cell.train.threads)
     loaded = load_model(model_name=cell.train.model_name, pretrained=None, checkpoint=str(root / "model" / "checkpoint.pt"),
                         model_config=str(root / "model" / "model_config.json"), device="cpu")
@@ -202,7 +202,7 @@ def remeasure_victim(attack: str, rate: float, *, cache: Path, params: Params) -
             "attack_success_rate": round(float(np.mean(list(per_attack.values()))), 4)}
 
 
-def detect_cell(attack: str, rate: float, *, cache: Path, params: Params) -> dict:
+def detect_cell(attack: str, rate: float, *, cache: Path, params: Params, base_params: Path) -> dict:
     """Every setting of ``settings_grid`` on one cell's victim embeddings, plus the default
     params run through the index, score, threshold and evaluate stages."""
     import shutil
@@ -210,7 +210,8 @@ def detect_cell(attack: str, rate: float, *, cache: Path, params: Params) -> dic
     import polars as pl
 
     root = cell_dir(cache, attack, rate)
-    victim = dict(json.loads((root / "victim.json").read_text()), **remeasure_victim(attack, rate, cache=cache, params=params))
+    victim = dict(json.loads((root / "victim.json").read_text()), **remeasure_victim(attack, rate, cache=cache, params=params,
+                                                                                  base_params=base_params))
     ids = np.load(root / "embeddings" / "ids.npy")
     manifest = pl.read_parquet(root / "raw" / "manifest.parquet")
     y = manifest.select("id", "is_poison").join(pl.DataFrame({"id": ids}), on="id", how="right")["is_poison"].to_numpy()
@@ -337,7 +338,7 @@ def main() -> None:
                 print(f"detect {a} {r:g}: no victim yet, skipped", flush=True)
                 continue
             t = time.perf_counter()
-            res = detect_cell(a, r, cache=args.cache, params=load_params(args.params))
+            res = detect_cell(a, r, cache=args.cache, params=load_params(args.params), base_params=args.params)
             results.append(res)
             d = res["default"]["stages"][res["default"]["detector"]]
             print(f"detect {a} {r:g}: ASR {res['victim']['attack_success_rate']} counted {res['counted']} "
