@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -410,8 +411,64 @@ def parse_params(data: dict[str, Any] | None) -> Params:
         raise _format_validation_error(exc) from None
 
 
-def _coerce_override(text: str) -> Any:
-    return yaml.safe_load(text)
+# a params file's expanded size (scalars, sequences and mappings, aliases counted each time they
+# are used); far above any real params.yaml, far below an alias bomb's billions
+MAX_PARAMS_NODES = 100_000
+
+
+class _ParamsLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2 booleans, as DVC (ruamel) reads params.yaml: only
+    true/false are booleans, so documented strings such as ``no`` or ``off`` stay strings; and
+    a document whose aliases expand past ``MAX_PARAMS_NODES`` nodes is refused."""
+
+    yaml_implicit_resolvers = {
+        first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+
+    def compose_document(self):
+        node = super().compose_document()
+        _expanded_size(node, {}, set())
+        return node
+
+
+_ParamsLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int], open_: set[int]) -> int:
+    """Nodes in ``node`` with every alias expanded, memoised per node (so a bomb is measured,
+    not built); raises YAMLError past MAX_PARAMS_NODES or on a node that contains itself."""
+    key = id(node)
+    if key in sizes:
+        return sizes[key]
+    if key in open_:
+        raise yaml.YAMLError("a node contains itself (a recursive alias)")
+    open_.add(key)
+    if isinstance(node, yaml.ScalarNode):
+        size = 1
+    elif isinstance(node, yaml.SequenceNode):
+        size = 1 + sum(_expanded_size(c, sizes, open_) for c in node.value)
+    else:
+        size = 1 + sum(_expanded_size(k, sizes, open_) + _expanded_size(v, sizes, open_) for k, v in node.value)
+    open_.discard(key)
+    if size > MAX_PARAMS_NODES:
+        raise yaml.YAMLError(f"its aliases expand to more than {MAX_PARAMS_NODES:,} values")
+    sizes[key] = size
+    return size
+
+
+def load_yaml(text: str) -> Any:
+    """Parse params YAML: safe, YAML 1.2 booleans, bounded alias expansion (``_ParamsLoader``)."""
+    return yaml.load(text, Loader=_ParamsLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def _coerce_override(dotted: str, text: str) -> Any:
+    try:
+        return load_yaml(text)
+    except yaml.YAMLError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ParamError(f"cannot read the value {text!r}: {first}", param=dotted) from None
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -429,7 +486,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             node = node[part]
         if not isinstance(node, dict) or parts[-1] not in node:
             raise ParamError("unknown key in override", param=dotted)
-        node[parts[-1]] = _coerce_override(raw)
+        node[parts[-1]] = _coerce_override(dotted, raw)
     return data
 
 
@@ -438,7 +495,7 @@ def read_params_file(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ParamError(f"params file not found: {path}", param="--params")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = load_yaml(path.read_text())
     except yaml.YAMLError as exc:
         raise ParamError(f"{path} is not valid YAML: {exc}".replace("\n", " "), param="--params") from None
     if data is not None and not isinstance(data, dict):

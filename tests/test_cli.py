@@ -47,6 +47,9 @@ def project(tmp_path, tiny_run):
         ("download", "download.synthetic.num_samples=0", "download.synthetic.num_samples: Input should be greater than or equal to 1"),
         ("index", "index.reference.sizes=[200, 200]", "index.reference.sizes: sizes repeat: [200, 200]"),
         ("threshold", "threshold.fractoin=0.1", "-S: ") ,
+        ("threshold", "threshold.fraction=[0.1,", "threshold.fraction: cannot read the value '[0.1,': while parsing"),
+        ("threshold", "threshold.fraction=!!python/object/apply:os.system [echo]",
+         "threshold.fraction: cannot read the value '!!python/object/apply:os.system [echo]': could not determine a constructor"),
     ],
 )
 def test_bad_parameters_stop_with_one_line(project, stage, override, expected):

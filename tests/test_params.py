@@ -67,3 +67,47 @@ def test_params_hash_tracks_sections():
     assert a.hash("index") == b.hash("index")
     assert a.hash("threshold") != b.hash("threshold")
     assert a.hash() != b.hash()
+
+
+@pytest.mark.parametrize("value", ["no", "off", "yes", "on", "n", "y"])
+def test_documented_strings_stay_strings(tmp_path, value):
+    """YAML 1.1 reads no/off/yes as booleans; params files and -S overrides use YAML 1.2's
+    booleans (true/false), as DVC's parser does, so `resize_mode: no` stays the string."""
+    import yaml
+
+    from clipscrub.params import load_yaml
+
+    assert load_yaml(f"a: {value}") == {"a": value}
+    assert load_yaml("a: true\nb: False") == {"a": True, "b": False}
+    data = yaml.safe_load((REPO / "params.yaml").read_text())
+    (tmp_path / "p.yaml").write_text((REPO / "params.yaml").read_text().replace("resize_mode: keep_ratio", "resize_mode: no"))
+    assert load_params(tmp_path / "p.yaml").download.urls.resize_mode == "no"
+    assert apply_overrides(data, ["download.urls.resize_mode=no"])["download"]["urls"]["resize_mode"] == "no"
+    assert load_params(REPO / "params.yaml", ["download.urls.resize_mode=no"]).download.urls.resize_mode == "no"
+
+
+def test_alias_bomb_is_refused_before_it_expands(tmp_path):
+    """Nine levels of nine aliases: 9^9 values from a 1 KB file. Refused by its measured size."""
+    import time
+
+    lines = ['a: &a ["x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+    for i in range(8):
+        prev, name = chr(97 + i), chr(98 + i)
+        lines.append(f"{name}: &{name} [" + ", ".join([f"*{prev}"] * 9) + "]")
+    (tmp_path / "bomb.yaml").write_text("\n".join(lines) + "\n")
+    assert (tmp_path / "bomb.yaml").stat().st_size < 1024
+    t0 = time.perf_counter()
+    with pytest.raises(ParamError, match="aliases expand to more than 100,000 values") as err:
+        load_params(tmp_path / "bomb.yaml")
+    assert time.perf_counter() - t0 < 5  # measured, not built (a bound, not a timing target)
+    assert err.value.param == "--params"
+
+
+def test_small_aliases_still_work(tmp_path):
+    text = (REPO / "params.yaml").read_text()
+    assert text.count("  hist_bins: 40") == 2  # evaluate's, then report's
+    text = text.replace("  hist_bins: 40", "  hist_bins: &bins 40", 1)
+    i = text.rindex("  hist_bins: 40")
+    (tmp_path / "p.yaml").write_text(text[:i] + "  hist_bins: *bins" + text[i + len("  hist_bins: 40"):])
+    p = load_params(tmp_path / "p.yaml")
+    assert p.evaluate.hist_bins == p.report.hist_bins == 40
