@@ -70,9 +70,11 @@ def atomic_dir(out_dir: str | Path, *, param: str = "--root") -> Iterator[Path]:
     """
     out_dir = Path(out_dir)
     _check_writable(out_dir.parent, param)
-    # scratch left by a killed run (SIGKILL skips the cleanup below) would pile up otherwise
-    for stale in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
+    # scratch left by a killed run (SIGKILL skips the cleanup below) would pile up otherwise, and
+    # so would a replaced output a crash between the two renames below left behind
+    for pattern in (f".{out_dir.name}.tmp-*", f".{out_dir.name}.old-*"):
+        for stale in out_dir.parent.glob(pattern):
+            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:

@@ -29,3 +29,20 @@ def test_scratch_of_a_killed_run_is_removed_by_the_next(tmp_path):
         (tmp / "scores.parquet").write_text("new")
     assert sorted(p.name for p in tmp_path.iterdir()) == [".flags.tmp-cafe0000", "scores"]
     assert (tmp_path / "scores" / "scores.parquet").read_text() == "new"
+
+
+@pytest.mark.parametrize("leftover", [".scores.old-0badf00d", ".scores.tmp-0badf00d"])
+@pytest.mark.parametrize("kind", ["dir", "file"])
+def test_output_replaced_by_a_crashed_swap_is_removed_by_the_next_run(tmp_path, leftover, kind):
+    """A crash between the two renames of the swap leaves the replaced output as .<name>.old-*;
+    the next run of the stage sweeps it (and only its own)."""
+    stale = tmp_path / leftover
+    if kind == "dir":
+        stale.mkdir()
+        (stale / "scores.parquet").write_text("previous")
+    else:
+        stale.write_text("previous")
+    (tmp_path / ".flags.old-12345678").mkdir()
+    with atomic_dir(tmp_path / "scores") as tmp:
+        (tmp / "scores.parquet").write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".flags.old-12345678", "scores"]
