@@ -258,19 +258,53 @@ def find_neighbours(
     if k + max_self > r_n:
         raise ParamError(f"k ({k}) leaves too few reference entries ({r_n}) to choose from", param="index.k")
     cand = min(r_n, k + max_self + RERANK_MARGIN)
-    if index.method == "hnsw":
-        index.index.hnsw.efSearch = max(index.index.hnsw.efSearch, cand)
+    ef = index.index.hnsw.efSearch if index.method == "hnsw" else None
+    # how far faiss's float32 ||x||^2 + ||y||^2 - 2xy can be off: a few ulps of the norms involved
+    ref_sq_max = float(np.einsum("ij,ij->i", index.refs, index.refs).max()) if r_n else 0.0
     out_e = np.empty((q_n, k), dtype=np.int64)
     out_d = np.empty((q_n, k), dtype=np.float32)
-    for start in range(0, q_n, chunk_size):
-        stop = min(q_n, start + chunk_size)
-        q32 = _read(queries, start, stop)
-        _, idx = index.index.search(q32, cand)
-        sq = np.empty(idx.shape, dtype=np.float32)
-        safe = np.ascontiguousarray(np.maximum(idx, 0))  # faiss pads with -1 when it finds fewer
-        index.flat.compute_distance_subset(len(q32), faiss.swig_ptr(q32), cand, faiss.swig_ptr(sq), faiss.swig_ptr(safe))
-        out_e[start:stop], out_d[start:stop] = _rerank(idx, safe, sq, ref_owners, query_owners[start:stop], k)
+    try:
+        for start in range(0, q_n, chunk_size):
+            stop = min(q_n, start + chunk_size)
+            q32 = _read(queries, start, stop)
+            owners = query_owners[start:stop]
+            slack = BLAS_ULPS * np.finfo(np.float32).eps * (np.einsum("ij,ij->i", q32, q32) + ref_sq_max)
+            rows = np.arange(len(q32))
+            c = cand
+            while True:
+                e, d, widen = _search_rerank(index, q32[rows], c, ref_owners, owners[rows], k, slack[rows], ef)
+                out_e[start + rows], out_d[start + rows] = e, d
+                # faiss's list ended inside the rounding band around the k-th distance: entries past
+                # it may be nearer than the ones kept (a tight cluster); search those rows wider
+                if c >= r_n or not widen.any():
+                    break
+                rows, c = rows[widen], min(r_n, 4 * c)
+    finally:
+        if ef is not None:
+            index.index.hnsw.efSearch = ef
     return Neighbours(out_e, out_d)
+
+
+# faiss's squared distances from the BLAS formula err by about eps x (||x||^2 + ||y||^2); a
+# candidate list is trusted only if it reaches this many such errors beyond the k-th distance
+BLAS_ULPS = 16
+
+
+def _search_rerank(index: SearchIndex, q32: np.ndarray, cand: int, ref_owners: np.ndarray, owners: np.ndarray, k: int,
+                   slack: np.ndarray, ef: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``cand`` faiss candidates per query (Q, d), re-ranked exactly; returns entries (Q, k),
+    distances (Q, k) and whether each query's candidate list may have stopped short (Q,)."""
+    q32 = np.ascontiguousarray(q32)
+    if ef is not None:
+        index.index.hnsw.efSearch = max(ef, cand)
+    approx, idx = index.index.search(q32, cand)
+    sq = np.empty(idx.shape, dtype=np.float32)
+    safe = np.ascontiguousarray(np.maximum(idx, 0))  # faiss pads with -1 when it finds fewer
+    index.flat.compute_distance_subset(len(q32), faiss.swig_ptr(q32), cand, faiss.swig_ptr(sq), faiss.swig_ptr(safe))
+    e, d = _rerank(idx, safe, sq, ref_owners, owners, k)
+    last = approx[:, -1].astype(np.float64)
+    widen = (idx[:, -1] >= 0) & (last <= d[:, -1].astype(np.float64) ** 2 + 2 * slack)
+    return e, d, widen
 
 
 def _rerank(idx: np.ndarray, safe: np.ndarray, sq: np.ndarray, ref_owners: np.ndarray, owners: np.ndarray, k: int):

@@ -333,3 +333,26 @@ def test_normalised_distances_match_bruteforce_on_unit_vectors(tmp_path, modalit
     raw, _, _ = run_stages(tmp_path / "raw", image, text, modality=modality, mode="random", size=20, draws=2, k=4,
                            lid_k=6, seed=1)
     assert not np.allclose(raw["kdist_score"].to_numpy(), got["kdist_score"].to_numpy())
+
+
+@pytest.mark.parametrize("spread", [1.4e-4, 1e-6])
+def test_exact_search_is_exact_inside_a_tight_cluster(spread):
+    """faiss's flat index uses the BLAS formula for large query batches, whose float32 squared
+    distances round together below ~1e-7 relative: with more than k + margin cluster members in
+    that band, a fixed candidate list misses the true neighbours. The search widens such lists
+    until they reach past the band, so every k-distance equals the float64 brute force."""
+    from clipscrub.neighbours import build_search_index, find_neighbours
+    from clipscrub.params import SearchSettings
+
+    rng = np.random.default_rng(0)
+    n, d, k = 3000, 64, 64
+    x = (3 * rng.normal(size=(n, d))).astype(np.float32)
+    x[:200] = 3 * rng.normal(size=d).astype(np.float32) + spread * rng.normal(size=(200, d)).astype(np.float32)
+    index = build_search_index(x, method="exact", search=SearchSettings(), seed=0)
+    owners = np.arange(n)
+    found = find_neighbours(queries=x, query_owners=owners, index=index, ref_owners=owners, k=k, max_self=1)
+    x64 = x.astype(np.float64)
+    for i in range(0, 400, 7):  # cluster members and others
+        dist = np.sqrt(((x64 - x64[i]) ** 2).sum(axis=1))
+        dist[i] = np.inf
+        np.testing.assert_allclose(found.distances[i], np.sort(dist)[:k], rtol=1e-5, atol=1e-9, err_msg=str(i))
