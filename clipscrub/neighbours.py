@@ -271,14 +271,19 @@ def find_neighbours(
             slack = BLAS_ULPS * np.finfo(np.float32).eps * (np.einsum("ij,ij->i", q32, q32) + ref_sq_max)
             rows = np.arange(len(q32))
             c = cand
-            while True:
-                e, d, widen = _search_rerank(index, q32[rows], c, ref_owners, owners[rows], k, slack[rows], ef)
-                out_e[start + rows], out_d[start + rows] = e, d
+            while len(rows):
+                again = []
+                # a widened search holds (rows, c) results: batch it so memory stays bounded
+                step = max(1, WIDEN_BUDGET // c) if c > cand else len(rows)
+                for b in range(0, len(rows), step):
+                    sub = rows[b : b + step]
+                    e, d, widen = _search_rerank(index, q32[sub], c, ref_owners, owners[sub], k, slack[sub], ef)
+                    out_e[start + sub], out_d[start + sub] = e, d
+                    again.append(sub[widen])
                 # faiss's list ended inside the rounding band around the k-th distance: entries past
                 # it may be nearer than the ones kept (a tight cluster); search those rows wider
-                if c >= r_n or not widen.any():
-                    break
-                rows, c = rows[widen], min(r_n, 4 * c)
+                rows = np.concatenate(again) if c < r_n else rows[:0]
+                c = min(r_n, 4 * c)
     finally:
         if ef is not None:
             index.index.hnsw.efSearch = ef
@@ -288,6 +293,8 @@ def find_neighbours(
 # faiss's squared distances from the BLAS formula err by about eps x (||x||^2 + ||y||^2); a
 # candidate list is trusted only if it reaches this many such errors beyond the k-th distance
 BLAS_ULPS = 16
+# candidates held at once by a widened search (rows x candidates), about 400 MB of results
+WIDEN_BUDGET = 1 << 25
 
 
 def _search_rerank(index: SearchIndex, q32: np.ndarray, cand: int, ref_owners: np.ndarray, owners: np.ndarray, k: int,
@@ -303,7 +310,10 @@ def _search_rerank(index: SearchIndex, q32: np.ndarray, cand: int, ref_owners: n
     index.flat.compute_distance_subset(len(q32), faiss.swig_ptr(q32), cand, faiss.swig_ptr(sq), faiss.swig_ptr(safe))
     e, d = _rerank(idx, safe, sq, ref_owners, owners, k)
     last = approx[:, -1].astype(np.float64)
-    widen = (idx[:, -1] >= 0) & (last <= d[:, -1].astype(np.float64) ** 2 + 2 * slack)
+    kth = d[:, -1].astype(np.float64)
+    # k entries at exactly 0 (duplicates, e.g. a placeholder image copied thousands of times):
+    # nothing can be nearer, so the list is complete however many more copies there are
+    widen = (idx[:, -1] >= 0) & (kth > 0) & (last <= kth**2 + 2 * slack)
     return e, d, widen
 
 

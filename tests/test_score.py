@@ -356,3 +356,30 @@ def test_exact_search_is_exact_inside_a_tight_cluster(spread):
         dist = np.sqrt(((x64 - x64[i]) ** 2).sum(axis=1))
         dist[i] = np.inf
         np.testing.assert_allclose(found.distances[i], np.sort(dist)[:k], rtol=1e-5, atol=1e-9, err_msg=str(i))
+
+
+def test_widening_stops_at_exact_duplicates_and_batches_its_rows(monkeypatch):
+    """500 copies of one image (a placeholder): k copies at distance 0 end the search, however
+    many more there are; a near-duplicate cluster widened in small batches (a tiny memory budget)
+    gets the same neighbours as in one batch."""
+    import clipscrub.neighbours as nbr
+    from clipscrub.params import SearchSettings
+
+    rng = np.random.default_rng(1)
+    x = (3 * rng.normal(size=(2000, 32))).astype(np.float32)
+    x[:500] = x[0]
+    x[500:800] = x[500] + 1e-5 * rng.normal(size=(300, 32)).astype(np.float32)
+    index = nbr.build_search_index(x, method="exact", search=SearchSettings(), seed=0)
+    owners = np.arange(2000)
+    run = lambda: nbr.find_neighbours(queries=x, query_owners=owners, index=index, ref_owners=owners, k=40, max_self=1)
+    whole = run()
+    assert (whole.distances[:500] == 0).all()
+    monkeypatch.setattr(nbr, "WIDEN_BUDGET", 1000)
+    batched = run()
+    np.testing.assert_array_equal(batched.distances, whole.distances)
+    np.testing.assert_array_equal(batched.entries, whole.entries)
+    x64 = x.astype(np.float64)
+    for i in (500, 650, 799):
+        dist = np.sqrt(((x64 - x64[i]) ** 2).sum(axis=1))
+        dist[i] = np.inf
+        np.testing.assert_allclose(whole.distances[i], np.sort(dist)[:40], rtol=1e-5, atol=1e-9)
