@@ -277,7 +277,9 @@ def find_neighbours(
                 step = max(1, WIDEN_BUDGET // c) if c > cand else len(rows)
                 for b in range(0, len(rows), step):
                     sub = rows[b : b + step]
-                    e, d, widen = _search_rerank(index, q32[sub], c, ref_owners, owners[sub], k, slack[sub], ef)
+                    whole = len(sub) == len(q32)  # the first pass: no copy of the chunk
+                    e, d, widen = _search_rerank(index, q32 if whole else q32[sub], c, ref_owners,
+                                                 owners if whole else owners[sub], k, slack[sub], ef)
                     out_e[start + sub], out_d[start + sub] = e, d
                     again.append(sub[widen])
                 # faiss's list ended inside the rounding band around the k-th distance: entries past
