@@ -7,12 +7,15 @@ costs 2 GiB of RSS; ``RowReader`` maps the file only for the duration of one rea
 
 from __future__ import annotations
 
+import errno
+import os
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
 from clipscrub.errors import DataError
+from clipscrub.io import disk_full_error, fmt_bytes
 
 EMBEDDING_DTYPES = ("float32", "float16")
 
@@ -22,6 +25,31 @@ def unit_rows(rows: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(rows, axis=1, keepdims=True)
     rows /= np.where(norms > 0, norms, 1.0)
     return rows
+
+
+def create_npy(path: str | Path, *, dtype: np.dtype | str | type, shape: tuple[int, ...],
+               param: str = "--root") -> np.memmap:
+    """A writable .npy memory map of ``shape`` whose disk blocks are reserved before it is used.
+
+    ``open_memmap`` makes a sparse file: on a full disk the kernel finds out only when it writes a
+    dirty page back, and the process dies of SIGBUS with no message. Reserving the blocks turns
+    that into ENOSPC here, with the size it needs.
+    """
+    path = Path(path)
+    arr = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+    size = path.stat().st_size
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            del arr
+            raise disk_full_error(path, needed=f"it needs {fmt_bytes(size)}", param=param) from None
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # a filesystem without fallocate: go on sparse
+            raise
+    finally:
+        os.close(fd)
+    return arr
 
 
 class RowReader:

@@ -3,29 +3,44 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
+import glob
 import hashlib
 import json
 import os
 import shutil
+import socket
+import threading
 import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
 import polars as pl
 
-from clipscrub.errors import DataError, ParamError
+from clipscrub.errors import ClipscrubError, DataError, ParamError
 
 LINEAGE_FILE = "lineage.json"
 _PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 _CODE_DIRS = ("clipscrub", "stages", "flows")
 
 
+# A stage checks its inputs against their lineage and then records their hashes in its own:
+# keyed by the file's identity and version, the second hash of a multi-GB array is free.
+_HASHES: dict[tuple[int, int, int, int], str] = {}
+
+
 def sha256_file(path: str | Path, *, chunk: int = 1 << 20) -> str:
+    st = os.stat(path)
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    if key in _HASHES:
+        return _HASHES[key]
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
-    return h.hexdigest()
+    _HASHES[key] = h.hexdigest()
+    return _HASHES[key]
 
 
 def sha256_path(path: str | Path) -> str:
@@ -61,30 +76,145 @@ def _check_writable(parent: Path, param: str) -> None:
         raise ParamError(f"output directory {parent} is not writable", param=param)
 
 
+def _scratch_suffix() -> str:
+    # the owner's pid and host in the name: a run sweeps only scratch whose owner is gone
+    return f"{uuid.uuid4().hex[:8]}-{os.getpid()}-{socket.gethostname()}"
+
+
+def _owner_alive(suffix: str) -> bool:
+    """Whether the process named in a scratch suffix (``<hex>-<pid>-<host>``) still runs."""
+    parts = suffix.split("-", 2)
+    if len(parts) < 3 or not parts[1].isdigit():
+        return False  # no owner recorded: left by an older clipscrub
+    pid, host = int(parts[1]), parts[2]
+    if host != socket.gethostname():
+        return True  # another machine's process (a shared filesystem): we cannot tell, so keep it
+    if pid == os.getpid():
+        return False  # our own scratch from an earlier block would have been removed by it
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _sweep_dead_scratch(parent: Path, name: str) -> None:
+    # scratch left by a killed run (SIGKILL skips the cleanup) would pile up otherwise, and so
+    # would a replaced output a crash between the swap's two renames left behind; a live run's
+    # scratch (another process writing the same output) is not ours to remove
+    for prefix in (f".{name}.tmp-", f".{name}.old-"):
+        for stale in parent.glob(glob.escape(prefix) + "*"):
+            if not _owner_alive(stale.name[len(prefix):]):
+                shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+
+
+def _tree_bytes(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
+
+
+def _is_disk_full(exc: BaseException | None) -> bool:
+    if isinstance(exc, ClipscrubError):
+        return False  # already says what to do (create_npy names the space it needs)
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        # polars and pyarrow report the OS error inside their own exception's text
+        if "No space left on device" in str(exc) or "os error 28" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def disk_full_error(out: Path, *, needed: str, param: str = "--root") -> DataError:
+    free = shutil.disk_usage(out.parent).free
+    return DataError(f"no space left on the device writing {out}: {needed}, {fmt_bytes(free)} free; free some "
+                     f"space or write to another {param} (nothing was published)", param=param)
+
+
+def fmt_bytes(n: float) -> str:
+    unit = "B"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024:
+            break
+        n /= 1024
+    return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+
+
+def seal_outputs(out_dir: Path) -> None:
+    """Record the sha256 of every file of a stage's output in its lineage.json (``outputs``), so a
+    downstream stage can check that it reads what this stage wrote (``check_outputs``)."""
+    path = out_dir / LINEAGE_FILE
+    lineage = read_json(path)
+    lineage["outputs"] = {
+        p.relative_to(out_dir).as_posix(): sha256_file(p)
+        for p in sorted(out_dir.rglob("*")) if p.is_file() and p != path
+    }
+    write_json(path, lineage)
+
+
+def check_outputs(out_dir: str | Path, *, stage: str, root: str | Path) -> None:
+    """Raise unless every file ``stage`` recorded in ``out_dir``'s lineage.json is there with the
+    recorded content: a truncated, edited or swapped intermediate is never used.
+
+    ``out_dir`` missing is left to the reading stage (its own "not found, run ..." message).
+    """
+    out_dir = Path(out_dir)
+    rerun = f"rerun the {stage} stage (clipscrub {stage} --root {root}, or dvc repro)"
+    if not out_dir.exists():
+        return
+    path = out_dir / LINEAGE_FILE
+    try:
+        outputs = read_json(path)["outputs"]
+        if not isinstance(outputs, dict):
+            raise TypeError
+    except FileNotFoundError:
+        raise DataError(f"{out_dir} has no {LINEAGE_FILE}, so nothing says the {stage} stage wrote it: {rerun}",
+                        param=stage) from None
+    except (OSError, ValueError, KeyError, TypeError):
+        raise DataError(f"{path} is unreadable or records no output hashes (written by an older clipscrub?): "
+                        f"{rerun}", param=stage) from None
+    for rel, want in sorted(outputs.items()):
+        p = out_dir / rel
+        if Path(rel).is_absolute() or ".." in Path(rel).parts:
+            raise DataError(f"{path} names a file outside its directory ({rel!r}): {rerun}", param=stage)
+        if not p.is_file():
+            raise DataError(f"{p} is missing, though the {stage} stage wrote it: {rerun}", param=stage)
+        if sha256_file(p) != want:
+            raise DataError(f"{p} is not the file the {stage} stage wrote (its sha256 differs from the one in "
+                            f"{path}; truncated or edited?): {rerun}", param=stage)
+
+
 @contextlib.contextmanager
 def atomic_dir(out_dir: str | Path, *, param: str = "--root") -> Iterator[Path]:
     """Yield a scratch directory that replaces ``out_dir`` only if the block succeeds.
 
     A failed or killed stage leaves no output that looks complete: the scratch directory is a
-    hidden sibling, removed on error, and the swap is a rename on the same filesystem.
+    hidden sibling, removed on error, and the swap is a rename on the same filesystem. A
+    lineage.json in the scratch is sealed with the hash of every other file before the swap.
     """
     out_dir = Path(out_dir)
     _check_writable(out_dir.parent, param)
-    # scratch left by a killed run (SIGKILL skips the cleanup below) would pile up otherwise, and
-    # so would a replaced output a crash between the two renames below left behind
-    for pattern in (f".{out_dir.name}.tmp-*", f".{out_dir.name}.old-*"):
-        for stale in out_dir.parent.glob(pattern):
-            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+    _sweep_dead_scratch(out_dir.parent, out_dir.name)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{_scratch_suffix()}"
     tmp.mkdir()
     try:
         yield tmp
-    except BaseException:
+        if (tmp / LINEAGE_FILE).is_file():
+            seal_outputs(tmp)
+    except BaseException as exc:
+        written = _tree_bytes(tmp)
         shutil.rmtree(tmp, ignore_errors=True)
+        if _is_disk_full(exc):
+            raise disk_full_error(out_dir, needed=f"{fmt_bytes(written)} were written before the disk filled",
+                                  param=param) from None
         raise
     old = None
     if out_dir.exists():
-        old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
+        old = out_dir.parent / f".{out_dir.name}.old-{_scratch_suffix()}"
         out_dir.rename(old)
     tmp.rename(out_dir)
     if old is not None:
@@ -96,13 +226,60 @@ def atomic_file(path: str | Path, *, param: str = "--root") -> Iterator[Path]:
     """Yield a scratch file path that is renamed onto ``path`` only if the block succeeds."""
     path = Path(path)
     _check_writable(path.parent, param)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = path.parent / f".{path.name}.tmp-{_scratch_suffix()}"
     try:
         yield tmp
-    except BaseException:
+    except BaseException as exc:
+        written = tmp.stat().st_size if tmp.is_file() else 0
         tmp.unlink(missing_ok=True)
+        if _is_disk_full(exc):
+            raise disk_full_error(path, needed=f"{fmt_bytes(written)} were written before the disk filled",
+                                  param=param) from None
         raise
     os.replace(tmp, path)
+
+
+_LOCKS: dict[str, list[int]] = {}  # resolved root -> [fd, depth]
+_LOCKS_GUARD = threading.Lock()
+LOCK_FILE = Path(".clipscrub") / "lock"
+
+
+@contextlib.contextmanager
+def root_lock(root: str | Path, *, param: str = "--root") -> Iterator[None]:
+    """Hold ``root`` for this process: a second clipscrub process on the same data root stops with
+    the holder's pid instead of mixing its outputs (or its scratch) with ours.
+
+    An flock, so a killed holder releases it with its last file descriptor; re-entrant within a
+    process (the flow holds the root and runs each stage, which takes it again).
+    """
+    root = Path(root)
+    _check_writable(root, param)
+    key = str(root.resolve())
+    with _LOCKS_GUARD:
+        if key in _LOCKS:
+            _LOCKS[key][1] += 1
+            fd = None
+        else:
+            path = root / LOCK_FILE
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise ParamError(f"another clipscrub process (pid {holder}) is writing to {root}: wait for it to "
+                                 f"finish, or use another {param}", param=param) from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+            _LOCKS[key] = [fd, 1]
+    try:
+        yield
+    finally:
+        with _LOCKS_GUARD:
+            _LOCKS[key][1] -= 1
+            if _LOCKS[key][1] == 0:
+                os.close(_LOCKS.pop(key)[0])  # closing the last descriptor releases the flock
 
 
 def write_json(path: str | Path, data: Any) -> None:

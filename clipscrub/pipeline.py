@@ -228,6 +228,30 @@ STAGES: dict[str, Callable[[Params, Layout], dict[str, Any]]] = {
 }
 
 
+def producer(output: str) -> str:
+    """The stage that writes the Layout attribute ``output``."""
+    return next(stage for stage, spec in SPECS.items() if output in spec.outputs)
+
+
+def check_upstream(name: str, params: Params, root: str | Path) -> None:
+    """Raise unless each upstream output ``name`` reads holds what its stage recorded writing."""
+    from clipscrub.io import check_outputs
+
+    layout = Layout(Path(root))
+    for inp in SPECS[name].inputs:
+        if name == "embed" and inp == "model" and not params.train.enabled:
+            continue
+        check_outputs(getattr(layout, inp), stage=producer(inp), root=root)
+
+
 def run_stage(name: str, params: Params, root: str | Path = "data") -> dict[str, Any]:
-    """Run one stage on the layout under ``root``; return its summary."""
-    return STAGES[name](params, Layout(Path(root)))
+    """Run one stage on the layout under ``root``; return its summary.
+
+    The root is held for the stage (one clipscrub process per data root), and the upstream
+    outputs are checked against the hashes their lineage recorded before they are read.
+    """
+    from clipscrub.io import root_lock
+
+    with root_lock(root):
+        check_upstream(name, params, root)
+        return STAGES[name](params, Layout(Path(root)))

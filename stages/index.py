@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from clipscrub.arrays import RowReader
+from clipscrub.arrays import RowReader, create_npy
 from clipscrub.errors import DataError
 from clipscrub.io import atomic_dir, read_json, require_file, write_json, write_lineage
 from clipscrub.neighbours import entry_owners, read_trusted_rows, reference_sets, search_draw, self_entries_per_query
@@ -94,7 +94,7 @@ def build_index(
             (tmp / rs.name).mkdir()
             np.save(tmp / rs.name / "ref_rows.npy", rs.rows)
             out = {
-                name: np.lib.format.open_memmap(tmp / rs.name / f"{name}.npy", mode="w+", dtype=dtype, shape=shape)
+                name: create_npy(tmp / rs.name / f"{name}.npy", dtype=dtype, shape=shape)
                 for name, dtype, shape in (
                     ("neighbours", np.int64, (draws, n, settings.k)),
                     ("distances", np.float32, (draws, n, settings.k)),

@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from clipscrub.cli import main
+from clipscrub.io import LOCK_FILE, seal_outputs
 from clipscrub.params import parse_params
 from clipscrub.pipeline import run_stage
 from tests.conftest import tiny_params_dict
@@ -177,13 +178,62 @@ def corrupt_manifest(p):
     return ["embed"]
 
 
-def repeated_id_in_manifest(p):
+def _repeat_an_id(p):
     p.copy("raw", "model")
     path = p.data / "raw" / "manifest.parquet"
     m = pl.read_parquet(path)
     m.with_columns(pl.when(pl.col("id") == 7).then(6).otherwise(pl.col("id")).alias("id")).write_parquet(path)
     p.params()
+
+
+def edited_manifest(p):
+    _repeat_an_id(p)
     return ["embed"]
+
+
+def repeated_id_in_manifest(p):
+    """An upstream that really wrote a repeated id (its lineage agrees): embed's suite catches it."""
+    _repeat_an_id(p)
+    seal_outputs(p.data / "raw")
+    return ["embed"]
+
+
+def _edit_array(p, stage: str, name: str, edit) -> None:
+    path = next((p.data / stage).rglob(name))
+    arr = np.load(path)
+    np.save(path, edit(arr))
+
+
+def truncated_neighbours(p):
+    p.copy("embeddings", "index")
+    path = next((p.data / "index").rglob("neighbours.npy"))
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    p.params()
+    return ["score"]
+
+
+def edited_neighbours(p):
+    """Same shape, same dtype, other values: only the content hash can tell."""
+    p.copy("embeddings", "index")
+    _edit_array(p, "index", "neighbours.npy", lambda a: a[:, ::-1].copy())
+    p.params()
+    return ["score"]
+
+
+def edited_scores(p):
+    p.copy("scores")
+    path = p.data / "scores" / "scores.parquet"
+    scores = pl.read_parquet(path)
+    scores.with_columns(pl.col("kdist_score").reverse()).write_parquet(path)
+    p.params()
+    return ["threshold"]
+
+
+def upstream_without_lineage(p):
+    p.copy("raw", "scores", "flags")
+    (p.data / "flags" / "lineage.json").unlink()
+    p.params()
+    return ["filter"]
 
 
 def trusted_ids_not_in_dataset(p):
@@ -224,7 +274,17 @@ CASES: list[tuple[Callable[[Project], list[str]], str, list[str]]] = [
     (checkpoint_of_another_model, "embeddings", ["embed.checkpoint: checkpoint", "does not fit model 'tiny-wide': Error(s) in loading state_dict for CLIP: size mismatch for"]),
     (output_not_writable, "raw", ["--root: cannot create output directory", "file/data: Not a directory"]),
     (upstream_output_missing, "scores", ["--index: index not found:", "(run the upstream stage first)"]),
-    (corrupt_manifest, "embeddings", ["--raw: cannot read the manifest data/raw/manifest.parquet: parquet: "]),
+    (corrupt_manifest, "embeddings",
+     ["download: data/raw/manifest.parquet is not the file the download stage wrote (its sha256 differs from the one "
+      "in data/raw/lineage.json; truncated or edited?): rerun the download stage (clipscrub download --root data, "
+      "or dvc repro)"]),
+    (edited_manifest, "embeddings", ["download: data/raw/manifest.parquet is not the file the download stage wrote"]),
+    (truncated_neighbours, "scores", ["index: data/index/", "/neighbours.npy is not the file the index stage wrote",
+                                      "rerun the index stage (clipscrub index --root data, or dvc repro)"]),
+    (edited_neighbours, "scores", ["index: data/index/", "/neighbours.npy is not the file the index stage wrote"]),
+    (edited_scores, "flags", ["score: data/scores/scores.parquet is not the file the score stage wrote"]),
+    (upstream_without_lineage, "clean", ["threshold: data/flags has no lineage.json, so nothing says the threshold "
+                                         "stage wrote it: rerun the threshold stage"]),
     (repeated_id_in_manifest, "embeddings",
      ["embed: validation failed: embed.embeddings: expect_column_values_to_be_unique(id): 2 of 400 rows, e.g. ids [6, 6]"]),
     (trusted_ids_not_in_dataset, "index", ["index.reference.path: 1 trusted ids are not embedded samples of this dataset, e.g. [99999]"]),
@@ -240,6 +300,8 @@ def test_bad_input_stops_with_a_message_and_no_output(tiny_run, tiny_model, tmp_
     monkeypatch.chdir(tmp_path)
     args = case(project)
     argv = [args[0], "-p", "params.yaml", "--root", "data", *args[1:]]
+    # the root's lock file is not an output: it stays, as a lock file must (see clipscrub.io.root_lock)
+    lock = (project.data / LOCK_FILE).relative_to(tmp_path).as_posix()
     before = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if "validation" not in p.parts)
     capsys.readouterr()
     assert main(argv) == 2
@@ -249,7 +311,9 @@ def test_bad_input_stops_with_a_message_and_no_output(tiny_run, tiny_model, tmp_
     for fragment in fragments:
         assert fragment in err, err
     assert not (project.data / output).exists()
-    after = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if "validation" not in p.parts)
+    after = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")
+                   if "validation" not in p.parts and p.relative_to(tmp_path).as_posix() not in (lock, str(Path(lock).parent)))
+    before = [b for b in before if b not in (lock, str(Path(lock).parent))]
     # nothing published, nothing half-written: only the data docs a failed validation writes
     assert after == before
     if "validation failed" in err:

@@ -2,9 +2,24 @@
 
 from __future__ import annotations
 
-import pytest
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
-from clipscrub.io import atomic_dir
+import numpy as np
+import polars as pl
+import pytest
+import yaml
+
+from clipscrub.arrays import create_npy
+from clipscrub.cli import main
+from clipscrub.errors import DataError, ParamError
+from clipscrub.io import LINEAGE_FILE, LOCK_FILE, atomic_dir, check_outputs, root_lock, sha256_file, write_json
+from tests.conftest import tiny_params_dict
 
 
 def test_failed_block_leaves_nothing_and_keeps_the_old_output(tmp_path):
@@ -46,3 +61,155 @@ def test_output_replaced_by_a_crashed_swap_is_removed_by_the_next_run(tmp_path, 
     with atomic_dir(tmp_path / "scores") as tmp:
         (tmp / "scores.parquet").write_text("new")
     assert sorted(p.name for p in tmp_path.iterdir()) == [".flags.old-12345678", "scores"]
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_only_scratch_of_dead_owners_is_swept(tmp_path):
+    """Two runs writing the same output: one must not delete the scratch the other is writing."""
+    host = socket.gethostname()
+    live = tmp_path / f".index.tmp-aaaa0000-{os.getppid()}-{host}"  # our parent: alive
+    dead = tmp_path / f".index.tmp-bbbb0000-{_dead_pid()}-{host}"
+    elsewhere = tmp_path / f".index.tmp-cccc0000-1-another-host.example"  # cannot tell: keep
+    for d in (live, dead, elsewhere):
+        d.mkdir()
+    with atomic_dir(tmp_path / "index") as tmp:
+        assert f"-{os.getpid()}-{host}" in tmp.name
+        (tmp / "x").write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, elsewhere.name, "index"])
+
+
+HOLD = """
+import sys, time
+from clipscrub.io import root_lock
+with root_lock(sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_second_process_on_a_root_is_refused_with_the_holders_pid(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path)], stdout=subprocess.PIPE, text=True,
+                              cwd=Path(__file__).resolve().parent.parent)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(ParamError, match=rf"another clipscrub process \(pid {holder.pid} on .+\) is writing to"):
+            with root_lock(tmp_path):
+                pass
+    finally:
+        holder.kill()  # SIGKILL: no cleanup runs, the kernel releases the flock with the process
+        holder.wait()
+    with root_lock(tmp_path):
+        with root_lock(tmp_path):  # re-entrant within a process (the flow holds it around its stages)
+            pass
+    assert (tmp_path / LOCK_FILE).read_text().startswith(f"{os.getpid()} on ")
+
+
+def test_two_cli_stages_on_one_root_do_not_run_at_once(tiny_run, tmp_path, monkeypatch, capsys):
+    """The failure this prevents: a second embed resumed the first one's parts, mixing two models."""
+    root = tmp_path / "data"
+    shutil.copytree(tiny_run[0] / "embeddings", root / "embeddings")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params_dict()))
+    monkeypatch.chdir(tmp_path)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, "data"], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert main(["index", "--root", "data"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith(f"clipscrub: error: --root: another clipscrub process (pid {holder.pid} on "), err
+        assert err.endswith("is writing to data: wait for it to finish, or use another --root"), err
+        assert not (root / "index").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_sealed_outputs_are_checked_file_by_file(tmp_path):
+    out = tmp_path / "scores"
+    with atomic_dir(out) as tmp:
+        (tmp / "a.bin").write_bytes(b"abc")
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "b.bin").write_bytes(b"def")
+        write_json(tmp / LINEAGE_FILE, {"stages": {}})
+    recorded = json.loads((out / LINEAGE_FILE).read_text())["outputs"]
+    assert recorded == {"a.bin": sha256_file(out / "a.bin"), "sub/b.bin": sha256_file(out / "sub" / "b.bin")}
+    check_outputs(out, stage="score", root=tmp_path)
+    (out / "sub" / "b.bin").write_bytes(b"deg")  # same size, other content
+    with pytest.raises(DataError, match=r"sub/b.bin is not the file the score stage wrote"):
+        check_outputs(out, stage="score", root=tmp_path)
+    (out / "sub" / "b.bin").unlink()
+    with pytest.raises(DataError, match=r"sub/b.bin is missing, though the score stage wrote it"):
+        check_outputs(out, stage="score", root=tmp_path)
+    write_json(out / LINEAGE_FILE, {"stages": {}, "outputs": {"../../etc/passwd": "0" * 64}})
+    with pytest.raises(DataError, match=r"names a file outside its directory"):
+        check_outputs(out, stage="score", root=tmp_path)
+
+
+def test_a_file_rewritten_in_place_is_hashed_again(tmp_path):
+    """The hash memo is keyed by the file's identity and version, never by its path alone."""
+    path = tmp_path / "x.bin"
+    path.write_bytes(b"one")
+    first = sha256_file(path)
+    path.write_bytes(b"two")
+    assert sha256_file(path) != first
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MiB tmpfs: a real full disk (ENOSPC from the kernel), not a mocked one. Needs root."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=True)
+
+
+def test_disk_full_in_a_stage_is_one_line_and_leaves_nothing(small_disk):
+    out = small_disk / "scores"
+    with pytest.raises(DataError) as err:
+        with atomic_dir(out) as tmp:
+            (tmp / "big.bin").write_bytes(b"\0" * (2 << 20))
+    assert str(err.value).startswith(f"--root: no space left on the device writing {out}: ")
+    assert "were written before the disk filled" in str(err.value) and "nothing was published" in str(err.value)
+    assert list(small_disk.iterdir()) == []
+
+
+def test_disk_full_in_polars_is_recognised(small_disk):
+    frame = pl.DataFrame({"x": np.random.default_rng(0).random(400_000)})
+    with pytest.raises(DataError, match="no space left on the device writing"):
+        with atomic_dir(small_disk / "scores") as tmp:
+            frame.write_parquet(tmp / "scores.parquet", compression="uncompressed")
+    assert list(small_disk.iterdir()) == []
+
+
+def test_a_memory_mapped_array_reserves_its_blocks_first(small_disk):
+    """Without the reservation the kernel would SIGBUS the process on writing a page back."""
+    with pytest.raises(DataError, match=r"no space left on the device writing .*big.npy: it needs 3.8 MiB, "):
+        create_npy(small_disk / "big.npy", dtype=np.float32, shape=(1000, 1000))
+    arr = create_npy(small_disk / "ok.npy", dtype=np.float32, shape=(10, 10))
+    assert arr.shape == (10, 10) and (small_disk / "ok.npy").stat().st_blocks * 512 >= 400
+
+
+def test_index_on_a_full_disk_stops_with_the_space_it_needs(tiny_run, small_disk, tmp_path, monkeypatch, capsys):
+    root = small_disk / "data"
+    shutil.copytree(tiny_run[0] / "embeddings", root / "embeddings")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params_dict()))
+    monkeypatch.chdir(tmp_path)
+    filler = small_disk / "filler"  # leave less room than one neighbour array
+    free = shutil.disk_usage(small_disk).free
+    filler.write_bytes(b"\0" * max(0, free - 64 * 1024))
+    capsys.readouterr()
+    assert main(["index", "--root", str(root)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"clipscrub: error: --root: no space left on the device writing {root}/.index.tmp-"), err
+    assert "neighbours.npy: it needs " in err and "nothing was published" in err, err
+    assert sorted(p.name for p in root.iterdir()) == [".clipscrub", "embeddings"]
