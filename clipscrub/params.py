@@ -119,7 +119,8 @@ class UrlsSettings(_Section):
     encode_format: Literal["jpg", "png", "webp"] = "jpg"
     encode_quality: int = Field(95, ge=1, le=100)
     min_image_size: int = Field(0, ge=0)
-    max_aspect_ratio: float | None = Field(None, gt=0)  # null: no limit
+    # null: 50, the most allowed (clipscrub.shards.MAX_ASPECT_RATIO: embed's resize grows with the ratio)
+    max_aspect_ratio: float | None = Field(None, gt=0, le=50)
     max_image_area: float | None = Field(None, gt=0)  # pixels; null: no limit
     user_agent_token: str | None = None
     disallowed_header_directives: list[str] = Field(

@@ -10,18 +10,30 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
 import braceexpand
+import numpy as np
 import webdataset as wds
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from clipscrub.errors import DataError
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 PIL_FORMAT_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
+# open_clip's preprocess resizes an image's short side to the model's input size S (224-448)
+# before cropping, so the resized image holds S * S * ratio pixels: bounding the aspect ratio
+# bounds that work for every model (50:1 at S = 448: 10 M pixels, 30 MB). A 1 x 3,000,000 PNG is
+# 6 KB and within PIL's pixel limit, yet at S = 32 it asks for 9 GB.
+MAX_ASPECT_RATIO = 50
+# which characters of a key may not reach a tar member name as they are (see safe_key)
+_UNSAFE_KEY_CHARS = frozenset("%/\\.")
+# a memory address in an error message: "<_io.BytesIO object at 0x7f...>"
+ADDRESS_PATTERN = r"\s*<[^<>]* at 0x[0-9a-fA-F]+>|\s+at 0x[0-9a-fA-F]+"
+_ADDRESS = re.compile(ADDRESS_PATTERN)
 
 
 def shard_writer(shard_dir: Path, shard_size: int) -> wds.ShardWriter:
@@ -88,11 +100,60 @@ def caption_of(sample: dict[str, Any]) -> str | None:
     return None
 
 
-def decode_image(data: bytes) -> tuple[Image.Image, str]:
-    """Fully decode image bytes: (RGB image, format extension such as ``jpg``, or ``other``).
+def safe_key(key: str) -> str:
+    """``key`` as a tar member name that stays in the folder a shard unpacks into: ``%``, ``/``,
+    ``\\`` and ``.`` are percent-encoded (``../x`` -> ``%2E%2E%2Fx``), so no separator, ``..``
+    or leading ``/`` survives and distinct keys stay distinct; a key without them is unchanged.
+    Dots go too: webdataset ends a key at the first dot of a member's base name."""
+    if not _UNSAFE_KEY_CHARS.intersection(key):
+        return key
+    return "".join(f"%{ord(c):02X}" if c in _UNSAFE_KEY_CHARS else c for c in key)
 
-    Raises ``ValueError`` with a short reason. A full ``load`` rather than ``verify``: truncated
-    JPEGs pass ``verify`` and fail later, in the embed stage.
+
+def stable_message(text: str) -> str:
+    """``text`` without memory addresses (``<_io.BytesIO object at 0x7f...>``), so identical
+    inputs give identical manifests."""
+    return _ADDRESS.sub("", text)
+
+
+def aspect_ratio_error(width: int, height: int) -> str | None:
+    """Why an image of this size is refused (see ``MAX_ASPECT_RATIO``), or None."""
+    long, short = max(width, height), min(width, height)
+    if short <= 0:
+        return f"image has no pixels ({width}x{height})"
+    if long > MAX_ASPECT_RATIO * short:
+        ratio = f"{long / short:.1f}".removesuffix(".0")
+        return f"image aspect ratio {ratio}:1 exceeds {MAX_ASPECT_RATIO}:1 ({width}x{height} pixels)"
+    return None
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """``img`` as 8-bit RGB, scaling what PIL's ``convert`` would clip (16-bit mid-grey to white,
+    float 0.5 to black): 16-bit greys (``I;16*``, and ``I`` holding 0..65535, as 16-bit PNGs and
+    TIFFs load) by 255/65535; other 32-bit integers from 0..2**31-1; floats (``F``) from 0..1 when
+    no value exceeds 1, else clipped to 0..255 (NaN is 0)."""
+    if not (img.mode.startswith("I") or img.mode == "F"):
+        return img.convert("RGB")
+    x = np.asarray(img).astype(np.float64)
+    if img.mode == "F":
+        finite = x[np.isfinite(x)]
+        x = np.nan_to_num(x * (255.0 if finite.size and finite.max() <= 1 else 1.0), nan=0.0)
+    else:
+        top = 65535 if img.mode != "I" or x.max(initial=0) <= 65535 else 2**31 - 1
+        x = x * (255.0 / top)
+    return Image.fromarray(np.round(np.clip(x, 0, 255)).astype(np.uint8)).convert("RGB")
+
+
+class _Refused(Exception):
+    """An image decode_image will not decode (its reason is the message)."""
+
+
+def decode_image(data: bytes) -> tuple[Image.Image, str]:
+    """Fully decode image bytes: (8-bit RGB image, format extension such as ``jpg``, or ``other``).
+
+    Raises ``ValueError`` with a short reason that is the same for the same bytes. A full
+    ``load`` rather than ``verify``: truncated JPEGs pass ``verify`` and fail later, in the embed
+    stage. The aspect ratio is checked from the header first, before any pixel is decoded.
     """
     if not data:
         raise ValueError("empty image file")
@@ -101,9 +162,16 @@ def decode_image(data: bytes) -> tuple[Image.Image, str]:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
             fmt = PIL_FORMAT_EXT.get(img.format or "", "other")
+            refused = aspect_ratio_error(*img.size)
+            if refused:
+                raise _Refused(refused)
             img.load()
-        return img.convert("RGB"), fmt
+            return to_rgb(img), fmt
+    except _Refused as exc:
+        raise ValueError(str(exc)) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ValueError(f"image too large: {str(exc).split(' could be')[0]}") from None
+    except UnidentifiedImageError:  # its message names the BytesIO object, address and all
+        raise ValueError("cannot decode image: not a recognised image format") from None
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError... for bad bytes
-        raise ValueError(f"cannot decode image: {type(exc).__name__}: {str(exc)[:120]}") from None
+        raise ValueError(f"cannot decode image: {type(exc).__name__}: {stable_message(str(exc))[:120]}") from None

@@ -27,7 +27,10 @@ import polars as pl
 
 from clipscrub.errors import DataError
 from clipscrub.params import FolderSettings, PrecomputedSettings, ShardsSettings, UrlsSettings
-from clipscrub.shards import caption_of, decode_image, expand_shards, image_field, iter_shard, shard_name, shard_writer
+from clipscrub.shards import (
+    ADDRESS_PATTERN, MAX_ASPECT_RATIO, caption_of, decode_image, expand_shards, image_field, iter_shard, shard_name,
+    shard_writer, stable_message,
+)
 
 MANIFEST_SCHEMA = {
     "id": pl.Int64,
@@ -225,7 +228,9 @@ def fetch_urls(*, settings: UrlsSettings, shard_size: int, out_dir: Path) -> tup
             encode_format=settings.encode_format,
             encode_quality=settings.encode_quality,
             min_image_size=settings.min_image_size,
-            max_aspect_ratio=settings.max_aspect_ratio or float("inf"),
+            # embed's resize grows with the aspect ratio (clipscrub.shards.MAX_ASPECT_RATIO), and so
+            # does img2dataset's own when resize_only_if_bigger is off
+            max_aspect_ratio=min(settings.max_aspect_ratio or float("inf"), MAX_ASPECT_RATIO),
             max_image_area=settings.max_image_area or float("inf"),
             user_agent_token=settings.user_agent_token,
             disallowed_header_directives=list(settings.disallowed_header_directives),
@@ -262,6 +267,7 @@ def fetch_urls(*, settings: UrlsSettings, shard_size: int, out_dir: Path) -> tup
         pl.when(ok).then(pl.lit("ok")).otherwise(pl.lit("failed")).alias("status"),
         pl.when(ok).then(None).otherwise(
             pl.concat_str([pl.col("status"), pl.col("error_message").fill_null("")], separator=": ").str.strip_chars(": ")
+            .str.replace_all(ADDRESS_PATTERN, "")  # as decode_image's: the same list, the same manifest
         ).alias("error"),
     )
     lost = status.filter((pl.col("status") == "ok") & pl.col("image_sha256").is_null())
@@ -334,7 +340,7 @@ def _scan_shard(path: Path) -> list[dict[str, Any]]:
             rows.append({**_check_sample(sample), "shard": str(path)})
     except Exception as exc:  # a truncated or non-tar file: its readable samples stay
         rows.append({"key": f"{path.name}:unreadable", "shard": None, "caption": None, "status": "failed",
-                     "error": f"unreadable shard {path.name}: {type(exc).__name__}: {str(exc)[:120]}"})
+                     "error": f"unreadable shard {path.name}: {type(exc).__name__}: {stable_message(str(exc))[:120]}"})
     return rows
 
 
@@ -374,6 +380,7 @@ def read_folder(*, settings: FolderSettings, shard_size: int, out_dir: Path) -> 
     if table.height == 0:
         raise DataError(f"the captions file {cap_path} has no rows", param="download.folder.captions")
     truth = truth_columns(table, where=cap_path.name, param="download.folder.captions")  # known poison, if given
+    root = folder.resolve()
     rows = []
     n_written = 0
     files = table[settings.file_col].cast(pl.String).to_list()
@@ -383,6 +390,9 @@ def read_folder(*, settings: FolderSettings, shard_size: int, out_dir: Path) -> 
             key = f"{i:09d}"
             row: dict[str, Any] = {"id": i, "key": key, "caption": caption, "status": "failed"}
             path = folder / name if name else None
+            if path is not None and not _inside(path, root):  # "../x.jpg", "/etc/x.jpg", a link out
+                rows.append({**row, "error": f"path outside the folder: {name}"})
+                continue
             if path is None or not path.is_file():
                 rows.append({**row, "error": f"file not found: {name}"})
                 continue
@@ -412,6 +422,14 @@ def read_folder(*, settings: FolderSettings, shard_size: int, out_dir: Path) -> 
     listed = {str(Path(f)) for f in files if f}
     uncaptioned = sum(1 for p in folder.rglob("*") if p.is_file() and str(p.relative_to(folder)) not in listed and p != cap_path)
     return finish_manifest(frame), {"uncaptioned_files": uncaptioned}
+
+
+def _inside(path: Path, root: Path) -> bool:
+    """Whether ``path``, symlinks resolved, lies under ``root`` (itself resolved)."""
+    try:
+        return path.resolve().is_relative_to(root)
+    except (OSError, ValueError, RuntimeError):  # a NUL in the name, a symlink loop
+        return False
 
 
 def _numbered(paths: list[Path]) -> list[Path]:

@@ -1,22 +1,25 @@
 """Stage 7, filter: the cleaned dataset version.
 
-Writes ``<out>/shards/*.tar`` (kept samples, re-sharded as webdataset, keys unchanged),
-``<out>/manifest.parquet`` (kept samples, the input manifest's schema), ``<out>/removed.parquet``
+Writes ``<out>/shards/*.tar`` (kept samples, re-sharded as webdataset, keys unchanged but for
+those unsafe as tar member names, see ``_reshard``), ``<out>/manifest.parquet`` (kept samples,
+the input manifest's schema, keys as written), ``<out>/removed.parquet``
 (id, key, caption, every ``<detector>_score``, reason) and ``<out>/lineage.json``: the input
 manifest's hash, the model and its checkpoint hash, every stage's params and code version, counts.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import polars as pl
 
 from clipscrub.errors import DataError
-from clipscrub.io import atomic_dir, code_version, read_lineage, read_manifest, require_file, sha256_file, write_json
+from clipscrub.io import (atomic_dir, code_version, read_lineage, read_manifest, require_file, sha256_file,
+                          sha256_path, write_json)
 from clipscrub.params import FilterSettings, Params
-from clipscrub.shards import iter_shard, shard_name, shard_path, shard_writer
+from clipscrub.shards import iter_shard, safe_key, shard_name, shard_path, shard_writer
 from clipscrub.validation import docs_dir_for, filter_tables, validate
 
 # sections that only describe a version, never change it (poison: `clipscrub poison`, outside the pipeline)
@@ -28,22 +31,44 @@ def _iter_raw(raw_dir: Path, shards: list[str]):
         yield from iter_shard(shard_path(raw_dir, shard))
 
 
-def _reshard(raw_dir: Path, ok: pl.DataFrame, kept: pl.DataFrame, shard_dir: Path, shard_size: int) -> dict[str, str]:
-    """Copy the kept samples, byte for byte, into new shards; return key -> new shard name."""
+def _with_source_key(meta: bytes | None, key: str) -> bytes | None:
+    """A sample's json with its original key added as ``source_key`` (a new json if it had none;
+    json that is not an object stays as it is: the raw manifest still has the key, by id)."""
+    try:
+        fields = json.loads(meta) if meta is not None else {}
+    except ValueError:
+        return meta
+    if not isinstance(fields, dict):
+        return meta
+    return json.dumps({**fields, "source_key": key}, sort_keys=True).encode()
+
+
+def _reshard(raw_dir: Path, ok: pl.DataFrame, kept: pl.DataFrame, shard_dir: Path, shard_size: int) -> dict[str, tuple[str, str]]:
+    """Copy the kept samples, byte for byte, into new shards; return key -> (key as written, new
+    shard name). A key that would name a tar member outside the folder it unpacks into (``../x``,
+    ``/abs/x``, ``a/b``: existing shards may hold any) is written as ``safe_key(key)``, its json
+    recording the original as ``source_key``."""
     keep = set(kept["key"].to_list())
-    new_shard: dict[str, str] = {}
+    written: dict[str, tuple[str, str]] = {}
     with shard_writer(shard_dir, shard_size) as sink:
         n = 0
         for sample in _iter_raw(raw_dir, ok["shard"].unique(maintain_order=True).to_list()):
             key = sample["__key__"]
-            if key not in keep or key in new_shard:
+            if key not in keep or key in written:
                 continue
-            sink.write({k: v for k, v in sample.items() if not k.startswith("__") or k == "__key__"})
-            new_shard[key] = shard_name(n, shard_size)
+            out = {k: v for k, v in sample.items() if not k.startswith("__") or k == "__key__"}
+            name = safe_key(key)
+            if name != key:
+                out["__key__"] = name
+                meta = _with_source_key(out.get("json"), key)
+                if meta is not None:
+                    out["json"] = meta
+            sink.write(out)
+            written[key] = (name, shard_name(n, shard_size))
             n += 1
     if n != len(keep):
         raise DataError(f"{len(keep) - n} kept samples are missing from the raw shards", param="--raw")
-    return new_shard
+    return written
 
 
 def _check_upstream_params(stages: dict[str, Any], params: Params) -> None:
@@ -98,12 +123,17 @@ def filter_dataset(
             # precomputed embeddings: no images to re-shard, the kept manifest is the version
             kept = kept_ids.sort("id")
         else:
+            written = _reshard(raw_dir, ok, kept_ids, tmp / "shards", settings.shard_size)
             kept = kept_ids.with_columns(
-                pl.col("key").replace_strict(_reshard(raw_dir, ok, kept_ids, tmp / "shards", settings.shard_size)).alias("shard")
+                pl.col("key").replace_strict({k: s for k, (_, s) in written.items()}).alias("shard"),
+                pl.col("key").replace_strict({k: w for k, (w, _) in written.items()}).alias("key"),
             ).sort("id")
         kept.write_parquet(tmp / "manifest.parquet", statistics=False)
         removed.write_parquet(tmp / "removed.parquet", statistics=False)
-        stages["filter"] = {"params": {"filter": settings.model_dump(mode="json")}, "code_version": code_version(), "summary": counts}
+        stages["filter"] = {"params": {"filter": settings.model_dump(mode="json")}, "code_version": code_version(),
+                            "inputs": {name: sha256_path(d) for name, d in
+                                       (("flags", flags_dir), ("raw", raw_dir), ("scores", scores_dir))},
+                            "summary": counts}
         lineage = {
             "dataset": params.base.name,
             "input_manifest_sha256": sha256_file(raw_dir / "manifest.parquet"),

@@ -27,7 +27,8 @@ from PIL import Image
 from clipscrub.attacks import attack_name, attack_seed, make_trigger, plan_poison, poison_sample
 from clipscrub.errors import DataError, ParamError
 from clipscrub.io import atomic_dir, read_manifest, write_lineage
-from clipscrub.shards import IMAGE_EXTS, decode_image, image_field, iter_shard, shard_name, shard_path, shard_writer
+from clipscrub.shards import (IMAGE_EXTS, decode_image, image_field, iter_shard, safe_key, shard_name, shard_path,
+                              shard_writer)
 
 if TYPE_CHECKING:
     from clipscrub.params import AttackSettings
@@ -130,27 +131,31 @@ def poison_dataset(
                         meta = json.loads(sample["json"]) if sample.get("json") is not None else {}
                     except ValueError:
                         meta = {}
-                    meta = dict(meta if isinstance(meta, dict) else {}, key=row["key"], caption=caption,
+                    # a key with "../" or "/" would name a member outside the folder a shard unpacks into
+                    key = safe_key(sample["__key__"])
+                    meta = dict(meta if isinstance(meta, dict) else {}, key=key, caption=caption,
                                 is_poison=is_poison, attack=attack)
+                    if key != sample["__key__"]:
+                        meta["source_key"] = sample["__key__"]
                     out = {k: v for k, v in sample.items() if not k.startswith("__") and k not in (*IMAGE_EXTS, "txt", "json")}
-                    out.update({"__key__": sample["__key__"], ext: data, "txt": caption.encode("utf-8"),
+                    out.update({"__key__": key, ext: data, "txt": caption.encode("utf-8"),
                                 "json": json.dumps(meta, sort_keys=True, ensure_ascii=False).encode("utf-8")})
                     sink.write(out)
-                    updates[row["id"]] = {**update, "shard": shard_name(n, shard_size), "is_poison": is_poison,
+                    updates[row["id"]] = {**update, "key": key, "shard": shard_name(n, shard_size), "is_poison": is_poison,
                                           "attack": attack}
                     n += 1
         if n != ok.height:
             raise DataError(f"{ok.height - n} ok samples of the manifest are missing from the shards", param="--root")
         changed = pl.DataFrame(
             [{"id": i, **u} for i, u in updates.items()],
-            schema={"id": pl.Int64, "caption": pl.String, "image_sha256": pl.String, "width": pl.Int32,
+            schema={"id": pl.Int64, "key": pl.String, "caption": pl.String, "image_sha256": pl.String, "width": pl.Int32,
                     "height": pl.Int32, "shard": pl.String, "is_poison": pl.Boolean, "attack": pl.String},
         )
         # failed rows stay failed, without a shard (their bytes were never usable); nothing else changes
         poisoned = (
             manifest.join(changed, on="id", how="left", suffix="_new")
             .with_columns(
-                *[pl.coalesce(f"{c}_new", c).alias(c) for c in ("caption", "image_sha256", "width", "height")],
+                *[pl.coalesce(f"{c}_new", c).alias(c) for c in ("key", "caption", "image_sha256", "width", "height")],
                 pl.col("shard_new").alias("shard"),
                 pl.col("is_poison_new").fill_null(pl.col("is_poison")).fill_null(False).alias("is_poison"),
                 pl.when(pl.col("id").is_in(changed["id"].implode())).then(pl.col("attack_new"))

@@ -23,6 +23,7 @@ def test_params_yaml_holds_every_default():
         ({"tresholds": {}}, "tresholds", "unknown key"),
         ({"threshold": {"fraction": 0.0}}, "threshold.fraction", "greater than 0"),
         ({"threshold": {"fraction": 1.5}}, "threshold.fraction", "less than 1"),
+        ({"download": {"urls": {"max_aspect_ratio": 100}}}, "download.urls.max_aspect_ratio", "less than or equal to 50"),
         ({"threshold": {"fraction": "0.1"}}, "threshold.fraction", "valid number"),
         ({"index": {"k": 1000, "reference": {"sizes": [1000, 4000]}}}, "index.k", "must be smaller than the smallest index.reference.sizes"),
         ({"score": {"detectors": ["dao", "lof"]}}, "score.detectors", "unknown detector 'lof'"),

@@ -187,3 +187,28 @@ def test_poison_errors(tiny_raw, tmp_path):
                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and res.stderr.strip().count("\n") == 0
     assert "--params: params file not found" in res.stderr
+
+
+def test_unsafe_keys_become_safe_member_names(tiny_raw, tmp_path):
+    """A key such as ``../../evil`` (read from a user's shards) never names a member outside the
+    folder the poisoned shards unpack into; the manifest names the samples as written."""
+    import tarfile
+
+    from tests.test_filter import UNSAFE_KEYS, raw_with_keys
+
+    manifest = pl.read_parquet(tiny_raw / "raw" / "manifest.parquet").filter(pl.col("status") == "ok")
+    rename = dict(zip(manifest["key"][:3].to_list(), UNSAFE_KEYS))
+    raw = raw_with_keys(tiny_raw, tmp_path / "raw", rename)
+    out = tmp_path / "poisoned"
+    poison_dataset(raw_dir=raw, out_dir=out, attacks=attack_list(ATTACKS), seed=7, shard_size=150)
+    names = [m.name for p in sorted((out / "shards").glob("*.tar")) for m in tarfile.open(p).getmembers()]
+    for name in names:
+        assert "/" not in name and "\\" not in name and not name.startswith(".") and ".." not in name, name
+    samples = samples_of(out / "shards")
+    after = pl.read_parquet(out / "manifest.parquet")
+    assert set(samples) == set(after.filter(pl.col("status") == "ok")["key"])
+    id_of = dict(zip(manifest["key"], manifest["id"]))
+    key_after = dict(zip(after["id"], after["key"]))
+    for was, old in rename.items():
+        new = key_after[id_of[was]]
+        assert new != old and json.loads(samples[new]["json"])["source_key"] == old

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import shutil
 
 import numpy as np
 import open_clip
@@ -18,7 +19,9 @@ from PIL import Image
 from clipscrub.errors import ClipscrubError, DataError, ParamError
 from clipscrub.params import parse_params
 from clipscrub.pipeline import Layout, run_stage
+from clipscrub.shards import decode_image, image_field
 from clipscrub.sources import MANIFEST_SCHEMA
+from stages.filter import filter_dataset
 from tests.conftest import tiny_params_dict
 from tests.imageserver import ImageServer, image_bytes
 
@@ -87,11 +90,35 @@ def check_end_to_end(lay: Layout):
 
 
 def shard_samples(paths) -> dict[str, dict]:
+    """key -> sample; the first of a key used twice, as the manifest counts them."""
     out = {}
     for p in paths:
         for s in wds.WebDataset(str(p), shardshuffle=False, empty_check=False):
-            out[s["__key__"]] = s
+            out.setdefault(s["__key__"], s)
     return out
+
+
+def refilter_keeping_all(lay: Layout, params, out) -> dict[str, dict]:
+    """The filter stage again with nothing flagged, so every ok sample reaches the cleaned shards
+    whatever the detectors think of it; its samples by key."""
+    shutil.copytree(lay.flags, out / "flags")
+    flags = pl.read_parquet(out / "flags" / "flags.parquet")
+    flags.with_columns(pl.lit(False).alias("is_flagged"), pl.lit(None, dtype=flags.schema["reason"]).alias("reason")).write_parquet(
+        out / "flags" / "flags.parquet")
+    filter_dataset(raw_dir=lay.raw, scores_dir=lay.scores, flags_dir=out / "flags", out_dir=out / "clean",
+                   settings=params.filter, params=params)
+    return shard_samples(sorted((out / "clean" / "shards").glob("*.tar")))
+
+
+def encode(img: Image.Image, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def needle_png(length: int = 3_000_000) -> bytes:
+    """A 1 x ``length`` PNG: a few KB, within PIL's pixel limit, a bomb for embed's resize."""
+    return encode(Image.new("1", (1, length)))
 
 
 # --- url lists -------------------------------------------------------------------------------
@@ -105,6 +132,7 @@ def server():
     routes["/corrupt.jpg"] = ("image/jpeg", b"\xff\xd8\xff\xe0" + b"not really a jpeg" * 20)
     routes["/page.jpg"] = ("text/html", b"<html><body>not an image</body></html>")
     routes["/huge.jpg"] = ("image/jpeg", image_bytes("JPEG", size=(6000, 4000), colour=(10, 180, 90)))
+    routes["/needle.png"] = ("image/png", needle_png(1000))  # OpenCV refuses widths over 2**20 itself
     with ImageServer(routes, slow_seconds=4.0) as srv:
         yield srv
 
@@ -119,6 +147,7 @@ def url_rows(server) -> list[dict]:
         {"url": server.url("/corrupt.jpg"), "caption": "corrupt bytes", "expect": "decod"},
         {"url": server.url("/page.jpg"), "caption": "an html page", "expect": "decod"},
         {"url": server.url("/huge.jpg"), "caption": "a huge image", "expect": "ok"},
+        {"url": server.url("/needle.png"), "caption": "a 1 x 1000 image", "expect": "aspect ratio too large"},
         {"url": server.url(good[1]), "caption": "the same url again", "expect": "ok"},
         {"url": server.url(good[2]), "caption": "zoë's naïve café 🍌 香蕉 \u200b\U0001f600 ﷺ", "expect": "ok"},
         {"url": server.url(good[3]), "caption": "", "expect": "empty caption"},
@@ -148,7 +177,7 @@ def test_url_list_end_to_end(server, tiny_model, tmp_path, fmt, resize_mode):
     assert manifest.height == len(rows)  # every input row, in input order
     assert manifest["id"].to_list() == list(range(len(rows)))
     for row, got in zip(rows, manifest.iter_rows(named=True)):
-        assert got["caption"] == (row["caption"] if fmt == "parquet" or row["caption"] else got["caption"])
+        assert got["caption"] == row["caption"]  # "" and "   " too, in every format
         assert got["license"].startswith("cc-")
         if row["expect"] == "ok":
             assert got["status"] == "ok", (row, got)
@@ -253,10 +282,15 @@ def test_existing_shards_end_to_end(tiny_model, tmp_path):
     src = shard_samples(sorted((tmp_path / "src").glob("*.tar")))
     clean = shard_samples(sorted((lay.clean / "shards").glob("*.tar")))
     assert sorted(clean) == sorted(kept["key"].to_list())
-    a0 = clean.get("a0")
-    if a0 is not None:  # the first sample under a duplicated key is the one kept
-        assert a0["jpg"] == image_bytes("JPEG", colour=COLOURS[0])
-    assert all(any(clean[k].get(e) == src[k].get(e) for e in ("jpg", "png", "webp", "jpeg")) for k in clean if k != "a0")
+    for k in clean:  # the image is copied byte for byte, under its own extension
+        ext = image_field(src[k])
+        assert image_field(clean[k]) == ext and clean[k][ext] == src[k][ext], k
+    # the first sample under a duplicated key is the one kept, by download and by filter
+    first = image_bytes("JPEG", colour=COLOURS[0])
+    assert manifest.filter(pl.col("key") == "a0")["image_sha256"].item() == hashlib.sha256(first).hexdigest()
+    everything = refilter_keeping_all(lay, params, tmp_path / "all")
+    assert sorted(everything) == sorted(manifest.filter(pl.col("status") == "ok")["key"].to_list())
+    assert everything["a0"]["jpg"] == first
 
 
 def test_missing_shard_is_a_clear_error(tiny_model, tmp_path):
@@ -457,3 +491,86 @@ def test_clip_retrieval_metadata_is_poison_reaches_the_manifest(tiny_model, tmp_
     run_stage("download", params, tmp_path / "data")
     truth = manifest_truth(tmp_path / "data")
     assert [t[0] for t in truth] == [j % 3 == 0 for j in range(7)] + [j % 3 == 0 for j in range(5)]
+
+
+# --- images that would stop a later stage, and names that leave their folder -----------------
+
+NEEDLE_ERROR = "image aspect ratio 3000000:1 exceeds 50:1 (1x3000000 pixels)"
+
+
+def write_image_source(d, source: str, images: list[tuple[str, bytes]]) -> dict:
+    """A folder (with captions.csv) or a shard holding ``images`` (key, PNG bytes) in order; the
+    source's settings."""
+    d.mkdir()
+    if source == "shards":
+        with wds.TarWriter(str(d / "00000.tar")) as sink:
+            for key, data in images:
+                sink.write({"__key__": key, "png": data, "txt": f"picture {key}".encode()})
+        return {"path": str(d / "00000.tar")}
+    for key, data in images:
+        (d / f"{key}.png").write_bytes(data)
+    pl.DataFrame({"file": [f"{k}.png" for k, _ in images], "caption": [f"picture {k}" for k, _ in images]}).write_csv(d / "captions.csv")
+    return {"path": str(d), "captions": str(d / "captions.csv")}
+
+
+@pytest.mark.parametrize("source", ["folder", "shards"])
+def test_an_extreme_aspect_ratio_is_a_failed_row(tiny_model, tmp_path, source):
+    images = [("a", image_bytes("PNG", colour=COLOURS[0])), ("needle", needle_png()), ("b", image_bytes("PNG", colour=COLOURS[1]))]
+    params = source_params(tiny_model, source, write_image_source(tmp_path / "src", source, images))
+    run_stage("download", params, tmp_path / "data")
+    manifest = pl.read_parquet(tmp_path / "data" / "raw" / "manifest.parquet")
+    assert manifest["status"].to_list() == ["ok", "failed", "ok"]
+    assert manifest["error"][1] == NEEDLE_ERROR
+    run_stage("embed", params, tmp_path / "data")  # the needle never reaches embed's resize
+    assert np.load(tmp_path / "data" / "embeddings" / "ids.npy").tolist() == [0, 2]
+
+
+def test_folder_paths_outside_the_folder_are_failed_rows(tiny_model, tmp_path):
+    folder = tmp_path / "images"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "in.png").write_bytes(image_bytes("PNG", colour=COLOURS[0]))
+    (tmp_path / "secret.png").write_bytes(image_bytes("PNG", colour=COLOURS[1]))
+    (folder / "link.png").symlink_to(tmp_path / "secret.png")
+    (folder / "sub" / "inner_link.png").symlink_to(folder / "in.png")  # a link that stays inside is fine
+    files = ["in.png", "../secret.png", str(tmp_path / "secret.png"), "link.png", "sub/../in.png", "sub/inner_link.png",
+             "sub/../../secret.png"]
+    pl.DataFrame({"file": files, "caption": [f"c {i}" for i in range(len(files))]}).write_csv(tmp_path / "captions.csv")
+    params = source_params(tiny_model, "folder", {"path": str(folder), "captions": str(tmp_path / "captions.csv")})
+    run_stage("download", params, tmp_path / "data")
+    errors = pl.read_parquet(tmp_path / "data" / "raw" / "manifest.parquet")["error"].to_list()
+    assert errors == [None, "path outside the folder: ../secret.png", f"path outside the folder: {tmp_path / 'secret.png'}",
+                      "path outside the folder: link.png", None, None, "path outside the folder: sub/../../secret.png"]
+
+
+def test_16_bit_and_float_images_are_scaled_not_clipped(tiny_model, tmp_path):
+    grey16 = encode(Image.fromarray(np.full((6, 8), 32768, dtype=np.uint16)))  # mode I;16
+    grey16b = encode(Image.new("I;16B", (8, 6), 65535), "TIFF")
+    half = encode(Image.fromarray(np.full((6, 8), 0.5, dtype=np.float32)), "TIFF")  # mode F
+    wide = encode(Image.fromarray(np.full((6, 8), 200.0, dtype=np.float32)), "TIFF")  # beyond 0..1: 0..255
+    int32 = encode(Image.fromarray(np.full((6, 8), 40000, dtype=np.int32)), "TIFF")  # mode I
+    for data, want in [(grey16, 128), (grey16b, 255), (half, 128), (wide, 200), (int32, 156)]:
+        img, _ = decode_image(data)
+        assert img.mode == "RGB" and img.getpixel((0, 0)) == (want, want, want)
+    # through the folder source: a float TIFF is stored as the 8-bit PNG the later stages read
+    folder = tmp_path / "images"
+    folder.mkdir()
+    (folder / "half.tif").write_bytes(half)
+    (folder / "grey16.png").write_bytes(grey16)
+    pl.DataFrame({"file": ["half.tif", "grey16.png"], "caption": ["half", "grey"]}).write_csv(tmp_path / "captions.csv")
+    params = source_params(tiny_model, "folder", {"path": str(folder), "captions": str(tmp_path / "captions.csv")})
+    run_stage("download", params, tmp_path / "data")
+    stored = shard_samples(sorted((tmp_path / "data" / "raw" / "shards").glob("*.tar")))
+    assert Image.open(io.BytesIO(stored["000000000"]["png"])).getpixel((0, 0)) == (128, 128, 128)
+    assert decode_image(stored["000000001"]["png"])[0].getpixel((0, 0)) == (128, 128, 128)
+
+
+@pytest.mark.parametrize("source", ["folder", "shards"])
+def test_an_undecodable_image_gives_the_same_manifest_twice(tiny_model, tmp_path, source):
+    images = [("a", b"this is not an image at all"), ("b", image_bytes("PNG"))]
+    params = source_params(tiny_model, source, write_image_source(tmp_path / "src", source, images))
+    for run in ("one", "two"):
+        run_stage("download", params, tmp_path / run)
+    manifest = pl.read_parquet(tmp_path / "one" / "raw" / "manifest.parquet")
+    # PIL's own message names the BytesIO object at its memory address
+    assert manifest["error"].to_list() == ["cannot decode image: not a recognised image format", None]
+    assert (tmp_path / "one" / "raw" / "manifest.parquet").read_bytes() == (tmp_path / "two" / "raw" / "manifest.parquet").read_bytes()
