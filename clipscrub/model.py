@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import open_clip
 import torch
@@ -64,6 +66,33 @@ def _first_line(exc: BaseException) -> str:
     return (lines[0] if lines else "")[:300]
 
 
+@contextlib.contextmanager
+def _no_random_init_warning() -> Iterator[None]:
+    """Drop open_clip's "No pretrained weights loaded ... initialized randomly" while it builds a
+    model whose checkpoint is loaded next: false and alarming there. Its other messages pass."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded for model")
+
+    root = logging.getLogger()  # open_clip logs through the root logger
+    root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
+
+
+def describe_model(info: dict[str, Any]) -> str:
+    """What ``load_model`` loaded, in a few words: ``model 'ViT-B-32' from checkpoint ckpt.pt
+    (sha256 1a2b3c4d)``, ``model 'ViT-B-32' pretrained 'laion2b_s34b_b79k'``, or random weights."""
+    head = f"model {info['model_name']!r}"
+    if info.get("checkpoint"):
+        return f"{head} from checkpoint {info['checkpoint']} (sha256 {str(info['checkpoint_sha256'])[:8]})"
+    if info.get("pretrained"):
+        return f"{head} pretrained {info['pretrained']!r}"
+    return f"{head} with random weights (no embed.checkpoint, no embed.pretrained)"
+
+
 @dataclass
 class LoadedModel:
     model: torch.nn.Module
@@ -119,7 +148,8 @@ def load_model(
             raise DataError(
                 f"cannot read checkpoint {ckpt}: {type(exc).__name__}: {_first_line(exc)}", param="embed.checkpoint"
             ) from None
-        model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=None, **dev_kwargs)
+        with _no_random_init_warning():
+            model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=None, **dev_kwargs)
         try:
             open_clip.load_checkpoint(model, str(ckpt))
         except RuntimeError as exc:

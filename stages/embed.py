@@ -8,12 +8,17 @@ sample. ``model.json`` records the model name, pretrained tag and checkpoint sha
 Shard by shard: each finished shard is saved in a hidden ``.embeddings.parts`` directory beside
 the output, so a killed run resumes where it stopped; the arrays are assembled, validated (the
 embeddings suite of ``clipscrub.validation``) and renamed into place only when every shard is done.
+Each part carries the stamp of the run that wrote it (manifest, model, params, code version), checked
+when the part is skipped and again when it is merged: a part another run wrote is never used.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
+import sys
+import zipfile
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -23,11 +28,11 @@ import polars as pl
 import torch
 from tqdm import tqdm
 
-from clipscrub.arrays import RowReader
+from clipscrub.arrays import RowReader, create_npy
 from clipscrub.errors import ClipscrubError, DataError
 from clipscrub.io import (atomic_dir, atomic_file, code_version, read_json, read_manifest, sha256_file, write_json,
                           write_lineage)
-from clipscrub.model import LoadedModel, load_model
+from clipscrub.model import LoadedModel, describe_model, load_model
 from clipscrub.params import BaseSettings, EmbedSettings
 from clipscrub.shards import decode_image, image_field, iter_shard, shard_path
 from clipscrub.sources import PRECOMPUTED_FILE
@@ -86,8 +91,8 @@ def convert_precomputed(*, raw_dir: Path, ok: pl.DataFrame, out_dir: Path, setti
             param="embed.model_name",
         )
     ids = ok["id"].to_numpy().astype(np.int64)
-    image_out = np.lib.format.open_memmap(out_dir / "image.npy", mode="w+", dtype=settings.dtype, shape=(len(ids), image_dim))
-    text_out = np.lib.format.open_memmap(out_dir / "text.npy", mode="w+", dtype=settings.dtype, shape=(len(ids), text_dim))
+    image_out = create_npy(out_dir / "image.npy", dtype=settings.dtype, shape=(len(ids), image_dim))
+    text_out = create_npy(out_dir / "text.npy", dtype=settings.dtype, shape=(len(ids), text_dim))
     start = 0
     for part in tqdm(parts, desc="embeddings", unit="part"):
         stop = start + part["rows"]
@@ -108,6 +113,35 @@ def parts_dir_for(out_dir: str | Path) -> Path:
     """Where embed keeps finished shards until the stage completes: a hidden sibling of its output."""
     out_dir = Path(out_dir)
     return out_dir.parent / f".{out_dir.name}.parts"
+
+
+def run_fingerprint(*, raw_dir: Path, loaded: LoadedModel, settings: EmbedSettings) -> dict[str, Any]:
+    """What makes two runs' parts interchangeable: the same manifest, model, params, device and code."""
+    return {
+        "manifest_sha256": sha256_file(raw_dir / "manifest.parquet"),
+        "model": loaded.info,
+        "embed": settings.model_dump(mode="json", by_alias=True),
+        "device": loaded.device.type,
+        "code_version": code_version(),
+    }
+
+
+def part_stamp(fingerprint: dict[str, Any]) -> str:
+    """The fingerprint as the short string every part carries."""
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
+
+
+def _read_part(path: Path, *, stamp: str, rows: np.ndarray,
+               names: tuple[str, ...] = ("image", "text")) -> list[np.ndarray] | None:
+    """The arrays ``names`` of a part this run could have written (its stamp and its rows match);
+    None for anything else: no file, another run's part, a part cut short."""
+    try:
+        with np.load(path) as part:
+            if "stamp" not in part.files or str(part["stamp"]) != stamp or not np.array_equal(part["rows"], rows):
+                return None
+            return [part[name] for name in names]
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return None
 
 
 def _open_parts(parts: Path, fingerprint: dict[str, Any]) -> None:
@@ -189,7 +223,8 @@ def embed_dataset(
     config, registered as ``model_name``; otherwise the model the ``embed`` settings name.
     Finished shards are kept in ``parts_dir_for(out_dir)`` until the stage completes, so a run
     that was killed resumes with the shards it had not finished (``shards_resumed`` counts the
-    others) and writes the same bytes as an uninterrupted run.
+    others) and writes the same bytes as an uninterrupted run. The summary's ``model`` says what
+    was loaded (also printed to stderr as the stage starts).
     """
     raw_dir = Path(raw_dir)
     manifest = read_manifest(raw_dir)
@@ -208,6 +243,7 @@ def embed_dataset(
             model_config=str(model_dir / "model_config.json"),
             device=base.device,
         )
+        what = describe_model(loaded.info)
         # the file's hash identifies it; its location (data/ or a run directory) does not
         loaded.info["checkpoint"] = "checkpoint.pt (train stage output)"
     else:
@@ -218,18 +254,16 @@ def embed_dataset(
             model_config=settings.model_config_path,
             device=base.device,
         )
+        what = describe_model(loaded.info)
+    print(f"embed: {what}", file=sys.stderr)  # what was loaded, where progress goes
     groups = _shard_groups(ok)
     parts = parts_dir_for(out_dir)
-    _open_parts(parts, {
-        "manifest_sha256": sha256_file(raw_dir / "manifest.parquet"),
-        "model": loaded.info,
-        "embed": settings.model_dump(mode="json", by_alias=True),
-        "device": loaded.device.type,
-        "code_version": code_version(),
-    })
+    fingerprint = run_fingerprint(raw_dir=raw_dir, loaded=loaded, settings=settings)
+    _open_parts(parts, fingerprint)
     try:
         summary = _embed_shards(loaded, raw_dir=raw_dir, ok=ok, groups=groups, parts=parts, out_dir=out_dir,
-                                settings=settings, base=base, model_dir=model_dir)
+                                settings=settings, base=base, model_dir=model_dir, stamp=part_stamp(fingerprint))
+        summary["model"] = what
     except ClipscrubError:
         # parts outlive an interruption, not a run that failed on its data
         shutil.rmtree(parts, ignore_errors=True)
@@ -240,30 +274,34 @@ def embed_dataset(
 
 def _embed_shards(loaded: LoadedModel, *, raw_dir: Path, ok: pl.DataFrame, groups: list[tuple[str, np.ndarray]],
                   parts: Path, out_dir: str | Path, settings: EmbedSettings, base: BaseSettings,
-                  model_dir: Path | None) -> dict[str, Any]:
-    """Embed the shards without a finished part, then assemble, validate and publish the arrays."""
+                  model_dir: Path | None, stamp: str) -> dict[str, Any]:
+    """Embed the shards without a finished part of this run's ``stamp``, then assemble, validate
+    and publish the arrays."""
     resumed = 0
+
+    def embed(shard: str, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return _embed_shard(loaded, raw_dir=raw_dir, shard=shard, rows=rows, ok=ok, batch_size=settings.batch_size)
+
     for i, (shard, rows) in enumerate(tqdm(groups, desc="embed", unit="shard")):
         part = parts / f"part-{i:06d}.npz"
-        if part.is_file():
+        if _read_part(part, stamp=stamp, rows=rows, names=()) is not None:
             resumed += 1
             continue
-        image, text = _embed_shard(loaded, raw_dir=raw_dir, shard=shard, rows=rows, ok=ok, batch_size=settings.batch_size)
+        image, text = embed(shard, rows)
         with atomic_file(part) as tmp_part:
             with open(tmp_part, "wb") as f:
-                np.savez(f, rows=rows, image=image, text=text)
+                np.savez(f, rows=rows, image=image, text=text, stamp=np.array(stamp))
 
     with atomic_dir(out_dir) as tmp:
         arrays: dict[str, np.memmap] = {}
-        for i, (_, rows) in enumerate(groups):
-            with np.load(parts / f"part-{i:06d}.npz") as part:
-                if not np.array_equal(part["rows"], rows):
-                    raise DataError(f"embedding part {i} does not match the manifest: the parts are discarded, rerun embed", param="--raw")
-                for name in ("image", "text"):
-                    if name not in arrays:
-                        arrays[name] = np.lib.format.open_memmap(
-                            tmp / f"{name}.npy", mode="w+", dtype=settings.dtype, shape=(ok.height, part[name].shape[1]))
-                    arrays[name][rows] = part[name]
+        for i, (shard, rows) in enumerate(groups):
+            # checked again as it is used: a part replaced since (another run on this root) is not
+            # merged; the shard is embedded again instead, to the same bytes
+            got = _read_part(parts / f"part-{i:06d}.npz", stamp=stamp, rows=rows)
+            for name, block in zip(("image", "text"), got if got is not None else embed(shard, rows)):
+                if name not in arrays:
+                    arrays[name] = create_npy(tmp / f"{name}.npy", dtype=settings.dtype, shape=(ok.height, block.shape[1]))
+                arrays[name][rows] = block
         dim = int(arrays["image"].shape[1])
         for arr in arrays.values():
             arr.flush()
@@ -299,7 +337,7 @@ def _record_model(tmp: Path, *, info: dict[str, Any], summary: dict[str, Any], r
         tmp,
         stage="embed",
         params={"base": base.model_dump(mode="json"), "embed": settings.model_dump(mode="json", by_alias=True)},
-        inputs={"raw": raw_dir},
+        inputs=dict(zip(("raw", "model"), upstream)),  # the train stage's model dir, when it made the model
         upstream=upstream,
         # where it ran and what a resume skipped do not change the bytes
         summary={k: v for k, v in summary.items() if k not in ("device", "shards_resumed")},

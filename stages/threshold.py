@@ -9,24 +9,38 @@ Rules (``threshold.method``):
   robust standard deviations (1.4826 x median absolute deviation) above the median. 3.5 is
   Iglewicz and Hoaglin's usual cut; it adapts the removed count to how many outliers there are.
 A sample whose score is not finite is always flagged, with its own reason, never dropped.
+
+Every rule's cut is written in the detector's own units with its ``direction`` (``above``:
+score >= cut flagged, ``below``: score <= cut), so ``method: score`` with that cut flags the
+same samples (for ``top_fraction``, up to ties at the cut). A rule that flags no finite sample
+says so: a ``warning`` in the summary, and the same line logged.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import polars as pl
 
-from clipscrub.detectors import suspicion
+from clipscrub.detectors import LOW_IS_SUSPICIOUS, suspicion
 from clipscrub.errors import DataError
 from clipscrub.io import atomic_dir, require_file, write_json, write_lineage
 from clipscrub.params import BaseSettings, ThresholdSettings
 
+log = logging.getLogger("clipscrub.threshold")
+
+
+def direction(detector: str) -> str:
+    """Which side of the cut a detector's flagged samples lie on: ``below`` (score <= cut) or ``above``."""
+    return "below" if detector in LOW_IS_SUSPICIOUS else "above"
+
 
 def flag_outliers(*, values: np.ndarray, ids: np.ndarray, detector: str, settings: ThresholdSettings) -> tuple[np.ndarray, float]:
-    """Boolean (N,) mask of finite scores past the cut, and the cut in oriented units."""
+    """Boolean (N,) mask of finite scores past the cut, and the cut in the detector's own units
+    (flagged: score >= cut, or score <= cut where low is suspicious; NaN without finite scores)."""
     s = suspicion(values, detector)
     finite = np.isfinite(s)
     mask = np.zeros(len(s), dtype=bool)
@@ -38,18 +52,30 @@ def flag_outliers(*, values: np.ndarray, ids: np.ndarray, detector: str, setting
         # most suspicious first; ties broken by id so the cut is deterministic
         order = fin_idx[np.lexsort((ids[fin_idx], -s[fin_idx]))][:n_flag]
         mask[order] = True
-        return mask, float(s[order[-1]])
-    if settings.method == "score":
-        cut = float(suspicion(np.array([settings.score]), detector)[0])
+        cut = float(s[order[-1]])
     else:
-        med = np.median(s[finite])
-        mad = 1.4826 * np.median(np.abs(s[finite] - med))
-        cut = float(med + settings.auto_z * mad) if mad > 0 else float(med)
-        if mad == 0:  # no spread: only values strictly above the common value are outliers
-            mask[finite] = s[finite] > cut
-            return mask, cut
-    mask[finite] = s[finite] >= cut
-    return mask, cut
+        if settings.method == "score":
+            cut = float(suspicion(np.array([settings.score]), detector)[0])
+        else:
+            med = np.median(s[finite])
+            mad = 1.4826 * np.median(np.abs(s[finite] - med))
+            # no spread: only values strictly above the common value are outliers, so the cut is
+            # the next float above it (the written cut then flags the same samples as a score rule)
+            cut = float(med + settings.auto_z * mad) if mad > 0 else float(np.nextafter(med, np.inf))
+        mask[finite] = s[finite] >= cut
+    # back from "higher = more suspicious" to the detector's own units (negation is exact)
+    return mask, float(suspicion(np.array([cut]), detector)[0])
+
+
+def _flags_nothing(*, values: np.ndarray, column: str, cut: float, detector: str) -> str:
+    """The warning for a rule that flags no finite sample, with where the data lie."""
+    def num(x: float) -> str:  # short, unless that would round onto a neighbouring value
+        return f"{x:.6g}" if float(f"{x:.6g}") == x else repr(float(x))
+
+    finite = values[np.isfinite(values)]
+    op = "<=" if direction(detector) == "below" else ">="
+    return (f"the rule flags 0 of {len(values)} samples: no {column} {op} {num(cut)} "
+            f"(the finite scores range from {num(finite.min())} to {num(finite.max())})")
 
 
 def threshold_scores(
@@ -90,9 +116,13 @@ def threshold_scores(
         "detector": settings.detector,
         "method": settings.method,
         "cut": cut if np.isfinite(cut) else None,
+        "direction": direction(settings.detector),
         "flagged": int(flags["is_flagged"].sum()),
         "non_finite": int(is_non_finite.sum()),
     }
+    if np.isfinite(cut) and not is_outlier.any():
+        summary["warning"] = _flags_nothing(values=values, column=column, cut=cut, detector=settings.detector)
+        log.warning("threshold: %s", summary["warning"])
     with atomic_dir(out_dir) as tmp:
         flags.write_parquet(tmp / "flags.parquet", statistics=False)
         write_json(tmp / "threshold.json", summary)

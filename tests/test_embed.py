@@ -32,6 +32,36 @@ def test_embeddings_follow_manifest_order(tiny_run):
     assert info["checkpoint_sha256"] == sha256_file(root / "model" / "checkpoint.pt")
 
 
+def _victim(root):
+    return load_model(model_name="clipscrub-tiny", pretrained=None, checkpoint=str(root / "model" / "checkpoint.pt"),
+                      model_config=str(root / "model" / "model_config.json"), device="cpu")
+
+
+def test_embedding_rows_are_the_models_encodings_of_their_samples(tiny_run):
+    """A few rows against the victim's own encoding of that row's decoded image and caption:
+    rows shuffled between samples, or made by another model, do not match."""
+    from clipscrub.shards import decode_image, image_field, iter_shard, shard_path
+
+    root, _ = tiny_run
+    image = np.load(root / "embeddings" / "image.npy")
+    text = np.load(root / "embeddings" / "text.npy")
+    ids = np.load(root / "embeddings" / "ids.npy")
+    manifest = pl.read_parquet(root / "raw" / "manifest.parquet")
+    loaded = _victim(root)
+    picks = [0, 137, len(ids) - 1]
+    for row in picks:
+        sample = manifest.filter(pl.col("id") == int(ids[row])).row(0, named=True)
+        raw = next(s for s in iter_shard(shard_path(root / "raw", sample["shard"])) if s["__key__"] == sample["key"])
+        img, _ = decode_image(raw[image_field(raw)])
+        with torch.no_grad():
+            want_image = loaded.model.encode_image(loaded.preprocess(img)[None], normalize=False).numpy()[0]
+            want_text = loaded.model.encode_text(loaded.tokenizer([sample["caption"]]), normalize=False).numpy()[0]
+        np.testing.assert_allclose(image[row], want_image, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(text[row], want_text, rtol=1e-4, atol=1e-5)
+        for other in set(picks) - {row}:  # the test tells rows apart
+            assert not np.allclose(image[other], want_image, rtol=1e-4, atol=1e-5)
+
+
 def _embed_one(loaded, root):
     x = torch.linspace(-1, 1, 3 * 32 * 32).reshape(1, 3, 32, 32)
     with torch.no_grad():
@@ -54,6 +84,11 @@ def test_checkpoint_layouts_load_the_same_weights(tiny_run, tmp_path, layout):
     cfg = str(root / "model" / "model_config.json")
     ref = load_model(model_name="clipscrub-tiny", pretrained=None, checkpoint=str(root / "model" / "checkpoint.pt"), model_config=cfg, device="cpu")
     got = load_model(model_name="clipscrub-tiny", pretrained=None, checkpoint=str(path), model_config=cfg, device="cpu")
+    # every weight is the checkpoint's tensor, not only equal to another load of a checkpoint
+    state = got.model.state_dict()
+    assert set(state) == set(sd)
+    for name, tensor in sd.items():
+        assert torch.equal(state[name].cpu(), tensor), name
     for a, b in zip(_embed_one(ref, root), _embed_one(got, root)):
         np.testing.assert_array_equal(a, b)
     assert got.info["checkpoint_sha256"] == sha256_file(path)
@@ -173,3 +208,117 @@ def test_killed_embed_resumes_with_the_missing_shards(many_shards, tmp_path, kil
     assert _embedding_hashes(work / "data" / "embeddings") == _embedding_hashes(reference / "data" / "embeddings")
     assert not parts.exists()
     assert not list((work / "data").glob(".embeddings.tmp-*"))
+
+
+def test_a_loaded_checkpoint_is_said_not_random_init(tiny_run, tmp_path, caplog, capsys):
+    """open_clip's "No pretrained weights loaded ... initialized randomly" is false when a checkpoint
+    follows: it is silenced, and embed says what it loaded instead."""
+    import logging
+    import shutil
+
+    root, params = tiny_run
+    with caplog.at_level(logging.INFO):
+        _victim(root)
+        assert not [r for r in caplog.records if "initialized randomly" in r.getMessage()]
+        logging.warning("No pretrained weights loaded for model 'x'. Model initialized randomly.")
+    # silenced only while the checkpoint's model is built: the same line elsewhere still shows
+    assert [r.getMessage() for r in caplog.records if "initialized randomly" in r.getMessage()] == [
+        "No pretrained weights loaded for model 'x'. Model initialized randomly."]
+    capsys.readouterr()
+    shutil.copytree(root / "raw", tmp_path / "raw")
+    settings = params.embed.model_copy(update={"checkpoint": str(root / "model" / "checkpoint.pt"),
+                                               "model_config_path": str(root / "model" / "model_config.json"),
+                                               "model_name": "clipscrub-tiny", "pretrained": None})
+    summary = embed_dataset(raw_dir=tmp_path / "raw", out_dir=tmp_path / "emb", settings=settings, base=params.base)
+    want = (f"model 'clipscrub-tiny' from checkpoint {root / 'model' / 'checkpoint.pt'} "
+            f"(sha256 {sha256_file(root / 'model' / 'checkpoint.pt')[:8]})")
+    assert summary["model"] == want
+    assert f"embed: {want}\n" in capsys.readouterr().err
+
+
+def _seed_parts(parts, fingerprint, stamp, groups, image, text):
+    """A parts directory stamped with ``fingerprint`` holding part i of ``groups`` with ``image``/``text``
+    rows and part stamp ``stamp``."""
+    from clipscrub.io import write_json
+
+    parts.mkdir(parents=True)
+    write_json(parts / "fingerprint.json", fingerprint)
+    for i, rows in groups:
+        np.savez(parts / f"part-{i:06d}.npz", rows=rows, image=image[rows], text=text[rows], stamp=np.array(stamp))
+
+
+def _arrays(directory):
+    return {name: sha256_file(directory / name) for name in ("image.npy", "text.npy", "ids.npy")}
+
+
+def test_a_part_another_run_stamped_is_not_used(tiny_run, tmp_path):
+    """Parts of this run's fingerprint are resumed; a part another model's run wrote into the same
+    parts directory (two runs on one root) is embedded again: the output equals an uninterrupted run's."""
+    import shutil
+
+    from stages.embed import _shard_groups, part_stamp, parts_dir_for, run_fingerprint
+
+    root, params = tiny_run
+    shutil.copytree(root / "raw", tmp_path / "raw")
+    ok = pl.read_parquet(tmp_path / "raw" / "manifest.parquet").filter(pl.col("status") == "ok")
+    groups = [rows for _, rows in _shard_groups(ok)]
+    assert len(groups) >= 3
+    image = np.load(root / "embeddings" / "image.npy")
+    text = np.load(root / "embeddings" / "text.npy")
+    mine = run_fingerprint(raw_dir=tmp_path / "raw", loaded=_victim(root), settings=params.embed)
+    mine["model"]["checkpoint"] = "checkpoint.pt (train stage output)"  # as embed records the train stage's
+    other = json.loads(json.dumps(mine))
+    other["model"]["checkpoint_sha256"] = "0" * 64
+    out = tmp_path / "embeddings"
+    parts = parts_dir_for(out)
+    # part 0: this run's; part 1: another model's (its rows scaled, as a different model's would differ)
+    _seed_parts(parts, mine, part_stamp(mine), [(0, groups[0])], image, text)
+    np.savez(parts / "part-000001.npz", rows=groups[1], image=2 * image[groups[1]], text=2 * text[groups[1]],
+             stamp=np.array(part_stamp(other)))
+    summary = embed_dataset(raw_dir=tmp_path / "raw", out_dir=out, settings=params.embed, base=params.base,
+                            model_dir=root / "model", model_name=params.train.model_name)
+    assert summary["shards_resumed"] == 1
+    assert _arrays(out) == _arrays(root / "embeddings")
+    assert not parts.exists()
+
+
+def test_parts_from_another_manifest_are_not_reused(tiny_run, tmp_path):
+    import shutil
+
+    from stages.embed import _shard_groups, part_stamp, parts_dir_for, run_fingerprint
+
+    root, params = tiny_run
+    shutil.copytree(root / "raw", tmp_path / "raw")
+    ok = pl.read_parquet(tmp_path / "raw" / "manifest.parquet").filter(pl.col("status") == "ok")
+    groups = list(enumerate(rows for _, rows in _shard_groups(ok)))
+    stale = run_fingerprint(raw_dir=tmp_path / "raw", loaded=_victim(root), settings=params.embed)
+    stale["model"]["checkpoint"] = "checkpoint.pt (train stage output)"
+    stale["manifest_sha256"] = "f" * 64  # the run before the dataset was downloaded again
+    noise = np.random.default_rng(0).normal(size=np.load(root / "embeddings" / "image.npy").shape).astype(np.float32)
+    out = tmp_path / "embeddings"
+    _seed_parts(parts_dir_for(out), stale, part_stamp(stale), groups, noise, noise)
+    summary = embed_dataset(raw_dir=tmp_path / "raw", out_dir=out, settings=params.embed, base=params.base,
+                            model_dir=root / "model", model_name=params.train.model_name)
+    assert summary["shards_resumed"] == 0
+    assert _arrays(out) == _arrays(root / "embeddings")
+
+
+def test_parts_are_deleted_after_a_data_error(tiny_run, tmp_path):
+    """Shards finished before a data error are not kept: the next run must not resume them."""
+    import shutil
+
+    from stages.embed import parts_dir_for
+
+    root, params = tiny_run
+    shutil.copytree(root / "raw", tmp_path / "raw")
+    manifest = pl.read_parquet(tmp_path / "raw" / "manifest.parquet")
+    last = manifest.filter(pl.col("status") == "ok")["shard"][-1]
+    victim = manifest.filter((pl.col("status") == "ok") & (pl.col("shard") == last))["id"][0]
+    manifest.with_columns(key=pl.when(pl.col("id") == victim).then(pl.lit("not-in-the-shard")).otherwise(pl.col("key"))) \
+        .write_parquet(tmp_path / "raw" / "manifest.parquet")
+    out = tmp_path / "embeddings"
+    with pytest.raises(DataError, match=f"1 manifest samples are missing from shard {last}"):
+        embed_dataset(raw_dir=tmp_path / "raw", out_dir=out, settings=params.embed, base=params.base,
+                      model_dir=root / "model", model_name=params.train.model_name)
+    assert not parts_dir_for(out).exists()
+    assert not out.exists()

@@ -76,3 +76,78 @@ def test_threshold_needs_the_detector_column(tmp_path):
         threshold_scores(scores_dir=scores, out_dir=tmp_path / "flags", settings=ThresholdSettings(detector="dao"), base=BaseSettings())
     assert info.value.param == "threshold.detector"
     assert not (tmp_path / "flags").exists()
+
+
+def test_auto_cut_is_median_plus_z_robust_mad():
+    """The cut is exactly median + z x 1.4826 x MAD, on data where the usual slips (no 1.4826,
+    std for MAD, mean for median) give clearly different cuts and flagged sets."""
+    import statistics
+
+    v = np.concatenate([np.linspace(-1, 1, 101), [2.0, 2.2, 3.0, 10.0, 50.0, 100.0]])
+    z = 3.5
+    med = statistics.median(v.tolist())
+    mad = statistics.median([abs(x - med) for x in v.tolist()])
+    want = med + z * 1.4826 * mad  # 2.862
+    slips = {"no 1.4826": med + z * mad, "std": med + z * statistics.pstdev(v.tolist()),
+             "mean": statistics.fmean(v.tolist()) + z * 1.4826 * mad}
+    for name, other in slips.items():  # the data tell the slips apart
+        assert abs(other - want) > 0.5 and (v >= other).tolist() != (v >= want).tolist(), name
+    mask, cut = flag_outliers(values=v, ids=np.arange(len(v)), detector="kdist",
+                              settings=ThresholdSettings(detector="kdist", method="auto", auto_z=z))
+    assert cut == pytest.approx(want, rel=1e-12)
+    assert sorted(v[mask].tolist()) == [3.0, 10.0, 50.0, 100.0]
+    # low = suspicious: the same rule on the mirrored scores, its cut in cosine units
+    mask, cut = flag_outliers(values=-v, ids=np.arange(len(v)), detector="clip",
+                              settings=ThresholdSettings(detector="clip", method="auto", auto_z=z))
+    assert cut == pytest.approx(-want, rel=1e-12)
+    assert sorted((-v)[mask].tolist()) == [-100.0, -50.0, -10.0, -3.0]
+
+
+@pytest.mark.parametrize("detector", ["clip", "kdist"])
+@pytest.mark.parametrize("rule", [{"method": "top_fraction", "fraction": 0.05}, {"method": "auto", "auto_z": 2.0}])
+def test_written_cut_fed_back_as_score_flags_the_same(tmp_path, detector, rule):
+    """The cut is written in the detector's own units (clip: a cosine inside the data, not its
+    negation) with its direction, and ``method: score`` with it flags the same samples."""
+    import json
+
+    rng = np.random.default_rng(3)
+    values = rng.normal(0.75 if detector == "clip" else 1.0, 0.05, size=200)
+    values[[7, 50]] = [0.2, 0.1] if detector == "clip" else [2.0, 2.5]
+    scores = write_scores(tmp_path / "scores", **{detector: values})
+    first = threshold_scores(scores_dir=scores, out_dir=tmp_path / "flags",
+                             settings=ThresholdSettings(detector=detector, **rule), base=BaseSettings())
+    written = json.loads((tmp_path / "flags" / "threshold.json").read_text())
+    assert written["cut"] == first["cut"]
+    assert values.min() <= written["cut"] <= values.max()
+    assert written["direction"] == ("below" if detector == "clip" else "above")
+    flagged = pl.read_parquet(tmp_path / "flags" / "flags.parquet")["is_flagged"].to_list()
+    assert 2 <= sum(flagged) < 200 and "warning" not in written
+    again = threshold_scores(scores_dir=scores, out_dir=tmp_path / "again",
+                             settings=ThresholdSettings(detector=detector, method="score", score=written["cut"]),
+                             base=BaseSettings())
+    assert pl.read_parquet(tmp_path / "again" / "flags.parquet")["is_flagged"].to_list() == flagged
+    assert again["cut"] == written["cut"]
+
+
+def test_auto_cut_without_spread_fed_back_flags_the_same():
+    v = np.array([1.0] * 9 + [1.5])
+    mask, cut = flag_outliers(values=v, ids=np.arange(10), detector="kdist", settings=ThresholdSettings(method="auto"))
+    assert np.flatnonzero(mask).tolist() == [9] and 1.0 < cut <= 1.5
+    again, _ = flag_outliers(values=v, ids=np.arange(10), detector="kdist",
+                             settings=ThresholdSettings(method="score", score=cut))
+    assert again.tolist() == mask.tolist()
+
+
+def test_a_rule_that_flags_nothing_says_so(tmp_path, caplog):
+    import logging
+
+    scores = write_scores(tmp_path / "scores", clip=np.array([0.81, 0.9, np.nan, 0.97, 0.85]))
+    with caplog.at_level(logging.WARNING, logger="clipscrub.threshold"):
+        summary = threshold_scores(scores_dir=scores, out_dir=tmp_path / "flags",
+                                   settings=ThresholdSettings(detector="clip", method="score", score=0.774),
+                                   base=BaseSettings())
+    want = "the rule flags 0 of 5 samples: no clip_score <= 0.774 (the finite scores range from 0.81 to 0.97)"
+    assert summary["warning"] == want
+    assert [r.getMessage() for r in caplog.records] == [f"threshold: {want}"]
+    assert summary["flagged"] == 1  # the NaN, flagged for itself
+    assert (tmp_path / "flags" / "flags.parquet").is_file()  # told, not stopped
