@@ -5,6 +5,7 @@ import json
 import numpy as np
 import polars as pl
 import pytest
+from sklearn.metrics import roc_auc_score
 
 from clipscrub.params import BaseSettings, EvaluateSettings, ThresholdSettings
 from stages.evaluate import detection_metrics, evaluate_detectors
@@ -39,9 +40,19 @@ def test_metrics_and_plots_of_the_tiny_run(tiny_run):
     chosen = metrics["detectors"][params.threshold.detector]
     assert chosen["precision_at_threshold"] == pytest.approx(tp / flags["is_flagged"].sum())
     assert chosen["recall_at_threshold"] == pytest.approx(tp / 4)
+    scores = pl.read_parquet(root / "scores" / "scores.parquet").join(manifest.select("id", "is_poison"), on="id")
+    y = scores["is_poison"].to_numpy()
     for d in params.score.detectors:
+        # AUROC from its definition, P(poison scores above clean) with ties half, on the stage's own scores
+        s = scores[f"{d}_score"].to_numpy() * (-1 if d == "clip" else 1)  # clip: low = suspicious
+        pos, neg = s[y][:, None], s[~y][None, :]
+        want = ((pos > neg).sum() + 0.5 * (pos == neg).sum()) / (pos.size * neg.size)
+        assert metrics["detectors"][d]["auroc"] == pytest.approx(want, abs=1e-6), d
+        assert roc_auc_score(y, s) == pytest.approx(want, abs=1e-9)
         roc = pl.read_csv(root / "plots" / "roc" / f"{d}.csv")
-        assert roc.columns == ["fpr", "tpr"] and roc["tpr"][-1] == 1.0
+        assert roc.columns == ["fpr", "tpr"]
+        # the plotted curve is that detector's: its area is the AUROC
+        assert np.trapezoid(roc["tpr"].to_numpy(), roc["fpr"].to_numpy()) == pytest.approx(want, abs=1e-5), d
         hist = pl.read_csv(root / "plots" / "hist" / f"{d}.csv")
         assert hist["clean"].sum() + hist["poisoned"].sum() == manifest.height
         assert hist["poisoned"].sum() == 4
@@ -50,6 +61,8 @@ def test_metrics_and_plots_of_the_tiny_run(tiny_run):
 def copy_raw_without_truth(root, tmp_path) -> None:
     """``tmp_path/raw``: the tiny run's raw data with is_poison unknown."""
     import shutil
+
+    from clipscrub.io import seal_outputs
 
     shutil.copytree(root / "raw", tmp_path / "raw")
     m = pl.read_parquet(tmp_path / "raw" / "manifest.parquet").with_columns(is_poison=pl.lit(None, dtype=pl.Boolean))
@@ -110,9 +123,12 @@ def _nulled_raw(root, tmp_path):
     """A copy of the tiny run's raw data whose manifest knows no poison."""
     import shutil
 
+    from clipscrub.io import seal_outputs
+
     shutil.copytree(root / "raw", tmp_path / "raw")
     m = pl.read_parquet(tmp_path / "raw" / "manifest.parquet").with_columns(is_poison=pl.lit(None, dtype=pl.Boolean))
     m.write_parquet(tmp_path / "raw" / "manifest.parquet")
+    seal_outputs(tmp_path / "raw")  # as a download without ground truth would have written it
     return tmp_path / "raw"
 
 

@@ -71,13 +71,92 @@ def run_stages(tmp_path, image, text, *, modality, mode, size, draws, k, lid_k, 
     return pl.read_parquet(tmp_path / "scores" / "scores.parquet"), np.load(tmp_path / "index" / first / "ref_rows.npy"), summary
 
 
-def assert_parity(got: pl.DataFrame, image, text, ref_rows, modality, k, lid_k):
+def _entries(image, text, rows, modality) -> tuple[np.ndarray, np.ndarray]:
+    """Reference entry vectors (R, d) float64 and their owners (R,), as bruteforce lays them out."""
+    pairs = bruteforce.entries_for(image, text, rows, modality)
+    return np.array([v for v, _ in pairs]), np.array([o for _, o in pairs])
+
+
+def _true_distances(queries, owners_q, entries, owners_e) -> np.ndarray:
+    """(Q, R) float64 distances, inf where an entry belongs to the query's own sample."""
+    d = np.sqrt(((np.asarray(queries, np.float64)[:, None, :] - entries[None, :, :]) ** 2).sum(-1))
+    d[owners_q[:, None] == owners_e[None, :]] = np.inf
+    return d
+
+
+# Per-value tolerances: stored distances are float32 (relative error ~6e-8), so each log ratio of
+# two distances is off by up to ~1.2e-7 absolute; RTOL covers relative error, DELTA that absolute one.
+RTOL, DELTA = 1e-5, 1e-6
+LID_FLOOR = 1 / bruteforce.EPS  # x k: bruteforce.lid's value when all k distances tie
+
+
+def _dao_tolerance(image, text, rows, modality, k) -> np.ndarray:
+    """Per query (N,): the tolerance of its DAO, mean lid(o) ln(kd(x)/kd(o)) over its k neighbours o,
+    from the size of each term before they cancel (vectorised float64; sets only the tolerance).
+    A term is off by |lid(o)| x its log ratio's error, plus its own size x lid(o)'s relative error,
+    DELTA x |lid(o)| (ill-conditioned when o's distances nearly tie); a floored lid(o) is exact."""
+    e, owners = _entries(image, text, rows, modality)
+    ref_d = np.sort(_true_distances(e, owners, e, owners), axis=1)[:, :k] + bruteforce.EPS
+    kd_ref = ref_d[:, k - 1]
+    lid_ref = -k / np.minimum(np.log(ref_d / ref_d[:, k - 1 : k]).sum(1), -bruteforce.EPS)
+    lid_rel = np.where(lid_ref == LID_FLOOR * k, 0.0, DELTA * np.abs(lid_ref))
+    queries = text if modality == "text" else image
+    d = _true_distances(queries, np.arange(len(queries)), e, owners)
+    nn = np.argsort(d, axis=1, kind="stable")[:, :k]
+    kd = np.take_along_axis(d, nn, 1)[:, k - 1] + bruteforce.EPS
+    terms = np.abs(lid_ref[nn] * np.log(kd[:, None] / kd_ref[nn]))
+    return (terms * (RTOL + lid_rel[nn]) + DELTA * np.abs(lid_ref[nn])).mean(1)
+
+
+def expected_scores(image, text, ref_rows, modality, k, lid_k) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """name -> (value, tolerance) per sample (N,), the brute force averaged over the draws.
+
+    Each value gets its own tolerance. A LID floored at ``EPS`` (all its distances tie) is
+    lid_k / EPS, ~1e13: its tolerance is a few ulps, so it must be exact, and it widens no other
+    value's. DAO's tolerance follows the LIDs of the sample's own neighbours (a floored one makes
+    the float32 error of its log ratio ~1e6)."""
     expected = [bruteforce.scores(image, text, rows, modality, k, lid_k) for rows in ref_rows]
+    out = {}
     for name in ("kdist", "slof", "lid", "dao"):
-        want = np.mean([e[name] for e in expected], axis=0)
-        have = got[f"{name}_score"].to_numpy()
-        scale = np.abs(want).max() + 1e-12
-        np.testing.assert_allclose(have, want, rtol=1e-4, atol=1e-6 * scale, err_msg=name)
+        values = np.array([e[name] for e in expected])  # (draws, N)
+        if name == "lid":
+            floored = values == LID_FLOOR * lid_k
+            tol = np.where(floored, 8 * np.spacing(values), RTOL * np.abs(values) + DELTA * values**2)
+        elif name == "dao":
+            tol = np.array([_dao_tolerance(image, text, rows, modality, k) for rows in ref_rows])
+        else:
+            tol = RTOL * np.abs(values)
+        out[name] = values.mean(0), tol.mean(0) + 1e-12
+    return out
+
+
+def assert_close(have: np.ndarray, want: np.ndarray, tol: np.ndarray, what: str) -> None:
+    bad = ~(np.abs(have - want) <= tol)
+    assert not bad.any(), (f"{what}: {int(bad.sum())} of {len(want)} rows off, e.g. {have[bad][:3]} "
+                           f"vs {want[bad][:3]} (tolerances {tol[bad][:3]})")
+
+
+def assert_parity(got: pl.DataFrame, image, text, ref_rows, modality, k, lid_k):
+    for name, (want, tol) in expected_scores(image, text, ref_rows, modality, k, lid_k).items():
+        assert_close(got[f"{name}_score"].to_numpy(), want, tol, name)
+
+
+def assert_neighbours_exact(set_dir: Path, image, text, modality, k):
+    """The index's neighbour lists are true k-nearest lists: each reported distance is the entry's
+    real distance, none is the query's own sample, and the k distances are the k smallest."""
+    ref_rows = np.load(set_dir / "ref_rows.npy")
+    for r, rows in enumerate(ref_rows):
+        e, owners = _entries(image, text, rows, modality)
+        queries = text if modality == "text" else image
+        for prefix, q, q_owners in (("", queries, np.arange(len(queries))), ("ref_", e, owners)):
+            true = _true_distances(q, q_owners, e, owners)
+            found = np.load(set_dir / f"{prefix}neighbours.npy")[r]
+            dist = np.load(set_dir / f"{prefix}distances.npy")[r].astype(np.float64)
+            assert (owners[found] != q_owners[:, None]).all(), f"{prefix}draw {r}: a query's own entry"
+            np.testing.assert_allclose(np.take_along_axis(true, found, 1), dist, rtol=1e-6, atol=1e-6,
+                                       err_msg=f"{prefix}draw {r}: reported distances")
+            np.testing.assert_allclose(dist, np.sort(true, axis=1)[:, :k], rtol=1e-6, atol=1e-6,
+                                       err_msg=f"{prefix}draw {r}: not the k nearest")
 
 
 @pytest.mark.parametrize("modality", ["image_text", "image", "text"])
@@ -98,6 +177,7 @@ def test_scores_match_bruteforce(tmp_path, modality, mode, kind):
     if mode == "trusted":
         assert ref_rows[0].tolist() == trusted.tolist()
     assert summary["search"] == ["exact"] and summary["recall_at_k"] == 1.0
+    assert_neighbours_exact(only_set(tmp_path / "index"), image, text, modality, 9)
     assert got["id"].to_list() == ids.tolist()
     assert_parity(got, image, text, ref_rows, modality, 5, 9)
 
@@ -118,6 +198,7 @@ def test_approximate_search_matches_bruteforce_when_exhaustive(tmp_path, modalit
     )
     assert summary["search"] == [search["method"] if search["method"] != "auto" else "hnsw"]
     assert summary["recall_at_k"] == 1.0
+    assert_neighbours_exact(only_set(tmp_path / "index"), image, text, modality, 9)
     assert_parity(got, image, text, ref_rows, modality, 5, 9)
 
 
@@ -302,11 +383,8 @@ def test_several_reference_sizes_fuse_per_set_bruteforce(tmp_path, fusion, modal
     for name in ("m12", "m30", "m70"):
         rows = np.load(tmp_path / "index" / name / "ref_rows.npy")
         assert rows.shape == ((1, 70) if name == "m70" else (2, int(name[1:])))
-        expected = [bruteforce.scores(image, text, r, modality, 4, 6) for r in rows]
-        for det in ("kdist", "slof", "lid", "dao"):
-            want = np.mean([e[det] for e in expected], axis=0)
-            np.testing.assert_allclose(by_set[f"{det}_{name}"].to_numpy(), want, rtol=1e-4,
-                                       atol=1e-6 * (np.abs(want).max() + 1e-12), err_msg=f"{det} {name}")
+        for det, (want, tol) in expected_scores(image, text, rows, modality, 4, 6).items():
+            assert_close(by_set[f"{det}_{name}"].to_numpy(), want, tol, f"{det} {name}")
     for det in ("kdist", "slof", "lid", "dao"):
         fused = fuse_scores([by_set[f"{det}_{n}"].to_numpy() for n in ("m12", "m30", "m70")], fusion)
         np.testing.assert_array_equal(got[f"{det}_score"].to_numpy(), fused)
