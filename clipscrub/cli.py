@@ -162,14 +162,16 @@ def run_flow(args: argparse.Namespace) -> int:
     except ClipscrubError as exc:
         print(f"clipscrub: error: {exc}", file=sys.stderr)
         return 2
-    from flows.clean import clean_dataset
+    from flows.clean import clean_dataset, private_prefect
 
     try:
-        result = clean_dataset(
-            params=params.model_dump(mode="json", by_alias=True),
-            out_dir=str(Path(args.out).resolve()),
-            result_storage=args.result_storage,
-        )
+        # analytics off, and a temporary server that outlives the run's events and logs
+        with private_prefect():
+            result = clean_dataset(
+                params=params.model_dump(mode="json", by_alias=True),
+                out_dir=str(Path(args.out).resolve()),
+                result_storage=args.result_storage,
+            )
     except ClipscrubError as exc:
         print(f"clipscrub: error: {exc}", file=sys.stderr)
         return 2

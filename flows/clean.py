@@ -3,7 +3,8 @@
 Each stage is a task that calls ``clipscrub.pipeline.run_stage`` and passes file paths only.
 A task's cache key is built like DVC's stage hash: the content hashes of its input artifacts,
 its params (the sections dvc.yaml lists for it) and its code version (the hash of the source
-files it runs). Results persist under ``<out>/.prefect/results`` (or any fsspec URL).
+files it runs). Results persist under ``<out>/.prefect/results`` (or any fsspec URL) as plain
+JSON, and are read back only as plain JSON (``JsonResultStorage``): never unpickled.
 
 Prefect's cache says "this key was computed", not "the outputs on disk are that computation's":
 so the flow also keeps ``<out>/.clipscrub/state.json`` (per stage: the key and the content hashes
@@ -14,18 +15,24 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, NoReturn
 
 from prefect import flow, get_run_logger, task
+from prefect._internal.compatibility.async_dispatch import async_dispatch
 from prefect.artifacts import create_markdown_artifact
 from prefect.context import TaskRunContext
-from prefect.filesystems import RemoteFileSystem
+from prefect.filesystems import LocalFileSystem, RemoteFileSystem, WritableFileSystem
+from prefect.logging import get_logger
+from prefect.results import ResultRecord, ResultRecordMetadata
 from prefect.runtime import flow_run
+from prefect.serializers import JSONSerializer
 from prefect.tasks import exponential_backoff
 
-from clipscrub.io import sha256_path
+from clipscrub.io import root_lock, sha256_path
 from clipscrub.metrics import APPLIED_KEYS, applied_sentence, read_applied
 from clipscrub.params import Params, parse_params
 from clipscrub.pipeline import SPECS, STAGES, Layout, active_stages, param_value, run_stage, stage_code_version, stage_inputs
@@ -71,11 +78,80 @@ def _write_state(root: Path, state: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
+# Plain JSON both ways: no object hook, so nothing in a result names a class to import
+RESULT_SERIALIZER = JSONSerializer(object_decoder=None)
+PLAIN_JSON = {"jsonlib": "json", "object_decoder": None, "loads_kwargs": {}}
+
+
+class JsonResultStorage(WritableFileSystem):
+    """Task result storage that gives Prefect only records it rebuilt from plain JSON.
+
+    A stored result record names its own serializer and Prefect obeys it when it looks a
+    cached task up: a record saying "pickle" (or "json" with another jsonlib or object hook)
+    runs code of the writer's choosing. So every read parses the record as plain JSON,
+    refuses anything else, and returns a record rebuilt with ``RESULT_SERIALIZER``. Prefect
+    treats a refused record as a cache miss: the stage recomputes and overwrites it.
+    """
+
+    _block_type_name = "clipscrub JSON results"
+    basepath: str  # a local directory or an fsspec URL
+
+    def _files(self) -> WritableFileSystem:
+        if "://" in self.basepath:
+            return RemoteFileSystem(basepath=self.basepath)
+        return LocalFileSystem(basepath=self.basepath)
+
+    @staticmethod
+    def _refuse(path: str, why: str) -> NoReturn:
+        get_logger("clipscrub").warning("refusing the stored result %s: %s; the stage is recomputed", path, why)
+        raise ValueError(f"refusing the stored result {path}: {why}")
+
+    def _plain_record(self, path: str, content: bytes) -> bytes:
+        try:
+            record = json.loads(content)
+            text, serializer = record["result"], dict(record["metadata"]["serializer"])
+        except (ValueError, TypeError, KeyError):  # not JSON (a pickle, say), or not a record
+            self._refuse(path, "not a JSON result record")
+        if serializer.get("type") != "json":
+            self._refuse(path, f"its serializer is {serializer.get('type')!r}, not plain JSON")
+        # "json" too can name a module to import and a hook to call on every object
+        odd = [f"{k}={serializer.get(k)!r}" for k, v in PLAIN_JSON.items() if serializer.get(k) != v]
+        if odd:
+            self._refuse(path, f"its serializer is not plain JSON ({', '.join(odd)})")
+        try:
+            value = json.loads(text)
+        except (ValueError, TypeError):
+            self._refuse(path, "its result is not JSON text")
+        return ResultRecord(
+            metadata=ResultRecordMetadata(
+                storage_key=path,
+                serializer=RESULT_SERIALIZER,
+                storage_block_id=self._block_document_id,
+            ),
+            result=value,
+        ).serialize()
+
+    async def aread_path(self, path: str) -> bytes:
+        return self._plain_record(path, await self._files().aread_path(path))
+
+    @async_dispatch(aread_path)
+    def read_path(self, path: str) -> bytes:
+        return self._plain_record(path, self._files().read_path(path, _sync=True))
+
+    async def awrite_path(self, path: str, content: bytes) -> str:
+        return await self._files().awrite_path(path, content)
+
+    @async_dispatch(awrite_path)
+    def write_path(self, path: str, content: bytes) -> str:
+        return self._files().write_path(path, content, _sync=True)
+
+
 def _run_stage_task(stage: str, params: dict[str, Any], root: str) -> dict[str, Any]:
     logger = get_run_logger()
     logger.info("running stage %s into %s", stage, root)
-    summary = run_stage(stage, parse_params(params), root)
-    logger.info("stage %s done: %s", stage, json.dumps(summary, sort_keys=True, default=str))
+    # as plain JSON: a fresh run returns what a cached one reads back
+    summary = json.loads(json.dumps(run_stage(stage, parse_params(params), root), sort_keys=True, default=str))
+    logger.info("stage %s done: %s", stage, json.dumps(summary, sort_keys=True))
     return summary
 
 
@@ -85,6 +161,7 @@ STAGE_TASKS = {
         name=name,
         cache_key_fn=_task_cache_key,
         persist_result=True,
+        result_serializer=RESULT_SERIALIZER,
         # a URL list fetch can fail transiently; the other stages are deterministic
         retries=3 if name == "download" else 0,
         retry_delay_seconds=exponential_backoff(backoff_factor=5) if name == "download" else 0,
@@ -98,19 +175,76 @@ def _flow_run_name() -> str:
     return f"{params.base.name}-{params.hash()[:8]}"
 
 
-def result_storage_for(out_dir: str | Path, url: str | None) -> Path | str:
+def result_storage_for(out_dir: str | Path, url: str | None) -> JsonResultStorage:
     """Local storage under the run's directory, a local path, or any fsspec URL (s3://, gs://...).
 
-    A URL becomes a saved RemoteFileSystem block: Prefect wants task result storage persisted
-    server-side, so that the UI and later runs can resolve it.
+    Saved as a block: Prefect wants task result storage persisted server-side, so that the UI
+    and later runs can resolve it.
     """
     if url is None:
-        return (Path(out_dir) / ".prefect" / "results").resolve()
-    if "://" not in url or url.startswith("file://"):
-        return Path(url.removeprefix("file://")).resolve()
-    name = "clipscrub-" + hashlib.sha256(url.encode()).hexdigest()[:12]
-    RemoteFileSystem(basepath=url).save(name, overwrite=True)
-    return f"remote-file-system/{name}"
+        base = str((Path(out_dir) / ".prefect" / "results").resolve())
+    elif "://" not in url or url.startswith("file://"):
+        base = str(Path(url.removeprefix("file://")).resolve())
+    else:
+        base = url
+    storage = JsonResultStorage(basepath=base)
+    storage.save("clipscrub-" + hashlib.sha256(base.encode()).hexdigest()[:12], overwrite=True)
+    return storage
+
+
+# A temporary server lives for one run: the services that schedule, repossess, expire or
+# automate runs have nothing to do there, and each is one more writer on its sqlite file
+TEMPORARY_SERVER_SETTINGS = {
+    "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": False,
+    "PREFECT_SERVER_SERVICES_LATE_RUNS_ENABLED": False,
+    "PREFECT_SERVER_SERVICES_FOREMAN_ENABLED": False,
+    "PREFECT_SERVER_SERVICES_REPOSSESSOR_ENABLED": False,
+    "PREFECT_SERVER_SERVICES_PAUSE_EXPIRATIONS_ENABLED": False,
+    "PREFECT_SERVER_SERVICES_CANCELLATION_CLEANUP_ENABLED": False,
+    "PREFECT_SERVER_SERVICES_TRIGGERS_ENABLED": False,
+}
+
+
+@contextmanager
+def private_prefect() -> Iterator[str]:
+    """Prefect that sends nothing off this machine, on a temporary server unless PREFECT_API_URL is set.
+
+    Yields the API URL. Analytics are off in the server (its telemetry service phoned home,
+    and failed loudly offline) and in the client (DO_NOT_TRACK). Prefect's own temporary
+    server stops at interpreter exit, racing the event and log workers still sending to it:
+    this one stops only after they have drained.
+    """
+    import prefect.settings as ps
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+    from prefect.server.api.server import SubprocessASGIServer
+
+    saved = os.environ.get("DO_NOT_TRACK")
+    os.environ["DO_NOT_TRACK"] = "1"  # read by Prefect's client analytics at each event
+    try:
+        with ps.temporary_settings(updates={ps.PREFECT_SERVER_ANALYTICS_ENABLED: False}):
+            url = ps.get_current_settings().api.url
+            if url:
+                yield url
+                return
+            # the server process inherits these: it is started with the current settings
+            with ps.temporary_settings(updates={getattr(ps, k): v for k, v in TEMPORARY_SERVER_SETTINGS.items()}):
+                server = SubprocessASGIServer()
+                server.start(timeout=max(120, ps.PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()))
+                try:
+                    with ps.temporary_settings(updates={ps.PREFECT_API_URL: server.api_url}):
+                        try:
+                            yield server.api_url
+                        finally:
+                            APILogWorker.drain_all(timeout=60)
+                            EventsWorker.drain_all(timeout=60)
+                finally:
+                    server.stop()
+    finally:
+        if saved is None:
+            os.environ.pop("DO_NOT_TRACK", None)
+        else:
+            os.environ["DO_NOT_TRACK"] = saved
 
 
 def summary_markdown(params: Params, root: Path, summaries: dict[str, Any], states: dict[str, str]) -> str:
@@ -157,16 +291,19 @@ def clean_dataset(params: dict[str, Any], out_dir: str, result_storage: str | No
     state = _read_state(root)
     states: dict[str, str] = {}
     summaries: dict[str, Any] = {}
-    for stage in active_stages(settings):
-        key = stage_cache_key(stage, settings, root)
-        recorded = state.get(stage, {})
-        intact = recorded.get("key") == key and recorded.get("outputs") == output_hashes(stage, root)
-        t = STAGE_TASKS[stage].with_options(result_storage=storage, refresh_cache=not intact)
-        run_state = t(stage=stage, params=settings.model_dump(mode="json", by_alias=True), root=str(root), return_state=True)
-        summaries[stage] = run_state.result()
-        states[stage] = run_state.name
-        state[stage] = {"key": key, "outputs": output_hashes(stage, root)}
-        _write_state(root, state)
+    # held for the whole run, so no other clipscrub process writes the root between two stages
+    with root_lock(root):
+        for stage in active_stages(settings):
+            key = stage_cache_key(stage, settings, root)
+            recorded = state.get(stage, {})
+            intact = recorded.get("key") == key and recorded.get("outputs") == output_hashes(stage, root)
+            t = STAGE_TASKS[stage].with_options(result_storage=storage, refresh_cache=not intact)
+            run_state = t(stage=stage, params=settings.model_dump(mode="json", by_alias=True), root=str(root),
+                          return_state=True)
+            summaries[stage] = run_state.result()
+            states[stage] = run_state.name
+            state[stage] = {"key": key, "outputs": output_hashes(stage, root)}
+            _write_state(root, state)
     create_markdown_artifact(
         summary_markdown(settings, root, summaries, states),
         key="clipscrub-" + re.sub(r"[^a-z0-9-]+", "-", settings.base.name.lower()).strip("-"),

@@ -30,17 +30,18 @@ def main(argv: list[str] | None = None) -> int:
     except ClipscrubError as exc:
         print(f"clipscrub: error: {exc}", file=sys.stderr)
         return 2
-    from flows.clean import clean_dataset
+    from flows.clean import clean_dataset, private_prefect
 
-    clean_dataset.serve(
-        name=args.name,
-        parameters={
-            "params": params.model_dump(mode="json", by_alias=True),
-            "out_dir": str(Path(args.out).resolve()),
-            "result_storage": args.result_storage,
-        },
-        cron=args.cron,
-    )
+    with private_prefect():  # no analytics from this client either
+        clean_dataset.serve(
+            name=args.name,
+            parameters={
+                "params": params.model_dump(mode="json", by_alias=True),
+                "out_dir": str(Path(args.out).resolve()),
+                "result_storage": args.result_storage,
+            },
+            cron=args.cron,
+        )
     return 0
 
 

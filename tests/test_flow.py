@@ -17,7 +17,8 @@ import yaml
 
 from clipscrub.io import sha256_path
 from clipscrub.pipeline import SPECS, Layout
-from tests.conftest import REPO, make_dvc_project, tiny_params_dict
+from tests.conftest import REPO, make_dvc_project, tiny_params, tiny_params_dict
+from tests.imageserver import image_bytes
 
 BIN = Path(sys.executable).parent
 ALL = ["download", "train", "embed", "index", "score", "threshold", "filter", "evaluate", "report"]
@@ -56,6 +57,22 @@ def test_identical_rerun_computes_nothing(flow_dir):
     assert list(states) == ALL
 
 
+def test_a_root_another_process_holds_is_refused(flow_dir):
+    """The flow holds its root for the whole run; a second process on it is refused up front."""
+    from clipscrub.errors import ParamError
+    from tests.test_io import HOLD
+
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(flow_dir)], stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(ParamError, match=rf"another clipscrub process \(pid {holder.pid} on .+\) is writing to"):
+            run_flow(flow_dir)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert set(run_flow(flow_dir).values()) == {"Cached"}
+
+
 def test_threshold_change_recomputes_threshold_onward(flow_dir):
     assert computed(run_flow(flow_dir, ["threshold.fraction=0.1"])) == ["threshold", "filter", "evaluate", "report"]
     # and back: the earlier results are still in the cache, but the outputs on disk changed
@@ -89,6 +106,153 @@ def test_results_persist_to_any_fsspec_url(harness, tmp_path):
     import fsspec
 
     assert fsspec.filesystem("memory").ls(url.removeprefix("memory://"))
+
+
+class RunsCode:
+    """Unpickling this creates ``marker``: what a crafted result record would do."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def pickle_record(key: str, marker: Path) -> bytes:
+    """A result record as Prefect writes one, saying "pickle", whose result runs code."""
+    from prefect.results import ResultRecord, ResultRecordMetadata
+    from prefect.serializers import PickleSerializer
+
+    return ResultRecord(
+        metadata=ResultRecordMetadata(storage_key=key, serializer=PickleSerializer()), result=RunsCode(marker)
+    ).serialize()
+
+
+def json_hook_record(key: str, marker: Path) -> bytes:
+    """A record saying "json" whose object hook is subprocess.call: {"touch": 0, marker: 0} runs touch."""
+    serializer = {"type": "json", "jsonlib": "json", "object_decoder": "subprocess.call", "loads_kwargs": {}}
+    result = json.dumps({"touch": 0, str(marker): 0})
+    return json.dumps({"metadata": {"storage_key": key, "serializer": serializer}, "result": result}).encode()
+
+
+def stage_keys(out: Path) -> dict[str, str]:
+    return {stage: rec["key"] for stage, rec in json.loads((out / ".clipscrub" / "state.json").read_text()).items()}
+
+
+def test_tampered_results_are_refused_never_run(flow_dir, tmp_path):
+    """A result record that would run code on load is refused: the stage recomputes instead."""
+    import cloudpickle
+
+    run_flow(flow_dir)  # the defaults: earlier tests may have left other params
+    out = tmp_path / "run"
+    shutil.copytree(flow_dir, out)
+    keys, results = stage_keys(out), out / ".prefect" / "results"
+    markers = [tmp_path / f"pwned-{i}" for i in range(3)]
+    (results / keys["filter"]).write_bytes(json_hook_record(keys["filter"], markers[0]))
+    (results / keys["evaluate"]).write_bytes(cloudpickle.dumps(RunsCode(markers[1])))  # a bare pickle
+    (results / keys["report"]).write_bytes(pickle_record(keys["report"], markers[2]))
+    # filter's outputs come out byte-identical, so evaluate and report keep their keys
+    assert computed(run_flow(out)) == ["filter", "evaluate", "report"]
+    assert not any(m.exists() for m in markers)
+    assert set(run_flow(out).values()) == {"Cached"}  # the rewritten records are plain JSON
+    assert json.loads(json.loads((results / keys["report"]).read_text())["result"])["gallery"] == 20
+
+
+def test_tampered_results_in_a_separate_result_storage_are_refused(flow_dir, tmp_path):
+    run_flow(flow_dir)
+    out, store = tmp_path / "run", tmp_path / "shared-results"
+    shutil.copytree(flow_dir, out)
+    shutil.copytree(flow_dir / ".prefect" / "results", store)
+    assert set(run_flow(out, result_storage=str(store)).values()) == {"Cached"}
+    key, marker = stage_keys(out)["report"], tmp_path / "pwned"
+    (store / key).write_bytes(pickle_record(key, marker))
+    assert computed(run_flow(out, result_storage=str(store))) == ["report"]
+    assert not marker.exists()
+    assert set(run_flow(out, result_storage=str(store)).values()) == {"Cached"}
+
+
+@pytest.mark.parametrize("kind", ["pickle record", "bare pickle", "json with an object hook", "not a record"])
+def test_result_storage_reads_only_plain_json(tmp_path, kind):
+    """What JsonResultStorage hands Prefect: a record it rebuilt from plain JSON, or a refusal."""
+    import cloudpickle
+    from prefect.results import ResultRecord
+
+    from flows.clean import RESULT_SERIALIZER, JsonResultStorage
+
+    storage, marker = JsonResultStorage(basepath=str(tmp_path / "results")), tmp_path / "pwned"
+    storage.write_path("good", ResultRecord(metadata={"storage_key": "good", "serializer": RESULT_SERIALIZER},
+                                            result={"kept": 380}).serialize(), _sync=True)
+    back = ResultRecord.deserialize(storage.read_path("good", _sync=True))
+    assert back.result == {"kept": 380} and back.metadata.serializer == RESULT_SERIALIZER
+    bad = {"pickle record": pickle_record("bad", marker), "bare pickle": cloudpickle.dumps(RunsCode(marker)),
+           "json with an object hook": json_hook_record("bad", marker), "not a record": b'{"result": "{}"}'}[kind]
+    storage.write_path("bad", bad, _sync=True)
+    with pytest.raises(ValueError, match="^refusing the stored result bad: "):
+        storage.read_path("bad", _sync=True)
+    assert not marker.exists()
+
+
+def test_artifact_aurocs_match_the_evaluate_metrics(flow_dir):
+    """The markdown artifact, read back from the API after a cached rerun, has evaluate's AUROCs."""
+    from prefect.artifacts import Artifact
+
+    assert set(run_flow(flow_dir).values()) == {"Cached"}
+    md = Artifact.get("clipscrub-demo").data
+    detection = json.loads((flow_dir / "metrics" / "detection.json").read_text())
+    header = md.splitlines().index("| detector | AUROC | PR-AUC |")
+    rows = [line.strip("| ").split(" | ") for line in md.splitlines()[header + 2:header + 2 + len(detection["detectors"])]]
+    assert rows == [[d, f"{m['auroc']:.4f}", f"{m['pr_auc']:.4f}"]
+                    for d, m in sorted(detection["detectors"].items(), key=lambda kv: -kv[1]["auroc"])]
+    assert f"Detection of {detection['poisoned']} known poisoned samples:" in md
+
+
+def test_a_changed_source_file_reruns_download(harness, tmp_path):
+    """download.source folder: an edited image or captions file is new input: download reruns."""
+    import open_clip
+    import polars as pl
+    import torch
+
+    from flows.clean import clean_dataset
+
+    cfg = {"embed_dim": 16,
+           "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
+           "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    (tmp_path / "flowtiny.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(tmp_path / "flowtiny.json")
+    torch.manual_seed(0)
+    torch.save({"state_dict": open_clip.create_model("flowtiny").state_dict()}, tmp_path / "flowtiny.pt")
+    folder, captions = tmp_path / "images", tmp_path / "captions.csv"
+    folder.mkdir()
+    colours = [(40 * i % 256, 90 * i % 256, 170 * i % 256) for i in range(1, 13)]
+    for i, colour in enumerate(colours):
+        (folder / f"{i}.png").write_bytes(image_bytes("PNG", colour=colour))
+    files = [f"{i}.png" for i in range(12)]
+    pl.DataFrame({"file": files, "caption": [f"picture {i}" for i in range(12)]}).write_csv(captions)
+    data = tiny_params_dict(["train.enabled=false", "index.reference.mode=all", "index.k=4", "score.k=2",
+                             "score.lid_k=3", "score.iforest.n_estimators=10", "threshold.fraction=0.2"])
+    data["download"].update(source="folder", shard_size=4)
+    data["download"]["folder"].update(path=str(folder), captions=str(captions))
+    data["embed"].update(model_name="flowtiny", pretrained=None, checkpoint=str(tmp_path / "flowtiny.pt"),
+                         model_config=str(tmp_path / "flowtiny.json"), batch_size=5)
+    out = tmp_path / "run"
+
+    def run() -> dict[str, str]:
+        return clean_dataset(params=data, out_dir=str(out))["states"]
+
+    def manifest() -> pl.DataFrame:
+        return pl.read_parquet(out / "raw" / "manifest.parquet")
+
+    assert set(run().values()) == {"Completed"}
+    assert set(run().values()) == {"Cached"}
+    before = manifest()
+    (folder / "3.png").write_bytes(image_bytes("PNG", colour=(7, 7, 7)))
+    states = run()
+    assert states["download"] == "Completed" and states["embed"] == "Completed"
+    after = manifest().join(before, on="file", suffix="_before")
+    assert after.filter(pl.col("image_sha256") != pl.col("image_sha256_before"))["file"].to_list() == ["3.png"]
+    captions.write_text(captions.read_text().replace("picture 5", "a different caption"))
+    assert run()["download"] == "Completed"
+    assert manifest().filter(pl.col("file") == "5.png")["caption"].to_list() == ["a different caption"]
 
 
 def test_flow_outputs_equal_dvc_repro(flow_dir, tmp_path):
@@ -154,6 +318,87 @@ def test_bad_run_input_is_a_clear_error(tmp_path, args, expected):
     assert not Path("/proc/clipscrub-run").exists()
 
 
+class ConnectionLog:
+    """A listener that records the first bytes of every connection made to it: a proxy stand-in."""
+
+    def __init__(self):
+        import threading
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen()
+        self.url = "http://127.0.0.1:%d" % self.sock.getsockname()[1]
+        self.seen: list[bytes] = []
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:  # closed
+                return
+            with conn:
+                conn.settimeout(5)
+                try:
+                    self.seen.append(conn.recv(200))
+                except OSError:
+                    self.seen.append(b"")
+
+    def close(self) -> None:
+        self.sock.close()
+        self.thread.join(timeout=10)
+
+
+def test_run_on_a_temporary_server_is_quiet_and_sends_nothing(tmp_path):
+    """`clipscrub run` without PREFECT_API_URL: no traceback on stderr and no connection leaving the
+    machine (every proxied request lands in a local log), whatever the environment said."""
+    import sqlite3
+
+    proxy = ConnectionLog()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_") and k != "DO_NOT_TRACK"}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}",
+               HTTP_PROXY=proxy.url, HTTPS_PROXY=proxy.url, ALL_PROXY=proxy.url, NO_PROXY="127.0.0.1,localhost")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params_dict()))
+    try:
+        res = clipscrub("run", "-p", "params.yaml", "-o", "run", cwd=tmp_path, env=env)
+    finally:
+        proxy.close()
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert set(json.loads(res.stdout.splitlines()[0])["states"].values()) == {"Completed"}
+    assert "Traceback" not in res.stderr and "telemetry" not in res.stderr.lower(), res.stderr[-3000:]
+    assert not [line for line in res.stderr.splitlines() if "| ERROR" in line or "| CRITICAL" in line], res.stderr
+    assert proxy.seen == []
+    # the server's telemetry service, had it run, keeps its session in the server's database
+    db = sqlite3.connect(tmp_path / "prefect-home" / "prefect.db")
+    assert db.execute("select count(*) from configuration where key = 'TELEMETRY_SESSION'").fetchone() == (0,)
+    db.close()
+
+
+def test_temporary_server_gets_analytics_off(tmp_path):
+    """The mechanism: the server private_prefect starts reports analytics off through its own API,
+    and the client's tracking is off, where the environment left both on."""
+    code = """if True:
+        import json, httpx
+        from prefect.settings import Settings
+        from prefect._internal.analytics.enabled import is_telemetry_enabled
+        from flows.clean import private_prefect
+        before = (Settings().server.analytics_enabled, is_telemetry_enabled())
+        with private_prefect() as url:
+            server = httpx.get(url + "/admin/settings", timeout=30).json()["server"]
+            during = (server["analytics_enabled"], server["services"]["scheduler"]["enabled"], is_telemetry_enabled())
+        print(json.dumps({"before": before, "during": during, "after": is_telemetry_enabled()}))
+    """
+    from prefect._internal.analytics.ci_detection import CI_ENV_VARS
+
+    drop = {"DO_NOT_TRACK", *CI_ENV_VARS}  # Prefect's client tracks nothing on CI machines
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_") and k not in drop}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PYTHONPATH=str(REPO))
+    res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert json.loads(res.stdout.splitlines()[-1]) == {"before": [True, True], "during": [False, False, False], "after": True}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -191,7 +436,8 @@ def test_against_a_real_prefect_server(tmp_path):
         assert len(runs) == 1
         run = runs[0]
         assert run["state"]["type"] == "COMPLETED"
-        assert run["name"].startswith("demo-")
+        params = tiny_params()
+        assert run["name"] == f"{params.base.name}-{params.hash()[:8]}"
         tasks = httpx.post(
             f"{api}/task_runs/filter", json={"flow_runs": {"id": {"any_": [run["id"]]}}}, timeout=30
         ).json()
