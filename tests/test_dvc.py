@@ -1,4 +1,4 @@
-"""The DVC pipeline end to end on the tiny demo: repro, no-op repro, partial rerun, experiments."""
+"""The DVC pipeline end to end on the tiny demo: repro, no-op repro, partial rerun, experiments, a shared remote."""
 
 from __future__ import annotations
 
@@ -116,3 +116,86 @@ def test_diff_between_two_experiments(project, tmp_path):
     assert all(f"data/plots/{kind}/kdist.csv" in shown for kind in ("roc", "pr", "hist"))
     text = sh(str(BIN / "clipscrub"), "diff", "HEAD", "loose", "--ids-out", str(tmp_path / "h.parquet"), cwd=project)
     assert "threshold.fraction" in text and "0.1 -> 0.05" in text  # HEAD: the commit at fraction 0.1
+
+
+# What `dvc pull` must reproduce byte for byte: every stage's DVC outs (from the remote) and the
+# metrics and plots (cache: false, so from git).
+SHARED = ("raw", "model", "embeddings", "index", "scores", "flags", "clean", "report", "metrics", "plots")
+
+
+def data_sha256(proj: Path) -> dict[str, str]:
+    import hashlib
+
+    return {
+        str(p.relative_to(proj)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for d in SHARED for p in sorted((proj / "data" / d).rglob("*")) if p.is_file()
+    }
+
+
+def set_fraction(proj: Path, fraction: float) -> None:
+    params = yaml.safe_load((proj / "params.yaml").read_text())
+    params["threshold"]["fraction"] = fraction
+    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def removed_ids(proj: Path) -> set[int]:
+    import polars as pl
+
+    return set(pl.read_parquet(proj / "data" / "clean" / "removed.parquet")["id"].to_list())
+
+
+def test_remote_push_pull_then_diff_a_pulled_revision(project, tmp_path):
+    """A team shares cleaned versions through a DVC remote (a local directory here): A pushes two
+    revisions, a second clone B pulls each one byte for byte and `clipscrub diff`s them."""
+    a, b, remote = project, tmp_path / "b", tmp_path / "remote"
+    # revision 1: after the tests above these repros are no-ops or run-cache restores
+    set_fraction(a, 0.05)
+    sh("dvc", "repro", cwd=a)
+    sh("dvc", "remote", "add", "-d", "shared", str(remote), cwd=a)
+    sh("git", "add", "-A", cwd=a)
+    sh("git", "commit", "-qm", "fraction 0.05, shared remote", cwd=a)
+    sh("dvc", "push", cwd=a)
+    assert "Cache and remote 'shared' are in sync" in sh("dvc", "status", "-c", cwd=a)
+    assert any((remote / "files" / "md5").iterdir())
+
+    sh("git", "clone", "-q", str(a), str(b), cwd=tmp_path)
+    assert not (b / "data" / "clean").exists()  # the clone has the pointers (dvc.lock), not the data
+    sh("dvc", "pull", cwd=b)
+    rev1 = data_sha256(a)
+    assert data_sha256(b) == rev1 and any(k.startswith("data/clean/") for k in rev1)
+    assert "up to date" in sh("dvc", "status", cwd=b)  # B's workspace matches its dvc.lock: nothing to rerun
+    removed1 = removed_ids(b)
+
+    # revision 2: A re-thresholds, commits and pushes; B pulls both git and data
+    set_fraction(a, 0.1)
+    assert stages_run(sh("dvc", "repro", cwd=a)) in (["threshold", "filter", "evaluate", "report"], [])
+    sh("git", "commit", "-qam", "fraction 0.1", cwd=a)
+    sh("dvc", "push", cwd=a)
+    assert "Cache and remote 'shared' are in sync" in sh("dvc", "status", "-c", cwd=a)
+    sh("git", "pull", "-q", "--ff-only", cwd=b)
+    sh("dvc", "pull", cwd=b)
+    rev2 = data_sha256(a)
+    assert data_sha256(b) == rev2 and rev2 != rev1
+    removed2 = removed_ids(b)
+    assert (len(removed1), len(removed2)) == (20, 40)
+
+    # B's previous revision is read from B's DVC cache (the first pull), the current one from the second
+    ids = tmp_path / "ids.parquet"
+    result = json.loads(sh(str(BIN / "clipscrub"), "diff", "HEAD~1", "HEAD", "--project", str(b),
+                           "--format", "json", "--ids-out", str(ids), cwd=tmp_path))
+    assert result["params"] == {"threshold.fraction": {"a": 0.05, "b": 0.1}}
+    assert (result["counts"]["a"]["removed"], result["counts"]["b"]["removed"]) == (len(removed1), len(removed2))
+    assert result["applied"]["removed"] == {"a": 20, "b": 40, "delta": 20}
+    assert result["removed"]["only_a"] == len(removed1 - removed2) == 0
+    assert result["removed"]["only_b"] == len(removed2 - removed1) == 20
+    assert result["removed"]["both"] == len(removed1 & removed2) == 20
+    import polars as pl
+
+    assert set(pl.read_parquet(ids)["id"].to_list()) == removed1 ^ removed2
+    # a reviewer's clone that never pulled: dvc.api streams both revisions from the remote
+    c = tmp_path / "c"
+    sh("git", "clone", "-q", str(a), str(c), cwd=tmp_path)
+    again = json.loads(sh(str(BIN / "clipscrub"), "diff", "HEAD~1", "HEAD", "--project", str(c),
+                          "--format", "json", "--ids-out", str(tmp_path / "c.parquet"), cwd=tmp_path))
+    assert again["removed"] == result["removed"] and again["applied"] == result["applied"]
+    assert not (c / "data" / "clean").exists()  # nothing checked out into the workspace
