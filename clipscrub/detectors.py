@@ -48,6 +48,35 @@ def dao(kd_x: np.ndarray, kd_ref: np.ndarray, lid_ref: np.ndarray, entries: np.n
     return (lid_ref[nb] * np.log((kd_x[:, None] + EPS) / (kd_ref[nb] + EPS))).mean(axis=1)
 
 
+def reference_density(ref_dist: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """kd(o) and lid(o) of every reference entry, (R,) and (R,), from its own neighbour distances
+    (R, K) within the reference set: computed once per draw, shared by every chunk of queries."""
+    return k_distance(ref_dist, k), lid_mle(ref_dist, k)
+
+
+def query_scores(
+    *,
+    dist: np.ndarray,
+    entries: np.ndarray,
+    kd_ref: np.ndarray,
+    lid_ref: np.ndarray,
+    k: int,
+    lid_k: int | None = None,
+) -> dict[str, np.ndarray]:
+    """k-distance, SLOF, DAO (and LID with ``lid_k`` neighbours) of queries (Q,), from their
+    neighbours dist, entries (Q, K) and ``reference_density``'s kd_ref, lid_ref (R,). Row by
+    row: a query's scores do not depend on the other queries passed with it."""
+    kd_x = k_distance(dist, k)
+    out = {
+        "kdist": kd_x,
+        "slof": slof(kd_x, kd_ref, entries, k),
+        "dao": dao(kd_x, kd_ref, lid_ref, entries, k),
+    }
+    if lid_k is not None:
+        out["lid"] = lid_mle(dist, lid_k)
+    return out
+
+
 def density_scores(
     *,
     dist: np.ndarray,
@@ -61,17 +90,8 @@ def density_scores(
     dist, entries (N, K): the queries' neighbours; ref_dist (R, K): the reference entries'
     neighbour distances within the reference set. Returns arrays of shape (N,).
     """
-    kd_x = k_distance(dist, k)
-    kd_ref = k_distance(ref_dist, k)
-    lid_ref = lid_mle(ref_dist, k)
-    out = {
-        "kdist": kd_x,
-        "slof": slof(kd_x, kd_ref, entries, k),
-        "dao": dao(kd_x, kd_ref, lid_ref, entries, k),
-    }
-    if lid_k is not None:
-        out["lid"] = lid_mle(dist, lid_k)
-    return out
+    kd_ref, lid_ref = reference_density(ref_dist, k)
+    return query_scores(dist=dist, entries=entries, kd_ref=kd_ref, lid_ref=lid_ref, k=k, lid_k=lid_k)
 
 
 def _side_scale(dev: np.ndarray) -> float:

@@ -239,6 +239,28 @@ def atomic_file(path: str | Path, *, param: str = "--root") -> Iterator[Path]:
     os.replace(tmp, path)
 
 
+@contextlib.contextmanager
+def scratch_work_dir(out_dir: str | Path, *, param: str = "--root") -> Iterator[Path]:
+    """A work directory beside ``out_dir`` (hidden, owner in its name) for a stage run in one
+    process, removed afterwards; a killed run's is swept by the next."""
+    out_dir = Path(out_dir)
+    _check_writable(out_dir.parent, param)
+    prefix = f".{out_dir.name}.work-"
+    for stale in out_dir.parent.glob(glob.escape(prefix) + "*"):
+        if not _owner_alive(stale.name[len(prefix):]):
+            shutil.rmtree(stale, ignore_errors=True)
+    work = out_dir.parent / f"{prefix}{_scratch_suffix()}"
+    try:
+        yield work
+    except BaseException as exc:
+        if _is_disk_full(exc):
+            raise disk_full_error(out_dir, needed="the work files of its chunks need about as much again as the "
+                                  "outputs", param=param) from None
+        raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 _LOCKS: dict[str, list[int]] = {}  # resolved root -> [fd, depth]
 _LOCKS_GUARD = threading.Lock()
 LOCK_FILE = Path(".clipscrub") / "lock"

@@ -16,6 +16,8 @@ not depend on the index's rounding.
 
 from __future__ import annotations
 
+import os
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Union
@@ -225,6 +227,41 @@ def build_search_index(refs: np.ndarray, *, method: str, search: "SearchSettings
     return SearchIndex(_to_gpu(index), flat, method)
 
 
+# indexes whose build is costly (and, for IVF's multi-threaded k-means, need not repeat bit for
+# bit): built once per draw and stored in faiss's own format for every chunk of queries to read
+STORED_METHODS = ("hnsw", "ivf")
+
+
+def write_search_index(index: SearchIndex, path: Path) -> None:
+    """Store an hnsw or ivf index for ``draw_index`` (written under a temporary name, then renamed)."""
+    path = Path(path)
+    cpu = index.index if index.method == "hnsw" or gpu_count() == 0 else faiss.index_gpu_to_cpu(index.index)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        faiss.write_index(cpu, str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def draw_index(*, image: Rows, text: Rows, rows: np.ndarray, modality: str, method: str, search: "SearchSettings",
+               seed: int, stored: Path | None = None) -> tuple[SearchIndex, np.ndarray]:
+    """One draw's search index over the entries of reference rows (m,), and the entries' owners (R,).
+
+    An exact index is built from the embeddings (cheap, the same every time); an hnsw or ivf index
+    is read from ``stored`` when given (``write_search_index``), else built.
+    """
+    if stored is not None and method == "hnsw":
+        index = faiss.read_index(str(stored))
+        return SearchIndex(index, faiss.downcast_index(index.storage), method), entry_owners(rows, modality)
+    refs, owners = reference_entries(image, text, rows, modality)
+    if stored is not None and method == "ivf":
+        flat = faiss.IndexFlatL2(refs.shape[1])
+        flat.add(refs)
+        return SearchIndex(_to_gpu(faiss.read_index(str(stored))), flat, method), owners
+    return build_search_index(refs, method=method, search=search, seed=seed), owners
+
+
 @dataclass
 class Neighbours:
     """k nearest reference entries per query: ``entries`` (Q, k) int64, ``distances`` (Q, k) float32.
@@ -245,15 +282,20 @@ def find_neighbours(
     k: int,
     max_self: int,
     chunk_size: int = 65536,
+    start: int = 0,
+    stop: int | None = None,
 ) -> Neighbours:
-    """k nearest reference entries of each query, excluding entries it owns.
+    """k nearest reference entries of queries [start, stop) (default: all), excluding entries each owns.
 
-    queries (Q, d) (an array or a RowReader, read ``chunk_size`` rows at a time), query_owners
-    (Q,), ref_owners (R,). faiss proposes k + max_self + margin candidates; their distances are
-    recomputed directly from the differences (duplicates at exactly 0, no cancellation) and ties
-    broken by entry index.
+    queries (Q, d) (an array or a RowReader, read ``chunk_size`` rows at a time from ``start``),
+    query_owners (Q,), ref_owners (R,). faiss proposes k + max_self + margin candidates; their
+    distances are recomputed directly from the differences (duplicates at exactly 0, no
+    cancellation) and ties broken by entry index. With an exact or hnsw index a query's result
+    depends only on the query and the index, not on which other queries share its call nor on the
+    thread count (faiss's BLAS distances do: they only propose candidates, and a list is widened
+    until it holds every entry that could rank among the k).
     """
-    q_n = len(queries)
+    lo, hi = start, len(queries) if stop is None else stop
     r_n = index.flat.ntotal
     if k + max_self > r_n:
         raise ParamError(f"k ({k}) leaves too few reference entries ({r_n}) to choose from", param="index.k")
@@ -261,13 +303,13 @@ def find_neighbours(
     ef = index.index.hnsw.efSearch if index.method == "hnsw" else None
     # how far faiss's float32 ||x||^2 + ||y||^2 - 2xy can be off: a few ulps of the norms involved
     ref_sq_max = float(np.einsum("ij,ij->i", index.refs, index.refs).max()) if r_n else 0.0
-    out_e = np.empty((q_n, k), dtype=np.int64)
-    out_d = np.empty((q_n, k), dtype=np.float32)
+    out_e = np.empty((hi - lo, k), dtype=np.int64)
+    out_d = np.empty((hi - lo, k), dtype=np.float32)
     try:
-        for start in range(0, q_n, chunk_size):
-            stop = min(q_n, start + chunk_size)
-            q32 = _read(queries, start, stop)
-            owners = query_owners[start:stop]
+        for first in range(lo, hi, chunk_size):
+            q32 = _read(queries, first, min(hi, first + chunk_size))
+            owners = query_owners[first : first + len(q32)]
+            at = first - lo
             slack = BLAS_ULPS * np.finfo(np.float32).eps * (np.einsum("ij,ij->i", q32, q32) + ref_sq_max)
             rows = np.arange(len(q32))
             c = cand
@@ -280,7 +322,7 @@ def find_neighbours(
                     whole = len(sub) == len(q32)  # the first pass: no copy of the chunk
                     e, d, widen = _search_rerank(index, q32 if whole else q32[sub], c, ref_owners,
                                                  owners if whole else owners[sub], k, slack[sub], ef)
-                    out_e[start + sub], out_d[start + sub] = e, d
+                    out_e[at + sub], out_d[at + sub] = e, d
                     again.append(sub[widen])
                 # faiss's list ended inside the rounding band around the k-th distance: entries past
                 # it may be nearer than the ones kept (a tight cluster); search those rows wider

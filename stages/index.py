@@ -13,27 +13,41 @@ r draws, R reference entries per draw and K = ``index.k`` neighbours:
 
 Memory is bounded by one chunk of queries, the reference entries with their faiss index, and
 the (N, K) results: embeddings are read chunk by chunk, never mapped whole.
+
+The work is three pieces that pass only files, so a cluster can run the chunks in separate
+processes on a shared filesystem (``build_index`` runs them in turn, the same code):
+``prepare_index`` (the reference sets, their stored indexes, the entries' own neighbours, the
+plan of query chunks), ``search_index_chunk`` per chunk (in any order, any number of times),
+``reduce_index`` (today's outputs, validated, in one atomic swap).
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+import uuid
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from clipscrub.arrays import RowReader, create_npy
-from clipscrub.errors import DataError
-from clipscrub.io import atomic_dir, read_json, require_file, write_json, write_lineage
-from clipscrub.neighbours import entry_owners, read_trusted_rows, reference_sets, search_draw, self_entries_per_query
+from clipscrub.errors import DataError, ParamError
+from clipscrub.io import atomic_dir, read_json, require_file, scratch_work_dir, write_json, write_lineage
+from clipscrub.neighbours import (
+    STORED_METHODS, Neighbours, choose_method, draw_index, entry_owners, find_neighbours, gpu_count, measure_recall,
+    query_embeddings, read_trusted_rows, reference_sets, self_entries_per_query, write_search_index,
+)
 from clipscrub.params import BaseSettings, IndexSettings
 from clipscrub.validation import docs_dir_for, neighbour_tables, validate
 
 
-def load_embeddings(emb_dir: Path, *, chunk_size: int = 65536, normalize: bool = False
+def load_embeddings(emb_dir: Path, *, chunk_size: int = 65536, normalize: bool = False, check: bool = True
                     ) -> tuple[RowReader, RowReader, np.ndarray]:
     """(image (N, d), text (N, d), ids (N,)) of the embed stage's output, checked chunk by chunk:
-    equal shapes, finite values. With ``normalize`` the readers return unit rows."""
+    equal shapes, finite values (unless ``check`` is false: a chunk of work whose prepare step
+    checked them, so N chunks do not read N x the embeddings). With ``normalize`` the readers
+    return unit rows."""
     image, text = (
         RowReader(require_file(emb_dir / f"{name}.npy", param="--embeddings", what="embeddings"), normalize=normalize)
         for name in ("image", "text")
@@ -45,7 +59,7 @@ def load_embeddings(emb_dir: Path, *, chunk_size: int = 65536, normalize: bool =
         raise DataError(
             f"image {image.shape}, text {text.shape} and ids ({len(ids)},) embeddings disagree", param="--embeddings"
         )
-    for name, reader in (("image", image), ("text", text)):
+    for name, reader in (("image", image), ("text", text)) if check else ():
         bad = np.concatenate([~np.isfinite(rows).all(axis=1) for _, rows in reader.chunks(chunk_size)])
         if bad.any():
             raise DataError(
@@ -70,10 +84,92 @@ def load_reference_set(index_dir: Path, name: str) -> dict[str, np.ndarray]:
             for a in ARRAYS}
 
 
-def build_index(
-    *, embeddings_dir: str | Path, out_dir: str | Path, settings: IndexSettings, base: BaseSettings
+
+# ------------------------------------------------------------------ work directories shared by the pieces
+PLAN_FILE = "plan.json"
+WORK_MARK = ".clipscrub-work"  # a directory a prepare step may empty: never a user's own folder
+
+
+def fresh_work_dir(work_dir: str | Path, *, param: str) -> Path:
+    """``work_dir`` emptied (a stale chunk of another run must never reach a reduce) and marked.
+    Refuses a non-empty directory that no prepare step made."""
+    work = Path(work_dir)
+    if work.is_dir() and any(work.iterdir()) and not (work / WORK_MARK).is_file():
+        raise ParamError(f"work directory {work} is not empty and was not made by clipscrub: give an empty or new one",
+                         param=param)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    (work / WORK_MARK).touch()
+    return work
+
+
+def read_plan(work_dir: str | Path, *, params: dict[str, Any], stage: str) -> dict[str, Any]:
+    """The plan a prepare step wrote, checked to be for these params."""
+    path = Path(work_dir) / PLAN_FILE
+    if not path.is_file():
+        raise DataError(f"{path} not found: run prepare_{stage} first", param=stage)
+    plan = read_json(path)
+    if plan["params"] != params:
+        raise ParamError(f"the plan in {work_dir} was prepared with other params: rerun prepare_{stage}", param=stage)
+    return plan
+
+
+def chunk_plan(n: int, chunk_size: int) -> list[list[int]]:
+    """[start, stop) of each chunk of queries: the chunks a single search of all n would use."""
+    return [[start, min(n, start + chunk_size)] for start in range(0, n, chunk_size)]
+
+
+def check_chunk(plan: dict[str, Any], start: int, stop: int, *, param: str) -> None:
+    if [start, stop] not in plan["chunks"]:
+        raise ParamError(f"[{start}, {stop}) is not one of the plan's chunks (each starts at a multiple of "
+                         f"{param}, {plan['chunks'][0][1]})", param=param)
+
+
+def chunk_file(work: Path, start: int, stop: int, name: str) -> Path:
+    return work / "chunks" / f"{start}-{stop}" / f"{name}.npy"
+
+
+def save_npy(path: Path, arr: np.ndarray) -> None:
+    """np.save under a temporary name, then renamed: a reader sees the whole file or none, and a
+    chunk run twice replaces its files with the same bytes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, "wb") as f:
+            np.save(f, arr)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_chunk(work: Path, start: int, stop: int, name: str, *, stage: str) -> np.ndarray:
+    path = chunk_file(work, start, stop, name)
+    if not path.is_file():
+        raise DataError(f"chunk [{start}, {stop}) has not been computed ({path} is missing): run its "
+                        f"{stage} chunk, then reduce again", param=stage)
+    return np.load(path)
+
+
+# ------------------------------------------------------------------ the index stage's pieces
+def _index_params(settings: IndexSettings, base: BaseSettings) -> dict[str, Any]:
+    return {"base": base.model_dump(mode="json"), "index": settings.model_dump(mode="json")}
+
+
+def _stored(work: Path, name: str, method: str, r: int) -> Path | None:
+    return work / name / f"draw{r}.faiss" if method in STORED_METHODS else None
+
+
+def prepare_index(
+    *, embeddings_dir: str | Path, work_dir: str | Path, settings: IndexSettings, base: BaseSettings
 ) -> dict[str, Any]:
-    """Draw the reference sets and find every sample's neighbours in each of their draws."""
+    """Draw the reference sets and write what every chunk of queries shares into ``work_dir``
+    (emptied first): per set ``ref_rows.npy``, each draw's hnsw/ivf index (``draw<r>.faiss``),
+    and, unless the references are the dataset itself (mode all: those come from the chunks), the
+    entries' own neighbours ``ref_neighbours.npy`` / ``ref_distances.npy``.
+
+    Returns the plan (also ``plan.json``): ``chunks`` [[start, stop], ...] (multiples of
+    ``index.chunk_size``), ``sets`` (name, draws, samples, entries, search), ``samples``, ``params``.
+    """
     emb_dir = Path(embeddings_dir)
     image, text, ids = load_embeddings(emb_dir, chunk_size=settings.chunk_size, normalize=settings.normalize)
     n = len(ids)
@@ -85,43 +181,151 @@ def build_index(
         if settings.k + max_self > rs.rows.shape[1] * max_self:
             raise DataError(f"k ({settings.k}) needs more reference entries than {rs.rows.shape[1] * max_self} "
                             f"(reference set {rs.name})", param="index.k")
+    work = fresh_work_dir(work_dir, param="index")
+    records: list[dict[str, Any]] = []
+    for rs in sets:
+        draws, m = rs.rows.shape
+        entries_n = m * max_self
+        method = choose_method(mode=ref.mode, entries=entries_n, search=settings.search, gpus=gpu_count())
+        (work / rs.name).mkdir()
+        np.save(work / rs.name / "ref_rows.npy", rs.rows)
+        own = {
+            name: create_npy(work / rs.name / f"{name}.npy", dtype=dtype, shape=(draws, entries_n, settings.k))
+            for name, dtype in (("ref_neighbours", np.int64), ("ref_distances", np.float32))
+        } if ref.mode != "all" else {}
+        for r, rows in enumerate(rs.rows):
+            if method not in STORED_METHODS and not own:
+                continue  # an exact index over the whole dataset: each chunk builds its own
+            index, owners = draw_index(image=image, text=text, rows=rows, modality=settings.modality, method=method,
+                                       search=settings.search, seed=base.seed + r)
+            if method in STORED_METHODS:
+                write_search_index(index, _stored(work, rs.name, method, r))
+            if own:
+                found = find_neighbours(queries=index.refs, query_owners=owners, index=index, ref_owners=owners,
+                                        k=settings.k, max_self=max_self, chunk_size=settings.chunk_size)
+                own["ref_neighbours"][r], own["ref_distances"][r] = found.entries, found.distances
+            del index
+        for arr in own.values():
+            arr.flush()
+        del own
+        records.append({"name": rs.name, "draws": int(draws), "samples": int(m), "entries": int(entries_n),
+                        "search": method})
+    plan = {"params": _index_params(settings, base), "samples": n, "chunks": chunk_plan(n, settings.chunk_size),
+            "sets": records}
+    write_json(work / PLAN_FILE, plan)
+    return plan
+
+
+def search_index_chunk(
+    *, embeddings_dir: str | Path, work_dir: str | Path, settings: IndexSettings, base: BaseSettings,
+    start: int, stop: int,
+) -> None:
+    """Every reference draw's k nearest entries of queries [start, stop), one of the plan's chunks:
+    ``chunks/<start>-<stop>/<set>.neighbours.npy`` (r, stop - start, K) int64 and ``.distances.npy``
+    float32 in ``work_dir`` (with mode all and image_text, ``.captions_*`` for the caption entries of
+    those rows too). Depends on no other chunk; a rerun writes the same bytes."""
+    work = Path(work_dir)
+    plan = read_plan(work, params=_index_params(settings, base), stage="index")
+    check_chunk(plan, start, stop, param="index.chunk_size")
+    image, text, _ = load_embeddings(Path(embeddings_dir), normalize=settings.normalize, check=False)
+    n = plan["samples"]
+    queries = query_embeddings(image, text, settings.modality)
+    query_rows = np.arange(n, dtype=np.int64)
+    max_self = self_entries_per_query(settings.modality)
+    captions = settings.reference.mode == "all" and settings.modality == "image_text"
+    for rec in plan["sets"]:
+        ref_rows = np.load(work / rec["name"] / "ref_rows.npy")
+        names = ("neighbours", "distances") + (("captions_neighbours", "captions_distances") if captions else ())
+        out = {name: np.empty((len(ref_rows), stop - start, settings.k),
+                              np.int64 if "neighbours" in name else np.float32) for name in names}
+        for r, rows in enumerate(ref_rows):
+            index, owners = draw_index(image=image, text=text, rows=rows, modality=settings.modality,
+                                       method=rec["search"], search=settings.search, seed=base.seed + r,
+                                       stored=_stored(work, rec["name"], rec["search"], r))
+            common = dict(index=index, ref_owners=owners, k=settings.k, max_self=max_self,
+                          chunk_size=settings.chunk_size, start=start, stop=stop)
+            found = find_neighbours(queries=queries, query_owners=query_rows, **common)
+            out["neighbours"][r], out["distances"][r] = found.entries, found.distances
+            if captions:
+                # the whole dataset as references: the caption entries' own neighbours are
+                # searched with the queries of the same rows
+                found = find_neighbours(queries=index.refs[n:], query_owners=owners[n:], **common)
+                out["captions_neighbours"][r], out["captions_distances"][r] = found.entries, found.distances
+            del index, found
+        for name, arr in out.items():
+            save_npy(chunk_file(work, start, stop, f"{rec['name']}.{name}"), arr)
+
+
+def reduce_index(
+    *, embeddings_dir: str | Path, work_dir: str | Path, out_dir: str | Path, settings: IndexSettings,
+    base: BaseSettings,
+) -> dict[str, Any]:
+    """Assemble every chunk into the stage's outputs in ``out_dir`` (see the module docstring),
+    measure recall, validate, and write the lineage, in one atomic swap."""
+    emb_dir, work = Path(embeddings_dir), Path(work_dir)
+    plan = read_plan(work, params=_index_params(settings, base), stage="index")
+    image, text, ids = load_embeddings(emb_dir, normalize=settings.normalize, check=False)
+    n = len(ids)
+    if n != plan["samples"]:
+        raise DataError(f"the embeddings changed since prepare_index ({plan['samples']} samples, now {n}): "
+                        f"prepare again", param="--embeddings")
+    ref = settings.reference
+    trusted = ref.mode == "trusted"
+    queries = query_embeddings(image, text, settings.modality)
+    query_rows = np.arange(n, dtype=np.int64)
+    max_self = self_entries_per_query(settings.modality)
     records: list[dict[str, Any]] = []
     tables = []
     with atomic_dir(out_dir) as tmp:
-        for rs in sets:
-            draws, m = rs.rows.shape
-            entries_n = m * max_self
-            (tmp / rs.name).mkdir()
-            np.save(tmp / rs.name / "ref_rows.npy", rs.rows)
+        for rec in plan["sets"]:
+            name, method, entries_n = rec["name"], rec["search"], rec["entries"]
+            ref_rows = np.load(work / name / "ref_rows.npy")
+            draws = len(ref_rows)
+            (tmp / name).mkdir()
+            np.save(tmp / name / "ref_rows.npy", ref_rows)
             out = {
-                name: create_npy(tmp / rs.name / f"{name}.npy", dtype=dtype, shape=shape)
-                for name, dtype, shape in (
+                a: create_npy(tmp / name / f"{a}.npy", dtype=dtype, shape=shape)
+                for a, dtype, shape in (
                     ("neighbours", np.int64, (draws, n, settings.k)),
                     ("distances", np.float32, (draws, n, settings.k)),
                     ("ref_neighbours", np.int64, (draws, entries_n, settings.k)),
                     ("ref_distances", np.float32, (draws, entries_n, settings.k)),
                 )
             }
-            recalls: list[float] = []
-            for r, rows in enumerate(rs.rows):
-                found = search_draw(image=image, text=text, rows=rows, modality=settings.modality, mode=ref.mode,
-                                    k=settings.k, search=settings.search, seed=base.seed + r,
-                                    chunk_size=settings.chunk_size)
-                out["neighbours"][r], out["distances"][r] = found.queries.entries, found.queries.distances
-                out["ref_neighbours"][r], out["ref_distances"][r] = found.references.entries, found.references.distances
-                recalls.append(found.recall)
-                method = found.method
-                del found
+            for start, stop in plan["chunks"]:
+                for a in ("neighbours", "distances"):
+                    part = load_chunk(work, start, stop, f"{name}.{a}", stage="index")
+                    out[a][:, start:stop] = part
+                    if ref.mode == "all":  # the queries are the (image, or text-only caption) entries
+                        out[f"ref_{a}"][:, start:stop] = part
+                        if settings.modality == "image_text":
+                            out[f"ref_{a}"][:, n + start : n + stop] = load_chunk(
+                                work, start, stop, f"{name}.captions_{a}", stage="index")
+            if ref.mode != "all":
+                for a in ("ref_neighbours", "ref_distances"):
+                    out[a][:] = np.load(work / name / f"{a}.npy", mmap_mode="r")
+            recalls = [1.0] * draws
+            if method != "exact":
+                for r, rows in enumerate(ref_rows):
+                    index, owners = draw_index(image=image, text=text, rows=rows, modality=settings.modality,
+                                               method=method, search=settings.search, seed=base.seed + r,
+                                               stored=_stored(work, name, method, r))
+                    recalls[r] = measure_recall(
+                        queries=queries, query_owners=query_rows,
+                        found=Neighbours(out["neighbours"][r], out["distances"][r]), index=index, ref_owners=owners,
+                        k=settings.k, max_self=max_self, sample=settings.search.recall_sample, seed=base.seed + r)
+                    del index
             for arr in out.values():
                 arr.flush()
             del out
-            records.append({"name": rs.name, "draws": int(draws), "samples": int(m), "entries": int(entries_n),
-                            "search": method, "recall_at_k": round(float(np.mean(recalls)), 4)})
+            records.append({"name": name, "draws": int(draws), "samples": int(rec["samples"]),
+                            "entries": int(entries_n), "search": method,
+                            "recall_at_k": round(float(np.mean(recalls)), 4)})
             tables += neighbour_tables(
-                ids=ids, neighbours=np.load(tmp / rs.name / "neighbours.npy", mmap_mode="r"),
-                distances=np.load(tmp / rs.name / "distances.npy", mmap_mode="r"),
-                owners=[entry_owners(rows, settings.modality) for rows in rs.rows], entries=entries_n,
-                chunk_size=settings.chunk_size, name=f"neighbours_{rs.name}",
+                ids=ids, neighbours=np.load(tmp / name / "neighbours.npy", mmap_mode="r"),
+                distances=np.load(tmp / name / "distances.npy", mmap_mode="r"),
+                owners=[entry_owners(rows, settings.modality) for rows in ref_rows], entries=entries_n,
+                chunk_size=settings.chunk_size, name=f"neighbours_{name}",
             )
         write_json(tmp / REFERENCES_FILE, {"sets": records})
         validated = validate("index", tables, docs_dir=docs_dir_for(out_dir, "index"))
@@ -137,10 +341,23 @@ def build_index(
         write_lineage(
             tmp,
             stage="index",
-            params={"base": base.model_dump(mode="json"), "index": settings.model_dump(mode="json")},
-            inputs={"embeddings": emb_dir, **({"trusted": Path(ref.path)} if trusted is not None else {})},
+            params=_index_params(settings, base),
+            inputs={"embeddings": emb_dir, **({"trusted": Path(ref.path)} if trusted else {})},
             upstream=[emb_dir],
             summary=summary,
             extra={"validation": validated, "reference_sets": records},
         )
     return summary
+
+
+def build_index(
+    *, embeddings_dir: str | Path, out_dir: str | Path, settings: IndexSettings, base: BaseSettings
+) -> dict[str, Any]:
+    """Draw the reference sets and find every sample's neighbours in each of their draws: the
+    prepare, chunk and reduce pieces in turn, in a work directory beside ``out_dir``."""
+    with scratch_work_dir(out_dir) as work:
+        common = dict(embeddings_dir=embeddings_dir, work_dir=work, settings=settings, base=base)
+        plan = prepare_index(**common)
+        for start, stop in plan["chunks"]:
+            search_index_chunk(**common, start=start, stop=stop)
+        return reduce_index(**common, out_dir=out_dir)

@@ -6,6 +6,11 @@ fused into one score by ``score.fusion`` (``clipscrub.detectors.fuse_scores``), 
 own scores are kept in ``by_reference.parquet`` (``<detector>_<set>`` columns). The isolation
 forest and the CLIP score come from the embeddings. Non-finite scores are kept as they are and
 counted, never dropped.
+
+Like the index stage, the work is three pieces passing files: ``prepare_score`` (each reference
+entry's kd(o) and lid(o), computed once per draw; the isolation forest's training rows),
+``score_chunk`` per chunk of samples (raw per-draw scores), ``reduce_score`` (averaging over
+draws, fusion over the whole dataset, the parquet outputs); ``score_samples`` runs them in turn.
 """
 
 from __future__ import annotations
@@ -16,13 +21,20 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from clipscrub.detectors import clip_score, density_scores, fit_iforest, fuse_scores, iforest_score
+from clipscrub.detectors import (
+    clip_score, density_scores, fit_iforest, fuse_scores, iforest_score, query_scores, reference_density,
+)
 from clipscrub.errors import DataError
-from clipscrub.io import atomic_dir, write_lineage
+from clipscrub.io import atomic_dir, scratch_work_dir, write_json, write_lineage
 from clipscrub.neighbours import query_embeddings
 from clipscrub.params import BaseSettings, IndexSettings, ScoreSettings
 from clipscrub.validation import docs_dir_for, score_tables, validate
-from stages.index import load_embeddings, load_reference_set, read_reference_sets
+from stages.index import (
+    PLAN_FILE, check_chunk, chunk_file, chunk_plan, fresh_work_dir, load_chunk, load_embeddings, load_reference_set,
+    read_plan, read_reference_sets, save_npy,
+)
+
+DENSITY = ("kdist", "slof", "dao", "lid")
 
 
 def score_samples(
@@ -36,13 +48,38 @@ def score_samples(
 ) -> dict[str, Any]:
     """Write ``<out>/scores.parquet``: id, one ``<detector>_score`` per detector, and
     ``non_finite_scores`` (the detectors whose score is NaN or infinite for that row, comma
-    separated; null when all are finite)."""
+    separated; null when all are finite). The prepare, chunk and reduce pieces in turn."""
+    with scratch_work_dir(out_dir) as work:
+        common = dict(embeddings_dir=embeddings_dir, index_dir=index_dir, work_dir=work, settings=settings,
+                      index=index, base=base)
+        plan = prepare_score(**common)
+        for start, stop in plan["chunks"]:
+            score_chunk(**common, start=start, stop=stop)
+        return reduce_score(**common, out_dir=out_dir)
+
+
+def _score_params(settings: ScoreSettings, index: IndexSettings, base: BaseSettings) -> dict[str, Any]:
+    return {"base": base.model_dump(mode="json"), "index": index.model_dump(mode="json"),
+            "score": settings.model_dump(mode="json")}
+
+
+def prepare_score(
+    *, embeddings_dir: str | Path, index_dir: str | Path, work_dir: str | Path, settings: ScoreSettings,
+    index: IndexSettings, base: BaseSettings,
+) -> dict[str, Any]:
+    """Check the embeddings and the index, and write what every chunk shares into ``work_dir``
+    (emptied first): per reference set, ``kd_ref.npy`` and ``lid_ref.npy`` (r, R) float64, each
+    entry's kd(o) and lid(o) within its draw; ``iforest_rows.npy``, the rows the isolation forest
+    is fitted on (every chunk fits the same forest: same rows, same seed).
+
+    Returns the plan (also ``plan.json``): ``chunks`` [[start, stop], ...] (multiples of
+    ``index.chunk_size``), ``sets``, ``samples``, ``params``.
+    """
     emb_dir, idx_dir = Path(embeddings_dir), Path(index_dir)
-    image, text, ids = load_embeddings(emb_dir, chunk_size=index.chunk_size, normalize=index.normalize)
+    _, _, ids = load_embeddings(emb_dir, chunk_size=index.chunk_size, normalize=index.normalize)
     names = [rs["name"] for rs in read_reference_sets(idx_dir)]
-    wanted = set(settings.detectors)
-    density = [d for d in settings.detectors if d in ("kdist", "slof", "dao", "lid")]
-    per_set: dict[str, dict[str, np.ndarray]] = {}
+    density = any(d in DENSITY for d in settings.detectors)
+    work = fresh_work_dir(work_dir, param="score")
     ref_rows: list[np.ndarray] = []
     for name in names:
         # one set mapped at a time: a set's (r, N, K) neighbour files are what dominates memory
@@ -52,27 +89,100 @@ def score_samples(
                             param="--index")
         ref_rows.append(np.asarray(arrays["ref_rows"]).reshape(-1))
         if density:
-            per_set[name] = set_scores(arrays, k=settings.k, lid_k=settings.lid_k if "lid" in wanted else None)
+            own = [reference_density(arrays["ref_distances"][r], settings.k) for r in range(len(arrays["ref_rows"]))]
+            (work / name).mkdir()
+            np.save(work / name / "kd_ref.npy", np.stack([kd for kd, _ in own]))
+            np.save(work / name / "lid_ref.npy", np.stack([lid for _, lid in own]))
         del arrays
+    if "iforest" in settings.detectors:
+        np.save(work / "iforest_rows.npy", np.unique(np.concatenate(ref_rows)))
+    plan = {"params": _score_params(settings, index, base), "samples": len(ids), "sets": names,
+            "chunks": chunk_plan(len(ids), index.chunk_size)}
+    write_json(work / PLAN_FILE, plan)
+    return plan
+
+
+def score_chunk(
+    *, embeddings_dir: str | Path, index_dir: str | Path, work_dir: str | Path, settings: ScoreSettings,
+    index: IndexSettings, base: BaseSettings, start: int, stop: int,
+) -> None:
+    """Raw scores of samples [start, stop), one of the plan's chunks, in ``work_dir``'s
+    ``chunks/<start>-<stop>/``: ``<set>.<detector>.npy`` (r, stop - start) per density detector
+    (one row per draw), ``iforest.npy`` and ``clip.npy`` (stop - start,). Depends on no other
+    chunk; a rerun writes the same bytes."""
+    emb_dir, idx_dir, work = Path(embeddings_dir), Path(index_dir), Path(work_dir)
+    plan = read_plan(work, params=_score_params(settings, index, base), stage="score")
+    check_chunk(plan, start, stop, param="index.chunk_size")
+    image, text, _ = load_embeddings(emb_dir, normalize=index.normalize, check=False)
+    wanted = set(settings.detectors)
+    density = [d for d in settings.detectors if d in DENSITY]
+    for name in plan["sets"] if density else ():
+        arrays = load_reference_set(idx_dir, name)
+        kd_ref, lid_ref = np.load(work / name / "kd_ref.npy"), np.load(work / name / "lid_ref.npy")
+        per_draw = [
+            query_scores(dist=np.asarray(arrays["distances"][r, start:stop]),
+                         entries=np.asarray(arrays["neighbours"][r, start:stop]), kd_ref=kd_ref[r],
+                         lid_ref=lid_ref[r], k=settings.k, lid_k=settings.lid_k if "lid" in wanted else None)
+            for r in range(len(kd_ref))
+        ]
+        for d in density:
+            save_npy(chunk_file(work, start, stop, f"{name}.{d}"), np.stack([p[d] for p in per_draw]))
+        del arrays
+    if "iforest" in wanted:
+        queries = query_embeddings(image, text, index.modality)
+        forest = _forest(work, queries, settings=settings, seed=base.seed)
+        save_npy(chunk_file(work, start, stop, "iforest"), iforest_score(forest, queries.read(start, stop)))
+    if "clip" in wanted:
+        save_npy(chunk_file(work, start, stop, "clip"), clip_score(image.read(start, stop), text.read(start, stop)))
+
+
+# the forest a process last fitted: one process running every chunk (score_samples) fits it once
+_FOREST: dict[tuple, Any] = {}
+
+
+def _forest(work: Path, queries, *, settings: ScoreSettings, seed: int):
+    """The isolation forest fitted on the prepared rows: sklearn with a fixed seed and one job
+    gives the same trees in every process, so a chunk fits it rather than reading a pickle."""
+    path = work / "iforest_rows.npy"
+    st = (work / PLAN_FILE).stat()
+    key = (str(path.resolve()), st.st_ino, st.st_mtime_ns, str(queries.path), settings.iforest.n_estimators,
+           settings.iforest.max_samples, seed)
+    if key not in _FOREST:
+        _FOREST.clear()
+        _FOREST[key] = fit_iforest(queries.take(np.load(path)), n_estimators=settings.iforest.n_estimators,
+                                   max_samples=settings.iforest.max_samples, seed=seed)
+    return _FOREST[key]
+
+
+def reduce_score(
+    *, embeddings_dir: str | Path, index_dir: str | Path, work_dir: str | Path, out_dir: str | Path,
+    settings: ScoreSettings, index: IndexSettings, base: BaseSettings,
+) -> dict[str, Any]:
+    """Every chunk's scores: averaged over each set's draws, fused over the sets (robust z-scores
+    over the whole dataset), written with validation and lineage in one atomic swap."""
+    emb_dir, idx_dir, work = Path(embeddings_dir), Path(index_dir), Path(work_dir)
+    plan = read_plan(work, params=_score_params(settings, index, base), stage="score")
+    _, _, ids = load_embeddings(emb_dir, normalize=index.normalize, check=False)
+    if len(ids) != plan["samples"]:
+        raise DataError(f"the embeddings changed since prepare_score ({plan['samples']} samples, now {len(ids)}): "
+                        f"prepare again", param="--embeddings")
+    names = plan["sets"]
+    density = [d for d in settings.detectors if d in DENSITY]
+    chunks = plan["chunks"]
+
+    def gather(name: str) -> np.ndarray:
+        return np.concatenate([load_chunk(work, start, stop, name, stage="score") for start, stop in chunks], axis=-1)
 
     columns: dict[str, np.ndarray] = {}
     by_set: dict[str, np.ndarray] = {}
     for d in density:
-        columns[d] = fuse_scores([per_set[name][d] for name in names], settings.fusion)
-        by_set.update({f"{d}_{name}": per_set[name][d] for name in names})
-    if "iforest" in wanted:
-        queries = query_embeddings(image, text, index.modality)
-        fit_rows = np.unique(np.concatenate(ref_rows))
-        forest = fit_iforest(
-            queries.take(fit_rows), n_estimators=settings.iforest.n_estimators,
-            max_samples=settings.iforest.max_samples, seed=base.seed,
-        )
-        columns["iforest"] = np.concatenate([iforest_score(forest, rows) for _, rows in queries.chunks(index.chunk_size)])
-    if "clip" in wanted:
-        columns["clip"] = np.concatenate([
-            clip_score(img, txt)
-            for (_, img), (_, txt) in zip(image.chunks(index.chunk_size), text.chunks(index.chunk_size))
-        ])
+        # (r, N) -> (N,): the mean over draws of the whole arrays, as one process takes it
+        per_set = {name: np.mean(gather(f"{name}.{d}"), axis=0) for name in names}
+        columns[d] = fuse_scores([per_set[name] for name in names], settings.fusion)
+        by_set.update({f"{d}_{name}": per_set[name] for name in names})
+    for d in ("iforest", "clip"):
+        if d in settings.detectors:
+            columns[d] = gather(d)
 
     order = [d for d in settings.detectors]
     frame = pl.DataFrame({"id": np.asarray(ids), **{f"{d}_score": columns[d] for d in order}})

@@ -60,13 +60,7 @@ def test_metrics_and_plots_of_the_tiny_run(tiny_run):
 
 def copy_raw_without_truth(root, tmp_path) -> None:
     """``tmp_path/raw``: the tiny run's raw data with is_poison unknown."""
-    import shutil
-
-    from clipscrub.io import seal_outputs
-
-    shutil.copytree(root / "raw", tmp_path / "raw")
-    m = pl.read_parquet(tmp_path / "raw" / "manifest.parquet").with_columns(is_poison=pl.lit(None, dtype=pl.Boolean))
-    m.write_parquet(tmp_path / "raw" / "manifest.parquet")
+    _nulled_raw(root, tmp_path)
 
 
 def test_without_ground_truth(tiny_run, tmp_path):

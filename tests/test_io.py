@@ -210,6 +210,6 @@ def test_index_on_a_full_disk_stops_with_the_space_it_needs(tiny_run, small_disk
     capsys.readouterr()
     assert main(["index", "--root", str(root)]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith(f"clipscrub: error: --root: no space left on the device writing {root}/.index.tmp-"), err
+    assert err.startswith(f"clipscrub: error: --root: no space left on the device writing {root}/.index.work-"), err
     assert "neighbours.npy: it needs " in err and "nothing was published" in err, err
     assert sorted(p.name for p in root.iterdir()) == [".clipscrub", "embeddings"]
