@@ -209,6 +209,9 @@ class EmbedSettings(_Section):
     model_config_path: str | None = Field(None, alias="model_config")
     batch_size: int = Field(256, ge=1)
     dtype: Literal["float32", "float16"] = "float32"
+    # threads decoding and preprocessing the next batches while the model runs (0: none); the
+    # output does not depend on it
+    loader_workers: int = Field(0, ge=0)
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True, populate_by_name=True)
 

@@ -18,7 +18,10 @@ import hashlib
 import json
 import shutil
 import sys
+import threading
 import zipfile
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -46,18 +49,27 @@ def iter_shard_samples(raw_dir: Path, shard: str, captions: dict[str, str]) -> I
     Only the listed keys are decoded: shards may hold samples the download stage failed
     (an undecodable image, an empty caption), which never reach the model.
     """
+    for key, data, caption in _iter_shard_members(raw_dir, shard, captions):
+        yield key, _decode(data, key=key, shard=shard), caption
+
+
+def _iter_shard_members(raw_dir: Path, shard: str, captions: dict[str, str]) -> Iterator[tuple[str, bytes, str]]:
+    """(key, image bytes, caption) of the samples ``captions`` lists, in shard order, undecoded."""
     wanted = dict(captions)
     for sample in iter_shard(shard_path(raw_dir, shard)):
         key = sample["__key__"]
         ext = image_field(sample)
         if key not in wanted or ext is None:
             continue
-        caption = wanted.pop(key)  # a later sample reusing the key is not this row
-        try:
-            image, _ = decode_image(sample[ext])
-        except ValueError as exc:
-            raise DataError(f"sample {key!r} in {shard}: {exc} (the shard changed since download)", param="--raw") from None
-        yield key, image, caption
+        yield key, sample[ext], wanted.pop(key)  # popped: a later sample reusing the key is not this row
+
+
+def _decode(data: bytes, *, key: str, shard: str) -> Any:
+    try:
+        image, _ = decode_image(data)
+    except ValueError as exc:
+        raise DataError(f"sample {key!r} in {shard}: {exc} (the shard changed since download)", param="--raw") from None
+    return image
 
 
 def expected_dim(settings: EmbedSettings) -> int | None:
@@ -164,32 +176,72 @@ def _shard_groups(ok: pl.DataFrame) -> list[tuple[str, np.ndarray]]:
     return [(shard, np.asarray(rows, dtype=np.int64)) for shard, rows in groups.iter_rows()]
 
 
+# embed.loader_workers: threads that decode, preprocess and tokenize the next batches while the
+# model runs the current one. PIL's decoders and resampling and torch's kernels release the GIL,
+# so loading can overlap the forward pass; the output does not depend on it: the same batches
+# reach the model in the same order. Threads, not processes: nothing to start per shard or pickle.
+# 0 by default, by measurement (benchmarks/embed_floor.py): on a 2-core CPU the forward pass takes
+# both cores and 90% of the time, so a loader thread only competes with it; it is for a GPU,
+# whose forward leaves the CPU free.
+
+
+def _prepare_batch(loaded: LoadedModel, members: list[tuple[str, bytes, str]], *, shard: str,
+                   tokenizer_lock: threading.Lock) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's inputs for ``members`` (key, image bytes, caption): stacked images and tokens."""
+    images = torch.stack([loaded.preprocess(_decode(data, key=key, shard=shard)) for key, data, _ in members])
+    with tokenizer_lock:  # a Hugging Face fast tokenizer refuses two calls at once ("Already borrowed")
+        tokens = loaded.tokenizer([caption for _, _, caption in members])
+    return images, tokens
+
+
+def _batched(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
+    batch: list[Any] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+@torch.no_grad()
 def _embed_shard(loaded: LoadedModel, *, raw_dir: Path, shard: str, rows: np.ndarray, ok: pl.DataFrame,
-                 batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+                 batch_size: int, workers: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Image and caption embeddings (n, d) float32 of one shard's ok rows (n,), batched within the
-    shard so that a resumed run computes every shard exactly as an uninterrupted one."""
+    shard so that a resumed run computes every shard exactly as an uninterrupted one. ``workers``
+    loader threads prepare batches ahead, at most ``workers`` + 1 in memory."""
     sub = ok[rows]
     keys = sub["key"].to_list()
     position = {k: i for i, k in enumerate(keys)}
     image_parts: list[np.ndarray] = []
     text_parts: list[np.ndarray] = []
     order: list[int] = []
-    batch: list[tuple[Any, str]] = []
+    lock = threading.Lock()
 
-    def flush() -> None:
-        imgs = torch.stack([loaded.preprocess(b[0]) for b in batch]).to(loaded.device)
-        toks = loaded.tokenizer([b[1] for b in batch]).to(loaded.device)
-        image_parts.append(loaded.model.encode_image(imgs, normalize=False).float().cpu().numpy())
-        text_parts.append(loaded.model.encode_text(toks, normalize=False).float().cpu().numpy())
-        batch.clear()
+    def forward(images: torch.Tensor, tokens: torch.Tensor) -> None:
+        image_parts.append(loaded.model.encode_image(images.to(loaded.device), normalize=False).float().cpu().numpy())
+        text_parts.append(loaded.model.encode_text(tokens.to(loaded.device), normalize=False).float().cpu().numpy())
 
-    for key, img, txt in iter_shard_samples(raw_dir, shard, dict(zip(keys, sub["caption"].to_list()))):
-        order.append(position[key])
-        batch.append((img, txt))
-        if len(batch) == batch_size:
-            flush()
-    if batch:
-        flush()
+    batches = _batched(_iter_shard_members(raw_dir, shard, dict(zip(keys, sub["caption"].to_list()))), batch_size)
+    if workers == 0:
+        for batch in batches:
+            order.extend(position[key] for key, _, _ in batch)
+            forward(*_prepare_batch(loaded, batch, shard=shard, tokenizer_lock=lock))
+    else:
+        with ThreadPoolExecutor(workers, thread_name_prefix="embed-loader") as pool:
+            pending: deque = deque()
+            try:
+                for batch in batches:  # the shard is read here; the threads decode
+                    order.extend(position[key] for key, _, _ in batch)
+                    pending.append(pool.submit(_prepare_batch, loaded, batch, shard=shard, tokenizer_lock=lock))
+                    if len(pending) > workers:
+                        forward(*pending.popleft().result())
+                while pending:
+                    forward(*pending.popleft().result())
+            finally:  # an error (a bad image, an interrupt) leaves no batch queued behind it
+                for future in pending:
+                    future.cancel()
     if len(order) != len(keys):
         missing = sorted(set(keys) - {keys[i] for i in order})
         raise DataError(
@@ -205,6 +257,100 @@ def _model_dim(settings: EmbedSettings, model_dir: Path | None) -> int | None:
         cfg = read_json(model_dir / "model_config.json")
         return cfg.get("model_cfg", cfg).get("embed_dim")
     return expected_dim(settings)
+
+
+def _load_embedder(*, settings: EmbedSettings, base: BaseSettings, model_dir: str | Path | None,
+                   model_name: str | None) -> tuple[LoadedModel, str]:
+    """The model embed runs (the train stage's in ``model_dir``, else the one ``settings`` name)
+    and a few words saying what it is."""
+    if model_dir is not None:
+        model_dir = Path(model_dir)
+        loaded = load_model(
+            model_name=model_name or settings.model_name,
+            pretrained=None,
+            checkpoint=str(model_dir / "checkpoint.pt"),
+            model_config=str(model_dir / "model_config.json"),
+            device=base.device,
+        )
+        what = describe_model(loaded.info)
+        # the file's hash identifies it; its location (data/ or a run directory) does not
+        loaded.info["checkpoint"] = "checkpoint.pt (train stage output)"
+        return loaded, what
+    loaded = load_model(
+        model_name=settings.model_name,
+        pretrained=settings.pretrained,
+        checkpoint=settings.checkpoint,
+        model_config=settings.model_config_path,
+        device=base.device,
+    )
+    return loaded, describe_model(loaded.info)
+
+
+# a cluster worker embeds many pieces with one model: loaded once per process, per model
+_WORKER_MODELS: dict[str, tuple[LoadedModel, str]] = {}
+
+
+def _worker_embedder(*, settings: EmbedSettings, base: BaseSettings, model_dir: Path | None,
+                     model_name: str | None) -> tuple[LoadedModel, str]:
+    files = [Path(f) for f in (settings.checkpoint, settings.model_config_path) if f]
+    if model_dir is not None:
+        files = [model_dir / "checkpoint.pt", model_dir / "model_config.json"]
+    key = json.dumps([settings.model_dump(mode="json", by_alias=True), base.device, str(model_dir), model_name,
+                      [sha256_file(f) for f in files if f.is_file()]], sort_keys=True)
+    if key not in _WORKER_MODELS:
+        _WORKER_MODELS.clear()  # one model at a time: a worker's memory is for the current run
+        _WORKER_MODELS[key] = _load_embedder(settings=settings, base=base, model_dir=model_dir, model_name=model_name)
+    return _WORKER_MODELS[key]
+
+
+def plan_embed_parts(*, raw_dir: str | Path, out_dir: str | Path, settings: EmbedSettings, base: BaseSettings,
+                     model_dir: str | Path | None = None, model_name: str | None = None) -> int:
+    """Prepare ``parts_dir_for(out_dir)`` for this run (kept if an earlier run with the same
+    inputs, model and params left it) and return the number of shard groups, each a piece
+    ``embed_parts`` can embed on any worker; 0 when there is nothing to embed piecewise
+    (precomputed embeddings, or no ok sample: the stage itself says why)."""
+    raw_dir = Path(raw_dir)
+    ok = read_manifest(raw_dir).filter(pl.col("status") == "ok")
+    if ok.height == 0 or (raw_dir / PRECOMPUTED_FILE).is_file():
+        return 0
+    model_dir = Path(model_dir) if model_dir is not None else None
+    loaded, _ = _worker_embedder(settings=settings, base=base, model_dir=model_dir, model_name=model_name)
+    _open_parts(parts_dir_for(out_dir), run_fingerprint(raw_dir=raw_dir, loaded=loaded, settings=settings))
+    return len(_shard_groups(ok))
+
+
+@torch.no_grad()
+def embed_parts(*, raw_dir: str | Path, out_dir: str | Path, settings: EmbedSettings, base: BaseSettings,
+                groups: list[int], model_dir: str | Path | None = None, model_name: str | None = None) -> dict[str, Any]:
+    """Embed shard groups ``groups`` (indices into the plan of ``plan_embed_parts``) into their
+    parts, skipping parts already finished: a cluster worker's piece of the embed stage, whose
+    own run then only assembles the parts. The same bytes as the stage's own loop."""
+    raw_dir = Path(raw_dir)
+    ok = read_manifest(raw_dir).filter(pl.col("status") == "ok")
+    model_dir = Path(model_dir) if model_dir is not None else None
+    loaded, _ = _worker_embedder(settings=settings, base=base, model_dir=model_dir, model_name=model_name)
+    stamp = part_stamp(run_fingerprint(raw_dir=raw_dir, loaded=loaded, settings=settings))
+    parts = parts_dir_for(out_dir)
+    plan = _shard_groups(ok)
+    done = 0
+    for i in groups:
+        shard, rows = plan[i]
+        done += _write_part(loaded, parts / f"part-{i:06d}.npz", raw_dir=raw_dir, shard=shard, rows=rows, ok=ok,
+                            settings=settings, stamp=stamp)
+    return {"groups": len(groups), "embedded": done, "resumed": len(groups) - done}
+
+
+def _write_part(loaded: LoadedModel, part: Path, *, raw_dir: Path, shard: str, rows: np.ndarray, ok: pl.DataFrame,
+                settings: EmbedSettings, stamp: str) -> bool:
+    """Embed one shard group into ``part`` unless this run's part is there; whether it embedded."""
+    if _read_part(part, stamp=stamp, rows=rows, names=()) is not None:
+        return False
+    image, text = _embed_shard(loaded, raw_dir=raw_dir, shard=shard, rows=rows, ok=ok, batch_size=settings.batch_size,
+                               workers=settings.loader_workers)
+    with atomic_file(part) as tmp_part:
+        with open(tmp_part, "wb") as f:
+            np.savez(f, rows=rows, image=image, text=text, stamp=np.array(stamp))
+    return True
 
 
 @torch.no_grad()
@@ -234,27 +380,8 @@ def embed_dataset(
         raise DataError(f"all {manifest.height} samples failed to download ({reasons}): nothing to embed", param="--raw")
     if (raw_dir / PRECOMPUTED_FILE).is_file():
         return _write_precomputed(raw_dir=raw_dir, ok=ok, out_dir=out_dir, settings=settings, base=base)
-    if model_dir is not None:
-        model_dir = Path(model_dir)
-        loaded = load_model(
-            model_name=model_name or settings.model_name,
-            pretrained=None,
-            checkpoint=str(model_dir / "checkpoint.pt"),
-            model_config=str(model_dir / "model_config.json"),
-            device=base.device,
-        )
-        what = describe_model(loaded.info)
-        # the file's hash identifies it; its location (data/ or a run directory) does not
-        loaded.info["checkpoint"] = "checkpoint.pt (train stage output)"
-    else:
-        loaded = load_model(
-            model_name=settings.model_name,
-            pretrained=settings.pretrained,
-            checkpoint=settings.checkpoint,
-            model_config=settings.model_config_path,
-            device=base.device,
-        )
-        what = describe_model(loaded.info)
+    loaded, what = _load_embedder(settings=settings, base=base, model_dir=model_dir, model_name=model_name)
+    model_dir = Path(model_dir) if model_dir is not None else None
     print(f"embed: {what}", file=sys.stderr)  # what was loaded, where progress goes
     groups = _shard_groups(ok)
     parts = parts_dir_for(out_dir)
@@ -280,17 +407,12 @@ def _embed_shards(loaded: LoadedModel, *, raw_dir: Path, ok: pl.DataFrame, group
     resumed = 0
 
     def embed(shard: str, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return _embed_shard(loaded, raw_dir=raw_dir, shard=shard, rows=rows, ok=ok, batch_size=settings.batch_size)
+        return _embed_shard(loaded, raw_dir=raw_dir, shard=shard, rows=rows, ok=ok, batch_size=settings.batch_size,
+                            workers=settings.loader_workers)
 
     for i, (shard, rows) in enumerate(tqdm(groups, desc="embed", unit="shard")):
-        part = parts / f"part-{i:06d}.npz"
-        if _read_part(part, stamp=stamp, rows=rows, names=()) is not None:
-            resumed += 1
-            continue
-        image, text = embed(shard, rows)
-        with atomic_file(part) as tmp_part:
-            with open(tmp_part, "wb") as f:
-                np.savez(f, rows=rows, image=image, text=text, stamp=np.array(stamp))
+        resumed += not _write_part(loaded, parts / f"part-{i:06d}.npz", raw_dir=raw_dir, shard=shard, rows=rows,
+                                   ok=ok, settings=settings, stamp=stamp)
 
     with atomic_dir(out_dir) as tmp:
         arrays: dict[str, np.memmap] = {}

@@ -13,10 +13,11 @@ model named in the ``embed`` section.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import open_clip
@@ -102,6 +103,18 @@ def zero_shot_predict(model, tokenizer, images: torch.Tensor, classnames: list[s
     return torch.cat(preds)
 
 
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch's intra-op thread count set to ``n`` for a block, then restored: training's setting
+    must not leak into the stages that run after it in the same process (the flow, the tests)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def train_model(
     *,
     raw_dir: str | Path,
@@ -123,59 +136,59 @@ def train_model(
         return summary
 
     torch.manual_seed(base.seed)
-    torch.set_num_threads(settings.threads)
-    device = resolve_device(base.device)
-    config = tiny_model_config(settings.architecture)
-    register_model_config(settings.model_name, config)
-    model, _, preprocess = open_clip.create_model_and_transforms(settings.model_name, pretrained=None, device=device)
-    tokenizer = open_clip.get_tokenizer(settings.model_name)
+    with torch_threads(settings.threads):  # the process's own setting comes back afterwards
+        device = resolve_device(base.device)
+        config = tiny_model_config(settings.architecture)
+        register_model_config(settings.model_name, config)
+        model, _, preprocess = open_clip.create_model_and_transforms(settings.model_name, pretrained=None, device=device)
+        tokenizer = open_clip.get_tokenizer(settings.model_name)
 
-    t0 = time.perf_counter()
-    images, tokens = load_shards(raw_dir, preprocess, tokenizer)
-    n = len(images)
-    steps_per_epoch = max(1, n // settings.batch_size)
-    total = steps_per_epoch * settings.epochs
-    warmup = max(1, total // 20)
-    opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup)))
-    )
-    loss_fn = open_clip.ClipLoss()
-    gen = torch.Generator().manual_seed(base.seed)
-    model.train()
-    losses = []
-    for _ in range(settings.epochs):
-        perm = torch.randperm(n, generator=gen)
-        for s in range(steps_per_epoch):
-            idx = perm[s * settings.batch_size : (s + 1) * settings.batch_size]
-            img_f, txt_f, scale = model(images[idx].to(device), tokens[idx].to(device))
-            loss = loss_fn(img_f, txt_f, scale)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            losses.append(loss.item())
-    train_seconds = time.perf_counter() - t0
-    model.eval()
-
-    acc, per_attack = measure_victim(model, tokenizer, preprocess, download=download, base=base,
-                                     heldout=settings.heldout_samples, device=device)
-    asr = float(np.mean(list(per_attack.values()))) if per_attack else None
-    metrics = {
-        "trained": True,
-        "zero_shot_accuracy": round(acc, 4),
-        "attack_success_rate": round(asr, 4) if asr is not None else None,
-        "attack_success_rates": per_attack,
-        "final_loss": round(float(np.mean(losses[-steps_per_epoch:])), 4),
-        "train_samples": n,
-        "steps": total,
-    }
-    with atomic_dir(out_dir) as tmp:
-        torch.save({"epoch": settings.epochs, "name": settings.model_name, "state_dict": model.state_dict()}, tmp / "checkpoint.pt")
-        write_json(tmp / "model_config.json", config)
-        write_lineage(
-            tmp, stage="train", params=params, inputs={"raw": raw_dir}, upstream=[raw_dir], summary=metrics
+        t0 = time.perf_counter()
+        images, tokens = load_shards(raw_dir, preprocess, tokenizer)
+        n = len(images)
+        steps_per_epoch = max(1, n // settings.batch_size)
+        total = steps_per_epoch * settings.epochs
+        warmup = max(1, total // 20)
+        opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup)))
         )
-    with atomic_file(metrics_path) as tmp_metrics:
-        write_json(tmp_metrics, metrics)
-    return dict(metrics, train_seconds=round(train_seconds, 1))
+        loss_fn = open_clip.ClipLoss()
+        gen = torch.Generator().manual_seed(base.seed)
+        model.train()
+        losses = []
+        for _ in range(settings.epochs):
+            perm = torch.randperm(n, generator=gen)
+            for s in range(steps_per_epoch):
+                idx = perm[s * settings.batch_size : (s + 1) * settings.batch_size]
+                img_f, txt_f, scale = model(images[idx].to(device), tokens[idx].to(device))
+                loss = loss_fn(img_f, txt_f, scale)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                losses.append(loss.item())
+        train_seconds = time.perf_counter() - t0
+        model.eval()
+
+        acc, per_attack = measure_victim(model, tokenizer, preprocess, download=download, base=base,
+                                         heldout=settings.heldout_samples, device=device)
+        asr = float(np.mean(list(per_attack.values()))) if per_attack else None
+        metrics = {
+            "trained": True,
+            "zero_shot_accuracy": round(acc, 4),
+            "attack_success_rate": round(asr, 4) if asr is not None else None,
+            "attack_success_rates": per_attack,
+            "final_loss": round(float(np.mean(losses[-steps_per_epoch:])), 4),
+            "train_samples": n,
+            "steps": total,
+        }
+        with atomic_dir(out_dir) as tmp:
+            torch.save({"epoch": settings.epochs, "name": settings.model_name, "state_dict": model.state_dict()}, tmp / "checkpoint.pt")
+            write_json(tmp / "model_config.json", config)
+            write_lineage(
+                tmp, stage="train", params=params, inputs={"raw": raw_dir}, upstream=[raw_dir], summary=metrics
+            )
+        with atomic_file(metrics_path) as tmp_metrics:
+            write_json(tmp_metrics, metrics)
+        return dict(metrics, train_seconds=round(train_seconds, 1))

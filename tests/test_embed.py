@@ -322,3 +322,55 @@ def test_parts_are_deleted_after_a_data_error(tiny_run, tmp_path):
                       model_dir=root / "model", model_name=params.train.model_name)
     assert not parts_dir_for(out).exists()
     assert not out.exists()
+
+
+def test_loader_threads_write_the_same_bytes(tiny_run, tmp_path):
+    """Batches decoded ahead in loader threads (embed.loader_workers) reach the model as the same
+    batches in the same order: the arrays are byte-identical to decoding in the calling thread."""
+    import shutil
+
+    root, params = tiny_run
+    shutil.copytree(root / "raw", tmp_path / "raw")
+    hashes = {}
+    for workers in (0, 2):
+        # 7 batches per shard: several in flight
+        settings = params.embed.model_copy(update={"batch_size": 16, "loader_workers": workers})
+        out = tmp_path / f"emb-{workers}"
+        embed_dataset(raw_dir=tmp_path / "raw", out_dir=out, settings=settings, base=params.base,
+                      model_dir=root / "model", model_name=params.train.model_name)
+        hashes[workers] = _arrays(out)
+    assert hashes[0] == hashes[2]
+
+
+def test_a_bad_image_fails_alike_with_loader_threads(tiny_run, tmp_path):
+    """A sample that no longer decodes stops the shard with the same one-line error whether the
+    batches are decoded in loader threads or not, naming the first bad sample in shard order."""
+    import io
+    import shutil
+    import tarfile
+
+    from stages.embed import _embed_shard, _shard_groups
+
+    root, params = tiny_run
+    shutil.copytree(root / "raw", tmp_path / "raw")
+    ok = pl.read_parquet(tmp_path / "raw" / "manifest.parquet").filter(pl.col("status") == "ok")
+    shard, rows = _shard_groups(ok)[0]
+    keys = ok[rows]["key"].to_list()
+    bad = {keys[20], keys[70]}  # batches 2 and 5 of 16: the first is named
+    path = tmp_path / "raw" / "shards" / shard
+    with tarfile.open(path) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar if m.isfile()]
+    with tarfile.open(path, "w") as tar:
+        for m, data in members:
+            if m.name.partition(".")[0] in bad and m.name.endswith(".jpg"):
+                data, m.size = b"not an image", len(b"not an image")
+            tar.addfile(m, io.BytesIO(data))
+    loaded = _victim(root)
+    messages = set()
+    for workers in (0, 2):
+        with pytest.raises(DataError) as info:
+            _embed_shard(loaded, raw_dir=tmp_path / "raw", shard=shard, rows=rows, ok=ok, batch_size=16, workers=workers)
+        assert info.value.param == "--raw"
+        messages.add(info.value.message)
+    assert messages == {f"sample {keys[20]!r} in {shard}: cannot decode image: not a recognised image format "
+                        "(the shard changed since download)"}
