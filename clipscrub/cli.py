@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-o", "--out", required=True, help="run directory: the same layout as data/ in the DVC pipeline")
     sp.add_argument("--result-storage", default=None,
                     help="where Prefect persists task results: a path or fsspec URL (default: OUTDIR/.prefect/results)")
+    sp.add_argument("--cluster", default=None, metavar="local:N|tcp://HOST:PORT",
+                    help="run the tasks on a Dask cluster: a LocalCluster of N worker processes, or an existing "
+                    "scheduler (every worker must reach OUTDIR, e.g. on a shared filesystem); default: in-process")
     sp = sub.add_parser("diff", help="compare two cleaned versions: params, counts, removed ids, metric deltas",
                         description="A and B: directories (a data root, a run directory, or a cleaned version), "
                         "or git revisions / DVC experiment names of the DVC project at --project.")
@@ -162,20 +165,24 @@ def run_flow(args: argparse.Namespace) -> int:
     except ClipscrubError as exc:
         print(f"clipscrub: error: {exc}", file=sys.stderr)
         return 2
-    from flows.clean import clean_dataset, private_prefect
+    from flows.clean import clean_dataset, private_prefect, task_runner_for
 
     try:
+        runner = task_runner_for(args.cluster)
+        flow = clean_dataset.with_options(task_runner=runner) if runner is not None else clean_dataset
         # analytics off, and a temporary server that outlives the run's events and logs
         with private_prefect():
-            result = clean_dataset(
+            result = flow(
                 params=params.model_dump(mode="json", by_alias=True),
                 out_dir=str(Path(args.out).resolve()),
                 result_storage=args.result_storage,
+                cluster=args.cluster,
             )
     except ClipscrubError as exc:
         print(f"clipscrub: error: {exc}", file=sys.stderr)
         return 2
-    print(json.dumps({"run": str(Path(args.out).resolve()), "states": result["states"]}, sort_keys=True))
+    print(json.dumps({"run": str(Path(args.out).resolve()), "states": result["states"],
+                      **({"pieces": result["pieces"]} if "pieces" in result else {})}, sort_keys=True))
     try:
         print(show_run(args.out))
     except ClipscrubError:

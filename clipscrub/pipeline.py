@@ -6,6 +6,7 @@ no stage is wired twice.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -64,11 +65,7 @@ def _embed(p: Params, lay: Layout) -> dict[str, Any]:
     from stages.embed import embed_dataset
 
     # the demo embeds with the victim the train stage wrote; otherwise the model `embed` names
-    trained = p.train.enabled
-    return embed_dataset(
-        raw_dir=lay.raw, out_dir=lay.embeddings, settings=p.embed, base=p.base,
-        model_dir=lay.model if trained else None, model_name=p.train.model_name if trained else None,
-    )
+    return embed_dataset(**_embed_args(p, lay))
 
 
 def _index(p: Params, lay: Layout) -> dict[str, Any]:
@@ -247,14 +244,93 @@ def check_upstream(name: str, params: Params, root: str | Path) -> None:
         check_outputs(getattr(layout, inp), stage=producer(inp), root=root)
 
 
-def run_stage(name: str, params: Params, root: str | Path = "data") -> dict[str, Any]:
+def run_stage(name: str, params: Params, root: str | Path = "data", *, hold_root: bool = True,
+              assemble: bool = False) -> dict[str, Any]:
     """Run one stage on the layout under ``root``; return its summary.
 
-    The root is held for the stage (one clipscrub process per data root), and the upstream
-    outputs are checked against the hashes their lineage recorded before they are read.
+    The root is held for the stage (one clipscrub process per data root; ``hold_root=False``
+    where a flow holds it for its cluster's workers), and the upstream outputs are checked
+    against the hashes their lineage recorded before they are read. ``assemble``: the stage's
+    pieces (``plan_pieces``) have run; write its outputs from what they wrote.
     """
     from clipscrub.io import root_lock
 
-    with root_lock(root):
+    with root_lock(root) if hold_root else contextlib.nullcontext():
         check_upstream(name, params, root)
+        if assemble and name in ("index", "score"):
+            return _assemble(name, params, Layout(Path(root)))
         return STAGES[name](params, Layout(Path(root)))
+
+
+def _embed_args(p: Params, lay: Layout) -> dict[str, Any]:
+    trained = p.train.enabled
+    return {"raw_dir": lay.raw, "out_dir": lay.embeddings, "settings": p.embed, "base": p.base,
+            "model_dir": lay.model if trained else None, "model_name": p.train.model_name if trained else None}
+
+
+def _piece_args(name: str, p: Params, lay: Layout) -> dict[str, Any]:
+    """What every piece of index or score shares: its inputs, params and work directory (under the
+    root, so on the filesystem every worker reaches)."""
+    work = lay.root / f".{name}.pieces"
+    if name == "index":
+        return {"embeddings_dir": lay.embeddings, "work_dir": work, "settings": p.index, "base": p.base}
+    return {"embeddings_dir": lay.embeddings, "index_dir": lay.index, "work_dir": work, "settings": p.score,
+            "index": p.index, "base": p.base}
+
+
+def plan_pieces(name: str, params: Params, root: str | Path) -> list[dict[str, Any]]:
+    """The independent pieces a cluster runs in parallel before the stage itself, which then
+    assembles what they wrote (the same bytes as running it whole); [] for a stage run whole.
+
+    embed: one piece per shard (its part file). index and score: one piece per query chunk
+    (``index.chunk_size`` samples), after what they share is prepared once here (the reference
+    sets and their own neighbour lists; the references' k-distance and LID), as files.
+    """
+    lay = Layout(Path(root))
+    if name not in ("embed", "index", "score"):
+        return []
+    check_upstream(name, params, root)
+    if name == "embed":
+        from stages.embed import plan_embed_parts
+
+        return [{"groups": [i]} for i in range(plan_embed_parts(**_embed_args(params, lay)))]
+    if name == "index":
+        from stages.index import prepare_index as prepare
+    else:
+        from stages.score import prepare_score as prepare
+    plan = prepare(**_piece_args(name, params, lay))
+    return [{"start": start, "stop": stop} for start, stop in plan["chunks"]]
+
+
+def run_piece(name: str, params: Params, root: str | Path, piece: dict[str, Any]) -> dict[str, Any]:
+    """Run one piece ``plan_pieces`` planned, on whichever worker it lands on."""
+    lay = Layout(Path(root))
+    if name == "embed":
+        from stages.embed import embed_parts
+
+        return embed_parts(**_embed_args(params, lay), groups=piece["groups"])
+    if name == "index":
+        from stages.index import search_index_chunk as run
+    elif name == "score":
+        from stages.score import score_chunk as run
+    else:
+        raise ValueError(f"stage {name} has no pieces")
+    run(**_piece_args(name, params, lay), start=piece["start"], stop=piece["stop"])
+    return {"rows": piece["stop"] - piece["start"]}
+
+
+def _assemble(name: str, p: Params, lay: Layout) -> dict[str, Any]:
+    """index or score from its pieces' files: the reduce its stage function ends with."""
+    import shutil
+
+    args = _piece_args(name, p, lay)
+    if name == "index":
+        from stages.index import reduce_index
+
+        summary = reduce_index(**args, out_dir=lay.index)
+    else:
+        from stages.score import reduce_score
+
+        summary = reduce_score(**args, out_dir=lay.scores)
+    shutil.rmtree(args["work_dir"], ignore_errors=True)
+    return summary

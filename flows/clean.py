@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 from contextlib import contextmanager
@@ -24,6 +25,7 @@ from typing import Any, Iterator, NoReturn
 from prefect import flow, get_run_logger, task
 from prefect._internal.compatibility.async_dispatch import async_dispatch
 from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
 from prefect.filesystems import LocalFileSystem, RemoteFileSystem, WritableFileSystem
 from prefect.logging import get_logger
@@ -35,7 +37,9 @@ from prefect.tasks import exponential_backoff
 from clipscrub.io import root_lock, sha256_path
 from clipscrub.metrics import APPLIED_KEYS, applied_sentence, read_applied
 from clipscrub.params import Params, parse_params
-from clipscrub.pipeline import SPECS, STAGES, Layout, active_stages, param_value, run_stage, stage_code_version, stage_inputs
+from clipscrub.errors import ParamError
+from clipscrub.pipeline import (SPECS, STAGES, Layout, active_stages, param_value, plan_pieces, run_piece, run_stage,
+                                stage_code_version, stage_inputs)
 
 STATE_FILE = Path(".clipscrub") / "state.json"
 
@@ -146,13 +150,45 @@ class JsonResultStorage(WritableFileSystem):
         return self._files().write_path(path, content, _sync=True)
 
 
-def _run_stage_task(stage: str, params: dict[str, Any], root: str) -> dict[str, Any]:
+def _run_stage_task(stage: str, params: dict[str, Any], root: str, hold_root: bool = True,
+                    assemble: bool = False) -> dict[str, Any]:
     logger = get_run_logger()
     logger.info("running stage %s into %s", stage, root)
     # as plain JSON: a fresh run returns what a cached one reads back
-    summary = json.loads(json.dumps(run_stage(stage, parse_params(params), root), sort_keys=True, default=str))
+    summary = run_stage(stage, parse_params(params), root, hold_root=hold_root, assemble=assemble)
+    summary = json.loads(json.dumps(summary, sort_keys=True, default=str))
     logger.info("stage %s done: %s", stage, json.dumps(summary, sort_keys=True))
     return summary
+
+
+def _run_piece_task(stage: str, params: dict[str, Any], root: str, piece: dict[str, Any]) -> dict[str, Any]:
+    summary = run_piece(stage, parse_params(params), root, piece)
+    get_run_logger().info("%s piece %s done: %s", stage, json.dumps(piece), json.dumps(summary, sort_keys=True))
+    return summary
+
+
+# A piece writes a file its stage then assembles; the stage's own task is what is cached. A
+# piece lost with its worker is run again on another (Dask reschedules it; this retries it).
+PIECE_TASK = task(_run_piece_task, name="piece", cache_policy=NO_CACHE, persist_result=False, retries=2)
+
+
+def task_runner_for(cluster: str | None) -> Any:
+    """The flow's task runner for ``--cluster``: ``local:N`` (a LocalCluster of N worker
+    processes, one thread each) or a scheduler's address (``tcp://host:8786``); None: in-process."""
+    if not cluster:
+        return None
+    from prefect_dask import DaskTaskRunner
+
+    local = re.fullmatch(r"local:(\d+)", cluster)
+    if local and int(local.group(1)) >= 1:
+        # one thread per worker (dask also sets OMP/MKL/OpenBLAS threads to 1 in each), on loopback
+        return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs={
+            "n_workers": int(local.group(1)), "threads_per_worker": 1, "processes": True,
+            "host": "127.0.0.1", "dashboard_address": None, "silence_logs": logging.ERROR})
+    if re.fullmatch(r"(tcp|tls)://[^/\s]+:\d+", cluster):
+        return DaskTaskRunner(address=cluster)
+    raise ParamError(f"expected local:N (N >= 1) or a scheduler address tcp://host:port, got {cluster!r}",
+                     param="--cluster")
 
 
 STAGE_TASKS = {
@@ -280,10 +316,15 @@ def summary_markdown(params: Params, root: Path, summaries: dict[str, Any], stat
 
 
 @flow(name="clean-dataset", flow_run_name=_flow_run_name, log_prints=True)
-def clean_dataset(params: dict[str, Any], out_dir: str, result_storage: str | None = None) -> dict[str, Any]:
+def clean_dataset(params: dict[str, Any], out_dir: str, result_storage: str | None = None,
+                  cluster: str | None = None) -> dict[str, Any]:
     """Run every stage on ``params`` (a params.yaml mapping) into ``out_dir``.
 
-    Returns ``{"states": {stage: "Completed" | "Cached"}, "summaries": {stage: summary}}``.
+    With ``cluster`` (run the flow with ``task_runner_for(cluster)``), each stage's task runs on
+    the cluster's workers and a stage that has pieces (``plan_pieces``) first maps them over
+    the workers; the outputs are the bytes an in-process run writes, and the cache is the same.
+    Returns ``{"states": {stage: "Completed" | "Cached"}, "summaries": {stage: summary}}`` (and
+    with a cluster ``"pieces": {stage: count}``, the pieces it mapped).
     """
     settings = parse_params(params)
     root = Path(out_dir)
@@ -291,6 +332,7 @@ def clean_dataset(params: dict[str, Any], out_dir: str, result_storage: str | No
     state = _read_state(root)
     states: dict[str, str] = {}
     summaries: dict[str, Any] = {}
+    counts: dict[str, int] = {}  # pieces run on the cluster, by stage
     # held for the whole run, so no other clipscrub process writes the root between two stages
     with root_lock(root):
         for stage in active_stages(settings):
@@ -298,8 +340,22 @@ def clean_dataset(params: dict[str, Any], out_dir: str, result_storage: str | No
             recorded = state.get(stage, {})
             intact = recorded.get("key") == key and recorded.get("outputs") == output_hashes(stage, root)
             t = STAGE_TASKS[stage].with_options(result_storage=storage, refresh_cache=not intact)
-            run_state = t(stage=stage, params=settings.model_dump(mode="json", by_alias=True), root=str(root),
-                          return_state=True)
+            args = {"stage": stage, "params": settings.model_dump(mode="json", by_alias=True), "root": str(root)}
+            if cluster:
+                pieces = []
+                if not intact:
+                    pieces = [PIECE_TASK.with_options(task_run_name=f"{stage}-piece-{i}").submit(**args, piece=piece)
+                              for i, piece in enumerate(plan_pieces(stage, settings, root))]
+                    for done in pieces:
+                        done.result()  # raises the first piece's error
+                    if pieces:
+                        counts[stage] = len(pieces)
+                # the flow holds the root for its workers
+                future = t.submit(**args, hold_root=False, assemble=bool(pieces))
+                future.wait()
+                run_state = future.state
+            else:
+                run_state = t(**args, return_state=True)
             summaries[stage] = run_state.result()
             states[stage] = run_state.name
             state[stage] = {"key": key, "outputs": output_hashes(stage, root)}
@@ -309,4 +365,4 @@ def clean_dataset(params: dict[str, Any], out_dir: str, result_storage: str | No
         key="clipscrub-" + re.sub(r"[^a-z0-9-]+", "-", settings.base.name.lower()).strip("-"),
         description="clipscrub run summary",
     )
-    return {"states": states, "summaries": summaries}
+    return {"states": states, "summaries": summaries, **({"pieces": counts} if cluster else {})}

@@ -1,0 +1,101 @@
+"""`clipscrub run --cluster`: the flow's tasks on a real Dask cluster (a LocalCluster of worker
+processes, as prefect-dask's own tests use), with the bytes of an in-process run."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import threading
+from pathlib import Path
+
+import pytest
+import yaml
+
+from clipscrub.cli import main
+from clipscrub.errors import ParamError
+from tests.conftest import tiny_params_dict
+
+# Small shards and chunks: embed has 20 pieces to spread over the workers, index and score 4 each
+EXTRA = ["download.shard_size=20", "index.chunk_size=100"]
+
+
+def output_hashes(root: Path) -> dict[str, str]:
+    """sha256 of every output file under a data root (not the flow's cache, state or data docs)."""
+    skip = {".prefect", ".clipscrub", "validation"}
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file() and not skip & set(p.relative_to(root).parts)}
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    proj = tmp_path_factory.mktemp("cluster")
+    (proj / "params.yaml").write_text(yaml.safe_dump(tiny_params_dict(EXTRA)))
+    return proj
+
+
+@pytest.fixture(scope="module")
+def in_process(project) -> dict[str, str]:
+    """The same params run in one process: the bytes a cluster run must write."""
+    os.chdir(project)
+    assert main(["run", "-p", "params.yaml", "-o", "single"]) == 0
+    return output_hashes(project / "single")
+
+
+def test_a_cluster_run_writes_the_bytes_of_an_in_process_run_and_reruns_from_cache(project, in_process, capsys):
+    os.chdir(project)
+    assert main(["run", "-p", "params.yaml", "-o", "cluster", "--cluster", "local:2"]) == 0
+    out = capsys.readouterr().out
+    assert output_hashes(project / "cluster") == in_process
+    assert len(in_process) > 40
+    printed = yaml.safe_load(out.splitlines()[0])
+    assert set(printed["states"].values()) == {"Completed"}
+    assert printed["pieces"] == {"embed": 20, "index": 4, "score": 4}
+    # a rerun on the cluster is served from the cache, as in process
+    assert main(["run", "-p", "params.yaml", "-o", "cluster", "--cluster", "local:2"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out.splitlines()[0])
+    assert set(printed["states"].values()) == {"Cached"} and printed["pieces"] == {}
+    assert output_hashes(project / "cluster") == in_process
+
+
+def test_a_worker_killed_mid_run_costs_only_its_piece(project, in_process, capsys):
+    """SIGKILL a worker process while embed's pieces are running: the run finishes, with the
+    same bytes; the scheduler gives the lost piece to another worker (its nanny starts a new one)."""
+    from distributed import Client, LocalCluster
+
+    os.chdir(project)
+    parts = project / "killed" / ".embeddings.parts"
+    killed: dict[str, object] = {}
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address=None, silence_logs=40) as cluster, Client(cluster) as client:
+        def kill_a_busy_worker() -> None:
+            # once embed's first part is written, the pieces are in flight: kill a worker holding one
+            while not killed.get("stop"):
+                busy = {w: tasks for w, tasks in client.processing().items() if tasks}
+                if parts.is_dir() and any(parts.glob("part-*.npz")) and busy:
+                    worker = next(iter(busy))
+                    killed["tasks"] = busy[worker]
+                    pid = client.run(os.getpid, workers=[worker])[worker]
+                    os.kill(pid, signal.SIGKILL)
+                    killed["pid"] = pid
+                    return
+                threading.Event().wait(0.05)
+
+        watcher = threading.Thread(target=kill_a_busy_worker, daemon=True)
+        watcher.start()
+        try:
+            rc = main(["run", "-p", "params.yaml", "-o", "killed", "--cluster", cluster.scheduler_address])
+        finally:
+            killed["stop"] = True
+            watcher.join()
+    assert rc == 0, capsys.readouterr().err[-3000:]
+    assert "pid" in killed, "no worker was busy while embed's parts were written"
+    assert output_hashes(project / "killed") == in_process
+
+
+@pytest.mark.parametrize("value", ["local:0", "local", "8786", "http://host:8786", "tcp://host"])
+def test_a_bad_cluster_value_is_one_line(value, tmp_path):
+    from flows.clean import task_runner_for
+
+    with pytest.raises(ParamError, match=r"expected local:N \(N >= 1\) or a scheduler address tcp://host:port"):
+        task_runner_for(value)
