@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from clipscrub.params import Params, apply_overrides, load_params, parse_params, read_params_file  # noqa: E402
-from clipscrub.pipeline import Layout, run_stage  # noqa: E402
+from flows.pipeline import Layout, run_stage  # noqa: E402
 
 RATES = (0.001, 0.005, 0.02)
 # the attack of each cell: a list of download.synthetic.attacks entries, {rate} filled in

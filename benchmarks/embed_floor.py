@@ -44,7 +44,7 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 def dataset(params, root: Path) -> Path:
     """``root/raw``: the synthetic download of ``params``, made once and reused."""
-    from clipscrub.pipeline import run_stage
+    from flows.pipeline import run_stage
 
     raw = root / "raw"
     if not (raw / "manifest.parquet").is_file():

@@ -1,6 +1,6 @@
 """The clipscrub pipeline as a Prefect 3 flow over the same stage functions as dvc.yaml.
 
-Each stage is a task that calls ``clipscrub.pipeline.run_stage`` and passes file paths only.
+Each stage is a task that calls ``flows.pipeline.run_stage`` and passes file paths only.
 A task's cache key is built like DVC's stage hash: the content hashes of its input artifacts,
 its params (the sections dvc.yaml lists for it) and its code version (the hash of the source
 files it runs). Results persist under ``<out>/.prefect/results`` (or any fsspec URL) as plain
@@ -38,7 +38,7 @@ from clipscrub.io import root_lock, sha256_path
 from clipscrub.metrics import APPLIED_KEYS, applied_sentence, read_applied
 from clipscrub.params import Params, parse_params
 from clipscrub.errors import ParamError
-from clipscrub.pipeline import (SPECS, STAGES, Layout, active_stages, param_value, plan_pieces, run_piece, run_stage,
+from flows.pipeline import (SPECS, STAGES, Layout, active_stages, param_value, plan_pieces, run_piece, run_stage,
                                 stage_code_version, stage_inputs)
 
 STATE_FILE = Path(".clipscrub") / "state.json"

@@ -56,7 +56,7 @@ def tiny_params(extra: list[str] | None = None) -> Params:
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory) -> tuple[Path, Params]:
     """The whole pipeline run once on the tiny demo: (data root, params)."""
-    from clipscrub.pipeline import STAGES, run_stage
+    from flows.pipeline import STAGES, run_stage
 
     root = tmp_path_factory.mktemp("tiny-run") / "data"
     params = tiny_params()

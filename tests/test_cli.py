@@ -12,7 +12,7 @@ import yaml
 
 from tests.conftest import tiny_params_dict
 
-CLI = [sys.executable, "-m", "clipscrub.cli"]
+CLI = [sys.executable, "-m", "flows.cli"]
 
 
 def clipscrub(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -106,7 +106,7 @@ def test_stage_prints_a_json_summary(project):
 def test_run_refuses_a_shadowed_dataclasses(tmp_path, monkeypatch, api_url, shadowed, expected):
     import prefect
 
-    from clipscrub.cli import check_prefect_server_imports
+    from flows.cli import check_prefect_server_imports
     from clipscrub.errors import ClipscrubError
 
     site = tmp_path / "site-packages"

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from clipscrub.cli import main
+from flows.cli import main
 from clipscrub.errors import ParamError
 from tests.conftest import tiny_params_dict
 

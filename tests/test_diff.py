@@ -9,8 +9,8 @@ import shutil
 import polars as pl
 import pytest
 
-from clipscrub.cli import main
-from clipscrub.pipeline import run_stage
+from flows.cli import main
+from flows.pipeline import run_stage
 from tests.conftest import tiny_params
 
 

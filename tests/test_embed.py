@@ -148,7 +148,7 @@ def many_shards(tiny_run, tmp_path_factory):
 
     import yaml
 
-    from clipscrub.pipeline import run_stage
+    from flows.pipeline import run_stage
     from tests.conftest import tiny_params_dict
 
     root, _ = tiny_run
@@ -176,7 +176,7 @@ def test_killed_embed_resumes_with_the_missing_shards(many_shards, tmp_path, kil
     import sys
     import time
 
-    from clipscrub.pipeline import run_stage
+    from flows.pipeline import run_stage
     from stages.embed import parts_dir_for
 
     proj, params = many_shards
@@ -188,7 +188,7 @@ def test_killed_embed_resumes_with_the_missing_shards(many_shards, tmp_path, kil
     work = tmp_path / "work"
     shutil.copytree(proj, work)
     parts = parts_dir_for(work / "data" / "embeddings")
-    cmd = [sys.executable, "-m", "clipscrub.cli", "embed", "-p", "params.yaml", "--root", "data"]
+    cmd = [sys.executable, "-m", "flows.cli", "embed", "-p", "params.yaml", "--root", "data"]
     proc = subprocess.Popen(cmd, cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:

@@ -187,7 +187,7 @@ def test_truth_reaches_evaluate_and_report_through_the_pipeline(tiny_run, tmp_pa
     key covers its content, and the report's lineage records it."""
     import shutil
 
-    from clipscrub.pipeline import Layout, run_stage, stage_inputs
+    from flows.pipeline import Layout, run_stage, stage_inputs
     from tests.conftest import tiny_params
 
     root, _ = tiny_run

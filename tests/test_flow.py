@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from clipscrub.io import sha256_path
-from clipscrub.pipeline import SPECS, Layout
+from flows.pipeline import SPECS, Layout
 from tests.conftest import REPO, make_dvc_project, tiny_params, tiny_params_dict
 from tests.imageserver import image_bytes
 

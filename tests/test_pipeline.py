@@ -1,4 +1,4 @@
-"""dvc.yaml, the CLI and the Prefect flow describe the same stage graph (clipscrub.pipeline)."""
+"""dvc.yaml, the CLI and the Prefect flow describe the same stage graph (flows.pipeline)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 
 import yaml
 
-from clipscrub.pipeline import SPECS, STAGES, Layout
+from flows.pipeline import SPECS, STAGES, Layout
 from tests.conftest import REPO
 
 
@@ -42,7 +42,7 @@ def test_code_files_exist():
 def test_trusted_reference_file_is_an_index_input(tmp_path):
     """The flow's cache key for index covers the trusted list's content, not just its path."""
     from clipscrub.params import parse_params
-    from clipscrub.pipeline import Layout, stage_inputs
+    from flows.pipeline import Layout, stage_inputs
 
     ids = tmp_path / "clean_ids.txt"
     params = parse_params({"index": {"reference": {"mode": "trusted", "path": str(ids)}}})
@@ -53,7 +53,7 @@ def test_trusted_reference_file_is_an_index_input(tmp_path):
 def test_two_runs_write_identical_bytes(tiny_run, tmp_path):
     """Same params, fresh directory: every output file of every stage has the same sha256."""
     from clipscrub.io import sha256_file
-    from clipscrub.pipeline import STAGES, run_stage
+    from flows.pipeline import STAGES, run_stage
     from clipscrub.validation import VALIDATION_DIR
 
     first, params = tiny_run
@@ -76,7 +76,7 @@ def test_every_stage_records_its_lineage(tiny_run):
     read (as they are now: nothing downstream rewrites them), this code's version, and its upstream
     stages' records unchanged. Filter's record is the version's: params, hash, input manifest."""
     from clipscrub.io import code_version, sha256_file, sha256_path
-    from clipscrub.pipeline import Layout, param_value, stage_inputs
+    from flows.pipeline import Layout, param_value, stage_inputs
     from stages.filter import REPORTING
 
     root, params = tiny_run
@@ -166,7 +166,7 @@ def test_detection_chain_finds_a_planted_poison_cluster(tmp_path):
     every seed. Bounds leave room for a change of ranking detail, not for detection breaking
     (a flipped orientation or lost poison gives AUROC near 0 or 0.5)."""
     from clipscrub.params import parse_params
-    from clipscrub.pipeline import run_stage
+    from flows.pipeline import run_stage
 
     src = write_planted_poison(tmp_path / "src")
     data = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -215,7 +215,7 @@ def test_detection_works_end_to_end_on_a_small_demo(tmp_path):
     import torch
 
     from clipscrub.params import apply_overrides, parse_params
-    from clipscrub.pipeline import run_stage
+    from flows.pipeline import run_stage
 
     data = yaml.safe_load((REPO / "params.yaml").read_text())
     params = parse_params(apply_overrides(data, SMALL_DEMO_OVERRIDES))

@@ -18,7 +18,7 @@ from PIL import Image
 
 from clipscrub.errors import ClipscrubError, DataError, ParamError
 from clipscrub.params import parse_params
-from clipscrub.pipeline import Layout, run_stage
+from flows.pipeline import Layout, run_stage
 from clipscrub.shards import decode_image, image_field
 from clipscrub.sources import MANIFEST_SCHEMA
 from stages.filter import filter_dataset

@@ -10,7 +10,7 @@ from typing import Sequence
 
 from clipscrub.errors import ClipscrubError
 from clipscrub.params import load_params
-from clipscrub.pipeline import STAGES, run_stage
+from flows.pipeline import STAGES, run_stage
 
 STAGE_HELP = {
     "download": "materialise the dataset as webdataset shards + manifest.parquet",
@@ -75,7 +75,7 @@ def show_run(root: str) -> str:
     """A compact text summary of a finished run under ``root``."""
     from pathlib import Path
 
-    from clipscrub.pipeline import Layout
+    from flows.pipeline import Layout
 
     lay = Layout(Path(root))
     lines = []
@@ -211,7 +211,7 @@ def run_diff(args: argparse.Namespace) -> int:
 
 
 def run_poison(args: argparse.Namespace) -> int:
-    from clipscrub.pipeline import Layout
+    from flows.pipeline import Layout
     from stages.poison import poison_dataset
 
     try:
