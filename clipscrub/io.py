@@ -27,12 +27,12 @@ _CODE_DIRS = ("clipscrub", "stages", "flows")
 
 # A stage checks its inputs against their lineage and then records their hashes in its own:
 # keyed by the file's identity and version, the second hash of a multi-GB array is free.
-_HASHES: dict[tuple[int, int, int, int], str] = {}
+_HASHES: dict[tuple[int, ...], str] = {}
 
 
 def sha256_file(path: str | Path, *, chunk: int = 1 << 20) -> str:
     st = os.stat(path)
-    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)  # ctime: a write forging mtime moves it
     if key in _HASHES:
         return _HASHES[key]
     h = hashlib.sha256()
