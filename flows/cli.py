@@ -26,7 +26,10 @@ STAGE_HELP = {
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from clipscrub import __version__
+
     parser = argparse.ArgumentParser(prog="clipscrub", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"clipscrub {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="<stage>")
     for name in STAGES:
         sp = sub.add_parser(name, help=STAGE_HELP[name], description=STAGE_HELP[name])

@@ -89,6 +89,15 @@ def test_empty_manifest_is_an_error(project):
     assert not (project / "data" / "embeddings").exists()
 
 
+def test_version(capsys):
+    from clipscrub import __version__
+    from flows.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out == f"clipscrub {__version__}\n"
+
+
 def test_stage_prints_a_json_summary(project):
     import json
 
