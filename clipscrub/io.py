@@ -158,14 +158,14 @@ def seal_outputs(out_dir: Path) -> None:
 
 def check_outputs(out_dir: str | Path, *, stage: str, root: str | Path) -> None:
     """Raise unless every file ``stage`` recorded in ``out_dir``'s lineage.json is there with the
-    recorded content: a truncated, edited or swapped intermediate is never used.
-
-    ``out_dir`` missing is left to the reading stage (its own "not found, run ..." message).
+    recorded content: a truncated, edited or swapped intermediate is never used. A missing
+    ``out_dir`` names the command that writes it.
     """
     out_dir = Path(out_dir)
     rerun = f"rerun the {stage} stage (clipscrub {stage} --root {root}, or dvc repro)"
     if not out_dir.exists():
-        return
+        raise DataError(f"{out_dir} not found: run the {stage} stage first (clipscrub {stage} --root {root}, "
+                        "or dvc repro)", param=stage)
     path = out_dir / LINEAGE_FILE
     try:
         outputs = read_json(path)["outputs"]

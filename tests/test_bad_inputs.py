@@ -273,7 +273,8 @@ CASES: list[tuple[Callable[[Project], list[str]], str, list[str]]] = [
     (unreadable_checkpoint, "embeddings", ["embed.checkpoint: cannot read checkpoint"]),
     (checkpoint_of_another_model, "embeddings", ["embed.checkpoint: checkpoint", "does not fit model 'tiny-wide': Error(s) in loading state_dict for CLIP: size mismatch for"]),
     (output_not_writable, "raw", ["--root: cannot create output directory", "file/data: Not a directory"]),
-    (upstream_output_missing, "scores", ["--index: index not found:", "(run the upstream stage first)"]),
+    (upstream_output_missing, "scores", ["index: data/index not found: run the index stage first "
+                                         "(clipscrub index --root data, or dvc repro)"]),
     (corrupt_manifest, "embeddings",
      ["download: data/raw/manifest.parquet is not the file the download stage wrote (its sha256 differs from the one "
       "in data/raw/lineage.json; truncated or edited?): rerun the download stage (clipscrub download --root data, "
