@@ -25,6 +25,45 @@ STAGE_HELP = {
 }
 
 
+# an override worth knowing for each stage, shown in its --help example
+STAGE_EXAMPLE = {
+    "download": "-S download.synthetic.num_samples=2000",
+    "train": "-S train.epochs=5",
+    "embed": "-S embed.batch_size=128",
+    "index": "-S index.reference.draws=3",
+    "score": "-S \"score.detectors=[kdist, dao]\"",
+    "threshold": "-S threshold.fraction=0.02",
+    "filter": "-S filter.shard_size=5000",
+    "evaluate": "-S evaluate.tpr=0.9",
+    "report": "-S report.top_n=96",
+}
+
+
+def stage_description(name: str) -> str:
+    """A stage's --help text: what it does, what it reads and writes under --root, the params
+    sections it depends on, and an example; from the stage graph, so it cannot drift."""
+    from flows.pipeline import SPECS, Layout
+
+    lay = Layout(Path("ROOT"))
+    spec = SPECS[name]
+
+    def paths(attrs: tuple[str, ...]) -> str:
+        return ", ".join(f"{getattr(lay, a).as_posix()}{'' if '.' in getattr(lay, a).name else '/'}" for a in attrs)
+
+    return "\n".join([
+        STAGE_HELP[name] + ".",
+        "",
+        f"reads:   {paths(spec.inputs) or 'your source (download.source)'}",
+        f"writes:  {paths(spec.outputs)}",
+        f"params:  {', '.join(spec.params)} (sections or keys of the params file)",
+        "",
+        "example:",
+        f"  clipscrub {name} -p params.yaml --root data {STAGE_EXAMPLE[name]}",
+        "",
+        "A missing input names the stage to run first; a changed input stops with the stage to rerun.",
+    ])
+
+
 def build_parser() -> argparse.ArgumentParser:
     from clipscrub import __version__
 
@@ -32,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"clipscrub {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="<stage>")
     for name in STAGES:
-        sp = sub.add_parser(name, help=STAGE_HELP[name], description=STAGE_HELP[name])
+        sp = sub.add_parser(name, help=STAGE_HELP[name], description=stage_description(name),
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
         sp.add_argument("-p", "--params", default="params.yaml", help="params file (default: params.yaml)")
         sp.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a key that exists in the params file (repeatable)")

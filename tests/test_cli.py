@@ -89,6 +89,32 @@ def test_empty_manifest_is_an_error(project):
     assert not (project / "data" / "embeddings").exists()
 
 
+@pytest.mark.parametrize("stage", ["download", "train", "embed", "index", "score", "threshold", "filter",
+                                   "evaluate", "report"])
+def test_stage_help_states_inputs_outputs_params_and_a_working_example(stage, capsys):
+    import shlex
+
+    import yaml
+
+    from clipscrub.params import apply_overrides, parse_params
+    from flows.cli import main
+    from flows.pipeline import SPECS
+    from tests.conftest import REPO
+
+    with pytest.raises(SystemExit):
+        main([stage, "--help"])
+    text = capsys.readouterr().out
+    spec = SPECS[stage]
+    reads = next(line for line in text.splitlines() if line.startswith("reads:"))
+    assert all(f"ROOT/{name}/" in reads for name in spec.inputs if name not in ("train_metrics",)), reads
+    assert f"params:  {', '.join(spec.params)} " in text
+    example = next(line.strip() for line in text.splitlines() if line.strip().startswith(f"clipscrub {stage} "))
+    args = shlex.split(example)
+    overrides = [args[i + 1] for i, a in enumerate(args) if a == "-S"]
+    assert overrides  # the example's override is a real key with a valid value
+    parse_params(apply_overrides(yaml.safe_load((REPO / "params.yaml").read_text()), overrides))
+
+
 def test_version(capsys):
     from clipscrub import __version__
     from flows.cli import main
