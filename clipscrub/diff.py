@@ -24,6 +24,8 @@ CLEAN = "data/clean"
 METRICS = "data/metrics/detection.json"
 APPLIED = "data/metrics/applied.json"
 METRIC_KEYS = ("auroc", "pr_auc", "fpr_at_tpr", "precision_at_threshold", "recall_at_threshold")
+# the detector's flags and what a person's review lists changed (filter.keep_ids / remove_ids)
+REVIEW_KEYS = ("flagged", "removed_by_review", "kept_by_review")
 
 
 @dataclass
@@ -108,10 +110,20 @@ def _applied_delta(a: dict[str, Any] | None, b: dict[str, Any] | None) -> dict[s
     return out
 
 
+def _review_counts(counts: dict[str, Any]) -> dict[str, Any]:
+    """Flagged, removed by review and kept by review; a version cleaned without review lists
+    records none, and removed exactly what was flagged."""
+    if "removed_by_review" in counts:
+        return {k: counts.get(k) for k in REVIEW_KEYS}
+    return {"flagged": counts.get("removed"), "removed_by_review": 0, "kept_by_review": 0}
+
+
 def diff_versions(a: Version, b: Version) -> dict[str, Any]:
     """Params that differ, counts, removed ids only in A / only in B / in both (with their
     Jaccard overlap), the applied threshold's block of each (``applied``: per key A, B and the
-    delta B - A) and, where both have ground truth, per-detector metric deltas (B - A)."""
+    delta B - A), where either was reviewed the review's counts of each (``review``: flagged,
+    removed by review, kept by review) and, where both have ground truth, per-detector metric
+    deltas (B - A)."""
     pa, pb = _flatten(a.lineage.get("params", {})), _flatten(b.lineage.get("params", {}))
     params = {k: {"a": pa.get(k), "b": pb.get(k)} for k in sorted(pa.keys() | pb.keys()) if pa.get(k) != pb.get(k)}
     ra, rb = set(a.removed["id"].to_list()), set(b.removed["id"].to_list())
@@ -129,6 +141,10 @@ def diff_versions(a: Version, b: Version) -> dict[str, Any]:
             "jaccard": round(len(ra & rb) / len(union), 6) if union else 1.0,
         },
     }
+    ca, cb = result["counts"]["a"], result["counts"]["b"]
+    if "removed_by_review" in ca or "removed_by_review" in cb:
+        va, vb = _review_counts(ca), _review_counts(cb)
+        result["review"] = {k: {"a": va[k], "b": vb[k]} for k in REVIEW_KEYS}
     if a.applied or b.applied:
         result["applied"] = _applied_delta(a.applied, b.applied)
     if a.metrics and b.metrics and a.metrics.get("ground_truth") and b.metrics.get("ground_truth"):
@@ -177,10 +193,14 @@ def format_table(result: dict[str, Any]) -> str:
     else:
         lines.append("  (none)")
     ca, cb = result["counts"]["a"], result["counts"]["b"]
-    lines += ["", f"  {'count':<8} {'A':>10} {'B':>10} {'B - A':>10}"]
-    for key in ("input", "scored", "kept", "removed"):
-        if key in ca and key in cb:
-            lines.append(f"  {key:<8} {ca[key]:>10} {cb[key]:>10} {cb[key] - ca[key]:>+10}")
+    rows = [(key, ca[key], cb[key]) for key in ("input", "scored", "kept", "removed") if key in ca and key in cb]
+    # the detector's flags and the review beside them: removed = flagged + removed_by_review - kept_by_review
+    rows += [(key, v["a"], v["b"]) for key, v in result.get("review", {}).items()]
+    width = max([8] + [len(key) for key, _, _ in rows])
+    lines += ["", f"  {'count':<{width}} {'A':>10} {'B':>10} {'B - A':>10}"]
+    for key, va, vb in rows:
+        delta = vb - va if isinstance(va, int) and isinstance(vb, int) else None
+        lines.append(f"  {key:<{width}} {_cell(va):>10} {_cell(vb):>10} {_cell(delta, delta=True):>10}".rstrip())
     r = result["removed"]
     lines += ["", f"removed only in A: {r['only_a']}, only in B: {r['only_b']}, in both: {r['both']} "
                   f"(Jaccard {r['jaccard']:.4f})"]

@@ -16,6 +16,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
 import polars as pl
 
 from clipscrub.errors import ClipscrubError, DataError, ParamError
@@ -317,6 +318,28 @@ def require_file(path: str | Path, *, param: str, what: str = "input") -> Path:
     if not path.exists():
         raise DataError(f"{what} not found: {path} (run the upstream stage first)", param=param)
     return path
+
+
+def read_id_list(path: str | Path, *, param: str, what: str) -> np.ndarray:
+    """The sorted, distinct sample ids (n,) int64 a file names: a parquet or csv table with an
+    ``id`` column (e.g. a manifest, or an edited removed.parquet; rows whose ``status`` is not ok
+    are skipped), else a text file with one id per line. ``what`` names the file in errors."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise DataError(f"{what} not found: {p}", param=param)
+    try:
+        if p.suffix in (".parquet", ".csv"):
+            table = pl.read_parquet(p) if p.suffix == ".parquet" else pl.read_csv(p)
+            if "id" not in table.columns:
+                raise DataError(f"{p} has no 'id' column (columns: {', '.join(table.columns)})", param=param)
+            if "status" in table.columns:
+                table = table.filter(pl.col("status") == "ok")
+            ids = table["id"].cast(pl.Int64).to_numpy()
+        else:
+            ids = np.array([int(line) for line in p.read_text().split() if line.strip()], dtype=np.int64)
+    except (ValueError, pl.exceptions.PolarsError) as exc:
+        raise DataError(f"cannot read ids from {p}: {str(exc).splitlines()[0]}", param=param) from None
+    return np.unique(ids)
 
 
 def read_manifest(raw_dir: str | Path) -> pl.DataFrame:

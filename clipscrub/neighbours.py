@@ -24,10 +24,10 @@ from typing import TYPE_CHECKING, Union
 
 import faiss
 import numpy as np
-import polars as pl
 
 from clipscrub.arrays import RowReader
 from clipscrub.errors import DataError, ParamError
+from clipscrub.io import read_id_list
 
 if TYPE_CHECKING:
     from clipscrub.params import SearchSettings
@@ -49,22 +49,7 @@ def read_trusted_rows(path: str | Path, ids: np.ndarray) -> np.ndarray:
     ``path``: a parquet or csv table with an ``id`` column (e.g. a manifest; rows whose
     ``status`` is not ok are skipped), or a text file with one id per line.
     """
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"trusted reference file not found: {p}", param="index.reference.path")
-    try:
-        if p.suffix in (".parquet", ".csv"):
-            table = pl.read_parquet(p) if p.suffix == ".parquet" else pl.read_csv(p)
-            if "id" not in table.columns:
-                raise DataError(f"{p} has no 'id' column (columns: {', '.join(table.columns)})", param="index.reference.path")
-            if "status" in table.columns:
-                table = table.filter(pl.col("status") == "ok")
-            wanted = table["id"].cast(pl.Int64).to_numpy()
-        else:
-            wanted = np.array([int(line) for line in p.read_text().split() if line.strip()], dtype=np.int64)
-    except (ValueError, pl.exceptions.PolarsError) as exc:
-        raise DataError(f"cannot read ids from {p}: {str(exc).splitlines()[0]}", param="index.reference.path") from None
-    wanted = np.unique(wanted)
+    wanted = read_id_list(path, param="index.reference.path", what="trusted reference file")
     order = np.argsort(ids, kind="stable")
     pos = np.searchsorted(ids, wanted, sorter=order)
     pos = np.minimum(pos, len(ids) - 1)

@@ -6,6 +6,7 @@ One section per stage plus ``base``. Unknown keys and wrong types are errors (py
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import re
@@ -320,6 +321,19 @@ class ThresholdSettings(_Section):
 
 class FilterSettings(_Section):
     shard_size: int = Field(1000, ge=1)
+    # reshard: copy the kept samples into new shards; ids: no shards, only the kept ids (for
+    # shards that stay where they are, selected by id downstream)
+    output: Literal["reshard", "ids"] = "reshard"
+    # a person's verdicts, applied after the detector's flags: files of sample ids (.txt one per
+    # line, or .parquet/.csv with an 'id' column); keep wins over a flag, remove adds to them
+    keep_ids: str | None = Field(None, min_length=1)
+    remove_ids: str | None = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _distinct_lists(self) -> "FilterSettings":
+        if self.keep_ids and self.remove_ids and Path(self.keep_ids).expanduser() == Path(self.remove_ids).expanduser():
+            raise _CrossError("filter.remove_ids", "is the same file as filter.keep_ids: every id would be both kept and removed")
+        return self
 
 
 class EvaluateSettings(_Section):
@@ -393,6 +407,24 @@ class Params(_Section):
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
+def did_you_mean(word: str, choices: Any) -> str:
+    """``"; did you mean 'x'?"`` for the closest of ``choices`` to a misspelt ``word``, else ``""``."""
+    close = difflib.get_close_matches(word, [str(c) for c in choices], n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _known_keys(loc: tuple[Any, ...]) -> list[str]:
+    """The keys (aliases as written in params.yaml) of the section at ``loc`` in Params."""
+    model: Any = Params
+    for part in loc:
+        field = model.model_fields.get(str(part)) or next(
+            (f for f in model.model_fields.values() if f.alias == part), None)
+        model = getattr(field, "annotation", None)
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return []
+    return [f.alias or name for name, f in model.model_fields.items()]
+
+
 def _format_validation_error(exc: ValidationError) -> ParamError:
     err = exc.errors()[0]
     loc = ".".join(str(p) for p in err["loc"])
@@ -400,7 +432,8 @@ def _format_validation_error(exc: ValidationError) -> ParamError:
     if isinstance(ctx_error, _CrossError):
         return ParamError(str(ctx_error), param=ctx_error.key)
     if err["type"] == "extra_forbidden":
-        return ParamError("unknown key (check the spelling against params.yaml's documented keys)", param=loc)
+        hint = did_you_mean(str(err["loc"][-1]), _known_keys(err["loc"][:-1]))
+        return ParamError(f"unknown key{hint} (check the spelling against params.yaml's documented keys)", param=loc)
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] not in ("value_error",) and "input" in err:
         msg = f"{msg} (got {err['input']!r})"
@@ -484,12 +517,12 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         dotted, raw = item.split("=", 1)
         parts = dotted.strip().split(".")
         node = data
-        for part in parts[:-1]:
+        for i, part in enumerate(parts):
             if not isinstance(node, dict) or part not in node:
-                raise ParamError("unknown key in override", param=dotted)
-            node = node[part]
-        if not isinstance(node, dict) or parts[-1] not in node:
-            raise ParamError("unknown key in override", param=dotted)
+                hint = did_you_mean(part, node) if isinstance(node, dict) else ""
+                raise ParamError(f"unknown key in override{hint}", param=dotted)
+            if i < len(parts) - 1:
+                node = node[part]
         node[parts[-1]] = _coerce_override(dotted, raw)
     return data
 

@@ -180,7 +180,8 @@ def stage_code_version(stage: str) -> str:
 def stage_inputs(stage: str, params: Params, layout: Layout) -> dict[str, Path]:
     """The files a stage's output depends on, by name: upstream outputs; for ``download`` the
     user's source files; for ``embed`` the model files (the victim train wrote, or an external
-    checkpoint and config) or the precomputed embeddings; for ``index`` a trusted reference list."""
+    checkpoint and config) or the precomputed embeddings; for ``index`` a trusted reference list;
+    for ``filter`` the review's keep and remove lists."""
     inputs = {name: getattr(layout, name) for name in SPECS[stage].inputs}
     dl = params.download
     if stage == "download" and dl.source != "synthetic":
@@ -200,6 +201,10 @@ def stage_inputs(stage: str, params: Params, layout: Layout) -> dict[str, Path]:
         inputs.update({"img_emb": root / "img_emb", "text_emb": root / "text_emb"})
     if stage == "index" and params.index.reference.mode == "trusted":
         inputs["trusted"] = Path(params.index.reference.path).expanduser()
+    if stage == "filter":
+        # a person's review lists: the version depends on their content, not just their paths
+        inputs.update({name: Path(path).expanduser() for name, path in
+                       (("keep_ids", params.filter.keep_ids), ("remove_ids", params.filter.remove_ids)) if path})
     if stage in ("evaluate", "report") and params.evaluate.truth:
         inputs["truth"] = Path(params.evaluate.truth).expanduser()
     if stage == "embed" and not params.train.enabled:

@@ -1,10 +1,16 @@
 """Stage 7, filter: the cleaned dataset version.
 
-Writes ``<out>/shards/*.tar`` (kept samples, re-sharded as webdataset, keys unchanged but for
-those unsafe as tar member names, see ``_reshard``), ``<out>/manifest.parquet`` (kept samples,
-the input manifest's schema, keys as written), ``<out>/removed.parquet``
-(id, key, caption, every ``<detector>_score``, reason) and ``<out>/lineage.json``: the input
-manifest's hash, the model and its checkpoint hash, every stage's params and code version, counts.
+Removed: the samples the detector flagged or a person's ``filter.remove_ids`` names, less those
+``filter.keep_ids`` names (the review, applied after the flags). Writes
+``<out>/manifest.parquet`` (kept samples, the input manifest's schema, keys as written),
+``<out>/removed.parquet`` (id, key, caption, every ``<detector>_score``, reason: the flag's, or
+``review`` for a sample only the remove list names), ``<out>/overruled.parquet`` (the same
+columns, for flagged samples the keep list kept; reason: the flag's) and ``<out>/lineage.json``:
+the input manifest's hash, the model and its checkpoint hash, every stage's params and code
+version, counts, and the review lists' hashes. ``filter.output``: ``reshard`` also writes
+``<out>/shards/*.tar`` (kept samples, re-sharded as webdataset, keys unchanged but for those
+unsafe as tar member names, see ``_reshard``); ``ids`` writes no shards but ``kept_ids.npy``
+(the kept ids, int64, sorted) and ``kept.parquet`` (id, key, shard: where each kept sample is).
 """
 
 from __future__ import annotations
@@ -13,11 +19,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import polars as pl
 
-from clipscrub.errors import DataError
-from clipscrub.io import (atomic_dir, code_version, read_lineage, read_manifest, require_file, sha256_file,
-                          sha256_path, write_json)
+from clipscrub.errors import DataError, ParamError
+from clipscrub.io import (atomic_dir, code_version, read_id_list, read_lineage, read_manifest, require_file,
+                          sha256_file, sha256_path, write_json)
 from clipscrub.params import FilterSettings, Params
 from clipscrub.shards import iter_shard, safe_key, shard_name, shard_path, shard_writer
 from clipscrub.validation import docs_dir_for, filter_tables, validate
@@ -71,6 +78,28 @@ def _reshard(raw_dir: Path, ok: pl.DataFrame, kept: pl.DataFrame, shard_dir: Pat
     return written
 
 
+# removed.parquet's reason for a sample removed by the remove list alone (not flagged)
+REVIEW_REASON = "review"
+
+
+def _review(settings: FilterSettings, scored: pl.Series) -> tuple[np.ndarray, np.ndarray]:
+    """The keep and remove lists' ids, checked: none in both, every one a scored sample."""
+    keep, remove = (read_id_list(path, param=f"filter.{name}", what="review list") if path
+                    else np.array([], dtype=np.int64)
+                    for name, path in (("keep_ids", settings.keep_ids), ("remove_ids", settings.remove_ids)))
+    both = np.intersect1d(keep, remove)
+    if len(both):
+        raise ParamError(f"{len(both)} ids are in both filter.keep_ids and filter.remove_ids, e.g. "
+                         f"{both[:5].tolist()}: a sample is either kept or removed", param="filter.keep_ids")
+    known = scored.to_numpy()
+    for name, ids in (("keep_ids", keep), ("remove_ids", remove)):
+        missing = ids[~np.isin(ids, known)]
+        if len(missing):
+            raise DataError(f"{len(missing)} ids are not scored samples of this dataset (unknown, or failed to "
+                            f"download), e.g. {missing[:5].tolist()}", param=f"filter.{name}")
+    return keep, remove
+
+
 def _check_upstream_params(stages: dict[str, Any], params: Params) -> None:
     """The artifacts must come from the params being recorded, or the lineage would lie."""
     for stage, record in stages.items():
@@ -92,7 +121,7 @@ def filter_dataset(
     settings: FilterSettings,
     params: Params,
 ) -> dict[str, Any]:
-    """Copy unflagged samples into a new shard set and record what was removed and why."""
+    """Write the kept samples (new shards, or their ids) and record what was removed and why."""
     raw_dir, scores_dir, flags_dir = Path(raw_dir), Path(scores_dir), Path(flags_dir)
     manifest = read_manifest(raw_dir)
     scores = pl.read_parquet(require_file(scores_dir / "scores.parquet", param="--scores", what="scores"))
@@ -100,14 +129,23 @@ def filter_dataset(
     ok = manifest.filter(pl.col("status") == "ok")
     if set(flags["id"].to_list()) != set(ok["id"].to_list()):
         raise DataError("flags and manifest disagree on the sample ids: rerun score and threshold", param="--flags")
-    flagged = flags.filter(pl.col("is_flagged"))["id"]
-    kept_ids = ok.filter(~pl.col("id").is_in(flagged.implode()))
-    removed = (
-        manifest.select("id", "key", "caption")
-        .join(flags.select("id", "reason").filter(pl.col("reason").is_not_null()), on="id", how="inner")
-        .join(scores, on="id", how="left")
-        .sort("id")
+    keep, remove = _review(settings, ok["id"])
+    verdicts = flags.select(
+        "id", "is_flagged", "reason",
+        pl.col("id").is_in(pl.Series(keep.tolist(), dtype=flags.schema["id"]).implode()).alias("in_keep"),
+        pl.col("id").is_in(pl.Series(remove.tolist(), dtype=flags.schema["id"]).implode()).alias("in_remove"),
     )
+    # a person's verdict wins over the detector's: keep overrules a flag, remove adds to them
+    gone = verdicts.filter((pl.col("is_flagged") | pl.col("in_remove")) & ~pl.col("in_keep")).select(
+        "id", pl.when(pl.col("is_flagged")).then(pl.col("reason")).otherwise(pl.lit(REVIEW_REASON)).alias("reason"))
+    kept_ids = ok.filter(~pl.col("id").is_in(gone["id"].implode()))
+
+    def described(frame: pl.DataFrame) -> pl.DataFrame:
+        return (manifest.select("id", "key", "caption").join(frame, on="id", how="inner")
+                .join(scores, on="id", how="left").sort("id"))
+
+    removed = described(gone)
+    overruled = described(verdicts.filter(pl.col("is_flagged") & pl.col("in_keep")).select("id", "reason"))
     counts = {
         "input": manifest.height,
         "failed": manifest.height - ok.height,
@@ -115,12 +153,26 @@ def filter_dataset(
         "kept": kept_ids.height,
         "removed": removed.height,
     }
+    lists = {name: path for name, path in (("keep_ids", settings.keep_ids), ("remove_ids", settings.remove_ids)) if path}
+    review = None
+    if lists:
+        counts |= {"flagged": int(verdicts["is_flagged"].sum()),
+                   "removed_by_review": int((verdicts["in_remove"] & ~verdicts["is_flagged"]).sum()),
+                   "kept_by_review": overruled.height}
+        review = {
+            **{name: {"path": path, "sha256": sha256_file(Path(path).expanduser()), "ids": len(ids)}
+               for name, ids in (("keep_ids", keep), ("remove_ids", remove)) if (path := lists.get(name))},
+            "removed_by_review": counts["removed_by_review"],
+            "kept_by_review": counts["kept_by_review"],
+        }
     stages = read_lineage(raw_dir, scores_dir, flags_dir)
     _check_upstream_params(stages, params)
     model = stages.get("embed", {}).get("model", {})
+    required = ["manifest.parquet", "removed.parquet", "overruled.parquet", "lineage.json"]
     with atomic_dir(out_dir) as tmp:
-        if ok["shard"].null_count() == ok.height:
-            # precomputed embeddings: no images to re-shard, the kept manifest is the version
+        if settings.output == "ids" or ok["shard"].null_count() == ok.height:
+            # ids: the samples stay where they are; precomputed embeddings: no images to re-shard.
+            # Either way the kept manifest (keys and shards as the raw one names them) is the version
             kept = kept_ids.sort("id")
         else:
             written = _reshard(raw_dir, ok, kept_ids, tmp / "shards", settings.shard_size)
@@ -130,9 +182,17 @@ def filter_dataset(
             ).sort("id")
         kept.write_parquet(tmp / "manifest.parquet", statistics=False)
         removed.write_parquet(tmp / "removed.parquet", statistics=False)
+        overruled.write_parquet(tmp / "overruled.parquet", statistics=False)
+        if settings.output == "ids":
+            # the subset as a sorted id array (as DataComp's resharder takes a subset), and the
+            # map back from id to key and shard
+            np.save(tmp / "kept_ids.npy", kept["id"].cast(pl.Int64).to_numpy())
+            kept.select("id", "key", "shard").write_parquet(tmp / "kept.parquet", statistics=False)
+            required += ["kept_ids.npy", "kept.parquet"]
+        inputs = {name: d for name, d in (("flags", flags_dir), ("raw", raw_dir), ("scores", scores_dir))}
+        inputs |= {name: Path(path).expanduser() for name, path in lists.items()}
         stages["filter"] = {"params": {"filter": settings.model_dump(mode="json")}, "code_version": code_version(),
-                            "inputs": {name: sha256_path(d) for name, d in
-                                       (("flags", flags_dir), ("raw", raw_dir), ("scores", scores_dir))},
+                            "inputs": {name: sha256_path(d) for name, d in sorted(inputs.items())},
                             "summary": counts}
         lineage = {
             "dataset": params.base.name,
@@ -142,11 +202,12 @@ def filter_dataset(
             "params_hash": params.hash(*(n for n in type(params).model_fields if n not in REPORTING)),
             "code_version": code_version(),
             "counts": counts,
+            **({"review": review} if review else {}),
             "stages": stages,
         }
         write_json(tmp / "lineage.json", lineage)
         validate("filter", filter_tables(
             kept=pl.read_parquet(tmp / "manifest.parquet"), removed=pl.read_parquet(tmp / "removed.parquet"),
-            scored_ids=ok["id"], out_dir=tmp, required=["manifest.parquet", "removed.parquet", "lineage.json"],
+            scored_ids=ok["id"], out_dir=tmp, required=required,
         ), docs_dir=docs_dir_for(out_dir, "filter"))
     return counts

@@ -79,3 +79,35 @@ def test_diff_of_something_that_is_no_version(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "clipscrub: error: A:" in err and "holds no cleaned version" in err
     assert not (tmp_path / "x.parquet").exists()
+
+
+def test_diff_shows_the_review_beside_the_detector(tiny_run, tmp_path, capsys):
+    """A version reviewed with keep and remove lists against the unreviewed one: the review's
+    counts of each, and the ids it changed with their reasons."""
+    from stages.filter import filter_dataset
+
+    root, _ = tiny_run
+    flags = pl.read_parquet(root / "flags" / "flags.parquet").sort("id")
+    spared = flags.filter(pl.col("is_flagged"))["id"][0]
+    dropped = flags.filter(~pl.col("is_flagged"))["id"][:2].to_list()
+    keep, remove = tmp_path / "keep.txt", tmp_path / "remove.csv"
+    keep.write_text(f"{spared}\n")
+    remove.write_text("id\n" + "".join(f"{i}\n" for i in dropped))
+    params = tiny_params([f"filter.keep_ids={keep}", f"filter.remove_ids={remove}"])
+    b = tmp_path / "reviewed" / "clean"
+    filter_dataset(raw_dir=root / "raw", scores_dir=root / "scores", flags_dir=root / "flags", out_dir=b,
+                   settings=params.filter, params=params)
+    out = tmp_path / "ids.parquet"
+    assert main(["diff", str(root), str(b), "--format", "json", "--ids-out", str(out)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["params"] == {"filter.keep_ids": {"a": None, "b": str(keep)},
+                                "filter.remove_ids": {"a": None, "b": str(remove)}}
+    assert result["review"] == {"flagged": {"a": 20, "b": 20}, "removed_by_review": {"a": 0, "b": 2},
+                                "kept_by_review": {"a": 0, "b": 1}}
+    assert result["counts"]["b"]["removed"] == 21
+    ids = pl.read_parquet(out)
+    assert ids.rows() == sorted([(spared, "a", "kdist_score_top_fraction")] + [(i, "b", "review") for i in dropped])
+    assert main(["diff", str(root), str(b), "--ids-out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert re.search(r"removed\s+20\s+21\s+\+1\n", text) and re.search(r"flagged\s+20\s+20\s+\+0\n", text)
+    assert re.search(r"removed_by_review\s+0\s+2\s+\+2\n", text) and re.search(r"kept_by_review\s+0\s+1\s+\+1\n", text)

@@ -8,7 +8,7 @@ import polars as pl
 import pytest
 import webdataset as wds
 
-from clipscrub.errors import DataError
+from clipscrub.errors import DataError, ParamError
 from clipscrub.io import sha256_file
 from clipscrub.shards import iter_shard
 from stages.filter import filter_dataset
@@ -119,3 +119,136 @@ def test_unsafe_keys_become_safe_member_names(tiny_run, tmp_path):
     before = {n: b for n, b in before.items() if n.split(".")[0] not in rename}
     after = {n: b for n, b in names.items() if n.split(".")[0] not in written.values()}
     assert after == before and len(after) == len(names) - 3 * len(written)
+
+
+def review_lists(root, tmp_path, *, keep: list[int], remove: list[int]):
+    """A keep list as text (one id per line) and a remove list as a table with an 'id' column
+    (rows from the raw manifest, as a reviewer might export them)."""
+    keep_path, remove_path = tmp_path / "keep.txt", tmp_path / "remove.parquet"
+    keep_path.write_text("".join(f"{i}\n" for i in keep))
+    manifest = pl.read_parquet(root / "raw" / "manifest.parquet")
+    manifest.filter(pl.col("id").is_in(remove)).write_parquet(remove_path)
+    return keep_path, remove_path
+
+
+def reviewed(root, out, keep_path, remove_path, extra=()):
+    params = tiny_params([f"filter.keep_ids={keep_path}", f"filter.remove_ids={remove_path}", *extra])
+    filter_dataset(raw_dir=root / "raw", scores_dir=root / "scores", flags_dir=root / "flags", out_dir=out,
+                   settings=params.filter, params=params)
+    return params
+
+
+def test_review_lists_overrule_and_add_to_the_flags(tiny_run, tmp_path):
+    """removed = (flagged or in remove_ids) and not in keep_ids; the review is recorded."""
+    from flows.pipeline import Layout, stage_inputs
+
+    root, _ = tiny_run
+    flags = pl.read_parquet(root / "flags" / "flags.parquet").sort("id")
+    flagged = flags.filter(pl.col("is_flagged"))
+    spared, unflagged = flagged["id"][0], flags.filter(~pl.col("is_flagged"))["id"][0]
+    keep_path, remove_path = review_lists(root, tmp_path, keep=[spared], remove=[unflagged, flagged["id"][1]])
+    params = reviewed(root, tmp_path / "clean", keep_path, remove_path)
+    clean = tmp_path / "clean"
+    kept = pl.read_parquet(clean / "manifest.parquet")
+    removed = pl.read_parquet(clean / "removed.parquet")
+    assert set(removed["id"]) == set(flagged["id"]) - {spared} | {unflagged}
+    assert spared in kept["id"].to_list() and unflagged not in kept["id"].to_list()
+    reasons = dict(removed.select("id", "reason").iter_rows())
+    assert reasons[unflagged] == "review"  # removed by the person alone
+    assert reasons[flagged["id"][1]] == flagged["reason"][1]  # flagged and confirmed: the flag's reason
+    # the overruled flag is listed with the reason it was flagged for, and its sample is in the shards
+    overruled = pl.read_parquet(clean / "overruled.parquet")
+    assert overruled.select("id", "reason").rows() == [(spared, flagged["reason"][0])]
+    assert overruled.columns == removed.columns
+    key = kept.filter(pl.col("id") == spared)["key"].item()
+    assert key in {s["__key__"] for p in sorted((clean / "shards").glob("*.tar")) for s in iter_shard(p)}
+    lineage = json.loads((clean / "lineage.json").read_text())
+    assert lineage["counts"] == {"input": 400, "failed": 0, "scored": 400, "kept": 380, "removed": 20,
+                                 "flagged": 20, "removed_by_review": 1, "kept_by_review": 1}
+    assert lineage["review"] == {
+        "keep_ids": {"path": str(keep_path), "sha256": sha256_file(keep_path), "ids": 1},
+        "remove_ids": {"path": str(remove_path), "sha256": sha256_file(remove_path), "ids": 2},
+        "removed_by_review": 1, "kept_by_review": 1,
+    }
+    assert lineage["params"]["filter"]["keep_ids"] == str(keep_path)
+    record = lineage["stages"]["filter"]["inputs"]
+    assert record["keep_ids"] == sha256_file(keep_path) and record["remove_ids"] == sha256_file(remove_path)
+    # the flow's cache key covers the lists' content, as the lineage does
+    inputs = stage_inputs("filter", params, Layout(root))
+    assert (inputs["keep_ids"], inputs["remove_ids"]) == (keep_path, remove_path)
+    assert "keep_ids" not in stage_inputs("filter", tiny_params(), Layout(root))
+
+
+def test_an_id_in_both_review_lists_is_refused(tiny_run, tmp_path):
+    root, _ = tiny_run
+    keep_path, remove_path = review_lists(root, tmp_path, keep=[3, 7], remove=[7, 9])
+    with pytest.raises(ParamError) as info:
+        reviewed(root, tmp_path / "clean", keep_path, remove_path)
+    assert info.value.param == "filter.keep_ids"
+    assert info.value.message == ("1 ids are in both filter.keep_ids and filter.remove_ids, e.g. [7]: "
+                                  "a sample is either kept or removed")
+    assert not (tmp_path / "clean").exists()
+
+
+@pytest.mark.parametrize("which", ["keep_ids", "remove_ids"])
+def test_unknown_review_ids_are_refused(tiny_run, tmp_path, which):
+    root, _ = tiny_run
+    path = tmp_path / "ids.txt"
+    path.write_text("5\n99999\n123456\n")
+    other = tmp_path / "empty.txt"
+    other.write_text("")
+    keep_path, remove_path = (path, other) if which == "keep_ids" else (other, path)
+    with pytest.raises(DataError) as info:
+        reviewed(root, tmp_path / "clean", keep_path, remove_path)
+    assert info.value.param == f"filter.{which}"
+    assert info.value.message == ("2 ids are not scored samples of this dataset (unknown, or failed to download), "
+                                  "e.g. [99999, 123456]")
+    assert not (tmp_path / "clean").exists()
+
+
+def test_unreadable_review_lists_are_refused(tiny_run, tmp_path):
+    root, _ = tiny_run
+    bad, empty = tmp_path / "bad.txt", tmp_path / "empty.txt"
+    bad.write_text("5\nseven\n")
+    empty.write_text("")
+    with pytest.raises(DataError) as info:
+        reviewed(root, tmp_path / "clean", bad, empty)
+    assert info.value.param == "filter.keep_ids" and info.value.message.startswith(f"cannot read ids from {bad}")
+    table = tmp_path / "ids.csv"
+    table.write_text("uid\n5\n")
+    with pytest.raises(DataError) as info:
+        reviewed(root, tmp_path / "clean", empty, table)
+    assert info.value.param == "filter.remove_ids" and info.value.message == f"{table} has no 'id' column (columns: uid)"
+    with pytest.raises(DataError) as info:
+        reviewed(root, tmp_path / "clean", tmp_path / "missing.txt", empty)
+    assert info.value.message == f"review list not found: {tmp_path / 'missing.txt'}"
+
+
+def test_ids_output_writes_the_kept_ids_and_no_shards(tiny_run, tmp_path):
+    """filter.output: ids: the same version as resharding, as ids that select the samples where they are."""
+    import numpy as np
+
+    root, _ = tiny_run
+    params = tiny_params(["filter.output=ids"])
+    out = tmp_path / "clean"
+    counts = filter_dataset(raw_dir=root / "raw", scores_dir=root / "scores", flags_dir=root / "flags", out_dir=out,
+                            settings=params.filter, params=params)
+    assert not (out / "shards").exists()
+    assert {p.name for p in out.iterdir()} == {"manifest.parquet", "removed.parquet", "overruled.parquet",
+                                               "kept_ids.npy", "kept.parquet", "lineage.json"}
+    ids = np.load(out / "kept_ids.npy")
+    assert ids.dtype == np.int64 and (np.diff(ids) > 0).all()
+    resharded = pl.read_parquet(root / "clean" / "manifest.parquet")
+    assert ids.tolist() == resharded["id"].to_list() and len(ids) == counts["kept"]
+    # kept.parquet and the kept manifest name each sample where the raw manifest has it
+    raw = pl.read_parquet(root / "raw" / "manifest.parquet")
+    kept = pl.read_parquet(out / "kept.parquet")
+    assert kept.columns == ["id", "key", "shard"] and kept["id"].to_list() == ids.tolist()
+    assert kept.rows() == raw.filter(pl.col("id").is_in(ids.tolist())).select("id", "key", "shard").sort("id").rows()
+    assert pl.read_parquet(out / "manifest.parquet").equals(raw.filter(pl.col("id").is_in(ids.tolist())).sort("id"))
+    assert pl.read_parquet(out / "removed.parquet").equals(pl.read_parquet(root / "clean" / "removed.parquet"))
+    assert pl.read_parquet(out / "overruled.parquet").height == 0
+    lineage = json.loads((out / "lineage.json").read_text())
+    assert lineage["params"]["filter"]["output"] == "ids" and "review" not in lineage
+    assert set(lineage["outputs"]) == {"manifest.parquet", "removed.parquet", "overruled.parquet",
+                                       "kept_ids.npy", "kept.parquet"}

@@ -37,6 +37,11 @@ def test_params_yaml_holds_every_default():
         ({"index": {"search": {"method": "annoy"}}}, "index.search.method", "hnsw"),
         ({"index": {"search": {"ef_serach": 64}}}, "index.search.ef_serach", "unknown key"),
         ({"embed": {"dtype": "bfloat16"}}, "embed.dtype", "float16"),
+        ({"filter": {"output": "shards"}}, "filter.output", "'reshard' or 'ids'"),
+        ({"filter": {"keep_ids": ""}}, "filter.keep_ids", "at least 1 character"),
+        ({"filter": {"remove_ids": 7}}, "filter.remove_ids", "valid string"),
+        ({"filter": {"keep_ids": "review/ids.txt", "remove_ids": "review/ids.txt"}}, "filter.remove_ids",
+         "is the same file as filter.keep_ids"),
     ],
 )
 def test_bad_params_name_the_key(data, param, fragment):
@@ -112,3 +117,30 @@ def test_small_aliases_still_work(tmp_path):
     (tmp_path / "p.yaml").write_text(text[:i] + "  hist_bins: *bins" + text[i + len("  hist_bins: 40"):])
     p = load_params(tmp_path / "p.yaml")
     assert p.evaluate.hist_bins == p.report.hist_bins == 40
+
+
+@pytest.mark.parametrize(("data", "overrides", "expected"), [
+    ({"threshold": {"fractoin": 0.1}}, [], "threshold.fractoin: unknown key; did you mean 'fraction'?"),
+    ({"index": {"reference": {"sizs": [3]}}}, [], "index.reference.sizs: unknown key; did you mean 'sizes'?"),
+    ({"tresholds": {}}, [], "tresholds: unknown key; did you mean 'threshold'?"),
+    ({"embed": {"model_confg": None}}, [], "embed.model_confg: unknown key; did you mean 'model_config'?"),
+    ({"threshold": {"zzz": 1}}, [], "threshold.zzz: unknown key (check the spelling"),
+    ({}, ["threshold.fractoin=0.2"], "threshold.fractoin: unknown key in override; did you mean 'fraction'?"),
+    ({}, ["idx.k=3"], "idx.k: unknown key in override; did you mean 'index'?"),
+])
+def test_an_unknown_key_suggests_the_closest(data, overrides, expected):
+    import yaml
+
+    from tests.conftest import REPO
+
+    base = yaml.safe_load((REPO / "params.yaml").read_text())
+    for section, values in data.items():
+        base.setdefault(section, {})
+        for key, value in values.items():
+            if isinstance(value, dict):
+                base[section].setdefault(key, {}).update(value)
+            else:
+                base[section][key] = value
+    with pytest.raises(ParamError) as err:
+        parse_params(apply_overrides(base, overrides))
+    assert str(err.value).startswith(expected), str(err.value)
