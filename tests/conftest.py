@@ -65,6 +65,17 @@ def tiny_run(tmp_path_factory) -> tuple[Path, Params]:
     return root, params
 
 
+def output_hashes(root: Path) -> dict[str, str]:
+    """sha256 of every output file under a data root, by relative path: not the data docs (they
+    carry the validation's time), the root's lock or the flow's state and result cache."""
+    from clipscrub.io import sha256_file
+    from clipscrub.validation import VALIDATION_DIR
+
+    skip = {VALIDATION_DIR, ".clipscrub", ".prefect"}
+    return {p.relative_to(root).as_posix(): sha256_file(p)
+            for p in sorted(root.rglob("*")) if p.is_file() and not skip & set(p.relative_to(root).parts)}
+
+
 def write_embeddings(
     directory: Path, image: np.ndarray, text: np.ndarray, ids: np.ndarray | None = None, *, dtype: str = "float32"
 ) -> Path:

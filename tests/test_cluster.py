@@ -3,7 +3,6 @@ processes, as prefect-dask's own tests use), with the bytes of an in-process run
 
 from __future__ import annotations
 
-import hashlib
 import os
 import signal
 import threading
@@ -14,17 +13,10 @@ import yaml
 
 from flows.cli import main
 from clipscrub.errors import ParamError
-from tests.conftest import tiny_params_dict
+from tests.conftest import output_hashes, tiny_params_dict
 
 # Small shards and chunks: embed has 20 pieces to spread over the workers, index and score 4 each
 EXTRA = ["download.shard_size=20", "index.chunk_size=100"]
-
-
-def output_hashes(root: Path) -> dict[str, str]:
-    """sha256 of every output file under a data root (not the flow's cache, state or data docs)."""
-    skip = {".prefect", ".clipscrub", "validation"}
-    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file() and not skip & set(p.relative_to(root).parts)}
 
 
 @pytest.fixture(scope="module")

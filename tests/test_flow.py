@@ -19,6 +19,7 @@ from clipscrub.io import sha256_path
 from flows.pipeline import SPECS, Layout
 from tests.conftest import REPO, make_dvc_project, tiny_params, tiny_params_dict
 from tests.imageserver import image_bytes
+from tests.test_sources import tiny_model  # noqa: F401 (fixture)
 
 BIN = Path(sys.executable).parent
 ALL = ["download", "train", "embed", "index", "score", "threshold", "filter", "evaluate", "report"]
@@ -206,21 +207,12 @@ def test_artifact_aurocs_match_the_evaluate_metrics(flow_dir):
     assert f"Detection of {detection['poisoned']} known poisoned samples:" in md
 
 
-def test_a_changed_source_file_reruns_download(harness, tmp_path):
+def test_a_changed_source_file_reruns_download(harness, tiny_model, tmp_path):  # noqa: F811 (fixture)
     """download.source folder: an edited image or captions file is new input: download reruns."""
-    import open_clip
     import polars as pl
-    import torch
 
     from flows.clean import clean_dataset
 
-    cfg = {"embed_dim": 16,
-           "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
-           "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
-    (tmp_path / "flowtiny.json").write_text(json.dumps(cfg))
-    open_clip.add_model_config(tmp_path / "flowtiny.json")
-    torch.manual_seed(0)
-    torch.save({"state_dict": open_clip.create_model("flowtiny").state_dict()}, tmp_path / "flowtiny.pt")
     folder, captions = tmp_path / "images", tmp_path / "captions.csv"
     folder.mkdir()
     colours = [(40 * i % 256, 90 * i % 256, 170 * i % 256) for i in range(1, 13)]
@@ -232,8 +224,8 @@ def test_a_changed_source_file_reruns_download(harness, tmp_path):
                              "score.lid_k=3", "score.iforest.n_estimators=10", "threshold.fraction=0.2"])
     data["download"].update(source="folder", shard_size=4)
     data["download"]["folder"].update(path=str(folder), captions=str(captions))
-    data["embed"].update(model_name="flowtiny", pretrained=None, checkpoint=str(tmp_path / "flowtiny.pt"),
-                         model_config=str(tmp_path / "flowtiny.json"), batch_size=5)
+    data["embed"].update(model_name="tiny", pretrained=None, checkpoint=str(tiny_model / "tiny.pt"),
+                         model_config=str(tiny_model / "tiny.json"), batch_size=5)
     out = tmp_path / "run"
 
     def run() -> dict[str, str]:

@@ -8,7 +8,7 @@ import json
 import yaml
 
 from flows.pipeline import SPECS, STAGES, Layout
-from tests.conftest import REPO
+from tests.conftest import REPO, output_hashes
 
 
 def _paths(entries) -> list[str]:
@@ -52,21 +52,14 @@ def test_trusted_reference_file_is_an_index_input(tmp_path):
 
 def test_two_runs_write_identical_bytes(tiny_run, tmp_path):
     """Same params, fresh directory: every output file of every stage has the same sha256."""
-    from clipscrub.io import sha256_file
     from flows.pipeline import STAGES, run_stage
-    from clipscrub.validation import VALIDATION_DIR
 
     first, params = tiny_run
     second = tmp_path / "data"
     for stage in STAGES:
         run_stage(stage, params, second)
 
-    def hashes(root):
-        # data docs carry the time of the validation; they are a report, not an output
-        return {p.relative_to(root).as_posix(): sha256_file(p) for p in sorted(root.rglob("*"))
-                if p.is_file() and p.relative_to(root).parts[0] != VALIDATION_DIR}
-
-    a, b = hashes(first), hashes(second)
+    a, b = output_hashes(first), output_hashes(second)
     assert len(a) > 20 and a.keys() == b.keys()
     assert {name for name in a if a[name] != b[name]} == set()
 
