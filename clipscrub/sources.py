@@ -27,6 +27,7 @@ import polars as pl
 
 from clipscrub.errors import DataError
 from clipscrub.params import FolderSettings, PrecomputedSettings, ShardsSettings, UrlsSettings
+from clipscrub.progress import track
 from clipscrub.shards import (
     ADDRESS_PATTERN, MAX_ASPECT_RATIO, caption_of, decode_image, expand_shards, image_field, iter_shard, shard_name,
     shard_writer, stable_message,
@@ -348,7 +349,7 @@ def read_shards(*, settings: ShardsSettings) -> tuple[pl.DataFrame, dict[str, An
     """Index existing shards in place: decode every image once so only decodable ones are ok."""
     paths = expand_shards(settings.path, param="download.shards.path")
     with ThreadPoolExecutor(max_workers=settings.workers) as pool:  # PIL decodes without the GIL
-        per_shard = list(pool.map(_scan_shard, paths))
+        per_shard = list(track(pool.map(_scan_shard, paths), desc="download", total=len(paths), unit="shards"))
     rows = [r for shard_rows in per_shard for r in shard_rows]
     if not rows:
         raise DataError(f"the shards {settings.path} hold no samples", param="download.shards.path")
@@ -386,7 +387,8 @@ def read_folder(*, settings: FolderSettings, shard_size: int, out_dir: Path) -> 
     files = table[settings.file_col].cast(pl.String).to_list()
     captions = table[settings.caption_col].cast(pl.String).to_list()
     with shard_writer(out_dir / "shards", shard_size) as sink:
-        for i, (name, caption) in enumerate(zip(files, captions)):
+        for i, (name, caption) in enumerate(track(zip(files, captions), desc="download", total=len(files),
+                                                  unit="images")):
             key = f"{i:09d}"
             row: dict[str, Any] = {"id": i, "key": key, "caption": caption, "status": "failed"}
             path = folder / name if name else None
@@ -482,7 +484,8 @@ def read_precomputed(*, settings: PrecomputedSettings, out_dir: Path) -> tuple[p
     if not root.is_dir():
         raise DataError(f"embeddings folder not found: {root}", param="download.embeddings.path")
     parts = precomputed_parts(root)
-    meta = pl.concat([pl.read_parquet(p["metadata"]) for p in parts], how="diagonal_relaxed")
+    meta = pl.concat([pl.read_parquet(p["metadata"]) for p in track(parts, desc="download", unit="parts")],
+                     how="diagonal_relaxed")
     if settings.caption_col not in meta.columns:
         raise DataError(f"metadata has no column {settings.caption_col!r} (columns: {', '.join(meta.columns)})",
                         param="download.embeddings.caption_col")

@@ -14,13 +14,14 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 import polars as pl
 
 from clipscrub.errors import DataError
 from clipscrub.io import atomic_dir, write_lineage
 from clipscrub.params import BaseSettings, DownloadSettings
+from clipscrub.progress import track
 from clipscrub.shards import shard_name, shard_writer
 from clipscrub.sources import MANIFEST_SCHEMA, fetch_urls, finish_manifest, read_folder, read_precomputed, read_shards
 from clipscrub.synthetic import encode_jpeg, generate_samples
@@ -29,7 +30,7 @@ from clipscrub.validation import docs_dir_for, manifest_tables, validate
 __all__ = ["MANIFEST_SCHEMA", "download_dataset", "encode_jpeg"]
 
 def write_shards(
-    *, records: list[dict[str, Any]], shard_dir: Path, shard_size: int
+    *, records: Iterable[dict[str, Any]], shard_dir: Path, shard_size: int
 ) -> list[dict[str, Any]]:
     """Write records (``key``, ``jpg`` bytes, ``txt``, ``json`` dict) as reproducible tar shards.
 
@@ -51,23 +52,25 @@ def write_shards(
     return rows
 
 
-def _synthetic_records(settings: DownloadSettings, seed: int) -> tuple[list[dict[str, Any]], list[Any]]:
+def _synthetic_samples(settings: DownloadSettings, seed: int) -> list[Any]:
     syn = settings.synthetic
     try:
-        samples = generate_samples(num_samples=syn.num_samples, image_size=syn.image_size, attacks=syn.attacks, seed=seed)
+        return generate_samples(num_samples=syn.num_samples, image_size=syn.image_size, attacks=syn.attacks, seed=seed)
     except ValueError as exc:
         raise DataError(str(exc), param="download.synthetic.attacks") from None
-    records = [
-        {"key": f"{i:09d}", "jpg": encode_jpeg(s.image), "txt": s.caption, "json": {"label": s.label}}
-        for i, s in enumerate(samples)
-    ]
-    return records, samples
+
+
+def _synthetic_records(samples: list[Any]) -> Iterator[dict[str, Any]]:
+    """The samples as shard records, encoded one at a time as they are written."""
+    for i, s in enumerate(samples):
+        yield {"key": f"{i:09d}", "jpg": encode_jpeg(s.image), "txt": s.caption, "json": {"label": s.label}}
 
 
 def _synthetic_manifest(settings: DownloadSettings, base: BaseSettings, out_dir: Path) -> pl.DataFrame:
-    records, samples = _synthetic_records(settings, base.seed)
-    if not records:
+    samples = _synthetic_samples(settings, base.seed)
+    if not samples:
         raise DataError("the dataset is empty", param="download.synthetic.num_samples")
+    records = track(_synthetic_records(samples), desc="download", total=len(samples), unit="samples")
     rows = write_shards(records=records, shard_dir=out_dir / "shards", shard_size=settings.shard_size)
     size = settings.synthetic.image_size
     frame = pl.DataFrame(rows).with_row_index("id").with_columns(

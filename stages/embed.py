@@ -29,7 +29,6 @@ import numpy as np
 import open_clip
 import polars as pl
 import torch
-from tqdm import tqdm
 
 from clipscrub.arrays import RowReader, create_npy
 from clipscrub.errors import ClipscrubError, DataError
@@ -37,6 +36,7 @@ from clipscrub.io import (atomic_dir, atomic_file, code_version, read_json, read
                           write_lineage)
 from clipscrub.model import LoadedModel, describe_model, load_model
 from clipscrub.params import BaseSettings, EmbedSettings
+from clipscrub.progress import Progress, track
 from clipscrub.shards import decode_image, image_field, iter_shard, shard_path
 from clipscrub.sources import PRECOMPUTED_FILE
 from clipscrub.validation import docs_dir_for, embedding_tables, validate
@@ -106,13 +106,15 @@ def convert_precomputed(*, raw_dir: Path, ok: pl.DataFrame, out_dir: Path, setti
     image_out = create_npy(out_dir / "image.npy", dtype=settings.dtype, shape=(len(ids), image_dim))
     text_out = create_npy(out_dir / "text.npy", dtype=settings.dtype, shape=(len(ids), text_dim))
     start = 0
-    for part in tqdm(parts, desc="embeddings", unit="part"):
+    progress = track(parts, desc="embed", unit="parts")
+    for part in progress:
         stop = start + part["rows"]
         lo, hi = np.searchsorted(ids, [start, stop])
         local = ids[lo:hi] - start
         for src, dst in (("img_emb", image_out), ("text_emb", text_out)):
             # zero and non-finite rows are copied too, for the embeddings suite to reject by id
             dst[lo:hi] = np.asarray(np.load(part[src], mmap_mode="r")[local], dtype=np.float32)
+        progress.count(int(hi - lo), "samples")
         start = stop
     image_out.flush()
     text_out.flush()
@@ -207,10 +209,11 @@ def _batched(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
 
 @torch.no_grad()
 def _embed_shard(loaded: LoadedModel, *, raw_dir: Path, shard: str, rows: np.ndarray, ok: pl.DataFrame,
-                 batch_size: int, workers: int = 0) -> tuple[np.ndarray, np.ndarray]:
+                 batch_size: int, workers: int = 0, progress: Progress | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Image and caption embeddings (n, d) float32 of one shard's ok rows (n,), batched within the
     shard so that a resumed run computes every shard exactly as an uninterrupted one. ``workers``
-    loader threads prepare batches ahead, at most ``workers`` + 1 in memory."""
+    loader threads prepare batches ahead, at most ``workers`` + 1 in memory. ``progress`` counts
+    the images as each batch is embedded (a shard can take minutes)."""
     sub = ok[rows]
     keys = sub["key"].to_list()
     position = {k: i for i, k in enumerate(keys)}
@@ -222,6 +225,8 @@ def _embed_shard(loaded: LoadedModel, *, raw_dir: Path, shard: str, rows: np.nda
     def forward(images: torch.Tensor, tokens: torch.Tensor) -> None:
         image_parts.append(loaded.model.encode_image(images.to(loaded.device), normalize=False).float().cpu().numpy())
         text_parts.append(loaded.model.encode_text(tokens.to(loaded.device), normalize=False).float().cpu().numpy())
+        if progress is not None:
+            progress.count(len(images), "images")
 
     batches = _batched(_iter_shard_members(raw_dir, shard, dict(zip(keys, sub["caption"].to_list()))), batch_size)
     if workers == 0:
@@ -303,6 +308,18 @@ def _worker_embedder(*, settings: EmbedSettings, base: BaseSettings, model_dir: 
     return _WORKER_MODELS[key]
 
 
+def _on_cluster_worker() -> bool:
+    if "distributed" not in sys.modules:  # never imported: not a dask worker
+        return False
+    from distributed import get_worker
+
+    try:
+        get_worker()
+    except ValueError:
+        return False
+    return True
+
+
 def plan_embed_parts(*, raw_dir: str | Path, out_dir: str | Path, settings: EmbedSettings, base: BaseSettings,
                      model_dir: str | Path | None = None, model_name: str | None = None) -> int:
     """Prepare ``parts_dir_for(out_dir)`` for this run (kept if an earlier run with the same
@@ -333,20 +350,21 @@ def embed_parts(*, raw_dir: str | Path, out_dir: str | Path, settings: EmbedSett
     parts = parts_dir_for(out_dir)
     plan = _shard_groups(ok)
     done = 0
-    for i in groups:
+    progress = track(groups, desc="embed", unit="shards")
+    for i in progress:
         shard, rows = plan[i]
         done += _write_part(loaded, parts / f"part-{i:06d}.npz", raw_dir=raw_dir, shard=shard, rows=rows, ok=ok,
-                            settings=settings, stamp=stamp)
+                            settings=settings, stamp=stamp, progress=progress)
     return {"groups": len(groups), "embedded": done, "resumed": len(groups) - done}
 
 
 def _write_part(loaded: LoadedModel, part: Path, *, raw_dir: Path, shard: str, rows: np.ndarray, ok: pl.DataFrame,
-                settings: EmbedSettings, stamp: str) -> bool:
+                settings: EmbedSettings, stamp: str, progress: Progress | None = None) -> bool:
     """Embed one shard group into ``part`` unless this run's part is there; whether it embedded."""
     if _read_part(part, stamp=stamp, rows=rows, names=()) is not None:
         return False
     image, text = _embed_shard(loaded, raw_dir=raw_dir, shard=shard, rows=rows, ok=ok, batch_size=settings.batch_size,
-                               workers=settings.loader_workers)
+                               workers=settings.loader_workers, progress=progress)
     with atomic_file(part) as tmp_part:
         with open(tmp_part, "wb") as f:
             np.savez(f, rows=rows, image=image, text=text, stamp=np.array(stamp))
@@ -380,8 +398,10 @@ def embed_dataset(
         raise DataError(f"all {manifest.height} samples failed to download ({reasons}): nothing to embed", param="--raw")
     if (raw_dir / PRECOMPUTED_FILE).is_file():
         return _write_precomputed(raw_dir=raw_dir, ok=ok, out_dir=out_dir, settings=settings, base=base)
-    loaded, what = _load_embedder(settings=settings, base=base, model_dir=model_dir, model_name=model_name)
     model_dir = Path(model_dir) if model_dir is not None else None
+    # on a cluster worker, the model its embed pieces loaded (the assembly only merges their parts)
+    load = _worker_embedder if _on_cluster_worker() else _load_embedder
+    loaded, what = load(settings=settings, base=base, model_dir=model_dir, model_name=model_name)
     print(f"embed: {what}", file=sys.stderr)  # what was loaded, where progress goes
     groups = _shard_groups(ok)
     parts = parts_dir_for(out_dir)
@@ -410,9 +430,11 @@ def _embed_shards(loaded: LoadedModel, *, raw_dir: Path, ok: pl.DataFrame, group
         return _embed_shard(loaded, raw_dir=raw_dir, shard=shard, rows=rows, ok=ok, batch_size=settings.batch_size,
                             workers=settings.loader_workers)
 
-    for i, (shard, rows) in enumerate(tqdm(groups, desc="embed", unit="shard")):
+    # images are counted as they are embedded: a resumed shard adds none, so the rate is the model's
+    progress = track(groups, desc="embed", unit="shards")
+    for i, (shard, rows) in enumerate(progress):
         resumed += not _write_part(loaded, parts / f"part-{i:06d}.npz", raw_dir=raw_dir, shard=shard, rows=rows,
-                                   ok=ok, settings=settings, stamp=stamp)
+                                   ok=ok, settings=settings, stamp=stamp, progress=progress)
 
     with atomic_dir(out_dir) as tmp:
         arrays: dict[str, np.memmap] = {}

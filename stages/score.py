@@ -28,6 +28,7 @@ from clipscrub.errors import DataError
 from clipscrub.io import atomic_dir, scratch_work_dir, write_json, write_lineage
 from clipscrub.neighbours import query_embeddings
 from clipscrub.params import BaseSettings, IndexSettings, ScoreSettings
+from clipscrub.progress import track
 from clipscrub.validation import docs_dir_for, score_tables, validate
 from stages.index import (
     PLAN_FILE, check_chunk, chunk_file, chunk_plan, fresh_work_dir, load_chunk, load_embeddings, load_reference_set,
@@ -53,8 +54,10 @@ def score_samples(
         common = dict(embeddings_dir=embeddings_dir, index_dir=index_dir, work_dir=work, settings=settings,
                       index=index, base=base)
         plan = prepare_score(**common)
-        for start, stop in plan["chunks"]:
+        progress = track(plan["chunks"], desc="score", unit="chunks")
+        for start, stop in progress:
             score_chunk(**common, start=start, stop=stop)
+            progress.count(stop - start, "samples")
         return reduce_score(**common, out_dir=out_dir)
 
 

@@ -27,6 +27,7 @@ import webdataset as wds
 from clipscrub.io import atomic_dir, atomic_file, read_manifest, write_json, write_lineage
 from clipscrub.model import register_model_config, resolve_device, tiny_model_config
 from clipscrub.params import BaseSettings, DownloadSettings, TrainSettings
+from clipscrub.progress import Progress, track
 from clipscrub.attacks import attack_name, attack_seed, make_trigger, plan_poison
 from clipscrub.synthetic import SHAPES, as_stored, generate_samples, make_clean_sample
 
@@ -39,8 +40,13 @@ def load_shards(raw_dir: Path, preprocess, tokenizer) -> tuple[torch.Tensor, tor
     manifest = read_manifest(raw_dir)
     ok = manifest.filter(manifest["status"] == "ok")
     urls = [str(raw_dir / "shards" / s) for s in ok["shard"].unique(maintain_order=True).to_list()]
-    ds = wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode("pil").to_tuple("__key__", "jpg", "txt")
-    by_key = {key: (preprocess(img.convert("RGB")), txt) for key, img, txt in ds}
+    by_key = {}
+    progress = track(urls, desc="train (decoding)", unit="shards")
+    for url in progress:
+        ds = wds.WebDataset(url, shardshuffle=False, empty_check=False).decode("pil").to_tuple("__key__", "jpg", "txt")
+        for key, img, txt in ds:
+            by_key[key] = (preprocess(img.convert("RGB")), txt)
+            progress.count(1, "images")
     keys = ok["key"].to_list()
     images = torch.stack([by_key[k][0] for k in keys])
     tokens = tokenizer([by_key[k][1] for k in keys])
@@ -157,17 +163,20 @@ def train_model(
         gen = torch.Generator().manual_seed(base.seed)
         model.train()
         losses = []
-        for _ in range(settings.epochs):
-            perm = torch.randperm(n, generator=gen)
-            for s in range(steps_per_epoch):
-                idx = perm[s * settings.batch_size : (s + 1) * settings.batch_size]
-                img_f, txt_f, scale = model(images[idx].to(device), tokens[idx].to(device))
-                loss = loss_fn(img_f, txt_f, scale)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                losses.append(loss.item())
+        # a line per epoch, whatever CLIPSCRUB_PROGRESS_EVERY says: epochs are few and each is long
+        with Progress(desc="train", total=settings.epochs, unit="epochs", every_s=0) as progress:
+            for _ in range(settings.epochs):
+                perm = torch.randperm(n, generator=gen)
+                for s in range(steps_per_epoch):
+                    idx = perm[s * settings.batch_size : (s + 1) * settings.batch_size]
+                    img_f, txt_f, scale = model(images[idx].to(device), tokens[idx].to(device))
+                    loss = loss_fn(img_f, txt_f, scale)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    sched.step()
+                    losses.append(loss.item())
+                progress.advance(loss=f"{np.mean(losses[-steps_per_epoch:]):.4f}")
         train_seconds = time.perf_counter() - t0
         model.eval()
 
