@@ -351,11 +351,15 @@ def child(mode: str, part: str, params: dict[str, Any], root: Path, out: Path) -
 
 
 def measure(mode: str, part: str, args, root: Path, work: Path) -> dict[str, Any]:
-    """One run in a fresh interpreter: no sha256, model or forest cached by an earlier run."""
+    """One run in a fresh interpreter: no sha256, model or forest cached by an earlier run (the
+    on-disk hash cache starts empty for each run and is shared by its client and workers)."""
     out = work / f"{part}-{mode}.json"
     out.unlink(missing_ok=True)
     cmd = [sys.executable, __file__, "--child", f"{mode}:{part}", "--root", str(root), "--code", str(work / "code")]
-    code = subprocess.run(cmd, check=False).returncode
+    hashes = work / f"hash-cache-{part}-{mode}"
+    shutil.rmtree(hashes, ignore_errors=True)
+    code = subprocess.run(cmd, check=False, env={**os.environ, "CLIPSCRUB_HASH_CACHE": str(hashes)}).returncode
+    shutil.rmtree(hashes, ignore_errors=True)
     if code != 0:
         raise SystemExit(f"{part} {mode} failed with exit code {code}")
     result = json.loads(out.read_text())

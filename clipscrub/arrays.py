@@ -52,6 +52,42 @@ def create_npy(path: str | Path, *, dtype: np.dtype | str | type, shape: tuple[i
     return arr
 
 
+def write_rows(path: str | Path, *, row: int, block: np.ndarray, param: str = "--root") -> None:
+    """Write ``block`` (b, ...) into the .npy file at ``path`` (a ``create_npy`` file of shape
+    (..., n, ...)), viewed as rows of its last axes, starting at flat row ``row``: for a (r, N, K)
+    array, ``row = draw * N + start`` writes ``[draw, start:start + b]``.
+
+    Plain positioned writes, no map: processes on a shared filesystem fill disjoint rows of one
+    file, and each write is on disk (and visible to other nodes) once this returns.
+    """
+    path = Path(path)
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(f)
+        offset = f.tell()
+    block = np.ascontiguousarray(block)
+    if fortran or block.dtype != dtype or block.shape[1:] != shape[len(shape) - block.ndim + 1:]:
+        raise DataError(f"{path} holds {dtype} {shape}; cannot write rows of {block.dtype} {block.shape} into it",
+                        param=param)
+    rows_total = int(np.prod(shape[: len(shape) - block.ndim + 1]))
+    if not 0 <= row <= rows_total - len(block):
+        raise DataError(f"rows [{row}, {row + len(block)}) lie outside the {rows_total} rows of {path}", param=param)
+    row_bytes = block.nbytes // max(len(block), 1)
+    data = memoryview(block.reshape(-1).view(np.uint8))
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        pos, done = offset + row * row_bytes, 0
+        while done < len(data):
+            done += os.pwrite(fd, data[done:], pos + done)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):  # a file create_npy made is reserved: another filesystem's
+            raise disk_full_error(path, needed=f"{fmt_bytes(len(data) - done)} left to write", param=param) from None
+        raise
+    finally:
+        os.close(fd)
+
+
 class RowReader:
     """Float32 rows of a 2-D .npy file (float32 or float16 on disk), read slice by slice;
     with ``normalize``, each row scaled to unit L2 norm as it is read."""

@@ -31,16 +31,62 @@ _CODE_DIRS = ("clipscrub", "stages", "flows")
 _HASHES: dict[tuple[int, ...], str] = {}
 
 
+# Files this large have their hash kept on disk too, so the next process (a cluster worker, the
+# next stage's CLI call) does not read gigabytes again: the same key, one small file per entry.
+DISK_MEMO_MIN_BYTES = 64 << 20
+
+
+def hash_cache_dir() -> Path | None:
+    """Where hashes of large files are kept across processes: ``$CLIPSCRUB_HASH_CACHE``
+    (``off`` disables it), else ``$XDG_CACHE_HOME/clipscrub/sha256`` (``~/.cache/...``). Anyone
+    who can write there can vouch for a file, like anyone who can rewrite a lineage.json."""
+    configured = os.environ.get("CLIPSCRUB_HASH_CACHE")
+    if configured is not None:
+        return None if configured.strip().lower() in ("", "off", "0", "false") else Path(configured)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "clipscrub" / "sha256"
+
+
+def _disk_memo(key: tuple[int, ...]) -> Path | None:
+    where = hash_cache_dir()
+    return where / "-".join(map(str, key)) if where is not None else None
+
+
+def _read_disk_memo(entry: Path | None) -> str | None:
+    try:
+        digest = entry.read_text().split()[0] if entry is not None else None
+    except (OSError, IndexError, UnicodeDecodeError):
+        return None
+    return digest if digest and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest) else None
+
+
+def _write_disk_memo(entry: Path | None, digest: str, path: str | Path) -> None:
+    if entry is None:
+        return
+    try:  # a cache: a read-only or full home only costs the next process a re-read
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        tmp = entry.with_name(f".{entry.name}.{uuid.uuid4().hex[:8]}")
+        tmp.write_text(f"{digest} {Path(path).resolve()}\n")
+        os.replace(tmp, entry)
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
 def sha256_file(path: str | Path, *, chunk: int = 1 << 20) -> str:
     st = os.stat(path)
     key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)  # ctime: a write forging mtime moves it
     if key in _HASHES:
         return _HASHES[key]
+    entry = _disk_memo(key) if st.st_size >= DISK_MEMO_MIN_BYTES else None
+    if (known := _read_disk_memo(entry)) is not None:
+        _HASHES[key] = known
+        return known
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
     _HASHES[key] = h.hexdigest()
+    _write_disk_memo(entry, _HASHES[key], path)
     return _HASHES[key]
 
 

@@ -17,12 +17,14 @@ the (N, K) results: embeddings are read chunk by chunk, never mapped whole.
 The work is three pieces that pass only files, so a cluster can run the chunks in separate
 processes on a shared filesystem (``build_index`` runs them in turn, the same code):
 ``prepare_index`` (the reference sets, their stored indexes, the entries' own neighbours, the
-plan of query chunks), ``search_index_chunk`` per chunk (in any order, any number of times),
-``reduce_index`` (today's outputs, validated, in one atomic swap).
+plan of query chunks, and the output arrays, allocated whole), ``search_index_chunk`` per chunk
+(in any order, any number of times: it writes its own rows of those arrays), ``reduce_index``
+(the arrays linked, not copied, into the outputs, validated, in one atomic swap).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import uuid
@@ -31,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from clipscrub.arrays import RowReader, create_npy
+from clipscrub.arrays import RowReader, create_npy, write_rows
 from clipscrub.errors import DataError, ParamError
 from clipscrub.io import atomic_dir, read_json, require_file, scratch_work_dir, write_json, write_lineage
 from clipscrub.neighbours import (
@@ -39,6 +41,7 @@ from clipscrub.neighbours import (
     query_embeddings, read_trusted_rows, reference_sets, self_entries_per_query, write_search_index,
 )
 from clipscrub.params import BaseSettings, IndexSettings
+from clipscrub.progress import track
 from clipscrub.validation import docs_dir_for, neighbour_tables, validate
 
 
@@ -129,6 +132,11 @@ def chunk_file(work: Path, start: int, stop: int, name: str) -> Path:
     return work / "chunks" / f"{start}-{stop}" / f"{name}.npy"
 
 
+def chunk_mark(work: Path, start: int, stop: int) -> Path:
+    """Written last by an index chunk: its rows of the shared arrays are complete."""
+    return work / "chunks" / f"{start}-{stop}.json"
+
+
 def save_npy(path: Path, arr: np.ndarray) -> None:
     """np.save under a temporary name, then renamed: a reader sees the whole file or none, and a
     chunk run twice replaces its files with the same bytes."""
@@ -150,6 +158,15 @@ def load_chunk(work: Path, start: int, stop: int, name: str, *, stage: str) -> n
     return np.load(path)
 
 
+def link_or_copy(src: Path, dst: Path) -> None:
+    """``dst`` with ``src``'s bytes: a hard link (no copy of gigabytes) where the filesystem has
+    them, else a copy."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
 # ------------------------------------------------------------------ the index stage's pieces
 def _index_params(settings: IndexSettings, base: BaseSettings) -> dict[str, Any]:
     return {"base": base.model_dump(mode="json"), "index": settings.model_dump(mode="json")}
@@ -164,8 +181,9 @@ def prepare_index(
 ) -> dict[str, Any]:
     """Draw the reference sets and write what every chunk of queries shares into ``work_dir``
     (emptied first): per set ``ref_rows.npy``, each draw's hnsw/ivf index (``draw<r>.faiss``),
-    and, unless the references are the dataset itself (mode all: those come from the chunks), the
-    entries' own neighbours ``ref_neighbours.npy`` / ``ref_distances.npy``.
+    and the stage's four output arrays allocated whole (``neighbours``, ``distances``,
+    ``ref_neighbours``, ``ref_distances``), the last two filled here unless the references are
+    the dataset itself (mode all: those rows are the chunks' too). The chunks fill the rest.
 
     Returns the plan (also ``plan.json``): ``chunks`` [[start, stop], ...] (multiples of
     ``index.chunk_size``), ``sets`` (name, draws, samples, entries, search), ``samples``, ``params``.
@@ -189,10 +207,11 @@ def prepare_index(
         method = choose_method(mode=ref.mode, entries=entries_n, search=settings.search, gpus=gpu_count())
         (work / rs.name).mkdir()
         np.save(work / rs.name / "ref_rows.npy", rs.rows)
-        own = {
-            name: create_npy(work / rs.name / f"{name}.npy", dtype=dtype, shape=(draws, entries_n, settings.k))
-            for name, dtype in (("ref_neighbours", np.int64), ("ref_distances", np.float32))
-        } if ref.mode != "all" else {}
+        # every output array reserved now: a full disk stops here, before any chunk has run
+        for name, dtype, rows_n in (("neighbours", np.int64, n), ("distances", np.float32, n),
+                                    ("ref_neighbours", np.int64, entries_n), ("ref_distances", np.float32, entries_n)):
+            create_npy(work / rs.name / f"{name}.npy", dtype=dtype, shape=(draws, rows_n, settings.k))
+        own = ref.mode != "all"
         for r, rows in enumerate(rs.rows):
             if method not in STORED_METHODS and not own:
                 continue  # an exact index over the whole dataset: each chunk builds its own
@@ -203,11 +222,9 @@ def prepare_index(
             if own:
                 found = find_neighbours(queries=index.refs, query_owners=owners, index=index, ref_owners=owners,
                                         k=settings.k, max_self=max_self, chunk_size=settings.chunk_size)
-                own["ref_neighbours"][r], own["ref_distances"][r] = found.entries, found.distances
+                write_rows(work / rs.name / "ref_neighbours.npy", row=r * entries_n, block=found.entries)
+                write_rows(work / rs.name / "ref_distances.npy", row=r * entries_n, block=found.distances)
             del index
-        for arr in own.values():
-            arr.flush()
-        del own
         records.append({"name": rs.name, "draws": int(draws), "samples": int(m), "entries": int(entries_n),
                         "search": method})
     plan = {"params": _index_params(settings, base), "samples": n, "chunks": chunk_plan(n, settings.chunk_size),
@@ -220,10 +237,12 @@ def search_index_chunk(
     *, embeddings_dir: str | Path, work_dir: str | Path, settings: IndexSettings, base: BaseSettings,
     start: int, stop: int,
 ) -> None:
-    """Every reference draw's k nearest entries of queries [start, stop), one of the plan's chunks:
-    ``chunks/<start>-<stop>/<set>.neighbours.npy`` (r, stop - start, K) int64 and ``.distances.npy``
-    float32 in ``work_dir`` (with mode all and image_text, ``.captions_*`` for the caption entries of
-    those rows too). Depends on no other chunk; a rerun writes the same bytes."""
+    """Every reference draw's k nearest entries of queries [start, stop), one of the plan's chunks,
+    written as rows [:, start:stop] of the set's ``neighbours.npy`` (r, N, K) int64 and
+    ``distances.npy`` float32 in ``work_dir`` (with mode all, of ``ref_neighbours`` /
+    ``ref_distances`` too, and with image_text their caption entries' rows [:, N + start:N + stop]),
+    then ``chunks/<start>-<stop>.json`` (the sha256 of what it wrote). Depends on no other chunk;
+    a rerun writes the same bytes."""
     work = Path(work_dir)
     plan = read_plan(work, params=_index_params(settings, base), stage="index")
     check_chunk(plan, start, stop, param="index.chunk_size")
@@ -232,7 +251,9 @@ def search_index_chunk(
     queries = query_embeddings(image, text, settings.modality)
     query_rows = np.arange(n, dtype=np.int64)
     max_self = self_entries_per_query(settings.modality)
-    captions = settings.reference.mode == "all" and settings.modality == "image_text"
+    every = settings.reference.mode == "all"
+    captions = every and settings.modality == "image_text"
+    hashes: dict[str, str] = {}
     for rec in plan["sets"]:
         ref_rows = np.load(work / rec["name"] / "ref_rows.npy")
         names = ("neighbours", "distances") + (("captions_neighbours", "captions_distances") if captions else ())
@@ -252,16 +273,27 @@ def search_index_chunk(
                 found = find_neighbours(queries=index.refs[n:], query_owners=owners[n:], **common)
                 out["captions_neighbours"][r], out["captions_distances"][r] = found.entries, found.distances
             del index, found
+        set_dir = work / rec["name"]
         for name, arr in out.items():
-            save_npy(chunk_file(work, start, stop, f"{rec['name']}.{name}"), arr)
+            a = name.removeprefix("captions_")
+            hashes[f"{rec['name']}.{name}"] = hashlib.sha256(arr).hexdigest()
+            for r, block in enumerate(arr):
+                if not name.startswith("captions_"):
+                    write_rows(set_dir / f"{a}.npy", row=r * n + start, block=block)
+                if every:  # the queries are the entries (image, then text-only caption entries)
+                    offset = n if name.startswith("captions_") else 0
+                    write_rows(set_dir / f"ref_{a}.npy", row=r * rec["entries"] + offset + start, block=block)
+    chunk_mark(work, start, stop).parent.mkdir(exist_ok=True)
+    write_json(chunk_mark(work, start, stop), {"start": start, "stop": stop, "sha256": hashes})
 
 
 def reduce_index(
     *, embeddings_dir: str | Path, work_dir: str | Path, out_dir: str | Path, settings: IndexSettings,
     base: BaseSettings,
 ) -> dict[str, Any]:
-    """Assemble every chunk into the stage's outputs in ``out_dir`` (see the module docstring),
-    measure recall, validate, and write the lineage, in one atomic swap."""
+    """The arrays every chunk filled, as the stage's outputs in ``out_dir`` (see the module
+    docstring): checked complete, recall measured, validated, and the lineage written, in one
+    atomic swap. The arrays are hard-linked, not copied (copied where links fail)."""
     emb_dir, work = Path(embeddings_dir), Path(work_dir)
     plan = read_plan(work, params=_index_params(settings, base), stage="index")
     image, text, ids = load_embeddings(emb_dir, normalize=settings.normalize, check=False)
@@ -276,6 +308,10 @@ def reduce_index(
     max_self = self_entries_per_query(settings.modality)
     records: list[dict[str, Any]] = []
     tables = []
+    for start, stop in plan["chunks"]:
+        if not chunk_mark(work, start, stop).is_file():
+            raise DataError(f"chunk [{start}, {stop}) has not been computed ({chunk_mark(work, start, stop)} is "
+                            f"missing): run its index chunk, then reduce again", param="index")
     with atomic_dir(out_dir) as tmp:
         for rec in plan["sets"]:
             name, method, entries_n = rec["name"], rec["search"], rec["entries"]
@@ -283,27 +319,9 @@ def reduce_index(
             draws = len(ref_rows)
             (tmp / name).mkdir()
             np.save(tmp / name / "ref_rows.npy", ref_rows)
-            out = {
-                a: create_npy(tmp / name / f"{a}.npy", dtype=dtype, shape=shape)
-                for a, dtype, shape in (
-                    ("neighbours", np.int64, (draws, n, settings.k)),
-                    ("distances", np.float32, (draws, n, settings.k)),
-                    ("ref_neighbours", np.int64, (draws, entries_n, settings.k)),
-                    ("ref_distances", np.float32, (draws, entries_n, settings.k)),
-                )
-            }
-            for start, stop in plan["chunks"]:
-                for a in ("neighbours", "distances"):
-                    part = load_chunk(work, start, stop, f"{name}.{a}", stage="index")
-                    out[a][:, start:stop] = part
-                    if ref.mode == "all":  # the queries are the (image, or text-only caption) entries
-                        out[f"ref_{a}"][:, start:stop] = part
-                        if settings.modality == "image_text":
-                            out[f"ref_{a}"][:, n + start : n + stop] = load_chunk(
-                                work, start, stop, f"{name}.captions_{a}", stage="index")
-            if ref.mode != "all":
-                for a in ("ref_neighbours", "ref_distances"):
-                    out[a][:] = np.load(work / name / f"{a}.npy", mmap_mode="r")
+            for a in ("neighbours", "distances", "ref_neighbours", "ref_distances"):
+                link_or_copy(work / name / f"{a}.npy", tmp / name / f"{a}.npy")
+            out = {a: np.load(tmp / name / f"{a}.npy", mmap_mode="r") for a in ("neighbours", "distances")}
             recalls = [1.0] * draws
             if method != "exact":
                 for r, rows in enumerate(ref_rows):
@@ -315,8 +333,6 @@ def reduce_index(
                         found=Neighbours(out["neighbours"][r], out["distances"][r]), index=index, ref_owners=owners,
                         k=settings.k, max_self=max_self, sample=settings.search.recall_sample, seed=base.seed + r)
                     del index
-            for arr in out.values():
-                arr.flush()
             del out
             records.append({"name": name, "draws": int(draws), "samples": int(rec["samples"]),
                             "entries": int(entries_n), "search": method,
@@ -358,6 +374,8 @@ def build_index(
     with scratch_work_dir(out_dir) as work:
         common = dict(embeddings_dir=embeddings_dir, work_dir=work, settings=settings, base=base)
         plan = prepare_index(**common)
-        for start, stop in plan["chunks"]:
+        progress = track(plan["chunks"], desc="index", unit="chunks")
+        for start, stop in progress:
             search_index_chunk(**common, start=start, stop=stop)
+            progress.count(stop - start, "queries")
         return reduce_index(**common, out_dir=out_dir)

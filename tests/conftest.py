@@ -9,6 +9,8 @@ os.environ.pop("PREFECT_API_URL", None)
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="clipscrub-prefect-home-")
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+# the cross-process hash cache of large files: never the developer's ~/.cache
+os.environ["CLIPSCRUB_HASH_CACHE"] = tempfile.mkdtemp(prefix="clipscrub-hash-cache-")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

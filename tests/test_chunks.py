@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from clipscrub.arrays import create_npy, write_rows
 from clipscrub.errors import DataError, ParamError
 from clipscrub.params import parse_params
 from stages.index import build_index, prepare_index, reduce_index, search_index_chunk
@@ -127,12 +128,18 @@ def test_a_chunk_on_one_thread_in_another_process_gives_the_same_bytes(emb, expe
     for start, stop in prepare_score(**sco)["chunks"]:
         score_chunk(**sco, start=start, stop=stop)
     start, stop = plan["chunks"][1]
-    here = [digest(tmp_path / work / "chunks" / f"{start}-{stop}") for work in ("work-index", "work-score")]
+
+    def chunk_outputs() -> list[dict[str, str]]:
+        # an index chunk writes rows of the shared arrays, and its mark holds their hashes
+        mark = json.loads((tmp_path / "work-index" / "chunks" / f"{start}-{stop}.json").read_text())
+        return [mark["sha256"], digest(tmp_path / "work-score" / "chunks" / f"{start}-{stop}")]
+
+    here = chunk_outputs()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
            "PYTHONPATH": str(REPO)}
     subprocess.run([sys.executable, "-c", CHUNKS_IN_SUBPROCESS, str(emb), str(tmp_path), json.dumps(PARAMS),
                     str(start), str(stop)], env=env, cwd=REPO, check=True)
-    there = [digest(tmp_path / work / "chunks" / f"{start}-{stop}") for work in ("work-index", "work-score")]
+    there = chunk_outputs()
     # index: 2 sets x (neighbours, distances); score: 4 density detectors x 2 sets, iforest, clip
     assert there == here and len(here[0]) == 4 and len(here[1]) == 4 * 2 + 2
     reduce_index(**idx, out_dir=tmp_path / "index")  # from the other process's chunk files
@@ -165,3 +172,34 @@ def test_prepare_never_empties_a_folder_it_did_not_make(emb, tmp_path):
     with pytest.raises(ParamError, match="is not empty and was not made by clipscrub"):
         prepare_index(embeddings_dir=emb, work_dir=mine, settings=p.index, base=p.base)
     assert (mine / "notes.txt").read_text() == "keep"
+
+
+def test_reduce_links_the_arrays_the_chunks_filled(emb, expected, tmp_path):
+    """No copy of the (r, N, K) arrays at reduce: the output files are the work files' inodes."""
+    p = parse_params(PARAMS)
+    common = dict(embeddings_dir=emb, work_dir=tmp_path / "work", settings=p.index, base=p.base)
+    for start, stop in prepare_index(**common)["chunks"]:
+        search_index_chunk(**common, start=start, stop=stop)
+    reduce_index(**common, out_dir=tmp_path / "index")
+    for name in ("neighbours", "distances", "ref_neighbours", "ref_distances"):
+        assert (tmp_path / "index" / "m64" / f"{name}.npy").stat().st_ino == \
+            (tmp_path / "work" / "m64" / f"{name}.npy").stat().st_ino
+    assert digest(tmp_path / "index") == expected["random"][0]
+
+
+def test_write_rows_fills_rows_of_the_last_axes_and_refuses_what_does_not_fit(tmp_path):
+    path = tmp_path / "a.npy"
+    create_npy(path, dtype=np.int64, shape=(2, 5, 3))
+    want = np.arange(30, dtype=np.int64).reshape(2, 5, 3)
+    for draw in (1, 0):
+        for start, stop in ((3, 5), (0, 3)):  # any order, as chunks land
+            write_rows(path, row=draw * 5 + start, block=want[draw, start:stop])
+    np.testing.assert_array_equal(np.load(path), want)
+    write_rows(path, row=0, block=want.reshape(10, 3))  # rows across the draws: the same flat layout
+    np.testing.assert_array_equal(np.load(path), want)
+    with pytest.raises(DataError, match=r"rows \[9, 11\) lie outside the 10 rows"):
+        write_rows(path, row=9, block=want[0, :2])
+    with pytest.raises(DataError, match=r"holds int64 \(2, 5, 3\); cannot write rows of float32 \(2, 3\)"):
+        write_rows(path, row=0, block=want[0, :2].astype(np.float32))
+    with pytest.raises(DataError, match="cannot write rows of int64 \\(2, 4\\)"):
+        write_rows(path, row=0, block=np.zeros((2, 4), np.int64))

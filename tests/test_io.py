@@ -19,7 +19,7 @@ from clipscrub.arrays import create_npy
 from flows.cli import main
 from clipscrub.errors import DataError, ParamError
 from clipscrub.io import LINEAGE_FILE, LOCK_FILE, atomic_dir, check_outputs, root_lock, sha256_file, write_json
-from tests.conftest import tiny_params_dict
+from tests.conftest import REPO, tiny_params_dict
 
 
 def test_failed_block_leaves_nothing_and_keeps_the_old_output(tmp_path):
@@ -157,6 +157,44 @@ def test_a_file_rewritten_in_place_is_hashed_again(tmp_path):
     first = sha256_file(path)
     path.write_bytes(b"two")
     assert sha256_file(path) != first
+
+
+HASH_IN_A_NEW_PROCESS = """
+import sys
+import clipscrub.io as io
+io.DISK_MEMO_MIN_BYTES = 1000
+print(io.sha256_file(sys.argv[1]))
+"""
+
+
+def hash_in_a_new_process(path: Path, cache: str) -> str:
+    env = {**os.environ, "CLIPSCRUB_HASH_CACHE": cache}
+    return subprocess.run([sys.executable, "-c", HASH_IN_A_NEW_PROCESS, str(path)], env=env, cwd=REPO,
+                          capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_a_large_files_hash_is_shared_with_the_next_process_until_the_file_changes(tmp_path):
+    path, cache = tmp_path / "big.npy", tmp_path / "cache"
+    path.write_bytes(b"a" * 5000)
+    first = hash_in_a_new_process(path, str(cache))
+    assert first == sha256_file(path)
+    (entry,) = cache.iterdir()
+    assert entry.read_text().split() == [first, str(path.resolve())]
+    # the next process takes the entry instead of reading the file: shown by a planted digest
+    entry.write_text("f" * 64 + "\n")
+    assert hash_in_a_new_process(path, str(cache)) == "f" * 64
+    path.write_bytes(b"b" * 5000)  # same size, new version: a new key, hashed again
+    assert hash_in_a_new_process(path, str(cache)) == sha256_file(path) != first
+    entry.write_text("not a digest")  # a damaged entry is ignored, not trusted
+    path.write_bytes(b"a" * 5000)
+    assert hash_in_a_new_process(path, str(cache)) == first
+    small = tmp_path / "small.bin"  # below the size limit: nothing kept
+    small.write_bytes(b"x" * 10)
+    before = sorted(cache.iterdir())
+    hash_in_a_new_process(small, str(cache))
+    assert sorted(cache.iterdir()) == before
+    hash_in_a_new_process(path, "off")
+    assert not (tmp_path / "off").exists()
 
 
 @pytest.fixture
