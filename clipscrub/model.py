@@ -5,7 +5,11 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
+import socket
 import tempfile
+import urllib.parse
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -15,7 +19,7 @@ import torch
 
 from clipscrub.errors import DataError, ParamError
 from clipscrub.io import sha256_file
-from clipscrub.params import TinyModelSettings
+from clipscrub.params import TinyModelSettings, did_you_mean, unknown_model_message
 
 
 def resolve_device(device: str) -> torch.device:
@@ -58,12 +62,101 @@ def register_model_config(model_name: str, config: dict[str, Any]) -> None:
     open_clip.add_model_config(d / f"{model_name}.json")
 
 
+def _clip_words(text: str, limit: int = 300) -> str:
+    """``text`` cut to about ``limit`` characters at a word boundary, marked with an ellipsis."""
+    if len(text) <= limit:
+        return text
+    return text[:limit].rsplit(" ", 1)[0].rstrip(" ,;:") + " ..."
+
+
 def _first_line(exc: BaseException) -> str:
     """The first informative line: load_state_dict's errors open with a bare heading."""
     lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
     if len(lines) > 1 and lines[0].endswith(":"):
-        return f"{lines[0]} {lines[1]}"[:300]
-    return (lines[0] if lines else "")[:300]
+        return _clip_words(f"{lines[0]} {lines[1]}")
+    return _clip_words(lines[0] if lines else "")
+
+
+# seconds to wait for a TCP connection to the weights' host before calling it unreachable
+CONNECT_TIMEOUT = 3.0
+
+
+def _weights_location(cfg: dict[str, Any]) -> tuple[str | None, str, str]:
+    """(hub repo or None, url, file name) of a pretrained tag's weights, as open_clip fetches
+    them (``open_clip.pretrained.download_pretrained``: the hub first)."""
+    from open_clip.constants import HF_WEIGHTS_NAME
+    from open_clip.pretrained import has_hf_hub
+
+    if cfg.get("hf_hub") and has_hf_hub():
+        from huggingface_hub import constants
+
+        repo, name = os.path.split(cfg["hf_hub"])  # 'org/model/' names the default file
+        name = name or HF_WEIGHTS_NAME
+        return repo, f"{constants.ENDPOINT.rstrip('/')}/{repo}/resolve/main/{name}", name
+    return None, cfg["url"], os.path.basename(cfg["url"])
+
+
+def _cached_weights(cfg: dict[str, Any], cache_dir: str | None) -> bool:
+    """Whether open_clip would find the tag's weights without the network."""
+    from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
+
+    repo, _, name = _weights_location(cfg)
+    if repo is None:
+        return (Path(cache_dir or os.path.expanduser("~/.cache/clip")) / name).is_file()
+    from huggingface_hub import try_to_load_from_cache
+
+    # open_clip tries a .safetensors twin first
+    names = [name, HF_SAFE_WEIGHTS_NAME if name == HF_WEIGHTS_NAME else os.path.splitext(name)[0] + ".safetensors"]
+    return any(isinstance(try_to_load_from_cache(repo, n, cache_dir=cache_dir), str) for n in names)
+
+
+def _unreachable(url: str) -> str | None:
+    """Why ``url``'s host (or the proxy the environment names for it) takes no connection; None
+    when it does. One connection attempt: the hub client would otherwise retry for about a minute."""
+    from huggingface_hub import constants
+
+    if constants.is_offline_mode() or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+        return "HF_HUB_OFFLINE is set"
+    parts = urllib.parse.urlsplit(url)
+    target = parts
+    proxy = urllib.request.getproxies().get(parts.scheme)
+    if proxy and not urllib.request.proxy_bypass(parts.hostname or ""):
+        target = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    host = target.hostname or ""
+    port = target.port or (443 if target.scheme == "https" else 80)
+    try:
+        with socket.create_connection((host, port), timeout=CONNECT_TIMEOUT):
+            return None
+    except OSError as exc:
+        via = f" through the proxy {host}:{port}" if target is not parts else ""
+        return f"{parts.hostname} cannot be reached{via} ({exc.strerror or type(exc).__name__})"
+
+
+def _check_pretrained(model_name: str, pretrained: str, cache_dir: str | None) -> None:
+    """Stop at once, in one line, where the tag is unknown or its weights cannot be fetched."""
+    cfg = open_clip.get_pretrained_cfg(model_name, pretrained)
+    if not cfg:
+        if Path(pretrained).expanduser().is_file():
+            return  # open_clip also takes a weights file as the tag
+        tags = open_clip.list_pretrained_tags_by_model(model_name)
+        listed = (f"open_clip.list_pretrained_tags_by_model({model_name!r}) lists them" if tags else
+                  "open_clip has no pretrained weights for it: set embed.checkpoint, or embed.pretrained: null")
+        raise ParamError(f"model {model_name!r} has no pretrained tag {pretrained!r}{did_you_mean(pretrained, tags)} "
+                         f"({listed})", param="embed.pretrained")
+    if _cached_weights(cfg, cache_dir):
+        return
+    _, url, _ = _weights_location(cfg)
+    why = _unreachable(url)
+    if why:
+        # weights trained with QuickGELU load into the '-quickgelu' variant of the architecture
+        quick = f"{model_name}-quickgelu"
+        name = quick if cfg.get("quick_gelu") and open_clip.get_model_config(quick) is not None else model_name
+        raise DataError(
+            f"could not fetch pretrained weights {pretrained!r} for {model_name!r}: {why} and they are not in the "
+            f"local cache; download {url} where there is internet, then set embed.checkpoint to that file "
+            f"(with embed.model_name {name!r})",
+            param="embed.pretrained",
+        )
 
 
 @contextlib.contextmanager
@@ -109,13 +202,16 @@ def load_model(
     checkpoint: str | None,
     model_config: str | None,
     device: str = "auto",
+    cache_dir: str | None = None,
 ) -> LoadedModel:
     """Load an open_clip model in eval mode.
 
     ``checkpoint`` is a local file as written by open_clip's training code (a dict with
     ``state_dict``, keys with or without ``module.``) or a plain state dict; ``model_config`` an
     optional JSON for architectures open_clip does not ship. Otherwise ``pretrained`` is an
-    open_clip pretrained tag fetched from the hub.
+    open_clip pretrained tag fetched from the hub (into ``cache_dir``, default: the hub's cache);
+    where the weights are not cached and their host takes no connection, that is said at once
+    rather than after the hub client's minute of retries.
     """
     dev = resolve_device(device)
     info: dict[str, Any] = {"model_name": model_name, "pretrained": pretrained, "checkpoint": None, "checkpoint_sha256": None}
@@ -130,11 +226,7 @@ def load_model(
         register_model_config(model_name, cfg)
         info["model_config_sha256"] = sha256_file(cfg_path)
     if open_clip.get_model_config(model_name) is None and not model_name.startswith(("hf-hub:", "local-dir:")):
-        raise ParamError(
-            f"unknown open_clip model {model_name!r}: give a name from open_clip.list_models() "
-            "or a config JSON with embed.model_config",
-            param="embed.model_name",
-        )
+        raise ParamError(unknown_model_message(model_name, open_clip.list_models()), param="embed.model_name")
     dev_kwargs = {"device": dev}
     if checkpoint:
         ckpt = Path(checkpoint)
@@ -157,8 +249,11 @@ def load_model(
                 f"checkpoint {ckpt} does not fit model {model_name!r}: {_first_line(exc)}", param="embed.checkpoint"
             ) from None
     else:
+        if pretrained and not model_name.startswith(("hf-hub:", "local-dir:")):
+            _check_pretrained(model_name, pretrained, cache_dir)
         try:
-            model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained, **dev_kwargs)
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                model_name, pretrained=pretrained, cache_dir=cache_dir, **dev_kwargs)
         except Exception as exc:  # hub clients raise their own types when offline
             raise DataError(
                 f"could not fetch pretrained weights {pretrained!r} for {model_name!r} "

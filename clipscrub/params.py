@@ -7,6 +7,7 @@ One section per stage plus ``base``. Unknown keys and wrong types are errors (py
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import json
 import re
@@ -394,6 +395,15 @@ class Params(_Section):
                 "threshold.detector",
                 f"{self.threshold.detector!r} is not among score.detectors {self.score.detectors}",
             )
+        e = self.embed
+        # the model embed loads (not the demo's victim, no config of its own, no hub or folder
+        # name, not precomputed embeddings, which only name their model): caught here, before
+        # download, not after it; clipscrub.model checks again against open_clip itself
+        if (not self.train.enabled and self.download.source != "embeddings" and not e.model_config_path
+                and not e.model_name.startswith(("hf-hub:", "local-dir:"))):
+            known = packaged_model_names()
+            if known and e.model_name not in known:
+                raise _CrossError("embed.model_name", unknown_model_message(e.model_name, known))
         return self
 
     def section(self, name: str) -> dict[str, Any]:
@@ -411,6 +421,44 @@ def did_you_mean(word: str, choices: Any) -> str:
     """``"; did you mean 'x'?"`` for the closest of ``choices`` to a misspelt ``word``, else ``""``."""
     close = difflib.get_close_matches(word, [str(c) for c in choices], n=1, cutoff=0.6)
     return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def closest(word: str, choices: Any, cutoff: float = 0.7) -> str | None:
+    """The choice a misspelt ``word`` most likely means: one equal but for case, else difflib's."""
+    choices = [str(c) for c in choices]
+    same = [c for c in choices if c.lower() == word.lower()]
+    if same:
+        return same[0]
+    by_lower = {c.lower(): c for c in choices}
+    close = difflib.get_close_matches(word.lower(), list(by_lower), n=1, cutoff=cutoff)
+    return by_lower[close[0]] if close else None
+
+
+def unknown_model_message(name: str, known: Any) -> str:
+    """``unknown model 'ViT-B32'; did you mean 'ViT-B-32'? (...)``: embed.model_name's error."""
+    near = closest(name, list(known) + [TrainSettings().model_name])
+    hint = f"; did you mean {near!r}?" if near else ""
+    own = (f" ({near} is the demo's victim: set embed.model_config to its config JSON, e.g. data/model/model_config.json, "
+           "and embed.checkpoint to data/model/checkpoint.pt)" if near == TrainSettings().model_name else
+           " (open_clip.list_models() lists them; a model of your own needs its config JSON in embed.model_config)")
+    return f"unknown model {name!r}{hint}{own}"
+
+
+@functools.lru_cache(maxsize=1)
+def packaged_model_names() -> frozenset[str]:
+    """The model names open_clip ships configs for (``open_clip.list_models()``), read from its
+    package folder without importing it (torch would take seconds); empty when not found."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("open_clip")
+    except (ImportError, ValueError):
+        return frozenset()
+    for loc in (spec.submodule_search_locations or []) if spec else []:
+        configs = Path(loc) / "model_configs"
+        if configs.is_dir():
+            return frozenset(p.stem for p in configs.glob("*.json"))
+    return frozenset()
 
 
 def _known_keys(loc: tuple[Any, ...]) -> list[str]:
@@ -527,6 +575,34 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+# every key that names a file or folder: relative values in a params file are relative to the
+# file's own folder (``resolve_paths``)
+PATH_KEYS = (
+    "download.urls.path", "download.shards.path", "download.folder.path", "download.folder.captions",
+    "download.embeddings.path", "embed.checkpoint", "embed.model_config", "index.reference.path",
+    "filter.keep_ids", "filter.remove_ids", "evaluate.truth",
+)
+
+
+def resolve_paths(data: dict[str, Any], base: str | Path) -> dict[str, Any]:
+    """``data`` with each relative path under ``PATH_KEYS`` joined to ``base`` (the params file's
+    folder, as given): the file means the same files from any working directory. Absolute, ``~``
+    and URL values stay; with ``base`` '.' (dvc.yaml's ``-p params.yaml``) nothing changes."""
+    base = Path(base)
+    if base == Path("."):
+        return data
+    data = json.loads(json.dumps(data))
+    for dotted in PATH_KEYS:
+        *parents, key = dotted.split(".")
+        node = data
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        value = node.get(key) if isinstance(node, dict) else None
+        if isinstance(value, str) and value and "://" not in value and not Path(value).expanduser().is_absolute():
+            node[key] = str(base / value)
+    return data
+
+
 def read_params_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
@@ -541,5 +617,7 @@ def read_params_file(path: str | Path) -> dict[str, Any]:
 
 
 def load_params(path: str | Path, overrides: list[str] | None = None) -> Params:
-    """Read, override and validate params.yaml."""
-    return parse_params(apply_overrides(read_params_file(path), overrides or []))
+    """Read, override and validate params.yaml. Relative paths in the file are relative to its
+    folder; those in ``overrides`` (typed on a command line) to the working directory."""
+    data = resolve_paths(read_params_file(path), Path(path).parent)
+    return parse_params(apply_overrides(data, overrides or []))

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from clipscrub.errors import ClipscrubError
-from clipscrub.params import load_params
+from clipscrub.params import load_params, packaged_model_names
 from flows.pipeline import STAGES, run_stage
 
 STAGE_HELP = {
@@ -64,6 +65,178 @@ def stage_description(name: str) -> str:
     ])
 
 
+def _n(x: Any) -> str:
+    """A count with thousands separators (``2,000``); anything else as it is."""
+    return f"{x:,}" if isinstance(x, int) and not isinstance(x, bool) else str(x)
+
+
+def _plural(count: int, word: str) -> str:
+    return f"{_n(count)} {word}{'' if count == 1 else 's'}"
+
+
+def _f3(x: Any) -> str:
+    return f"{x:.3f}" if isinstance(x, (int, float)) and not isinstance(x, bool) else "n/a"
+
+
+def _download_words(s: dict[str, Any]) -> list[str]:
+    line = f"{_plural(s['samples'], 'sample')} from source {s.get('source', '?')}: {_n(s['ok'])} ok, {_n(s['failed'])} failed"
+    if s.get("poisoned") is not None:
+        line += f", {_n(s['poisoned'])} known poisoned"
+    lines = [line + f", {_plural(s.get('shards', 0), 'shard')}"]
+    if s.get("errors"):
+        lines.append("failures: " + ", ".join(f"{reason} x{_n(c)}" for reason, c in s["errors"].items()))
+    return lines
+
+
+def _train_words(s: dict[str, Any]) -> list[str]:
+    if not s.get("trained"):
+        return ["skipped (train.enabled is false): embed uses the model its own section names"]
+    rates = ", ".join(f"{name.split(':', 1)[-1]} {_f3(v)}" for name, v in (s.get("attack_success_rates") or {}).items())
+    secs = f" in {s['train_seconds']} s" if "train_seconds" in s else ""
+    return [f"victim CLIP trained on {_plural(s['train_samples'], 'sample')}, {_plural(s['steps'], 'step')}{secs}, "
+            f"final loss {_f3(s.get('final_loss'))}",
+            f"zero-shot accuracy {_f3(s.get('zero_shot_accuracy'))}; attack success rate {rates or 'n/a (no attack)'}"]
+
+
+def _embed_words(s: dict[str, Any]) -> list[str]:
+    if s.get("device") == "none":
+        return [f"{_plural(s['samples'], 'sample')}, dimension {s['dim']}: precomputed embeddings copied"]
+    resumed = s.get("shards_resumed") or 0
+    line = f"{_plural(s['samples'], 'sample')}, dimension {s['dim']}, on {s.get('device', '?')}"
+    if "shards" in s:
+        line += f", {_plural(s['shards'], 'shard')}" + (f" ({_n(resumed)} resumed from an interrupted run)" if resumed else "")
+    return [line] + ([str(s["model"])] if s.get("model") else [])
+
+
+def _index_words(s: dict[str, Any]) -> list[str]:
+    sets = s.get("reference_sets") or []
+    return [f"{_plural(s['samples'], 'sample')}, {_plural(len(sets), 'reference set')} ({', '.join(sets)}), "
+            f"{_plural(s['draws'], 'draw')} in all ({_n(s.get('reference_entries'))} entries), k={s['k']}, "
+            f"{'/'.join(s.get('search') or ['?'])} search, recall@k {_f3(s.get('recall_at_k'))}"]
+
+
+def _score_words(s: dict[str, Any]) -> list[str]:
+    sets = s.get("reference_sets") or []
+    line = (f"{_plural(s['samples'], 'sample')} scored by {', '.join(s['detectors'])} against "
+            f"{'reference set' if len(sets) == 1 else 'reference sets'} {', '.join(sets)}")
+    if s.get("fusion"):
+        line += f", fused by {s['fusion']}"
+    bad = {d: c for d, c in (s.get("non_finite") or {}).items() if c}
+    lines = [line]
+    if bad:
+        lines.append("non-finite scores (flagged by threshold): " + ", ".join(f"{d} {_n(c)}" for d, c in bad.items()))
+    return lines
+
+
+def _threshold_words(s: dict[str, Any]) -> list[str]:
+    cut = f": {s['detector']} score {s.get('direction', 'beyond')} {s['cut']:.4g}" if isinstance(s.get("cut"), (int, float)) else ""
+    line = f"flagged {_n(s['flagged'])} of {_plural(s['samples'], 'sample')} by {s['detector']}, {s['method']}{cut}"
+    lines = [line]
+    if s.get("non_finite"):
+        lines.append(f"{_n(s['non_finite'])} of them for a non-finite score")
+    if s.get("warning"):
+        lines.append(f"warning: {s['warning']}")
+    return lines
+
+
+def _filter_words(s: dict[str, Any]) -> list[str]:
+    lines = [f"kept {_n(s['kept'])} of {_plural(s['input'], 'input sample')}: {_n(s['removed'])} removed, "
+             f"{_n(s['failed'])} failed at download"]
+    if "flagged" in s:
+        lines.append(f"review: {_n(s['flagged'])} flagged, {_n(s.get('removed_by_review', 0))} removed by "
+                     f"filter.remove_ids only, {_n(s.get('kept_by_review', 0))} flagged kept by filter.keep_ids")
+    return lines
+
+
+def _evaluate_words(s: dict[str, Any]) -> list[str]:
+    from clipscrub.metrics import applied_sentence
+
+    if not s.get("ground_truth"):
+        lines = [f"{_plural(s['samples'], 'sample')}, no ground truth (no is_poison in the manifest, no evaluate.truth): "
+                 "no detection metrics"]
+    else:
+        per = s.get("detectors") or {}
+        best = max(per, key=lambda d: per[d]["auroc"], default=None)
+        th = (s.get("threshold") or {}).get("detector")
+        line = f"{_n(s['poisoned'])} known poisoned among {_plural(s['samples'], 'sample')}"
+        if best:
+            line += f"; best AUROC {best} {_f3(per[best]['auroc'])}"
+        if th in per and th != best:
+            line += f", threshold detector {th} {_f3(per[th]['auroc'])}"
+        lines = [line]
+    if s.get("applied"):
+        lines.append(f"applied: {applied_sentence(s['applied'])}")
+    return lines
+
+
+def _report_words(s: dict[str, Any]) -> list[str]:
+    return [f"{_n(s['flagged'])} flagged, the top {_n(s['gallery'])} shown; "
+            f"{_plural(s['clusters'], 'cluster')} of near duplicates ({_n(s['clustered_samples'])} samples)"]
+
+
+def _poison_words(s: dict[str, Any]) -> list[str]:
+    attacks = s.get("attacks") or {}
+    listed = ", ".join(f"{name} {_n(c)}" for name, c in attacks.items())
+    failed = f", {_n(s['failed'])} failed at download left as they are" if s.get("failed") else ""
+    return [f"{_n(s['poisoned'])} of {_plural(s['samples'], 'sample')} now poisoned, {_n(sum(attacks.values()))} by "
+            f"these attacks ({listed or 'none'}){failed}, {_plural(s['shards'], 'shard')}"]
+
+
+SUMMARY_WORDS = {
+    "download": _download_words, "train": _train_words, "embed": _embed_words, "index": _index_words,
+    "score": _score_words, "threshold": _threshold_words, "filter": _filter_words, "evaluate": _evaluate_words,
+    "report": _report_words, "poison": _poison_words,
+}
+
+
+def summary_text(stage: str, summary: dict[str, Any], *, wrote: list[Path]) -> str:
+    """A stage's summary as a few lines for a person: ``<stage>: ...`` then indented details and
+    the paths it wrote. A key a formatter does not know falls back to ``key=value``."""
+    try:
+        lines = SUMMARY_WORDS[stage](summary)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        # a summary of another shape (a stage changed since): all of it, plainly, not a traceback
+        lines = [", ".join(f"{k}={v}" for k, v in sorted(summary.items()))]
+    lines.append("wrote " + ", ".join(p.as_posix() + ("" if p.suffix else "/") for p in wrote)
+                 + (" (open it in a browser)" if stage == "report" else ""))
+    return "\n".join([f"{stage}: {lines[0]}"] + [f"  {line}" for line in lines[1:]])
+
+
+def stage_outputs(stage: str, root: str) -> list[Path]:
+    """What a stage wrote under ``root``; the report's page itself, the one file to open."""
+    from flows.pipeline import SPECS, Layout
+
+    lay = Layout(Path(root))
+    if stage == "report":
+        return [lay.report / "index.html"]
+    return [getattr(lay, a) for a in SPECS[stage].outputs]
+
+
+def run_text(result: dict[str, Any], out: str) -> str:
+    """``clipscrub run``'s lines: the stages' states, then ``show``'s summary of the run."""
+    states = result["states"]
+    cached = [s for s, st in states.items() if st == "Cached"]
+    line = f"run: {_plural(len(states), 'stage')} completed into {Path(out).resolve()}"
+    line += f" ({', '.join(cached)} from cache)" if 0 < len(cached) < len(states) else \
+        (" (all from cache: nothing changed)" if cached else "")
+    lines = [line]
+    if result.get("pieces"):
+        lines.append("  cluster pieces: " + ", ".join(f"{s} {_n(c)}" for s, c in result["pieces"].items()))
+    with contextlib.suppress(ClipscrubError):
+        lines.append(show_run(out))
+    return "\n".join(lines)
+
+
+def _fill(text: str) -> str:
+    """A description wrapped for RawDescriptionHelpFormatter (kept as given, for the examples)."""
+    import textwrap
+
+    return textwrap.fill(text, width=100)
+
+
+JSON_HELP = "print the summary as one JSON object on stdout (for scripts) instead of lines for a person"
+
+
 def build_parser() -> argparse.ArgumentParser:
     from clipscrub import __version__
 
@@ -77,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a key that exists in the params file (repeatable)")
         sp.add_argument("--root", default="data", help="data directory holding every stage's outputs (default: data)")
+        sp.add_argument("--json", action="store_true", help=JSON_HELP)
     sp = sub.add_parser("run", help="run the whole pipeline as a Prefect flow into OUTDIR (no DVC needed)",
                         description="Run every stage as a cached Prefect flow: a rerun with unchanged params "
                         "completes from cache; a changed section reruns that stage and what follows.")
@@ -89,13 +263,21 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--cluster", default=None, metavar="local:N|tcp://HOST:PORT",
                     help="run the tasks on a Dask cluster: a LocalCluster of N worker processes, or an existing "
                     "scheduler (every worker must reach OUTDIR, e.g. on a shared filesystem); default: in-process")
+    sp.add_argument("--json", action="store_true", help=JSON_HELP)
     sp = sub.add_parser("diff", help="compare two cleaned versions: params, counts, removed ids, metric deltas",
-                        description="A and B: directories (a data root, a run directory, or a cleaned version), "
-                        "or git revisions / DVC experiment names of the DVC project at --project.")
-    sp.add_argument("a", metavar="A")
-    sp.add_argument("b", metavar="B")
+                        description=_fill("Compare two cleaned versions: the params that differ, the counts, the ids "
+                                          "removed in only one of them, and each detector's metric deltas."),
+                        epilog="examples:\n  clipscrub diff data run            two directories\n"
+                        "  clipscrub diff HEAD~1 HEAD         two git revisions of the DVC project in .\n"
+                        "  clipscrub diff HEAD exp-1a2b3 --format json   a commit and a `dvc exp run` experiment",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    version_help = ("a directory (a data root such as data/, a `clipscrub run` OUTDIR, or a cleaned version "
+                    "such as data/clean/), or a git revision or DVC experiment name of the project at --project")
+    sp.add_argument("a", metavar="A", help=f"the first version: {version_help}")
+    sp.add_argument("b", metavar="B", help="the second version, the same kinds as A")
     sp.add_argument("--project", default=".", help="DVC project that revisions and experiments belong to (default: .)")
-    sp.add_argument("--format", choices=("table", "json"), default="table")
+    sp.add_argument("--format", choices=("table", "json"), default="table",
+                    help="table: lines for a person (default); json: one JSON object")
     sp.add_argument("--ids-out", default="clipscrub-diff.parquet",
                     help="parquet of the ids removed in only one version (default: clipscrub-diff.parquet)")
     sp = sub.add_parser("poison", help="red-teaming: write a copy of ROOT/raw with the attacks of poison.attacks applied",
@@ -109,8 +291,19 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--root", default="data", help="data directory whose raw/ is poisoned (default: data)")
     sp.add_argument("-o", "--out", required=True, metavar="OUTDIR",
                     help="the poisoned copy: a new raw directory (shards/, manifest.parquet)")
-    sp = sub.add_parser("show", help="print a run's counts, victim metrics and per-detector figures")
-    sp.add_argument("--root", default="data", help="data directory of the run (default: data)")
+    sp.add_argument("--json", action="store_true", help=JSON_HELP)
+    sp = sub.add_parser("show", help="print a run's counts, victim metrics and per-detector figures",
+                        description=_fill(
+                            "Print what a finished run found, from the files its stages wrote under ROOT: the "
+                            "victim's metrics (metrics/train.json), the cleaned counts (clean/lineage.json), the "
+                            "applied threshold (metrics/applied.json), each detector's AUROC / PR-AUC / FPR / "
+                            "precision / recall (metrics/detection.json) and the report's path. Runs nothing."),
+                        epilog="examples:\n  clipscrub show                 the DVC pipeline's data/\n"
+                        "  clipscrub show --root run      a `clipscrub run -o run` directory",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    sp.add_argument("--root", default="data",
+                    help="data directory of the run: a data root or a `clipscrub run` OUTDIR (default: data)")
+    add_init_parser(sub)
     return parser
 
 
@@ -161,6 +354,119 @@ def show_run(root: str) -> str:
     return "\n".join(lines)
 
 
+INIT_TEMPLATE = Path(__file__).with_name("init_template.yaml")
+INIT_SOURCES = ("shards", "urls", "folder", "embeddings")
+
+
+def add_init_parser(sub: Any) -> None:
+    sp = sub.add_parser(
+        "init", help="write a commented params file for your own data (source and model), checked as it is written",
+        description=_fill(
+            "Write a params file for your own data: every key of params.yaml with its comment, train.enabled "
+            "false, the source you name and the model that embeds it. The file is read back with clipscrub's "
+            "own params loader before it is put in place. Paths you give (relative to the working directory) "
+            "are written relative to the new file's folder, the way it is read."),
+        epilog="examples:\n"
+        "  clipscrub init --source shards --path /data/shards --model ViT-B-32 --pretrained laion2b_s34b_b79k\n"
+        "  clipscrub init --source urls --path urls.parquet\n"
+        "  clipscrub init --source folder --path images --captions captions.csv\n"
+        "  clipscrub init --source embeddings --path clip-retrieval-out --model ViT-L-14 --pretrained openai\n"
+        "  clipscrub init --source shards --path shards --model ViT-B-32 --checkpoint weights/open_clip_model.safetensors",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    sp.add_argument("--source", required=True, choices=INIT_SOURCES,
+                    help="shards: webdataset .tar files read in place; urls: a url + caption table fetched with "
+                    "img2dataset; folder: images plus a captions file; embeddings: clip-retrieval output")
+    sp.add_argument("--path", required=True,
+                    help="the source: a .tar, a folder of .tar or a brace pattern (shards); a .parquet/.csv/.tsv "
+                    "(urls); a folder of images (folder); clip-retrieval's output folder (embeddings)")
+    sp.add_argument("--captions", default=None, help="folder only: .csv/.tsv/.jsonl mapping file names to captions")
+    sp.add_argument("--model", default="ViT-B-32", help="open_clip model name (default: ViT-B-32)")
+    sp.add_argument("--pretrained", default=None,
+                    help="open_clip pretrained tag, fetched from the hub (default: laion2b_s34b_b79k for ViT-B-32 "
+                    "without --checkpoint)")
+    sp.add_argument("--checkpoint", default=None, help="local weights file instead of a hub download (offline)")
+    sp.add_argument("--model-config", default=None, help="open_clip model config JSON, for a model open_clip lacks")
+    sp.add_argument("--name", default=None, help="dataset name recorded in lineage.json (default: the source's name)")
+    sp.add_argument("-o", "--out", default="params.yaml", help="the params file to write (default: params.yaml)")
+    sp.add_argument("--force", action="store_true", help="overwrite an existing file")
+
+
+def _yaml_value(value: str | None) -> str:
+    """A YAML scalar for the template: null, or the string double-quoted (JSON is YAML)."""
+    return "null" if value is None else json.dumps(value)
+
+
+def _relative_to(path: str | None, folder: Path) -> str | None:
+    """``path`` (relative to the working directory, as typed) as the params file at ``folder`` reads
+    it: relative to that folder. Absolute and ``~`` paths stay as given."""
+    import os
+
+    if path is None or Path(path).expanduser().is_absolute() or path.startswith("~"):
+        return path
+    return Path(os.path.relpath(Path(path).absolute(), folder.absolute())).as_posix()
+
+
+def init_params_text(args: argparse.Namespace) -> str:
+    """The params file ``clipscrub init`` writes for ``args`` (not yet checked)."""
+    import shlex
+    import string
+
+    out = Path(args.out)
+    folder = out.parent
+    if args.captions and args.source != "folder":
+        raise ClipscrubError("only the folder source takes a captions file", param="--captions")
+    if args.source == "folder" and not args.captions:
+        raise ClipscrubError("the folder source needs a captions file mapping file names to captions", param="--captions")
+    pretrained = args.pretrained
+    if pretrained is None and not args.checkpoint and args.model == "ViT-B-32":
+        pretrained = "laion2b_s34b_b79k"
+    if (pretrained is None and not args.checkpoint and args.source != "embeddings"
+            and args.model in packaged_model_names()):  # an unknown name: the params loader says so below
+        # random weights embed nothing worth scoring (precomputed embeddings only name their model)
+        raise ClipscrubError(f"name the weights of {args.model!r}: --pretrained TAG (open_clip."
+                             f"list_pretrained_tags_by_model({args.model!r})) or --checkpoint FILE", param="--model")
+    src = _relative_to(args.path, folder)
+    values = {f"{kind}_path": _yaml_value(src if kind == args.source else None) for kind in INIT_SOURCES}
+    name = args.name or Path(args.path.split("{")[0].rstrip("/") or "data").stem or "data"
+    values.update(
+        command=shlex.join(["clipscrub", *getattr(args, "argv", ["init"])]).replace("\n", " "),
+        params=shlex.quote(out.as_posix()), name=_yaml_value(name), source=args.source,
+        captions=_yaml_value(_relative_to(args.captions, folder)), model_name=_yaml_value(args.model),
+        pretrained=_yaml_value(pretrained), checkpoint=_yaml_value(_relative_to(args.checkpoint, folder)),
+        model_config=_yaml_value(_relative_to(args.model_config, folder)),
+    )
+    return string.Template(INIT_TEMPLATE.read_text()).substitute(values)
+
+
+def run_init(args: argparse.Namespace) -> int:
+    from clipscrub.io import atomic_file
+
+    out = Path(args.out)
+    try:
+        if out.is_dir():
+            raise ClipscrubError(f"{out} is a directory: name the params file to write", param="--out")
+        if out.exists() and not args.force:
+            raise ClipscrubError(f"{out} exists: pass --force to overwrite it", param="--out")
+        text = init_params_text(args)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_file(out, param="--out") as tmp:
+            Path(tmp).write_text(text)
+            # read back as every command will read it (its folder resolves the relative paths)
+            params = load_params(Path(tmp))
+    except ClipscrubError as exc:
+        print(f"clipscrub: error: {exc}", file=sys.stderr)
+        return 2
+    e = params.embed
+    where = getattr(params.download, params.download.source).path  # as read: from the working directory
+    weights = (f"weights from {args.checkpoint}" if e.checkpoint else f"pretrained {e.pretrained!r}" if e.pretrained
+               else "(the model that made the embeddings)")
+    print(f"init: wrote {out}: source {params.download.source} at {args.path}, model {e.model_name!r} {weights}")
+    if not Path(where.split("{")[0]).expanduser().exists():
+        print(f"  note: {args.path} does not exist yet")
+    print(f"  next: clipscrub download -p {out} --root data   (then embed ... report), or clipscrub run -p {out} -o run")
+    return 0
+
+
 def check_writable_dir(path: str, param: str) -> None:
     """Prove that ``path`` (or its nearest existing parent) takes new files, creating nothing."""
     import os
@@ -180,31 +486,10 @@ def check_writable_dir(path: str, param: str) -> None:
         raise ClipscrubError(f"{path} is not writable: {exc.strerror}", param=param) from None
 
 
-def check_prefect_server_imports() -> None:
-    """Refuse to start Prefect's ephemeral server where it would crash on import.
-
-    img2dataset depends on the ``dataclasses`` backport, whose ``dataclasses.py`` lands in
-    site-packages; Prefect starts its temporary server with ``--app-dir <site-packages>``, which
-    puts that file ahead of the standard library and the server dies inside pydantic.
-    """
-    import prefect
-    from prefect.settings import Settings
-
-    shadow = Path(prefect.__file__).resolve().parent.parent / "dataclasses.py"
-    # a fresh Settings() reads the environment and profile as `clipscrub run` will see them
-    if shadow.exists() and not Settings().api.url:
-        raise ClipscrubError(
-            f"{shadow} (the 'dataclasses' backport img2dataset pulls in) shadows the standard library "
-            "in Prefect's temporary server: run `pip uninstall -y dataclasses`, or set PREFECT_API_URL "
-            "to a running `prefect server start`"
-        )
-
-
 def run_flow(args: argparse.Namespace) -> int:
     try:
         params = load_params(args.params, args.overrides)
         check_writable_dir(args.out, "--out")
-        check_prefect_server_imports()
     except ClipscrubError as exc:
         print(f"clipscrub: error: {exc}", file=sys.stderr)
         return 2
@@ -224,12 +509,11 @@ def run_flow(args: argparse.Namespace) -> int:
     except ClipscrubError as exc:
         print(f"clipscrub: error: {exc}", file=sys.stderr)
         return 2
-    print(json.dumps({"run": str(Path(args.out).resolve()), "states": result["states"],
-                      **({"pieces": result["pieces"]} if "pieces" in result else {})}, sort_keys=True))
-    try:
-        print(show_run(args.out))
-    except ClipscrubError:
-        pass
+    if args.json:
+        print(json.dumps({"run": str(Path(args.out).resolve()), "states": result["states"],
+                          **({"pieces": result["pieces"]} if "pieces" in result else {})}, sort_keys=True))
+    else:
+        print(run_text(result, args.out))
     return 0
 
 
@@ -264,12 +548,16 @@ def run_poison(args: argparse.Namespace) -> int:
     except ClipscrubError as exc:
         print(f"clipscrub: error: {exc}", file=sys.stderr)
         return 2
-    print(json.dumps({"command": "poison", "out": str(args.out), **summary}, sort_keys=True))
+    if args.json:
+        print(json.dumps({"command": "poison", "out": str(args.out), **summary}, sort_keys=True))
+    else:
+        print(summary_text("poison", summary, wrote=[Path(args.out)]))
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.command == "diff":
         return run_diff(args)
     if args.command == "show":
@@ -283,13 +571,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_flow(args)
     if args.command == "poison":
         return run_poison(args)
+    if args.command == "init":
+        return run_init(args)
     try:
         params = load_params(args.params, args.overrides)
         summary = run_stage(args.command, params, args.root)
     except ClipscrubError as exc:
         print(f"clipscrub: error: {exc}", file=sys.stderr)
         return 2
-    print(json.dumps({"stage": args.command, **summary}, sort_keys=True))
+    if args.json:
+        print(json.dumps({"stage": args.command, **summary}, sort_keys=True))
+    else:
+        print(summary_text(args.command, summary, wrote=stage_outputs(args.command, args.root)))
     return 0
 
 

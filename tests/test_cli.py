@@ -43,7 +43,7 @@ def project(tmp_path, tiny_run):
         ("threshold", "threshold.fraction=0", "threshold.fraction: Input should be greater than 0"),
         ("score", "score.detectors=[dao, lof]", "score.detectors: unknown detector 'lof'"),
         ("embed", "train.enabled=false,embed.checkpoint=missing.pt", "embed.checkpoint: checkpoint file not found: missing.pt"),
-        ("embed", "train.enabled=false,embed.model_name=ViT-Nope", "embed.model_name: unknown open_clip model 'ViT-Nope'"),
+        ("embed", "train.enabled=false,embed.model_name=ViT-Nope", "embed.model_name: unknown model 'ViT-Nope' (open_clip.list_models() lists them"),
         ("download", "download.synthetic.num_samples=0", "download.synthetic.num_samples: Input should be greater than or equal to 1"),
         ("index", "index.reference.sizes=[200, 200]", "index.reference.sizes: sizes repeat: [200, 200]"),
         ("threshold", "threshold.fractoin=0.1", "-S: ") ,
@@ -127,32 +127,210 @@ def test_version(capsys):
 def test_stage_prints_a_json_summary(project):
     import json
 
-    res = clipscrub("embed", cwd=project)
+    res = clipscrub("embed", "--json", cwd=project)
     assert res.returncode == 0, res.stderr
-    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    summary = json.loads(res.stdout)  # the whole of stdout: one object
     assert summary["stage"] == "embed" and summary["samples"] == 400
 
 
-@pytest.mark.parametrize("api_url, shadowed, expected", [
-    ("", True, "pip uninstall -y dataclasses"),
-    ("", False, None),
-    ("http://127.0.0.1:4200/api", True, None),
+def test_every_stage_prints_words_or_one_json_object(tmp_path, monkeypatch, capsys):
+    """By default a few lines for a person, opening with the stage's name and ending with what it
+    wrote; with --json exactly one JSON object on stdout and nothing else."""
+    import json
+
+    from flows.cli import main
+    from flows.pipeline import STAGES
+
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params_dict()))
+    monkeypatch.chdir(tmp_path)
+    for stage in STAGES:
+        assert main([stage, "--root", "data"]) == 0
+        words = capsys.readouterr().out.splitlines()
+        assert words[0].startswith(f"{stage}: ") and words[-1].startswith("  wrote data/"), words
+        assert all(line.startswith("  ") for line in words[1:]) and not any("{" in line for line in words), words
+        assert main([stage, "--root", "data", "--json"]) == 0
+        summary = json.loads(capsys.readouterr().out)
+        assert summary["stage"] == stage
+        if stage == "index":
+            assert words[0] == (f"index: 400 samples, 1 reference set (m120), 2 draws in all (480 entries), k=20, "
+                                f"exact search, recall@k 1.000")
+
+
+def _words(stage, summary, wrote):
+    from flows.cli import summary_text
+
+    return summary_text(stage, summary, wrote=[Path(p) for p in wrote])
+
+
+@pytest.mark.parametrize(("stage", "summary", "wrote", "expected"), [
+    ("download", {"source": "urls", "samples": 2000, "ok": 1990, "failed": 10, "errors": {"timeout": 7, "http 404": 3},
+                  "shards": 2},
+     ["data/raw"], "download: 2,000 samples from source urls: 1,990 ok, 10 failed, 2 shards\n"
+                   "  failures: timeout x7, http 404 x3\n  wrote data/raw/"),
+    ("train", {"trained": False}, ["data/model", "data/metrics/train.json"],
+     "train: skipped (train.enabled is false): embed uses the model its own section names\n"
+     "  wrote data/model/, data/metrics/train.json"),
+    ("embed", {"samples": 2000, "dim": 512, "device": "cuda", "shards": 2, "shards_resumed": 1,
+               "model": "model 'ViT-B-32' pretrained 'laion2b_s34b_b79k'"}, ["data/embeddings"],
+     "embed: 2,000 samples, dimension 512, on cuda, 2 shards (1 resumed from an interrupted run)\n"
+     "  model 'ViT-B-32' pretrained 'laion2b_s34b_b79k'\n  wrote data/embeddings/"),
+    ("index", {"samples": 2000, "reference_sets": ["m256", "m1024", "m2000"], "draws": 3, "reference_entries": 6512,
+               "k": 16, "search": ["exact"], "recall_at_k": 1.0}, ["data/index"],
+     "index: 2,000 samples, 3 reference sets (m256, m1024, m2000), 3 draws in all (6,512 entries), k=16, exact "
+     "search, recall@k 1.000\n  wrote data/index/"),
+    ("score", {"samples": 2000, "detectors": ["kdist", "dao"], "non_finite": {"kdist": 0, "dao": 2},
+               "reference_sets": ["m256", "m1024"], "fusion": "max_abs_z"}, ["data/scores"],
+     "score: 2,000 samples scored by kdist, dao against reference sets m256, m1024, fused by max_abs_z\n"
+     "  non-finite scores (flagged by threshold): dao 2\n  wrote data/scores/"),
+    ("threshold", {"samples": 2000, "detector": "kdist", "method": "top_fraction", "cut": 3.51234, "direction": "above",
+                   "flagged": 20, "non_finite": 0}, ["data/flags"],
+     "threshold: flagged 20 of 2,000 samples by kdist, top_fraction: kdist score above 3.512\n  wrote data/flags/"),
+    ("filter", {"input": 2000, "failed": 0, "scored": 2000, "kept": 1975, "removed": 25, "flagged": 20,
+                "removed_by_review": 5, "kept_by_review": 0}, ["data/clean"],
+     "filter: kept 1,975 of 2,000 input samples: 25 removed, 0 failed at download\n"
+     "  review: 20 flagged, 5 removed by filter.remove_ids only, 0 flagged kept by filter.keep_ids\n"
+     "  wrote data/clean/"),
+    ("evaluate", {"ground_truth": False, "samples": 2000}, ["data/metrics/detection.json"],
+     "evaluate: 2,000 samples, no ground truth (no is_poison in the manifest, no evaluate.truth): no detection "
+     "metrics\n  wrote data/metrics/detection.json"),
+    ("report", {"flagged": 20, "gallery": 20, "clusters": 2, "clustered_samples": 9}, ["data/report/index.html"],
+     "report: 20 flagged, the top 20 shown; 2 clusters of near duplicates (9 samples)\n"
+     "  wrote data/report/index.html (open it in a browser)"),
+    ("poison", {"samples": 400, "ok": 400, "failed": 0, "poisoned": 12, "attacks": {"sig:apple": 8, "targeted:car": 4},
+                "shards": 4}, ["poisoned"],
+     "poison: 12 of 400 samples now poisoned, 12 by these attacks (sig:apple 8, targeted:car 4), 4 shards\n"
+     "  wrote poisoned/"),
+    # a summary of a shape the words do not know (a stage changed since): every key, not a traceback
+    ("index", {"samples": 3, "new_key": 1}, ["data/index"], "index: new_key=1, samples=3\n  wrote data/index/"),
 ])
-def test_run_refuses_a_shadowed_dataclasses(tmp_path, monkeypatch, api_url, shadowed, expected):
-    import prefect
+def test_summary_words(stage, summary, wrote, expected):
+    assert _words(stage, summary, wrote) == expected
 
-    from flows.cli import check_prefect_server_imports
-    from clipscrub.errors import ClipscrubError
 
-    site = tmp_path / "site-packages"
-    (site / "prefect").mkdir(parents=True)
-    (site / "prefect" / "__init__.py").write_text("")
-    if shadowed:
-        (site / "dataclasses.py").write_text("# the Python 3.6 backport\n")
-    monkeypatch.setattr(prefect, "__file__", str(site / "prefect" / "__init__.py"))
-    monkeypatch.setenv("PREFECT_API_URL", api_url)
-    if expected is None:
-        check_prefect_server_imports()
-    else:
-        with pytest.raises(ClipscrubError, match=expected):
-            check_prefect_server_imports()
+def test_run_words(tmp_path):
+    from flows.cli import run_text
+
+    states = {s: "Cached" for s in ("download", "embed", "index")} | {"score": "Completed"}
+    text = run_text({"states": states, "pieces": {"score": 4}}, str(tmp_path))
+    assert text == (f"run: 4 stages completed into {tmp_path.resolve()} (download, embed, index from cache)\n"
+                    "  cluster pieces: score 4")
+    assert run_text({"states": {"download": "Cached"}}, str(tmp_path)).endswith("(all from cache: nothing changed)")
+
+
+@pytest.mark.parametrize("command", ["show", "diff", "init"])
+def test_every_argument_of_show_diff_and_init_is_documented(command, capsys):
+    from flows.cli import build_parser
+
+    sub = next(a for a in build_parser()._subparsers._group_actions if a.dest == "command").choices[command]
+    undocumented = [a.dest for a in sub._actions if a.dest != "help" and not a.help]
+    assert undocumented == []
+    with pytest.raises(SystemExit):
+        sub.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "examples:" in text
+    if command == "diff":
+        assert "A the first version: a directory (a data root such as data/, a `clipscrub run` OUTDIR" in text
+
+
+def test_a_params_file_elsewhere_reads_its_relative_paths_from_its_folder(tmp_path, monkeypatch, capsys):
+    """A folder source named relative to the params file, run from another working directory."""
+    import io
+
+    from PIL import Image
+
+    from flows.cli import main
+
+    proj = tmp_path / "proj"
+    (proj / "images").mkdir(parents=True)
+    for i in range(3):
+        buf = io.BytesIO()
+        Image.new("RGB", (24, 24), (80 * i, 40, 200)).save(buf, format="PNG")
+        (proj / "images" / f"{i}.png").write_bytes(buf.getvalue())
+    (proj / "conf").mkdir()
+    (proj / "conf" / "captions.csv").write_text("file,caption\n0.png,a red square\n1.png,a blue one\n2.png,green\n")
+    data = tiny_params_dict(["train.enabled=false", "download.source=folder", "download.folder.path=../images",
+                             "download.folder.captions=captions.csv"])
+    (proj / "conf" / "params.yaml").write_text(yaml.safe_dump(data))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert main(["download", "-p", "../proj/conf/params.yaml", "--root", "data"]) == 0, capsys.readouterr().err
+    assert capsys.readouterr().out.splitlines()[0] == "download: 3 samples from source folder: 3 ok, 0 failed, 1 shard"
+
+
+def test_hub_weights_offline_stop_at_once_in_one_line(project, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(project / "empty-hub-cache"))
+    res = clipscrub("embed", "-S", "train.enabled=false", cwd=project)
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == [
+        "clipscrub: error: embed.pretrained: could not fetch pretrained weights 'laion2b_s34b_b79k' for 'ViT-B-32': "
+        "HF_HUB_OFFLINE is set and they are not in the local cache; download https://huggingface.co/laion/"
+        "CLIP-ViT-B-32-laion2B-s34B-b79K/resolve/main/open_clip_pytorch_model.bin where there is internet, then set "
+        "embed.checkpoint to that file (with embed.model_name 'ViT-B-32')"]
+
+
+def _keys(node, prefix=""):
+    if not isinstance(node, dict):
+        return {prefix}
+    return set().union(*(_keys(v, f"{prefix}{k}.") for k, v in node.items())) if node else {prefix}
+
+
+@pytest.mark.parametrize(("source", "path", "extra"), [
+    ("shards", "shards/{00000..00003}.tar", []),
+    ("urls", "urls.parquet", []),
+    ("folder", "images", ["--captions", "captions.csv"]),
+    ("embeddings", "/data/clip-retrieval", ["--model", "ViT-L-14", "--pretrained", "openai"]),
+    ("shards", "shards", ["--checkpoint", "weights/open_clip_model.safetensors"]),
+])
+def test_init_writes_a_params_file_that_loads(tmp_path, monkeypatch, capsys, source, path, extra):
+    from clipscrub.params import load_params
+    from flows.cli import main
+    from tests.conftest import REPO
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["init", "--source", source, "--path", path, *extra, "-o", "conf/params.yaml"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith(f"init: wrote conf/params.yaml: source {source} at "), out
+    text = (tmp_path / "conf" / "params.yaml").read_text()
+    assert _keys(yaml.safe_load(text)) == _keys(yaml.safe_load((REPO / "params.yaml").read_text()))
+    raw = yaml.safe_load(text)
+    written = raw["download"][source]["path"]
+    # typed relative to the working directory, written relative to the file: the same place
+    assert written == path if path.startswith("/") else (tmp_path / "conf" / written).resolve() == (tmp_path / path).resolve()
+    p = load_params("conf/params.yaml")
+    assert p.download.source == source and not p.train.enabled
+    loaded = getattr(p.download, source).path
+    assert loaded == path if path.startswith("/") else (tmp_path / loaded).resolve() == (tmp_path / path).resolve()
+    if source == "folder":
+        assert raw["download"]["folder"]["captions"] == "../captions.csv"
+    if "--checkpoint" in extra:
+        assert p.embed.pretrained is None and raw["embed"]["checkpoint"] == "../weights/open_clip_model.safetensors"
+    elif "--model" not in extra:
+        assert (p.embed.model_name, p.embed.pretrained) == ("ViT-B-32", "laion2b_s34b_b79k")
+    # from the file's own folder: the values as written
+    monkeypatch.chdir(tmp_path / "conf")
+    assert getattr(load_params("params.yaml").download, source).path == written
+
+
+def test_init_refuses_to_overwrite_and_checks_what_it_writes(tmp_path, monkeypatch, capsys):
+    from flows.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("# mine\n")
+    assert main(["init", "--source", "shards", "--path", "shards"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "clipscrub: error: --out: params.yaml exists: pass --force to overwrite it"]
+    assert (tmp_path / "params.yaml").read_text() == "# mine\n"
+    assert main(["init", "--source", "shards", "--path", "shards", "--model", "ViT-B32", "--force"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(
+        "clipscrub: error: embed.model_name: unknown model 'ViT-B32'; did you mean 'ViT-B-32'?"), err
+    assert (tmp_path / "params.yaml").read_text() == "# mine\n" and leftovers(tmp_path) == []
+    assert main(["init", "--source", "folder", "--path", "images", "--force"]) == 2
+    assert "--captions: the folder source needs a captions file" in capsys.readouterr().err
+    assert main(["init", "--source", "urls", "--path", "urls.parquet", "--model", "ViT-L-14", "--force"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "clipscrub: error: --model: name the weights of 'ViT-L-14': --pretrained TAG "
+        "(open_clip.list_pretrained_tags_by_model('ViT-L-14')) or --checkpoint FILE")
+    assert main(["init", "--source", "shards", "--path", "shards", "--force"]) == 0
+    assert "source: shards" in (tmp_path / "params.yaml").read_text()

@@ -201,7 +201,7 @@ def test_killed_embed_resumes_with_the_missing_shards(many_shards, tmp_path, kil
     assert kill_after_parts <= done < 60
     assert not (work / "data" / "embeddings").exists()  # nothing that looks complete
 
-    res = subprocess.run(cmd, cwd=work, capture_output=True, text=True, timeout=300)
+    res = subprocess.run([*cmd, "--json"], cwd=work, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     summary = json.loads(res.stdout.strip().splitlines()[-1])
     assert summary["shards_resumed"] == done and summary["shards"] == 60

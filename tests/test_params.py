@@ -144,3 +144,61 @@ def test_an_unknown_key_suggests_the_closest(data, overrides, expected):
     with pytest.raises(ParamError) as err:
         parse_params(apply_overrides(base, overrides))
     assert str(err.value).startswith(expected), str(err.value)
+
+
+def test_an_unknown_model_is_caught_as_params_load():
+    """Before download runs (hours, for a url list), not when embed loads the model."""
+    import yaml
+
+    data = yaml.safe_load((REPO / "params.yaml").read_text())
+    with pytest.raises(ParamError) as err:
+        parse_params(apply_overrides(data, ["train.enabled=false", "embed.model_name=ViT-B32"]))
+    assert str(err.value).startswith("embed.model_name: unknown model 'ViT-B32'; did you mean 'ViT-B-32'? "
+                                     "(open_clip.list_models() lists them"), str(err.value)
+    # names embed does not load through open_clip's list: the demo's victim, a model_config's model,
+    # precomputed embeddings (the name only labels them)
+    parse_params(apply_overrides(data, ["embed.model_name=ViT-B32"]))
+    parse_params(apply_overrides(data, ["train.enabled=false", "embed.model_name=mine", "embed.model_config=mine.json"]))
+    parse_params(apply_overrides(data, ["train.enabled=false", "embed.model_name=planted", "download.source=embeddings",
+                                        "download.embeddings.path=emb"]))
+
+
+def test_relative_paths_are_relative_to_the_params_file(tmp_path, monkeypatch):
+    """Every path key of a params file in another folder means the same files from any working
+    directory; -S paths are relative to the working directory; absolute and ~ paths stay."""
+    import yaml
+
+    from clipscrub.params import PATH_KEYS
+
+    conf = tmp_path / "project" / "conf"
+    conf.mkdir(parents=True)
+    data = yaml.safe_load((REPO / "params.yaml").read_text())
+    values = {key: f"rel/{key.replace('.', '_')}" for key in PATH_KEYS}
+    values["download.folder.path"] = "../images"
+    values["filter.remove_ids"] = "/abs/remove.txt"
+    values["evaluate.truth"] = "~/truth.csv"
+    sets = [f"{k}={v}" for k, v in values.items()] + ["train.enabled=false", "download.source=folder",
+                                                     "index.reference.mode=trusted"]
+    (conf / "params.yaml").write_text(yaml.safe_dump(apply_overrides(data, sets)))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    p = load_params("../project/conf/params.yaml", ["download.folder.captions=typed/caps.csv"])
+    dump = p.model_dump(mode="json", by_alias=True)
+
+    def value(key):
+        node = dump
+        for part in key.split("."):
+            node = node[part]
+        return node
+
+    assert value("download.folder.path") == "../project/conf/../images"
+    assert (tmp_path / "elsewhere" / value("download.folder.path")).resolve() == tmp_path / "project" / "images"
+    assert value("embed.checkpoint") == "../project/conf/rel/embed_checkpoint"
+    assert value("download.folder.captions") == "typed/caps.csv"  # -S: as typed, from the working directory
+    assert value("filter.remove_ids") == "/abs/remove.txt" and value("evaluate.truth") == "~/truth.csv"
+    for key in set(PATH_KEYS) - {"download.folder.path", "download.folder.captions", "filter.remove_ids",
+                                 "evaluate.truth"}:
+        assert value(key) == f"../project/conf/rel/{key.replace('.', '_')}", key
+    # dvc.yaml's `-p params.yaml` from the file's own folder: the values exactly as written
+    monkeypatch.chdir(conf)
+    assert load_params("params.yaml").embed.checkpoint == "rel/embed_checkpoint"

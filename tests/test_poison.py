@@ -119,7 +119,7 @@ def test_the_command_matches_the_function(tiny_raw, tmp_path):
     params["poison"]["attacks"] = ATTACKS[:1]
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     res = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "poison", "--params", "params.yaml", "--root", str(tiny_raw), "--out", "cli",
+        [sys.executable, "-m", "flows.cli", "poison", "--params", "params.yaml", "--root", str(tiny_raw), "--out", "cli", "--json",
          "-S", "poison.attacks=[{kind: sig, rate: 0.02, target: apple}, {kind: targeted, rate: 0.01, target: car}]"],
         cwd=tmp_path, capture_output=True, text=True, timeout=300,
     )

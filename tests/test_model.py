@@ -1,0 +1,81 @@
+"""Loading the embedding model: a misspelt name or tag suggests the closest, and hub weights that
+cannot be fetched say so at once, in one line, with the way to pass them offline."""
+
+from __future__ import annotations
+
+import logging
+import socket
+
+import pytest
+
+from clipscrub.errors import DataError, ParamError
+from clipscrub.model import _first_line, load_model
+
+
+def _load(**kw):
+    args = {"pretrained": None, "checkpoint": None, "model_config": None, "device": "cpu"} | kw
+    return load_model(**args)
+
+
+@pytest.mark.parametrize(("name", "expected"), [
+    ("ViT-B32", "embed.model_name: unknown model 'ViT-B32'; did you mean 'ViT-B-32'? (open_clip.list_models() lists "
+                "them; a model of your own needs its config JSON in embed.model_config)"),
+    ("vit-b-32", "embed.model_name: unknown model 'vit-b-32'; did you mean 'ViT-B-32'?"),
+    ("clipscrub-tiy", "embed.model_name: unknown model 'clipscrub-tiy'; did you mean 'clipscrub-tiny'? (clipscrub-tiny "
+                      "is the demo's victim: set embed.model_config to its config JSON"),
+])
+def test_an_unknown_model_suggests_the_closest(name, expected):
+    with pytest.raises(ParamError) as err:
+        _load(model_name=name)
+    assert str(err.value).startswith(expected), str(err.value)
+
+
+def test_an_unknown_pretrained_tag_suggests_the_closest():
+    with pytest.raises(ParamError) as err:
+        _load(model_name="ViT-B-32", pretrained="laion2b_s34b_b80k")
+    assert str(err.value) == (
+        "embed.pretrained: model 'ViT-B-32' has no pretrained tag 'laion2b_s34b_b80k'; did you mean "
+        "'laion2b_s34b_b79k'? (open_clip.list_pretrained_tags_by_model('ViT-B-32') lists them)")
+
+
+@pytest.fixture
+def closed_port() -> int:
+    """A local port nothing listens on: a proxy there refuses every connection at once."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_hub_weights_fail_at_once_in_one_line(tmp_path, monkeypatch, caplog, closed_port):
+    """Weights not in the (empty) cache and a hub that takes no connection: one attempt, no minute
+    of retries, and a message naming the model, the tag, the file to fetch and embed.checkpoint."""
+    for var in ("HF_HUB_OFFLINE", "no_proxy", "NO_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    for var in ("https_proxy", "HTTPS_PROXY"):
+        monkeypatch.setenv(var, f"http://127.0.0.1:{closed_port}")
+    with caplog.at_level(logging.WARNING), pytest.raises(DataError) as err:
+        _load(model_name="ViT-B-32", pretrained="laion2b_s34b_b79k", cache_dir=str(tmp_path))
+    assert str(err.value) == (
+        "embed.pretrained: could not fetch pretrained weights 'laion2b_s34b_b79k' for 'ViT-B-32': huggingface.co "
+        f"cannot be reached through the proxy 127.0.0.1:{closed_port} (Connection refused) and they are not in the "
+        "local cache; download https://huggingface.co/laion/CLIP-ViT-B-32-laion2B-s34B-b79K/resolve/main/"
+        "open_clip_pytorch_model.bin where there is internet, then set embed.checkpoint to that file "
+        "(with embed.model_name 'ViT-B-32')")
+    assert not [r for r in caplog.records if "Retry" in r.getMessage()]  # the hub client never ran
+
+
+def test_hub_offline_mode_fails_at_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DataError) as err:
+        _load(model_name="RN50", pretrained="openai", cache_dir=str(tmp_path))
+    msg = err.value.message
+    assert msg.startswith("could not fetch pretrained weights 'openai' for 'RN50': HF_HUB_OFFLINE is set and they are "
+                          "not in the local cache; download https://huggingface.co/timm/resnet50_clip.openai/")
+    # OpenAI's weights were trained with QuickGELU: the architecture that loads them as a file
+    assert msg.endswith("(with embed.model_name 'RN50-quickgelu')")
+
+
+def test_a_long_error_is_cut_at_a_word():
+    text = _first_line(RuntimeError("an error happened while trying to locate the file " * 20))
+    assert len(text) <= 304 and text.endswith(" ..."), text
+    assert text[:-4].split()[-1] in "an error happened while trying to locate the file".split()  # a whole word
