@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import re
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, NoReturn
+from typing import Any, ClassVar, Iterator, NoReturn
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger, tags, task
 from prefect._internal.compatibility.async_dispatch import async_dispatch
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
@@ -38,8 +38,8 @@ from clipscrub.io import root_lock, sha256_path
 from clipscrub.metrics import APPLIED_KEYS, applied_sentence, read_applied
 from clipscrub.params import Params, parse_params
 from clipscrub.errors import ParamError
-from flows.pipeline import (SPECS, STAGES, Layout, active_stages, param_value, plan_pieces, run_piece, run_stage,
-                                stage_code_version, stage_inputs)
+from flows.pipeline import (SPECS, STAGES, Layout, active_stages, param_value, plan_pieces, producer, run_piece,
+                                run_stage, stage_code_version, stage_inputs)
 
 STATE_FILE = Path(".clipscrub") / "state.json"
 
@@ -181,14 +181,32 @@ def task_runner_for(cluster: str | None) -> Any:
 
     local = re.fullmatch(r"local:(\d+)", cluster)
     if local and int(local.group(1)) >= 1:
-        # one thread per worker (dask also sets OMP/MKL/OpenBLAS threads to 1 in each), on loopback
-        return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs={
-            "n_workers": int(local.group(1)), "threads_per_worker": 1, "processes": True,
-            "host": "127.0.0.1", "dashboard_address": None, "silence_logs": logging.ERROR})
+        # one thread per worker, on loopback, and one GPU per worker where there are GPUs
+        return DaskTaskRunner(cluster_class="flows.cluster.local_cluster",
+                              cluster_kwargs={"n_workers": int(local.group(1))})
     if re.fullmatch(r"(tcp|tls)://[^/\s]+:\d+", cluster):
         return DaskTaskRunner(address=cluster)
     raise ParamError(f"expected local:N (N >= 1) or a scheduler address tcp://host:port, got {cluster!r}",
                      param="--cluster")
+
+
+def upstream_stages(stage: str, active: list[str]) -> list[str]:
+    """The active stages whose outputs ``stage`` reads (SPECS inputs): its edges in the flow graph."""
+    return [s for s in active if s in {producer(name) for name in SPECS[stage].inputs}]
+
+
+def run_tags(params: Params) -> list[str]:
+    """Tags that let runs be filtered in the UI by dataset, source and the detector that decides."""
+    return [f"dataset:{params.base.name}", f"source:{params.download.source}", f"detector:{params.threshold.detector}"]
+
+
+def _tag_flow_run(names: list[str]) -> None:
+    """Add ``names`` to this flow run's tags (those it was created with, by a deployment say, stay)."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(flow_run.id)
+        client.update_flow_run(run.id, tags=list(dict.fromkeys([*run.tags, *names])))
 
 
 STAGE_TASKS = {
@@ -241,6 +259,35 @@ TEMPORARY_SERVER_SETTINGS = {
 }
 
 
+def stdlib_first_server(app_dir: Path) -> Any:
+    """Prefect's temporary server (``SubprocessASGIServer``), started with ``app_dir`` (an empty
+    folder) as uvicorn's ``--app-dir`` instead of prefect's own parent folder.
+
+    uvicorn inserts ``--app-dir`` at the head of ``sys.path`` before it imports the app; prefect
+    passes its parent, site-packages, so every top-level module there shadows the standard
+    library in the server. img2dataset requires the Python 3.6 ``dataclasses`` backport (PyPI
+    ``dataclasses`` 0.6, the last without ``python_requires<3.7``), whose ``dataclasses.py``
+    lands in site-packages: pydantic then imports it instead of the standard library's and the
+    server dies at import. Nothing is needed from ``--app-dir``: prefect is importable anyway.
+    """
+    import prefect
+    from prefect.server.api.server import SubprocessASGIServer
+
+    class StdlibFirstServer(SubprocessASGIServer):
+        _instances: ClassVar[dict[int | None, SubprocessASGIServer]] = {}  # not shared with prefect's own servers
+
+        def _run_uvicorn_command(self) -> Any:
+            # prefect builds --app-dir from prefect.__module_path__.parent when it builds the command
+            saved = prefect.__module_path__
+            prefect.__module_path__ = app_dir / "prefect"
+            try:
+                return super()._run_uvicorn_command()
+            finally:
+                prefect.__module_path__ = saved
+
+    return StdlibFirstServer()
+
+
 @contextmanager
 def private_prefect() -> Iterator[str]:
     """Prefect that sends nothing off this machine, on a temporary server unless PREFECT_API_URL is set.
@@ -248,12 +295,12 @@ def private_prefect() -> Iterator[str]:
     Yields the API URL. Analytics are off in the server (its telemetry service phoned home,
     and failed loudly offline) and in the client (DO_NOT_TRACK). Prefect's own temporary
     server stops at interpreter exit, racing the event and log workers still sending to it:
-    this one stops only after they have drained.
+    this one stops only after they have drained. It imports the standard library first, even
+    with the ``dataclasses`` backport installed (``stdlib_first_server``).
     """
     import prefect.settings as ps
     from prefect.events.worker import EventsWorker
     from prefect.logging.handlers import APILogWorker
-    from prefect.server.api.server import SubprocessASGIServer
 
     saved = os.environ.get("DO_NOT_TRACK")
     os.environ["DO_NOT_TRACK"] = "1"  # read by Prefect's client analytics at each event
@@ -264,8 +311,9 @@ def private_prefect() -> Iterator[str]:
                 yield url
                 return
             # the server process inherits these: it is started with the current settings
-            with ps.temporary_settings(updates={getattr(ps, k): v for k, v in TEMPORARY_SERVER_SETTINGS.items()}):
-                server = SubprocessASGIServer()
+            with (ps.temporary_settings(updates={getattr(ps, k): v for k, v in TEMPORARY_SERVER_SETTINGS.items()}),
+                  tempfile.TemporaryDirectory(prefix="clipscrub-app-dir-") as app_dir):
+                server = stdlib_first_server(Path(app_dir))
                 server.start(timeout=max(120, ps.PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()))
                 try:
                     with ps.temporary_settings(updates={ps.PREFECT_API_URL: server.api_url}):
@@ -309,8 +357,9 @@ def summary_markdown(params: Params, root: Path, summaries: dict[str, Any], stat
     lines += ["| stage | state |", "| --- | --- |"] + [f"| {s} | {st} |" for s, st in states.items()]
     rep = summaries.get("report", {})
     if rep:
-        lines += ["", f"Report: `{root / 'report' / 'index.html'}` ({rep['gallery']} samples in the gallery, "
-                      f"{rep['clusters']} clusters of flagged samples sharing a caption or an image)"]
+        page = Path(root).resolve() / "report" / "index.html"
+        lines += ["", (f"Report: [{page}]({page.as_uri()}) ({rep['gallery']} samples in the gallery, "
+                       f"{rep['clusters']} clusters of flagged samples sharing a caption or an image)")]
     lines += ["", f"Outputs: `{root}`"]
     return "\n".join(lines)
 
@@ -333,9 +382,16 @@ def clean_dataset(params: dict[str, Any], out_dir: str, result_storage: str | No
     states: dict[str, str] = {}
     summaries: dict[str, Any] = {}
     counts: dict[str, int] = {}  # pieces run on the cluster, by stage
+    active = active_stages(settings)
+    done: dict[str, Any] = {}  # each stage's final state
+    names = run_tags(settings)
+    _tag_flow_run(names)
     # held for the whole run, so no other clipscrub process writes the root between two stages
-    with root_lock(root):
-        for stage in active_stages(settings):
+    with root_lock(root), tags(*names):
+        for stage in active:
+            # the stages it reads from, as final states: the edges of the UI's graph. States, not
+            # futures: a Dask runner swaps futures for their results, which name no task run
+            after = [done[s] for s in upstream_stages(stage, active)]
             key = stage_cache_key(stage, settings, root)
             recorded = state.get(stage, {})
             intact = recorded.get("key") == key and recorded.get("outputs") == output_hashes(stage, root)
@@ -344,18 +400,19 @@ def clean_dataset(params: dict[str, Any], out_dir: str, result_storage: str | No
             if cluster:
                 pieces = []
                 if not intact:
-                    pieces = [PIECE_TASK.with_options(task_run_name=f"{stage}-piece-{i}").submit(**args, piece=piece)
-                              for i, piece in enumerate(plan_pieces(stage, settings, root))]
-                    for done in pieces:
-                        done.result()  # raises the first piece's error
+                    pieces = [PIECE_TASK.with_options(task_run_name=f"{stage}-piece-{i}").submit(
+                        **args, piece=piece, wait_for=after) for i, piece in enumerate(plan_pieces(stage, settings, root))]
+                    for piece_run in pieces:
+                        piece_run.result()  # raises the first piece's error
                     if pieces:
                         counts[stage] = len(pieces)
                 # the flow holds the root for its workers
-                future = t.submit(**args, hold_root=False, assemble=bool(pieces))
+                future = t.submit(**args, hold_root=False, assemble=bool(pieces),
+                                  wait_for=after + [piece_run.state for piece_run in pieces])
                 future.wait()
-                run_state = future.state
+                run_state = done[stage] = future.state
             else:
-                run_state = t(**args, return_state=True)
+                run_state = done[stage] = t(**args, wait_for=after, return_state=True)
             summaries[stage] = run_state.result()
             states[stage] = run_state.name
             state[stage] = {"key": key, "outputs": output_hashes(stage, root)}

@@ -6,7 +6,10 @@ bash scripts/setup.sh
 export PATH="$PWD/.venv/bin:$PATH"
 start=$(date +%s)
 dvc repro
+# HEAD becomes the baseline: `dvc metrics diff`, `dvc plots diff` and `dvc exp show` compare with it
+bash scripts/lib/commit_results.sh
 echo
 echo "== results (dvc metrics show prints every figure) =="
 clipscrub show --root data
 echo "demo pipeline wall time: $(( $(date +%s) - start )) s"
+echo "next: dvc exp run -S threshold.fraction=0.02; dvc metrics diff; dvc plots diff (dvc_plots/index.html, offline)"

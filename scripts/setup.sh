@@ -11,8 +11,9 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     # some machines list local package folders that do not exist: pip warns per package
     .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]' 2>&1 \
         | { grep -v "^WARNING: Location 'file://" || true; } >&2
-    # img2dataset requires the Python 3.6 'dataclasses' backport; its dataclasses.py in
-    # site-packages breaks Prefect's temporary server (started with --app-dir site-packages)
+    # img2dataset requires the Python 3.6 'dataclasses' backport, dead weight on 3.10+: its
+    # dataclasses.py in site-packages would shadow the standard library under `prefect server
+    # start` (uvicorn --app-dir site-packages); clipscrub's own temporary server is immune to it
     .venv/bin/python -m pip uninstall -q -y --disable-pip-version-check dataclasses 2>/dev/null || true
     touch "$stamp"
 fi

@@ -36,7 +36,7 @@ def in_process(project) -> dict[str, str]:
 
 def test_a_cluster_run_writes_the_bytes_of_an_in_process_run_and_reruns_from_cache(project, in_process, capsys):
     os.chdir(project)
-    assert main(["run", "-p", "params.yaml", "-o", "cluster", "--cluster", "local:2"]) == 0
+    assert main(["run", "-p", "params.yaml", "-o", "cluster", "--cluster", "local:2", "--json"]) == 0
     out = capsys.readouterr().out
     assert output_hashes(project / "cluster") == in_process
     assert len(in_process) > 40
@@ -44,7 +44,7 @@ def test_a_cluster_run_writes_the_bytes_of_an_in_process_run_and_reruns_from_cac
     assert set(printed["states"].values()) == {"Completed"}
     assert printed["pieces"] == {"embed": 20, "index": 4, "score": 4}
     # a rerun on the cluster is served from the cache, as in process
-    assert main(["run", "-p", "params.yaml", "-o", "cluster", "--cluster", "local:2"]) == 0
+    assert main(["run", "-p", "params.yaml", "-o", "cluster", "--cluster", "local:2", "--json"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out.splitlines()[0])
     assert set(printed["states"].values()) == {"Cached"} and printed["pieces"] == {}
     assert output_hashes(project / "cluster") == in_process
@@ -91,3 +91,35 @@ def test_a_bad_cluster_value_is_one_line(value, tmp_path):
 
     with pytest.raises(ParamError, match=r"expected local:N \(N >= 1\) or a scheduler address tcp://host:port"):
         task_runner_for(value)
+
+
+def worker_gpus(n_workers: int, gpus: list[str]) -> list[str | None]:
+    from distributed import Client
+
+    from flows.cluster import local_cluster
+
+    with local_cluster(n_workers=n_workers, gpus=gpus) as cluster, Client(cluster) as client:
+        seen = client.run(lambda: os.environ.get("CUDA_VISIBLE_DEVICES"))
+        threads = set(client.nthreads().values())
+    assert threads == {1}
+    return sorted(seen.values(), key=str)
+
+
+@pytest.mark.parametrize("n_workers,gpus,expected", [
+    (3, ["0", "1"], ["0", "0", "1"]),  # more workers than GPUs: round-robin
+    (2, ["3", "5"], ["3", "5"]),  # the GPUs this process was given, by their own names
+    (1, [], [None]),  # no GPUs: the environment is left alone
+])
+def test_a_local_cluster_gives_each_worker_one_gpu(n_workers, gpus, expected, monkeypatch):
+    """The worker processes start with CUDA_VISIBLE_DEVICES naming one GPU each (set by the
+    nanny before the process starts, so torch and faiss in the worker see only that one)."""
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert worker_gpus(n_workers, gpus) == expected
+
+
+@pytest.mark.parametrize("value,expected", [("2,3", ["2", "3"]), ("", []), ("-1", [])])
+def test_visible_gpus_follow_cuda_visible_devices(value, expected, monkeypatch):
+    from flows.cluster import visible_gpus
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", value)
+    assert visible_gpus() == expected

@@ -50,6 +50,94 @@ def test_repro_runs_every_stage_then_nothing(project):
     assert "up to date" in sh("dvc", "status", cwd=project)
 
 
+REPO = Path(__file__).resolve().parent.parent
+COMMIT_RESULTS = REPO / "scripts" / "lib" / "commit_results.sh"
+
+
+def test_demo_commit_makes_head_the_baseline(project):
+    """After `dvc repro`, scripts/lib/commit_results.sh (demo.sh's last step) commits dvc.lock, the
+    metrics and the plots, and nothing else: `dvc metrics diff` and `dvc exp show` then have a baseline."""
+    sh("dvc", "repro", cwd=project)
+    # before: HEAD has no metrics, so every figure is "new"
+    before = sh("dvc", "metrics", "diff", "--json", cwd=project)
+    assert "DVC failed to load some metrics for following revisions: 'HEAD'" in before
+    assert json.JSONDecoder().raw_decode(before)[0]["data/metrics/applied.json"]["removed"]["old"] is None
+    # a user's unrelated work: one file staged, one untracked
+    (project / "notes.txt").write_text("mine\n")
+    sh("git", "add", "notes.txt", cwd=project)
+    (project / "scratch.txt").write_text("mine too\n")
+    # a pipeline edit not committed yet: the lock would not match HEAD, so nothing is committed
+    params = (project / "params.yaml").read_text()
+    (project / "params.yaml").write_text(params.replace("fraction: 0.05", "fraction: 0.06"))
+    head = sh("git", "rev-parse", "HEAD", cwd=project)
+    assert "not committing dvc.lock and the metrics: dvc.yaml params.yaml" in sh("bash", str(COMMIT_RESULTS), cwd=project)
+    assert sh("git", "rev-parse", "HEAD", cwd=project) == head
+    (project / "params.yaml").write_text(params)
+
+    out = sh("bash", str(COMMIT_RESULTS), cwd=project)
+    assert "committed" in out and "the baseline for dvc metrics diff" in out
+    committed = sh("git", "show", "--name-only", "--format=%s", "HEAD", cwd=project).split()
+    assert " ".join(committed[:3]) == "clipscrub demo: dvc.lock,"
+    files = [f for f in committed if "/" in f or f == "dvc.lock"]
+    assert "dvc.lock" in files and "data/metrics/applied.json" in files and "data/plots/roc/kdist.csv" in files
+    assert all(f == "dvc.lock" or f.startswith(("data/metrics/", "data/plots/", "data/.gitignore")) for f in files)
+    assert sh("git", "diff", "--cached", "--name-only", cwd=project).split() == ["notes.txt"]  # still only staged
+    assert "?? scratch.txt" in sh("git", "status", "--porcelain", cwd=project)
+    assert "already committed" in sh("bash", str(COMMIT_RESULTS), cwd=project)
+    # after: the workspace equals its baseline; the baseline has its metrics
+    after = sh("dvc", "metrics", "diff", "--json", cwd=project)
+    assert json.loads(after) == {} and "failed to load" not in after
+    baseline = json.loads(sh("dvc", "exp", "show", "--json", cwd=project))
+    assert "data/metrics/applied.json" in json.dumps(baseline) and '"removed": 20' in json.dumps(baseline)
+    sh("git", "rm", "-q", "--cached", "notes.txt", cwd=project)
+    (project / "notes.txt").unlink()
+    (project / "scratch.txt").unlink()
+
+
+def test_plots_pages_load_nothing_from_the_network(project, tmp_path):
+    """With the template .dvc/config names, `dvc plots show/diff` inline vega, vega-lite and
+    vega-embed: the page renders every plot in Chromium with all network requests refused."""
+    import shutil
+
+    from playwright.sync_api import sync_playwright
+
+    sh("dvc", "repro", cwd=project)
+    config = project / ".dvc" / "config"
+    committed = config.read_text()
+    assert "html_template = ../flows/plots/offline.html" in committed  # every clone has it
+    # without the template: DVC's own page, which loads vega from a CDN
+    sh("dvc", "config", "--unset", "plots.html_template", cwd=project)
+    try:
+        sh("dvc", "plots", "show", "-o", str(tmp_path / "cdn"), cwd=project)
+    finally:
+        config.write_text(committed)
+    assert 'src="https://cdn.jsdelivr.net/npm/vega@' in (tmp_path / "cdn" / "index.html").read_text()
+    pages = {}
+    for cmd in ("show", "diff"):
+        sh("dvc", "plots", cmd, "-o", str(tmp_path / cmd), cwd=project)
+        pages[cmd] = tmp_path / cmd / "index.html"
+        html = pages[cmd].read_text()
+        assert not re.search(r"<script[^>]+src=", html) and "cdn.jsdelivr" not in html
+        assert html.count("vegaEmbed('#") >= 3  # roc, pr, hist (one per detector)
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert chromium, "chromium is not installed: scripts/test.sh installs Debian's package"
+    errors: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            page.route("**/*", lambda route: route.continue_() if route.request.url.startswith("file:") else route.abort())
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.on("requestfailed", lambda r: errors.append(f"request failed: {r.url}"))
+            page.goto(pages["show"].as_uri())
+            plots = page.evaluate("document.querySelectorAll('body > div[id]').length")
+            page.wait_for_function(f"document.querySelectorAll('.vega-embed canvas, .vega-embed svg').length >= {plots}")
+        finally:
+            browser.close()
+    assert plots >= 3 and errors == []
+
+
 def test_threshold_change_reruns_only_downstream(project):
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["threshold"]["fraction"] = 0.1

@@ -207,6 +207,58 @@ def test_artifact_aurocs_match_the_evaluate_metrics(flow_dir):
     assert f"Detection of {detection['poisoned']} known poisoned samples:" in md
 
 
+@pytest.fixture
+def recorded_run(flow_dir):
+    """A (cached) run on the defaults, as the API recorded it: the flow run and its task runs by stage."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from flows.clean import clean_dataset
+
+    state = clean_dataset(params=tiny_params_dict(), out_dir=str(flow_dir), return_state=True)
+    run_id = state.state_details.flow_run_id
+    with get_client(sync_client=True) as client:
+        task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
+        return client.read_flow_run(run_id), {tr.name.rsplit("-", 1)[0]: tr for tr in task_runs}
+
+
+def test_task_runs_record_the_stage_graph(recorded_run):
+    """Each stage's task run names the task runs of the stages it reads from (the UI draws these edges)."""
+    _, runs = recorded_run
+    assert sorted(runs) == sorted(ALL)
+    stage_of = {tr.id: stage for stage, tr in runs.items()}
+    edges = {(stage_of[i.id], stage) for stage, tr in runs.items()
+             for inputs in tr.task_inputs.values() for i in inputs if getattr(i, "id", None) in stage_of}
+    from flows.pipeline import producer
+
+    assert edges == {(producer(name), stage) for stage in ALL for name in SPECS[stage].inputs}
+    assert {("download", "train"), ("train", "embed"), ("embed", "index"), ("index", "score"), ("score", "threshold"),
+            ("threshold", "filter"), ("threshold", "evaluate"), ("filter", "report")} <= edges
+    assert ("download", "index") not in edges
+
+
+def test_runs_are_tagged_with_dataset_source_and_detector(recorded_run):
+    flow_run, runs = recorded_run
+    tags = {"dataset:demo", "source:synthetic", "detector:kdist"}
+    assert tags <= set(flow_run.tags)
+    assert all(tags <= set(tr.tags) for tr in runs.values())
+
+
+def test_artifact_has_the_applied_rule_and_a_link_to_the_report(recorded_run, flow_dir):
+    from prefect.artifacts import Artifact
+
+    from clipscrub.metrics import applied_sentence
+
+    flow_run, _ = recorded_run
+    artifact = Artifact.get("clipscrub-demo")
+    assert artifact.flow_run_id == flow_run.id
+    applied = json.loads((flow_dir / "metrics" / "applied.json").read_text())
+    page = (flow_dir / "report" / "index.html").resolve()
+    assert applied_sentence(applied) in artifact.data  # rule, removed counts, precision and recall
+    assert f"| rule | {applied['rule']} |" in artifact.data and f"| precision | {applied['precision']} |" in artifact.data
+    assert f"Report: [{page}]({page.as_uri()})" in artifact.data and page.as_uri().startswith("file:///")
+
+
 def test_a_changed_source_file_reruns_download(harness, tiny_model, tmp_path):  # noqa: F811 (fixture)
     """download.source folder: an edited image or captions file is new input: download reruns."""
     import polars as pl
@@ -353,7 +405,7 @@ def test_run_on_a_temporary_server_is_quiet_and_sends_nothing(tmp_path):
                HTTP_PROXY=proxy.url, HTTPS_PROXY=proxy.url, ALL_PROXY=proxy.url, NO_PROXY="127.0.0.1,localhost")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params_dict()))
     try:
-        res = clipscrub("run", "-p", "params.yaml", "-o", "run", cwd=tmp_path, env=env)
+        res = clipscrub("run", "-p", "params.yaml", "-o", "run", "--json", cwd=tmp_path, env=env)
     finally:
         proxy.close()
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
