@@ -104,7 +104,7 @@ def _evaluate(p: Params, lay: Layout) -> dict[str, Any]:
     return evaluate_detectors(
         raw_dir=lay.raw, scores_dir=lay.scores, metrics_path=lay.detection_metrics, plots_dir=lay.plots,
         settings=p.evaluate, threshold=p.threshold, base=p.base,
-        flags_dir=lay.flags, applied_path=lay.applied_metrics,
+        flags_dir=lay.flags, applied_path=lay.applied_metrics, clean_dir=lay.clean,
     )
 
 
@@ -114,7 +114,7 @@ def _report(p: Params, lay: Layout) -> dict[str, Any]:
     return write_report(
         raw_dir=lay.raw, embeddings_dir=lay.embeddings, scores_dir=lay.scores, flags_dir=lay.flags,
         clean_dir=lay.clean, out_dir=lay.report, settings=p.report, threshold=p.threshold, base=p.base,
-        truth_path=p.evaluate.truth,
+        truth_path=p.evaluate.truth, index_dir=lay.index,
     )
 
 
@@ -147,13 +147,16 @@ SPECS: dict[str, StageSpec] = {
     "filter": StageSpec(("raw", "scores", "flags"), ("clean",),
                         ("base", "download", "train", "embed", "index", "score", "threshold", "filter"),
                         ("stages/filter.py", "clipscrub/shards.py", "clipscrub/io.py")),
-    "evaluate": StageSpec(("raw", "scores", "flags"), ("detection_metrics", "applied_metrics", "plots"),
+    # evaluate and report count what filter removed: the flags after a person's review lists
+    "evaluate": StageSpec(("raw", "scores", "flags", "clean"), ("detection_metrics", "applied_metrics", "plots"),
                           ("base", "threshold", "evaluate"),
-                          ("stages/evaluate.py", "clipscrub/metrics.py", "clipscrub/sources.py", "clipscrub/io.py")),
-    "report": StageSpec(("raw", "embeddings", "scores", "flags", "clean"), ("report",),
+                          ("stages/evaluate.py", "stages/threshold.py", "stages/filter.py", "clipscrub/detectors.py",
+                           "clipscrub/metrics.py", "clipscrub/sources.py", "clipscrub/io.py")),
+    "report": StageSpec(("raw", "embeddings", "index", "scores", "flags", "clean"), ("report",),
                         ("base", "threshold", "report", "evaluate.truth"),
-                        ("stages/report.py", "stages/threshold.py", "clipscrub/shards.py", "clipscrub/metrics.py",
-                         "clipscrub/sources.py", "clipscrub/io.py")),
+                        ("stages/report.py", "stages/threshold.py", "stages/filter.py", "clipscrub/gallery.py",
+                         "clipscrub/detectors.py", "clipscrub/shards.py", "clipscrub/metrics.py",
+                         "clipscrub/sources.py", "clipscrub/arrays.py", "clipscrub/io.py")),
 }
 
 

@@ -5,8 +5,10 @@ Writes a DVC metrics JSON (per detector: AUROC, PR-AUC, FPR and detection error 
 that detector) and DVC plot data: ``roc/<detector>.csv`` (fpr, tpr) and ``hist/<detector>.csv``
 (score bin centre, clean and poisoned counts), ``pr/<detector>.csv`` (recall, precision). Non-finite scores rank as the most suspicious
 (the threshold stage flags them), so they count against a detector rather than vanish.
-It also writes ``applied.json``: the threshold actually applied (the flags filter removes) as one
-flat block, ``clipscrub.metrics.applied_metrics``, with or without ground truth.
+It also writes ``applied.json``: the threshold actually applied as one flat block,
+``clipscrub.metrics.applied_metrics``, with or without ground truth: of the flags, or, given the
+filter stage's output, of what filter removed after a person's review lists (then with
+``flagged``, ``removed_by_review`` and ``kept_by_review``).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from sklearn.metrics import average_precision_score, precision_recall_curve, roc
 
 from clipscrub.detectors import suspicion
 from clipscrub.errors import DataError
-from clipscrub.io import atomic_dir, atomic_file, read_manifest, require_file, write_json
+from clipscrub.io import atomic_dir, atomic_file, read_json, read_manifest, require_file, write_json
 from clipscrub.metrics import applied_metrics
 from clipscrub.params import DENSITY_RATIO_DETECTORS, BaseSettings, EvaluateSettings, ThresholdSettings
 from clipscrub.sources import read_truth
@@ -52,6 +54,30 @@ def detection_metrics(*, y: np.ndarray, values: np.ndarray, detector: str, tpr_t
     }
 
 
+def applied_removal(*, flags: pl.DataFrame, clean_dir: Path, truth: pl.Series, scored: pl.Series,
+                    threshold: ThresholdSettings) -> dict[str, Any]:
+    """The applied block of what filter removed (``removed.parquet``): the flags less the review's
+    keep list, plus its remove list. Where filter applied review lists (its lineage's ``review``),
+    the block adds ``flagged`` (the detector's flags), ``removed_by_review`` (unflagged samples the
+    remove list removed: reason ``review``) and ``kept_by_review`` (flagged samples the keep list
+    kept: ``overruled.parquet``)."""
+    from stages.filter import REVIEW_REASON
+
+    removed = pl.read_parquet(require_file(clean_dir / "removed.parquet", param="--clean", what="cleaned version"))
+    lineage = read_json(require_file(clean_dir / "lineage.json", param="--clean", what="cleaned version"))
+    gone = set(removed["id"].to_list())
+    if not gone <= set(scored.to_list()):
+        raise DataError("the cleaned version removed samples the scores do not hold: rerun filter", param="--clean")
+    actual = flags.with_columns(is_flagged=pl.col("id").is_in(pl.Series(sorted(gone), dtype=flags.schema["id"]).implode()))
+    block = applied_metrics(flags=actual, truth=pl.DataFrame({"id": scored, "is_poison": truth}), threshold=threshold)
+    if "review" in lineage:
+        overruled = pl.read_parquet(require_file(clean_dir / "overruled.parquet", param="--clean", what="cleaned version"))
+        block |= {"flagged": int(flags["is_flagged"].sum()),
+                  "removed_by_review": int((removed["reason"] == REVIEW_REASON).sum()),
+                  "kept_by_review": overruled.height}
+    return block
+
+
 def evaluate_detectors(
     *,
     raw_dir: str | Path,
@@ -63,12 +89,14 @@ def evaluate_detectors(
     base: BaseSettings,
     flags_dir: str | Path | None = None,
     applied_path: str | Path | None = None,
+    clean_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Compare every detector's scores with the manifest's ``is_poison`` ground truth.
 
     With ``flags_dir`` and ``applied_path``, also write the applied threshold's flat block
-    (``clipscrub.metrics.applied_metrics``: the flags filter removed, against the same truth)
-    and return it under ``applied``."""
+    (``clipscrub.metrics.applied_metrics``, against the same truth) and return it under
+    ``applied``: of the flags, or with ``clean_dir`` (the filter stage's output) of what filter
+    actually removed, the review lists applied (``applied_removal``)."""
     manifest = read_manifest(raw_dir)
     if settings.truth:  # a ground-truth table wins over the manifest's is_poison
         manifest = read_truth(manifest, settings.truth)
@@ -83,7 +111,8 @@ def evaluate_detectors(
         if set(flags["id"].to_list()) != set(scores["id"].to_list()):
             raise DataError("flags and scores disagree on the sample ids: rerun threshold", param="--flags")
         applied = applied_metrics(flags=flags, truth=pl.DataFrame({"id": scores["id"], "is_poison": truth}),
-                                  threshold=threshold)
+                                  threshold=threshold) if clean_dir is None else \
+            applied_removal(flags=flags, clean_dir=Path(clean_dir), truth=truth, scored=scores["id"], threshold=threshold)
     with atomic_dir(plots_dir) as tmp_plots:
         (tmp_plots / "roc").mkdir()
         (tmp_plots / "hist").mkdir()

@@ -192,7 +192,7 @@ def test_truth_reaches_evaluate_and_report_through_the_pipeline(tiny_run, tmp_pa
 
     root, _ = tiny_run
     data = tmp_path / "data"
-    for d in ("embeddings", "scores", "flags", "clean"):
+    for d in ("embeddings", "index", "scores", "flags", "clean"):
         shutil.copytree(root / d, data / d)
     _nulled_raw(root, data)
     ids = pl.read_parquet(data / "raw" / "manifest.parquet")["id"]
@@ -211,3 +211,90 @@ def test_truth_reaches_evaluate_and_report_through_the_pipeline(tiny_run, tmp_pa
     assert lineage["params"]["evaluate.truth"] == str(path) and "truth" in lineage["inputs"]
     # without the table the nulled manifest has no ground truth
     assert run_stage("report", tiny_params(), data)["ground_truth"] is False
+
+
+# --- the review: applied.json counts what filter removed after filter.keep_ids / remove_ids -------
+
+def reviewed_clean(root, out, *, keep: list[int], remove: list[int]):
+    """The tiny run's flags filtered again with a keep list and a remove list (ids output: no
+    shards); returns the params used."""
+    from stages.filter import filter_dataset
+    from tests.conftest import tiny_params
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    keep_path, remove_path = out.parent / "keep.txt", out.parent / "remove.txt"
+    keep_path.write_text("".join(f"{i}\n" for i in keep))
+    remove_path.write_text("".join(f"{i}\n" for i in remove))
+    params = tiny_params([f"filter.keep_ids={keep_path}", f"filter.remove_ids={remove_path}", "filter.output=ids"])
+    filter_dataset(raw_dir=root / "raw", scores_dir=root / "scores", flags_dir=root / "flags", out_dir=out,
+                   settings=params.filter, params=params)
+    return params
+
+
+def review_choice(root) -> tuple[list[int], list[int]]:
+    """Keep the two most suspicious flagged samples; remove the two known poison the flags missed
+    and the first unflagged sample just under the cut."""
+    flags = pl.read_parquet(root / "flags" / "flags.parquet").sort("rank")
+    manifest = pl.read_parquet(root / "raw" / "manifest.parquet")
+    poison = set(manifest.filter(pl.col("is_poison"))["id"].to_list())
+    unflagged = flags.filter(~pl.col("is_flagged"))["id"].to_list()
+    missed = [i for i in unflagged if i in poison][:2]
+    assert len(missed) == 2
+    keep = flags.filter(pl.col("is_flagged"))["id"].head(2).to_list()
+    return keep, missed + [next(i for i in unflagged if i not in poison)]
+
+
+def test_applied_block_counts_the_review(tiny_run, tmp_path):
+    """With the filter's output, applied.json is of what filter removed: flags - keep + remove,
+    its precision / recall against the truth recomputed here, and the review's share named."""
+    root, params = tiny_run
+    keep, remove = review_choice(root)
+    reviewed_clean(root, tmp_path / "clean", keep=keep, remove=remove)
+    summary = evaluate_detectors(
+        raw_dir=root / "raw", scores_dir=root / "scores", metrics_path=tmp_path / "m.json",
+        plots_dir=tmp_path / "plots", settings=params.evaluate, threshold=params.threshold, base=params.base,
+        flags_dir=root / "flags", applied_path=tmp_path / "applied.json", clean_dir=tmp_path / "clean",
+    )
+    applied = json.loads((tmp_path / "applied.json").read_text())
+    assert summary["applied"] == applied
+    flags = pl.read_parquet(root / "flags" / "flags.parquet")
+    flagged = set(flags.filter(pl.col("is_flagged"))["id"].to_list())
+    poison = set(pl.read_parquet(root / "raw" / "manifest.parquet").filter(pl.col("is_poison"))["id"].to_list())
+    removed = flagged - set(keep) | set(remove)
+    assert set(pl.read_parquet(tmp_path / "clean" / "removed.parquet")["id"].to_list()) == removed
+    assert (applied["removed"], applied["flagged"]) == (len(removed), len(flagged)) == (21, 20)
+    assert (applied["removed_by_review"], applied["kept_by_review"]) == (3, 2)
+    assert applied["poison_removed"] == len(removed & poison) == len(flagged & poison) + 2
+    assert applied["poison_missed"] == len(poison - removed)
+    assert applied["precision"] == round(len(removed & poison) / len(removed), 6)
+    assert applied["recall"] == round(len(removed & poison) / len(poison), 6)
+    assert applied["removed_fraction"] == round(len(removed) / 400, 6)
+    # without the filter's output: the flags, as before (and no review keys)
+    evaluate_detectors(
+        raw_dir=root / "raw", scores_dir=root / "scores", metrics_path=tmp_path / "m2.json",
+        plots_dir=tmp_path / "plots2", settings=params.evaluate, threshold=params.threshold, base=params.base,
+        flags_dir=root / "flags", applied_path=tmp_path / "applied2.json",
+    )
+    from clipscrub.metrics import APPLIED_KEYS
+
+    plain = json.loads((tmp_path / "applied2.json").read_text())
+    assert set(plain) == set(APPLIED_KEYS) and plain["removed"] == len(flagged)
+
+
+def test_applied_block_of_a_clean_version_from_other_scores_is_an_error(tiny_run, tmp_path):
+    import shutil
+
+    from clipscrub.errors import DataError
+
+    root, params = tiny_run
+    shutil.copytree(root / "clean", tmp_path / "clean", ignore=shutil.ignore_patterns("shards"))
+    removed = pl.read_parquet(tmp_path / "clean" / "removed.parquet")
+    pl.concat([removed, removed.head(1).with_columns(id=pl.lit(10_000, dtype=removed.schema["id"]))]).write_parquet(
+        tmp_path / "clean" / "removed.parquet")
+    with pytest.raises(DataError) as info:
+        evaluate_detectors(
+            raw_dir=root / "raw", scores_dir=root / "scores", metrics_path=tmp_path / "m.json",
+            plots_dir=tmp_path / "plots", settings=params.evaluate, threshold=params.threshold, base=params.base,
+            flags_dir=root / "flags", applied_path=tmp_path / "applied.json", clean_dir=tmp_path / "clean",
+        )
+    assert str(info.value) == "--clean: the cleaned version removed samples the scores do not hold: rerun filter"

@@ -20,6 +20,29 @@ from tests.conftest import REPO
 ARTIFACTS = Path(os.environ.get("CLIPSCRUB_TEST_ARTIFACTS", REPO / "test-artifacts"))
 
 
+def section(page: str, anchor: str) -> str:
+    """A section of the page: from its heading (``<h2 id=anchor>``) to the next heading."""
+    start = page.index(f"<h2 id={anchor}>")
+    end = page.find("<h2 ", start + 1)
+    return page[start:end if end > 0 else len(page)]
+
+
+def parse_cards(fragment: str) -> list[dict]:
+    """Each sample card: id, anchor (its id= attribute), classes, tags, nearest references
+    [(distance as shown, reference id, caption entry)]."""
+    out = []
+    for chunk in re.split(r'(?=<div class="card[ "])', fragment)[1:]:
+        head = re.match(r'<div class="(card[^"]*)"(?: id="sample-(\d+)")?>', chunk)
+        sample = int(re.search(r'<a href="#sample-(\d+)">id \1</a>', chunk).group(1))
+        out.append({
+            "id": sample, "anchor": head.group(2) and int(head.group(2)), "classes": head.group(1).split(),
+            "tags": re.findall(r'<span class="(?:tag|rv[^"]*)">([^<]+)</span>', chunk),
+            "nearest": [(float(d), int(i), bool(t)) for d, i, t in re.findall(
+                r'<div class="nn" title="[^"]*">.*?<span>([\d.]+)</span><span>(\d+)( txt)?</span></div>', chunk)],
+        })
+    return out
+
+
 def test_report_is_self_contained(tiny_run):
     root, params = tiny_run
     page = (root / "report" / "index.html").read_text()
@@ -27,10 +50,21 @@ def test_report_is_self_contained(tiny_run):
     assert not re.search(r"<script|<link|<iframe|url\((?!#)", page)  # url(#clip) is inside the SVG
     srcs = re.findall(r'<img src="([^"]+)"', page)
     assert srcs and all(s.startswith("data:image/png;base64,") for s in srcs)
-    for section in ("Dataset", "Score histograms", "ROC and precision-recall", "Top 20 flagged samples",
+    for section in ("Dataset", "Score histograms", "ROC and precision-recall", "Threshold what-if",
+                    "Top 20 flagged samples", "Known poison not removed", "Just under the cut", "Review verdicts",
                     "Clusters among flagged samples", "Lineage"):
         assert section in page
-    assert page.count("<svg") == len(params.score.detectors) + 2  # histograms + ROC + PR
+    assert page.count("<svg") == len(params.score.detectors) + 3  # histograms + ROC + PR + what-if
+    # the flagged gallery's pages: as self-contained, every link between them resolves
+    pages = sorted((root / "report" / "flagged").glob("page-*.html"))
+    assert [p.name for p in pages] == ["page-0001.html"]
+    for p in pages:
+        text = p.read_text()
+        assert not re.search(r"<script|<link|<iframe|url\(", text)
+        assert all(s.startswith("data:image/png;base64,") for s in re.findall(r'<img src="([^"]+)"', text))
+    for src, text in [(root / "report" / "index.html", page)] + [(p, p.read_text()) for p in pages]:
+        for target in re.findall(r'href="([^"#][^"]*?)(?:#[^"]*)?"', text):
+            assert (src.parent / target).is_file(), (src, target)
     # the version's params hash (the sections that change a version), its value on the page
     from stages.filter import REPORTING
 
@@ -158,8 +192,9 @@ def test_gallery_marks_the_known_poison_and_counts_captions(tiny_run, tmp_path):
                  flags_dir=tmp_path / "flags", clean_dir=root / "clean", out_dir=tmp_path / "report", settings=settings,
                  threshold=params.threshold, base=params.base, truth_path=tmp_path / "truth.csv")
     page = (tmp_path / "report" / "index.html").read_text()
-    gallery = page[page.index("<div class=gallery>"):page.index("<h2 id=clusters>")]
-    cards = re.findall(r'<div class="card( poison)?">.*?<div>(?:#\d+ )?id (\d+)( <span class="tag">poisoned</span>)?</div>', gallery)
+    gallery = section(page, "gallery")
+    cards = re.findall(r'<div class="card( poison)?"[^>]*>.*?<div>(?:#\d+ )?<a href="#sample-\d+">id (\d+)</a>'
+                       r'( <span class="tag">poisoned</span>)?</div>', gallery)
     assert [int(i) for _, i, _ in cards] == gallery_ids
     assert {int(i) for cls, i, tag in cards if cls} == {int(i) for cls, i, tag in cards if tag} == marked
     assert len(marked) == 5
@@ -175,6 +210,9 @@ def test_gallery_marks_the_known_poison_and_counts_captions(tiny_run, tmp_path):
 
 
 def test_report_opens_in_headless_chromium(tiny_run):
+    """The pipeline's report in Debian's Chromium: no errors, every image decoded, the new parts
+    visible (summary line, what-if table and plot, nearest references, missed and near-cut
+    galleries), and anchors followed: a sample, a cluster, the what-if section, a gallery page."""
     from playwright.sync_api import sync_playwright
 
     root, params = tiny_run
@@ -182,7 +220,10 @@ def test_report_opens_in_headless_chromium(tiny_run):
     assert chromium, "chromium is not installed: scripts/test.sh installs Debian's package"
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     shot = ARTIFACTS / "report.png"
+    index = (root / "report" / "index.html").resolve().as_uri()
+    flagged_ids = pl.read_parquet(root / "flags" / "flags.parquet").filter(pl.col("is_flagged")).sort("rank")["id"].to_list()
     errors: list[str] = []
+    seen: dict = {}
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
         try:
@@ -190,21 +231,72 @@ def test_report_opens_in_headless_chromium(tiny_run):
             page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
             page.on("pageerror", lambda e: errors.append(str(e)))
             page.on("requestfailed", lambda r: errors.append(f"request failed: {r.url}"))
-            page.goto((root / "report" / "index.html").resolve().as_uri())
+            page.goto(index)
             page.wait_for_load_state("load")
             images = page.evaluate(
                 "Array.from(document.images).map(i => ({w: i.naturalWidth, h: i.naturalHeight, ok: i.complete}))")
-            gallery = page.locator(".gallery .card").count()
-            svgs = page.locator("figure svg").count()
+            seen["gallery"] = page.locator("#top .card").count()
+            seen["svgs"] = page.locator("figure svg").count()
+            seen["summary"] = page.locator("#summary-line").inner_text()
+            seen["summary_visible"] = page.locator("#summary-line").is_visible()
+            page.screenshot(path=str(ARTIFACTS / "report-top.png"))
             page.screenshot(path=str(shot), full_page=True)
+
+            def in_view(selector: str) -> bool:
+                return page.evaluate("s => { const r = document.querySelector(s).getBoundingClientRect();"
+                                     " return r.top >= -1 && r.top < window.innerHeight; }", selector)
+
+            # the table of contents' link to the what-if section: a click scrolls to it
+            page.click("nav.toc a[href='#what-if']")
+            page.wait_for_function("location.hash === '#what-if'")
+            seen["whatif_in_view"] = in_view("#what-if")
+            seen["whatif_rows"] = page.locator("table.whatif tbody tr").count()
+            seen["whatif_plot"] = page.locator("#what-if ~ .figs svg").first.is_visible()
+            page.screenshot(path=str(ARTIFACTS / "report-whatif.png"))
+            # a sample's anchor: its card, with its nearest references drawn
+            first = flagged_ids[0]
+            page.goto(f"{index}#sample-{first}")
+            seen["sample_in_view"] = in_view(f"#sample-{first}")
+            nearest = page.locator(f"#sample-{first} .nearest .nn")
+            seen["nearest"] = nearest.count()
+            seen["nearest_img"] = page.evaluate(
+                f"Array.from(document.querySelectorAll('#sample-{first} .nearest img')).every(i => i.naturalWidth > 0)")
+            seen["nearest_visible"] = nearest.first.is_visible()
+            page.screenshot(path=str(ARTIFACTS / "report-sample-neighbours.png"))
+            seen["missed"] = page.locator("#missed-gallery .card").count()
+            seen["near_cut"] = page.locator("#near-cut-gallery .card").count()
+            seen["missed_visible"] = page.locator("#missed-gallery .card").first.is_visible()
+            # a cluster's anchor
+            page.goto(f"{index}#cluster-0")
+            seen["cluster_in_view"] = in_view("#cluster-0")
+            # the gallery page link, and back
+            page.goto(index)
+            page.click("#all-flagged a[href='flagged/page-0001.html']")
+            page.wait_for_load_state("load")
+            seen["page_url"] = page.url
+            seen["page_cards"] = page.locator(".card[id^=sample-]").count()
+            seen["page_images"] = page.evaluate("Array.from(document.images).every(i => i.complete && i.naturalWidth > 0)")
+            page.screenshot(path=str(ARTIFACTS / "report-flagged-page.png"))
+            page.click("a[href='../index.html']")
+            page.wait_for_load_state("load")
+            seen["back"] = page.url
         finally:
             browser.close()
     assert errors == []
-    flagged = int(pl.read_parquet(root / "flags" / "flags.parquet")["is_flagged"].sum())
-    assert gallery == min(flagged, params.report.top_n)
-    assert len(images) >= gallery and all(i["ok"] and i["w"] > 0 and i["h"] > 0 for i in images)
-    assert svgs == len(params.score.detectors) + 2
+    assert seen["gallery"] == min(len(flagged_ids), params.report.top_n)
+    assert len(images) >= seen["gallery"] and all(i["ok"] and i["w"] > 0 and i["h"] > 0 for i in images)
+    assert seen["svgs"] == len(params.score.detectors) + 3
+    removed = pl.read_parquet(root / "clean" / "removed.parquet").height
+    assert seen["summary_visible"] and f"of the {removed} removed are known poison" in seen["summary"]
+    assert seen["whatif_in_view"] and seen["whatif_rows"] == 8 and seen["whatif_plot"]
+    assert seen["sample_in_view"] and seen["nearest"] == 5 and seen["nearest_img"] and seen["nearest_visible"]
+    assert seen["missed"] > 0 and seen["missed_visible"] and seen["near_cut"] == params.report.top_n
+    assert seen["cluster_in_view"]
+    assert seen["page_url"].endswith("/report/flagged/page-0001.html") and seen["page_cards"] == len(flagged_ids)
+    assert seen["page_images"] and seen["back"] == index
     assert shot.stat().st_size > 10_000
+    for name in ("report-top.png", "report-whatif.png", "report-sample-neighbours.png", "report-flagged-page.png"):
+        assert (ARTIFACTS / name).stat().st_size > 10_000, name
 
 
 def test_clusters_join_shared_captions_and_near_identical_images(tmp_path):
@@ -225,3 +317,173 @@ def test_clusters_join_shared_captions_and_near_identical_images(tmp_path):
     kinds = dict(zip(got["id"].to_list(), got["kind"].to_list()))
     assert kinds[10] == "caption" and kinds[12] == "identical image" and kinds[14] == "near-identical image"
     assert got.filter(pl.col("id") == 10)["size"].item() == 3
+
+
+# --- issue 16, review: nearest references, every flagged sample, missed / near-cut, what-if -------
+
+def test_cards_show_each_samples_nearest_references(tiny_run):
+    """Under each flagged card: its 5 nearest reference entries of the first set's first draw,
+    recomputed here by brute force from the embeddings (image query against the draw's image and
+    caption entries, the sample's own entries excluded): the same owners, kinds and distances."""
+    root, params = tiny_run
+    page = (root / "report" / "index.html").read_text()
+    refs = json.loads((root / "index" / "references.json").read_text())["sets"][0]
+    assert f"reference set {refs['name']}, draw 1 of {refs['draws']}, modality image_text" in page
+    emb_ids = np.load(root / "embeddings" / "ids.npy")
+    image = np.load(root / "embeddings" / "image.npy").astype(np.float64)
+    text = np.load(root / "embeddings" / "text.npy").astype(np.float64)
+    ref_rows = np.load(root / "index" / refs["name"] / "ref_rows.npy")[0]
+    entries = np.concatenate([image[ref_rows], text[ref_rows]])
+    owners = emb_ids[np.concatenate([ref_rows, ref_rows])]
+    is_caption = np.arange(len(entries)) >= len(ref_rows)
+    flags = pl.read_parquet(root / "flags" / "flags.parquet")
+    cards = parse_cards(section(page, "gallery"))
+    assert [c["id"] for c in cards] == flags.filter(pl.col("is_flagged")).sort("rank")["id"].to_list()
+    for card in cards:
+        row = int(np.flatnonzero(emb_ids == card["id"])[0])
+        dist = np.linalg.norm(entries - image[row], axis=1)
+        dist[owners == card["id"]] = np.inf  # a sample is never its own neighbour
+        order = np.argsort(dist, kind="stable")[:5]
+        assert [(i, t) for _, i, t in card["nearest"]] == [(int(owners[j]), bool(is_caption[j])) for j in order], card["id"]
+        assert [d for d, _, _ in card["nearest"]] == pytest.approx(dist[order].tolist(), abs=6e-4), card["id"]
+
+
+def _anchored(text: str) -> list[int]:
+    return [int(i) for i in re.findall(r'<div class="card[^"]*" id="sample-(\d+)">', text)]
+
+
+def test_every_flagged_sample_has_a_page(tiny_run, tmp_path, monkeypatch):
+    """With 7 cards a page, the 20 flagged samples are on 3 pages in rank order, each card with
+    its anchor; the report links every page, and each cluster member not drawn in its cluster
+    links to its card's page and anchor."""
+    import stages.report as report
+
+    root, params = tiny_run
+    monkeypatch.setattr(report, "PER_PAGE", 7)
+    settings = params.report.model_copy(update={"top_n": 5, "cluster_members_shown": 2})
+    summary = report.write_report(raw_dir=root / "raw", embeddings_dir=root / "embeddings", scores_dir=root / "scores",
+                                  flags_dir=root / "flags", clean_dir=root / "clean", out_dir=tmp_path / "report",
+                                  settings=settings, threshold=params.threshold, base=params.base)
+    ranked = pl.read_parquet(root / "flags" / "flags.parquet").filter(pl.col("is_flagged")).sort("rank")["id"].to_list()
+    assert summary["pages"] == 3 and len(ranked) == 20
+    pages = [(tmp_path / "report" / "flagged" / f"page-{p:04d}.html").read_text() for p in (1, 2, 3)]
+    assert [_anchored(p) for p in pages] == [ranked[0:7], ranked[7:14], ranked[14:20]]
+    assert "ranks 8&ndash;14 of 20 flagged, 7 a page" in pages[1]
+    assert '<a href="../index.html">' in pages[2] and '<a href="page-0001.html">1</a>' in pages[2]
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert _anchored(section(page, "gallery")) == ranked[:5]
+    assert all(f'<a href="flagged/page-{p:04d}.html">{p}</a>' in page for p in (1, 2, 3))
+    assert "<b>All 20 flagged samples</b>, by rank, 7 a page (3 pages)" in page
+    clusters = pl.read_parquet(tmp_path / "report" / "clusters.parquet")
+    for c, members in clusters.group_by("cluster", maintain_order=True):
+        block = re.search(rf'<div class=cluster id=cluster-{c[0]}>.*?(?=<div class=cluster |<h2 )', page, re.S).group(0)
+        drawn = [card["id"] for card in parse_cards(block)]
+        assert drawn == members["id"].to_list()[:2]
+        links = re.findall(r'<a href="([^"]*)#sample-(\d+)">\2</a>', block)
+        assert sorted(int(i) for _, i in links) == sorted(members["id"].to_list()[2:])
+        for target, i in links:
+            pos = ranked.index(int(i))
+            assert target == ("" if pos < 5 else f"flagged/page-{pos // 7 + 1:04d}.html")
+
+
+def test_missed_poison_and_samples_under_the_cut(tiny_run):
+    """Missed: the known poison filter kept, by rank. Under the cut: the unflagged samples ranked
+    right after the flagged ones (top_n of them). Recomputed from the manifest, flags and removed."""
+    root, params = tiny_run
+    page = (root / "report" / "index.html").read_text()
+    flags = pl.read_parquet(root / "flags" / "flags.parquet").sort("rank")
+    removed = set(pl.read_parquet(root / "clean" / "removed.parquet")["id"].to_list())
+    poison = set(pl.read_parquet(root / "raw" / "manifest.parquet").filter(pl.col("is_poison"))["id"].to_list())
+    missed = [i for i in flags["id"].to_list() if i in poison and i not in removed]
+    got = parse_cards(section(page, "missed"))
+    assert [c["id"] for c in got] == missed and len(missed) == len(poison - removed) > 0
+    assert all("poisoned" in c["tags"] and "poison" in c["classes"] for c in got)
+    assert f"<h2 id=missed>Known poison not removed ({len(missed)})</h2>" in page
+    under = flags.filter(~pl.col("is_flagged"))["id"].head(params.report.top_n).to_list()
+    got = parse_cards(section(page, "near-cut"))
+    assert [c["id"] for c in got] == under
+    assert all(c["nearest"] for c in got)  # the references that did not make them suspicious enough
+    # each sample is anchored once per page
+    anchors = _anchored(page)
+    assert len(anchors) == len(set(anchors))
+
+
+def test_summary_line_with_and_without_ground_truth(tiny_run, tmp_path):
+    from stages.report import write_report
+    from tests.test_evaluate import copy_raw_without_truth
+
+    root, params = tiny_run
+    page = (root / "report" / "index.html").read_text()
+    removed = set(pl.read_parquet(root / "clean" / "removed.parquet")["id"].to_list())
+    poison = set(pl.read_parquet(root / "raw" / "manifest.parquet").filter(pl.col("is_poison"))["id"].to_list())
+    line = re.search(r"<p class=summary id=summary-line><b>(.*?)</b></p>", page).group(1)
+    assert line == (f"{len(removed & poison)} of the {len(removed)} removed are known poison; "
+                    f"{len(poison - removed)} of the {len(poison)} known poison were missed.")
+    assert page.index("id=summary-line") < page.index("<h2 ")  # above every section
+    copy_raw_without_truth(root, tmp_path)
+    write_report(raw_dir=tmp_path / "raw", embeddings_dir=root / "embeddings", scores_dir=root / "scores",
+                 flags_dir=root / "flags", clean_dir=root / "clean", out_dir=tmp_path / "report",
+                 settings=params.report, threshold=params.threshold, base=params.base)
+    bare = (tmp_path / "report" / "index.html").read_text()
+    assert f"<b>{len(removed)} of 400 removed (no ground truth).</b>" in bare
+    assert "<h2 id=missed>" not in bare and "<th>precision</th>" not in bare
+
+
+def test_what_if_table(tiny_run):
+    """Each row: top_fraction f on the threshold detector removes max(1, round(f N)) samples, the
+    cut is the last one's score, precision / recall against the manifest; recomputed here."""
+    root, params = tiny_run
+    page = (root / "report" / "index.html").read_text()
+    part = section(page, "what-if")
+    assert part.count("<svg") == 1
+    rows = re.findall(r"<tr><td>([\d.e-]+)</td><td>([-\d.e+]+)</td><td>(\d+)</td><td>(\d+)</td>"
+                      r"<td>([\d.]+|n/a)</td><td>([\d.]+)</td><td>([^<]*)</td></tr>", part)
+    fractions = [float(r[0]) for r in rows]
+    assert fractions == [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2]
+    scores = pl.read_parquet(root / "scores" / "scores.parquet").join(
+        pl.read_parquet(root / "raw" / "manifest.parquet").select("id", "is_poison"), on="id")
+    v = scores["kdist_score"].to_numpy()
+    order = np.lexsort((scores["id"].to_numpy(), -v))
+    y = scores["is_poison"].to_numpy()
+    for f, cut, n, hit, precision, recall, mark in rows:
+        k = max(1, round(float(f) * 400))
+        top = order[:k]
+        assert (int(n), int(hit)) == (k, int(y[top].sum()))
+        assert float(cut) == pytest.approx(v[top[-1]], rel=1e-5)
+        assert float(precision) == pytest.approx(y[top].sum() / k, abs=5e-4)
+        assert float(recall) == pytest.approx(y[top].sum() / y.sum(), abs=5e-4)
+        assert (mark == "the rule applied, what filter removed") == (float(f) == params.threshold.fraction)
+
+
+def test_review_verdicts_on_the_page(tiny_run, tmp_path):
+    """After a review (2 flagged kept, 3 unflagged removed): the summary counts what filter removed,
+    the gallery marks the kept cards, the review section shows all five with their verdicts, and
+    missed poison leaves out the poison the review removed."""
+    from stages.report import write_report
+    from tests.test_evaluate import review_choice, reviewed_clean
+
+    root, params = tiny_run
+    keep, remove = review_choice(root)
+    reviewed_clean(root, tmp_path / "clean", keep=keep, remove=remove)
+    summary = write_report(raw_dir=root / "raw", embeddings_dir=root / "embeddings", scores_dir=root / "scores",
+                           flags_dir=root / "flags", clean_dir=tmp_path / "clean", out_dir=tmp_path / "report",
+                           settings=params.report, threshold=params.threshold, base=params.base)
+    page = (tmp_path / "report" / "index.html").read_text()
+    flags = pl.read_parquet(root / "flags" / "flags.parquet")
+    poison = set(pl.read_parquet(root / "raw" / "manifest.parquet").filter(pl.col("is_poison"))["id"].to_list())
+    removed = set(flags.filter(pl.col("is_flagged"))["id"].to_list()) - set(keep) | set(remove)
+    assert (summary["removed"], summary["removed_by_review"], summary["kept_by_review"]) == (len(removed), 3, 2)
+    line = re.search(r"id=summary-line><b>(.*?)</b>", page).group(1)
+    assert line == (f"{len(removed & poison)} of the {len(removed)} removed are known poison; "
+                    f"{len(poison - removed)} of the {len(poison)} known poison were missed. "
+                    "Review: 3 removed by filter.remove_ids, 2 flagged samples kept by filter.keep_ids.")
+    assert f"removed {len(removed)} of 400" in page  # the applied sentence: what filter removed
+    gallery = {c["id"]: c for c in parse_cards(section(page, "gallery"))}
+    assert {i for i, c in gallery.items() if "kept by review" in c["tags"]} == set(keep)
+    review = {c["id"]: c["tags"] for c in parse_cards(section(page, "review"))}
+    assert set(review) == set(keep) | set(remove)
+    assert all(("kept by review" in review[i]) for i in keep)
+    assert all(("removed by review" in review[i]) for i in remove)
+    assert [c["id"] for c in parse_cards(section(page, "missed"))] == \
+        flags.sort("rank").filter(pl.col("id").is_in(sorted(poison - removed)))["id"].to_list()
+    assert "<h2 id=review>Review verdicts (2 kept, 3 removed)</h2>" in page
