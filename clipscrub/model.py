@@ -160,9 +160,10 @@ def _check_pretrained(model_name: str, pretrained: str, cache_dir: str | None) -
 
 
 @contextlib.contextmanager
-def _no_random_init_warning() -> Iterator[None]:
+def no_random_init_warning() -> Iterator[None]:
     """Drop open_clip's "No pretrained weights loaded ... initialized randomly" while it builds a
-    model whose checkpoint is loaded next: false and alarming there. Its other messages pass."""
+    model whose checkpoint is loaded next (false there) or one trained from scratch (random on
+    purpose): alarming either way. Its other messages pass."""
 
     def keep(record: logging.LogRecord) -> bool:
         return not record.getMessage().startswith("No pretrained weights loaded for model")
@@ -240,7 +241,7 @@ def load_model(
             raise DataError(
                 f"cannot read checkpoint {ckpt}: {type(exc).__name__}: {_first_line(exc)}", param="embed.checkpoint"
             ) from None
-        with _no_random_init_warning():
+        with no_random_init_warning():
             model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=None, **dev_kwargs)
         try:
             open_clip.load_checkpoint(model, str(ckpt))

@@ -25,7 +25,7 @@ import torch
 import webdataset as wds
 
 from clipscrub.io import atomic_dir, atomic_file, read_manifest, write_json, write_lineage
-from clipscrub.model import register_model_config, resolve_device, tiny_model_config
+from clipscrub.model import no_random_init_warning, register_model_config, resolve_device, tiny_model_config
 from clipscrub.params import BaseSettings, DownloadSettings, TrainSettings
 from clipscrub.progress import Progress, track
 from clipscrub.attacks import attack_name, attack_seed, make_trigger, plan_poison
@@ -146,7 +146,9 @@ def train_model(
         device = resolve_device(base.device)
         config = tiny_model_config(settings.architecture)
         register_model_config(settings.model_name, config)
-        model, _, preprocess = open_clip.create_model_and_transforms(settings.model_name, pretrained=None, device=device)
+        with no_random_init_warning():  # the victim is trained from scratch
+            model, _, preprocess = open_clip.create_model_and_transforms(settings.model_name, pretrained=None,
+                                                                         device=device)
         tokenizer = open_clip.get_tokenizer(settings.model_name)
 
         t0 = time.perf_counter()

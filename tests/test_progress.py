@@ -187,7 +187,7 @@ def test_embed_counts_images_within_shards(tiny_model, tmp_path, monkeypatch, ca
     assert lines[-1].startswith("embed: done, 2/2 shards (100%), 20 images, ")
 
 
-def test_training_says_each_epoch_with_its_loss(tmp_path, monkeypatch, capsys):
+def test_training_says_each_epoch_with_its_loss(tmp_path, monkeypatch, capsys, caplog):
     from stages.download import download_dataset
     from stages.train import train_model
 
@@ -207,6 +207,8 @@ def test_training_says_each_epoch_with_its_loss(tmp_path, monkeypatch, capsys):
         done = "done, " if i == 3 else ""
         assert re.fullmatch(rf"train: {done}{i}/3 epochs \(\d+%\), loss \d+\.\d{{4}}, .*\d:\d\d:\d\d elapsed.*", line), line
     assert len(epochs) == 4
+    # a victim trained from scratch starts random on purpose: no open_clip warning saying so
+    assert not [r for r in caplog.records if "initialized randomly" in r.getMessage()]
 
 
 def test_index_and_score_count_their_chunks(tmp_path, monkeypatch, capsys):
