@@ -62,9 +62,9 @@ def _read_disk_memo(entry: Path | None) -> str | None:
 def _write_disk_memo(entry: Path | None, digest: str, path: str | Path) -> None:
     if entry is None:
         return
+    tmp = entry.with_name(f".{entry.name}.{uuid.uuid4().hex[:8]}")
     try:  # a cache: a read-only or full home only costs the next process a re-read
         entry.parent.mkdir(parents=True, exist_ok=True)
-        tmp = entry.with_name(f".{entry.name}.{uuid.uuid4().hex[:8]}")
         tmp.write_text(f"{digest} {Path(path).resolve()}\n")
         os.replace(tmp, entry)
     except OSError:

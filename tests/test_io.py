@@ -195,6 +195,9 @@ def test_a_large_files_hash_is_shared_with_the_next_process_until_the_file_chang
     assert sorted(cache.iterdir()) == before
     hash_in_a_new_process(path, "off")
     assert not (tmp_path / "off").exists()
+    # a cache that cannot be written (a file where its folder should be) only costs a re-read
+    (tmp_path / "blocked").write_text("")
+    assert hash_in_a_new_process(path, str(tmp_path / "blocked" / "cache")) == first
 
 
 @pytest.fixture
