@@ -150,12 +150,16 @@ def save_npy(path: Path, arr: np.ndarray) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def load_chunk(work: Path, start: int, stop: int, name: str, *, stage: str) -> np.ndarray:
-    path = chunk_file(work, start, stop, name)
+def require_chunk(path: Path, start: int, stop: int, *, stage: str) -> Path:
+    """``path``, a file chunk [start, stop) writes, or the error naming the chunk to run."""
     if not path.is_file():
         raise DataError(f"chunk [{start}, {stop}) has not been computed ({path} is missing): run its "
                         f"{stage} chunk, then reduce again", param=stage)
-    return np.load(path)
+    return path
+
+
+def load_chunk(work: Path, start: int, stop: int, name: str, *, stage: str) -> np.ndarray:
+    return np.load(require_chunk(chunk_file(work, start, stop, name), start, stop, stage=stage))
 
 
 def link_or_copy(src: Path, dst: Path) -> None:
@@ -275,14 +279,15 @@ def search_index_chunk(
             del index, found
         set_dir = work / rec["name"]
         for name, arr in out.items():
+            caption = name.startswith("captions_")
             a = name.removeprefix("captions_")
             hashes[f"{rec['name']}.{name}"] = hashlib.sha256(arr).hexdigest()
             for r, block in enumerate(arr):
-                if not name.startswith("captions_"):
+                if not caption:
                     write_rows(set_dir / f"{a}.npy", row=r * n + start, block=block)
                 if every:  # the queries are the entries (image, then text-only caption entries)
-                    offset = n if name.startswith("captions_") else 0
-                    write_rows(set_dir / f"ref_{a}.npy", row=r * rec["entries"] + offset + start, block=block)
+                    write_rows(set_dir / f"ref_{a}.npy", row=r * rec["entries"] + (n if caption else 0) + start,
+                               block=block)
     chunk_mark(work, start, stop).parent.mkdir(exist_ok=True)
     write_json(chunk_mark(work, start, stop), {"start": start, "stop": stop, "sha256": hashes})
 
@@ -309,9 +314,7 @@ def reduce_index(
     records: list[dict[str, Any]] = []
     tables = []
     for start, stop in plan["chunks"]:
-        if not chunk_mark(work, start, stop).is_file():
-            raise DataError(f"chunk [{start}, {stop}) has not been computed ({chunk_mark(work, start, stop)} is "
-                            f"missing): run its index chunk, then reduce again", param="index")
+        require_chunk(chunk_mark(work, start, stop), start, stop, stage="index")
     with atomic_dir(out_dir) as tmp:
         for rec in plan["sets"]:
             name, method, entries_n = rec["name"], rec["search"], rec["entries"]

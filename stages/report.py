@@ -62,6 +62,17 @@ th:first-child,td:first-child{text-align:left}
 """
 
 
+def _pyplot():
+    """matplotlib's pyplot off-screen, with the fixed SVG hash salt that makes figures reproducible."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.rcParams["svg.hashsalt"] = "clipscrub"
+    return plt
+
+
 def _svg(fig) -> str:
     import matplotlib.pyplot as plt
 
@@ -76,13 +87,9 @@ def _svg(fig) -> str:
 def _figures(scores: pl.DataFrame, detectors: list[str], y: np.ndarray | None, cuts: dict[str, float | None],
              threshold_detector: str, bins: int) -> tuple[list[str], list[str]]:
     """(histograms, [ROC, PR]) as inline SVG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from sklearn.metrics import precision_recall_curve, roc_auc_score, roc_curve, average_precision_score
 
-    plt.rcParams["svg.hashsalt"] = "clipscrub"
+    plt = _pyplot()
     hists = []
     for d in detectors:
         v = scores[f"{d}_score"].to_numpy().astype(np.float64)
@@ -316,12 +323,7 @@ def _what_if(values: np.ndarray, ids: np.ndarray, y: np.ndarray | None, threshol
 
 
 def _what_if_svg(rows: list[dict[str, Any]], *, applied_fraction: float, detector: str) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    plt.rcParams["svg.hashsalt"] = "clipscrub"
+    plt = _pyplot()
     x = [r["fraction"] for r in rows]
     fig, ax = plt.subplots(figsize=(5.2, 3.2))
     if "precision" in rows[0]:
