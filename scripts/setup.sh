@@ -8,8 +8,15 @@ fi
 stamp=.venv/.clipscrub-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     echo "installing clipscrub and its dependencies into .venv (a few minutes the first time)..." >&2
+    # torch's CUDA build alone is 5.5 GB of the ~8.5 GB: say so before pip runs out of room midway
+    free_kb=$(df -Pk .venv | awk 'NR == 2 {print $4}')
+    if [ "${free_kb:-0}" -lt $((9 * 1024 * 1024)) ] && [ ! -d .venv/lib/python3*/site-packages/torch ]; then
+        echo "warning: $((free_kb / 1024)) MB free on $(df -P .venv | awk 'NR == 2 {print $6}'), and the environment" \
+             "takes about 8.5 GB (torch's CUDA build: 5.5 GB): the install may fail with 'No space left on device'" >&2
+    fi
+    # --no-cache-dir: a second copy of every downloaded wheel in ~/.cache/pip would only cost disk;
     # some machines list local package folders that do not exist: pip warns per package
-    .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]' 2>&1 \
+    .venv/bin/python -m pip install -q --disable-pip-version-check --no-cache-dir -e '.[dev]' 2>&1 \
         | { grep -v "^WARNING: Location 'file://" || true; } >&2
     # img2dataset requires the Python 3.6 'dataclasses' backport, dead weight on 3.10+: its
     # dataclasses.py in site-packages would shadow the standard library under `prefect server
