@@ -21,7 +21,8 @@ Prefect UI, in that run's logs); elsewhere they are printed to stderr.
 loop body is done with it). Two more things can be counted on it:
 
 - ``count(n, unit)``: inner units, e.g. the images within shards; the lines then show their
-  total and rate (``870 images/s``) instead of the rate of ``unit``;
+  total and rate (``870 images/s``) instead of the rate of ``unit`` (``tick=False`` leaves the
+  line to the step that ends next);
 - ``advance(n=1, **info)``: steps by hand, ``info`` shown as ``key value`` on the line.
 
 Without an iterable, ``Progress`` is a context manager counted with ``advance``::
@@ -164,11 +165,14 @@ class Progress:
         self.info.update(info)
         self._tick()
 
-    def count(self, n: int, unit: str) -> None:
-        """``n`` more inner units (``unit``: "images"), e.g. as each batch of a shard is done."""
+    def count(self, n: int, unit: str, *, tick: bool = True) -> None:
+        """``n`` more inner units (``unit``: "images"), e.g. as each batch of a shard is done.
+        ``tick=False``: only add them, for the step that ends next to show (a chunk's rows, counted
+        as the chunk ends: a line between the two would count the rows but not the chunk)."""
         self.inner += n
         self.inner_unit = unit
-        self._tick()
+        if tick:
+            self._tick()
 
     def _tick(self) -> None:
         if self._closed:

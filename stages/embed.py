@@ -114,7 +114,7 @@ def convert_precomputed(*, raw_dir: Path, ok: pl.DataFrame, out_dir: Path, setti
         for src, dst in (("img_emb", image_out), ("text_emb", text_out)):
             # zero and non-finite rows are copied too, for the embeddings suite to reject by id
             dst[lo:hi] = np.asarray(np.load(part[src], mmap_mode="r")[local], dtype=np.float32)
-        progress.count(int(hi - lo), "samples")
+        progress.count(int(hi - lo), "samples", tick=False)  # shown with the part, as it ends
         start = stop
     image_out.flush()
     text_out.flush()

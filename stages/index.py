@@ -380,5 +380,5 @@ def build_index(
         progress = track(plan["chunks"], desc="index", unit="chunks")
         for start, stop in progress:
             search_index_chunk(**common, start=start, stop=stop)
-            progress.count(stop - start, "queries")
+            progress.count(stop - start, "queries", tick=False)  # shown with the chunk, as it ends
         return reduce_index(**common, out_dir=out_dir)

@@ -57,7 +57,7 @@ def score_samples(
         progress = track(plan["chunks"], desc="score", unit="chunks")
         for start, stop in progress:
             score_chunk(**common, start=start, stop=stop)
-            progress.count(stop - start, "samples")
+            progress.count(stop - start, "samples", tick=False)  # shown with the chunk, as it ends
         return reduce_score(**common, out_dir=out_dir)
 
 
