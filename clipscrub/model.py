@@ -132,21 +132,23 @@ def _unreachable(url: str) -> str | None:
         return f"{parts.hostname} cannot be reached{via} ({exc.strerror or type(exc).__name__})"
 
 
-def _check_pretrained(model_name: str, pretrained: str, cache_dir: str | None) -> None:
-    """Stop at once, in one line, where the tag is unknown or its weights cannot be fetched."""
+def _check_pretrained(model_name: str, pretrained: str, cache_dir: str | None) -> bool:
+    """Stop at once, in one line, where the tag is unknown or its weights cannot be fetched;
+    whether to load them from the cache alone (cached, and their host takes no connection)."""
     cfg = open_clip.get_pretrained_cfg(model_name, pretrained)
     if not cfg:
         if Path(pretrained).expanduser().is_file():
-            return  # open_clip also takes a weights file as the tag
+            return False  # open_clip also takes a weights file as the tag
         tags = open_clip.list_pretrained_tags_by_model(model_name)
         listed = (f"open_clip.list_pretrained_tags_by_model({model_name!r}) lists them" if tags else
                   "open_clip has no pretrained weights for it: set embed.checkpoint, or embed.pretrained: null")
         raise ParamError(f"model {model_name!r} has no pretrained tag {pretrained!r}{did_you_mean(pretrained, tags)} "
                          f"({listed})", param="embed.pretrained")
-    if _cached_weights(cfg, cache_dir):
-        return
     _, url, _ = _weights_location(cfg)
     why = _unreachable(url)
+    if _cached_weights(cfg, cache_dir):
+        # the hub client would ask the host for a newer revision first, for a minute of retries
+        return why is not None
     if why:
         # weights trained with QuickGELU load into the '-quickgelu' variant of the architecture
         quick = f"{model_name}-quickgelu"
@@ -157,6 +159,21 @@ def _check_pretrained(model_name: str, pretrained: str, cache_dir: str | None) -
             f"(with embed.model_name {name!r})",
             param="embed.pretrained",
         )
+    return False
+
+
+@contextlib.contextmanager
+def hub_offline(offline: bool = True) -> Iterator[None]:
+    """The Hugging Face hub client in offline mode (``HF_HUB_OFFLINE``, read by it at each call):
+    cached files only, no request. Process-wide while it lasts."""
+    from huggingface_hub import constants
+
+    was = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = offline or was
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = was
 
 
 @contextlib.contextmanager
@@ -212,7 +229,8 @@ def load_model(
     optional JSON for architectures open_clip does not ship. Otherwise ``pretrained`` is an
     open_clip pretrained tag fetched from the hub (into ``cache_dir``, default: the hub's cache);
     where the weights are not cached and their host takes no connection, that is said at once
-    rather than after the hub client's minute of retries.
+    rather than after the hub client's minute of retries, and cached weights whose host takes no
+    connection load from the cache at once.
     """
     dev = resolve_device(device)
     info: dict[str, Any] = {"model_name": model_name, "pretrained": pretrained, "checkpoint": None, "checkpoint_sha256": None}
@@ -229,6 +247,7 @@ def load_model(
     if open_clip.get_model_config(model_name) is None and not model_name.startswith(("hf-hub:", "local-dir:")):
         raise ParamError(unknown_model_message(model_name, open_clip.list_models()), param="embed.model_name")
     dev_kwargs = {"device": dev}
+    offline = False
     if checkpoint:
         ckpt = Path(checkpoint)
         if not ckpt.is_file():
@@ -251,10 +270,11 @@ def load_model(
             ) from None
     else:
         if pretrained and not model_name.startswith(("hf-hub:", "local-dir:")):
-            _check_pretrained(model_name, pretrained, cache_dir)
+            offline = _check_pretrained(model_name, pretrained, cache_dir)
         try:
-            model, _, preprocess = open_clip.create_model_and_transforms(
-                model_name, pretrained=pretrained, cache_dir=cache_dir, **dev_kwargs)
+            with hub_offline(offline):
+                model, _, preprocess = open_clip.create_model_and_transforms(
+                    model_name, pretrained=pretrained, cache_dir=cache_dir, **dev_kwargs)
         except Exception as exc:  # hub clients raise their own types when offline
             raise DataError(
                 f"could not fetch pretrained weights {pretrained!r} for {model_name!r} "
@@ -263,5 +283,6 @@ def load_model(
                 param="embed.pretrained",
             ) from None
     model.eval()
-    tokenizer = open_clip.get_tokenizer(model_name)
+    with hub_offline(offline):  # a hub tokenizer (SigLIP's, XLM-R's) is fetched like the weights
+        tokenizer = open_clip.get_tokenizer(model_name)
     return LoadedModel(model=model, preprocess=preprocess, tokenizer=tokenizer, device=dev, info=info)

@@ -10,6 +10,7 @@ import pytest
 
 from clipscrub.errors import DataError, ParamError
 from clipscrub.model import _first_line, load_model
+from tests.test_sources import tiny_model  # noqa: F401 (fixture)
 
 
 def _load(**kw):
@@ -62,6 +63,38 @@ def test_unreachable_hub_weights_fail_at_once_in_one_line(tmp_path, monkeypatch,
         "open_clip_pytorch_model.bin where there is internet, then set embed.checkpoint to that file "
         "(with embed.model_name 'ViT-B-32')")
     assert not [r for r in caplog.records if "Retry" in r.getMessage()]  # the hub client never ran
+
+
+def test_cached_hub_weights_load_at_once_where_the_hub_is_unreachable(tmp_path, monkeypatch, caplog, closed_port,
+                                                                      tiny_model):  # noqa: F811
+    """Weights in the hub cache (as a cluster node's pre-filled HF_HOME) and a host that takes no
+    connection: loaded from the cache, without the hub client's minute of retries asking the
+    host for a newer revision; the hub client's offline switch is left as it was."""
+    import open_clip
+    import torch
+    from huggingface_hub import constants
+
+    for var in ("HF_HUB_OFFLINE", "no_proxy", "NO_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    for var in ("https_proxy", "HTTPS_PROXY"):
+        monkeypatch.setenv(var, f"http://127.0.0.1:{closed_port}")
+    # a pretrained tag of the tiny model, published on the hub as open_clip's own tags are
+    monkeypatch.setitem(open_clip.pretrained._PRETRAINED, "tiny",
+                        {"cached": open_clip.pretrained._pcfg(hf_hub="clipscrub/tiny-test/")})
+    weights = torch.load(tiny_model / "tiny.pt", weights_only=True)["state_dict"]
+    repo = tmp_path / "models--clipscrub--tiny-test"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    torch.save(weights, repo / "snapshots" / commit / "open_clip_pytorch_model.bin")
+
+    with caplog.at_level(logging.DEBUG):
+        loaded = _load(model_name="tiny", pretrained="cached", cache_dir=str(tmp_path))
+    assert all(torch.equal(v, weights[k]) for k, v in loaded.model.state_dict().items())
+    assert loaded.info["pretrained"] == "cached"
+    assert not [r for r in caplog.records if "Retry" in r.getMessage() or "Timeout" in r.getMessage()]
+    assert constants.HF_HUB_OFFLINE is False
 
 
 def test_hub_offline_mode_fails_at_once(tmp_path, monkeypatch):
