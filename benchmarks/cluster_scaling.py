@@ -219,6 +219,7 @@ def warm_imports() -> float:
     """Import what the stages import; its seconds (paid once per worker process, before any piece)."""
     t0 = time.perf_counter()
     import faiss  # noqa: F401
+    import great_expectations  # noqa: F401  (imported lazily by every stage's validation)
     import open_clip  # noqa: F401
     import sklearn.ensemble  # noqa: F401
     import torch  # noqa: F401
