@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import logging
 import os
+import shutil
 import socket
 import tempfile
 import urllib.parse
@@ -51,15 +53,29 @@ def tiny_model_config(arch: TinyModelSettings) -> dict[str, Any]:
     }
 
 
+# open_clip reads registered configs from files, and rereads every registered path at each
+# registration: one folder per process, kept while it lives (not one per call, left behind)
+_config_dir: Path | None = None
+
+
+def _model_config_dir() -> Path:
+    global _config_dir
+    if _config_dir is None or not _config_dir.is_dir():
+        _config_dir = Path(tempfile.mkdtemp(prefix="clipscrub-cfg-"))
+        atexit.register(shutil.rmtree, _config_dir, True)
+    return _config_dir
+
+
 def register_model_config(model_name: str, config: dict[str, Any]) -> None:
     """Make ``model_name`` known to open_clip (its registry keys configs by file stem)."""
     config = config.get("model_cfg", config)  # accept open_clip_config.json's wrapper too
     if "vision_cfg" not in config or "text_cfg" not in config:
         raise ParamError("model config JSON needs 'vision_cfg' and 'text_cfg'", param="embed.model_config")
-    # a persistent temporary dir: open_clip rescans every registered path on each registration
-    d = Path(tempfile.mkdtemp(prefix="clipscrub-cfg-"))
-    (d / f"{model_name}.json").write_text(json.dumps(config))
-    open_clip.add_model_config(d / f"{model_name}.json")
+    path = _model_config_dir() / f"{model_name}.json"
+    if open_clip.get_model_config(model_name) == config and path.is_file():
+        return  # registered already, as it is: each registration lengthens open_clip's list of paths
+    path.write_text(json.dumps(config))
+    open_clip.add_model_config(path)
 
 
 def _clip_words(text: str, limit: int = 300) -> str:

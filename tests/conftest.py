@@ -1,16 +1,26 @@
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
+
+def _session_dir(prefix: str) -> str:
+    """A temporary folder for this test session, removed as it ends."""
+    path = tempfile.mkdtemp(prefix=prefix)
+    atexit.register(shutil.rmtree, path, True)
+    return path
+
+
 # Prefect: never talk to a server the developer has configured; keep its state out of ~/.prefect
 os.environ.pop("PREFECT_API_URL", None)
-os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="clipscrub-prefect-home-")
+os.environ["PREFECT_HOME"] = _session_dir("clipscrub-prefect-home-")
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 # the cross-process hash cache of large files: never the developer's ~/.cache
-os.environ["CLIPSCRUB_HASH_CACHE"] = tempfile.mkdtemp(prefix="clipscrub-hash-cache-")
+os.environ["CLIPSCRUB_HASH_CACHE"] = _session_dir("clipscrub-hash-cache-")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

@@ -112,3 +112,36 @@ def test_a_long_error_is_cut_at_a_word():
     text = _first_line(RuntimeError("an error happened while trying to locate the file " * 20))
     assert len(text) <= 304 and text.endswith(" ..."), text
     assert text[:-4].split()[-1] in "an error happened while trying to locate the file".split()  # a whole word
+
+
+def test_model_configs_share_one_folder_removed_as_the_process_exits(tmp_path):
+    """Every registration of a process writes into one temporary folder (a run used to leave one
+    folder per registration behind in /tmp), which goes when the process exits; a changed config
+    under the same name replaces the old one."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    code = """
+import json, open_clip
+from clipscrub.model import register_model_config, tiny_model_config
+from clipscrub.params import parse_params
+arch = parse_params({}).train.architecture
+cfg = tiny_model_config(arch)
+register_model_config("victim-a", cfg)
+register_model_config("victim-a", cfg)
+register_model_config("victim-b", {**cfg, "embed_dim": 32})
+register_model_config("victim-b", {**cfg, "embed_dim": 48})
+from clipscrub import model
+print(json.dumps({"dir": str(model._config_dir), "files": sorted(p.name for p in model._config_dir.iterdir()),
+                  "a": open_clip.get_model_config("victim-a")["embed_dim"],
+                  "b": open_clip.get_model_config("victim-b")["embed_dim"]}))
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "TMPDIR": str(tmp_path)})
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["files"] == ["victim-a.json", "victim-b.json"]
+    assert (out["a"], out["b"]) == (64, 48)
+    assert out["dir"].startswith(str(tmp_path))
+    assert not any(tmp_path.iterdir())  # the folder went with the process
