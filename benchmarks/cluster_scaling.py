@@ -16,8 +16,9 @@ measured is the engine's scaling), for
 in three modes, each in a fresh interpreter (so no hash, model or forest cache carries over):
 
   single  today's one process: ``run_stage`` whole, torch and faiss on both cores
-  w1      LocalCluster(n_workers=1, threads_per_worker=1), processes, loopback, no dashboard
-  w2      LocalCluster(n_workers=2, threads_per_worker=1)
+  w1      flows.cluster.local_cluster(n_workers=1), as ``--cluster local:1`` starts it: processes,
+          one thread each, loopback, no dashboard
+  w2      flows.cluster.local_cluster(n_workers=2)
 
 dask pins OMP/MKL/OpenBLAS to one thread in each worker; the child checks it in every worker
 (torch, faiss and threadpoolctl's view) and records it. Each run records its wall time, the
@@ -264,17 +265,15 @@ def run_single(part: str, params: dict[str, Any], root: Path) -> dict[str, Any]:
 
 
 def run_cluster(part: str, params: dict[str, Any], root: Path, workers: int) -> dict[str, Any]:
-    import logging
-
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
     from clipscrub.io import root_lock
     from clipscrub.params import parse_params
+    from flows.cluster import local_cluster
 
     p = parse_params(params)
     t0 = time.perf_counter()
-    cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
-                           dashboard_address=None, silence_logs=logging.ERROR)
+    cluster = local_cluster(n_workers=workers)  # the cluster --cluster local:N starts
     client = Client(cluster)
     try:
         startup = {"cluster_start_s": round(time.perf_counter() - t0, 2)}
@@ -374,18 +373,16 @@ def measure(mode: str, part: str, args, root: Path, work: Path) -> dict[str, Any
 def prefect_overhead(tasks: int = 20) -> dict[str, Any]:
     """Seconds a flow on ``--cluster local:2`` spends on ``tasks`` mapped no-op tasks, against the
     same no-ops mapped with distributed's Client on the same kind of cluster."""
-    import logging
-
-    from distributed import Client, LocalCluster
+    from distributed import Client
     from prefect import flow, task
 
     from flows.clean import private_prefect, task_runner_for
+    from flows.cluster import local_cluster
 
     def noop(i: int) -> int:
         return i
 
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None,
-                      silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
+    with local_cluster(n_workers=2) as cluster, Client(cluster) as client:
         client.gather(client.map(noop, range(tasks), pure=False))  # warm
         t0 = time.perf_counter()
         client.gather(client.map(noop, range(tasks), pure=False))

@@ -22,9 +22,9 @@ def visible_gpus() -> list[str]:
     named = os.environ.get("CUDA_VISIBLE_DEVICES")
     if named is not None:
         return [g.strip() for g in named.split(",") if g.strip() and g.strip() != "-1"]
-    import faiss
+    from clipscrub.neighbours import gpu_count  # faiss's count, as the index stage sees it
 
-    return [str(i) for i in range(faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0)]
+    return [str(i) for i in range(gpu_count())]
 
 
 class PinnedLocalCluster(LocalCluster):
