@@ -1,7 +1,8 @@
 """The applied threshold's outcome as one flat metrics block (``data/metrics/applied.json``).
 
-One function computes it, from the flags the threshold stage wrote (``is_flagged``: exactly the
-samples filter removes) and the ground truth where there is one; the evaluate stage writes it,
+One function computes it, from flags (``is_flagged``: the samples filter removes; the threshold
+stage's, or ``removed_as_flags`` of filter's own output, which review lists change) and the
+ground truth where there is one; the evaluate stage writes it,
 and the report, ``clipscrub diff``, ``clipscrub show`` and the Prefect flow's artifact show it.
 Flat keys only, so ``dvc metrics show`` / ``dvc exp show`` list every key without ``--keep``:
 
@@ -17,7 +18,7 @@ Flat keys only, so ``dvc metrics show`` / ``dvc exp show`` list every key withou
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import polars as pl
 
@@ -91,6 +92,16 @@ def applied_metrics(*, flags: pl.DataFrame, truth: pl.DataFrame | None, threshol
         precision=_ratio(hit, removed), recall=_ratio(hit, poison),
     )
     return block
+
+
+def removed_as_flags(*, flags: pl.DataFrame, removed: Iterable[int], scored: pl.Series) -> pl.DataFrame:
+    """``flags`` with ``is_flagged`` set to what filter removed (the ids of its ``removed.parquet``:
+    the flags less the review's keep list, plus its remove list), for ``applied_metrics``;
+    ``scored``: the ids the scores hold, which every removed id must be among."""
+    removed = sorted(set(removed))
+    if not set(removed) <= set(scored.to_list()):
+        raise DataError("the cleaned version removed samples the scores do not hold: rerun filter", param="--clean")
+    return flags.with_columns(is_flagged=pl.col("id").is_in(pl.Series(removed, dtype=flags.schema["id"]).implode()))
 
 
 def read_applied(path: str | Path) -> dict[str, Any] | None:

@@ -23,7 +23,7 @@ from sklearn.metrics import average_precision_score, precision_recall_curve, roc
 from clipscrub.detectors import suspicion
 from clipscrub.errors import DataError
 from clipscrub.io import atomic_dir, atomic_file, read_json, read_manifest, require_file, write_json
-from clipscrub.metrics import applied_metrics
+from clipscrub.metrics import applied_metrics, removed_as_flags
 from clipscrub.params import DENSITY_RATIO_DETECTORS, BaseSettings, EvaluateSettings, ThresholdSettings
 from clipscrub.sources import read_truth
 from stages.threshold import flag_outliers
@@ -65,10 +65,7 @@ def applied_removal(*, flags: pl.DataFrame, clean_dir: Path, truth: pl.Series, s
 
     removed = pl.read_parquet(require_file(clean_dir / "removed.parquet", param="--clean", what="cleaned version"))
     lineage = read_json(require_file(clean_dir / "lineage.json", param="--clean", what="cleaned version"))
-    gone = set(removed["id"].to_list())
-    if not gone <= set(scored.to_list()):
-        raise DataError("the cleaned version removed samples the scores do not hold: rerun filter", param="--clean")
-    actual = flags.with_columns(is_flagged=pl.col("id").is_in(pl.Series(sorted(gone), dtype=flags.schema["id"]).implode()))
+    actual = removed_as_flags(flags=flags, removed=removed["id"].to_list(), scored=scored)
     block = applied_metrics(flags=actual, truth=pl.DataFrame({"id": scored, "is_poison": truth}), threshold=threshold)
     if "review" in lineage:
         overruled = pl.read_parquet(require_file(clean_dir / "overruled.parquet", param="--clean", what="cleaned version"))

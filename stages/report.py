@@ -33,7 +33,7 @@ from clipscrub.detectors import LOW_IS_SUSPICIOUS, suspicion
 from clipscrub.errors import DataError
 from clipscrub.gallery import nearest_references, page_count, page_name, page_of, what_if_fractions
 from clipscrub.io import atomic_dir, read_json, read_manifest, require_file, write_lineage
-from clipscrub.metrics import applied_metrics, applied_sentence
+from clipscrub.metrics import applied_metrics, applied_sentence, removed_as_flags
 from clipscrub.params import BaseSettings, ReportSettings, ThresholdSettings
 from clipscrub.shards import decode_image, image_field, iter_shard, shard_path
 from clipscrub.sources import read_truth
@@ -405,12 +405,10 @@ def write_report(
     detectors = [c.removesuffix("_score") for c in scores.columns if c.endswith("_score")]
     table = (scores.join(flags.select("id", "rank", "is_flagged", "reason"), on="id", how="left")
              .join(manifest.select("id", "key", "shard", "caption", "image_sha256", "is_poison"), on="id", how="left"))
-    if not removed_ids <= set(table["id"].to_list()):
-        raise DataError("the cleaned version removed samples the scores do not hold: rerun filter", param="--clean")
+    # what filter actually removed: the flags, less the review's keep list, plus its remove list
+    applied_flags = removed_as_flags(flags=flags, removed=removed_ids, scored=table["id"])
     truth = table["is_poison"]
     y = truth.to_numpy().astype(bool) if truth.null_count() == 0 and 0 < int(truth.sum()) < len(truth) else None
-    # what filter actually removed: the flags, less the review's keep list, plus its remove list
-    applied_flags = flags.with_columns(is_flagged=pl.col("id").is_in(pl.Series(sorted(removed_ids), dtype=flags.schema["id"]).implode()))
     applied = applied_metrics(flags=applied_flags, truth=pl.DataFrame({"id": table["id"], "is_poison": truth}),
                               threshold=threshold)
 
