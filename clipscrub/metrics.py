@@ -112,7 +112,8 @@ def read_applied(path: str | Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _f3(x: float | None) -> str:
+def fmt_ratio(x: float | None) -> str:
+    """A precision or recall to 3 places; ``n/a`` where it is undefined (None)."""
     return "n/a" if x is None else f"{x:.3f}"
 
 
@@ -127,5 +128,5 @@ def applied_sentence(block: dict[str, Any]) -> str:
     if not block.get("poison_known"):
         return head + ". No ground truth: precision and recall unknown."
     return (f"{head}. {block['poison_removed']} of the {block['removed']} removed are known poison "
-            f"(precision {_f3(block['precision'])}, recall {_f3(block['recall'])}; "
+            f"(precision {fmt_ratio(block['precision'])}, recall {fmt_ratio(block['recall'])}; "
             f"{block['poison_missed']} known poison missed).")

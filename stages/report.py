@@ -33,7 +33,7 @@ from clipscrub.detectors import LOW_IS_SUSPICIOUS, suspicion
 from clipscrub.errors import DataError
 from clipscrub.gallery import nearest_references, page_count, page_name, page_of, what_if_fractions
 from clipscrub.io import atomic_dir, read_json, read_manifest, require_file, write_lineage
-from clipscrub.metrics import applied_metrics, applied_sentence, removed_as_flags
+from clipscrub.metrics import applied_metrics, applied_sentence, fmt_ratio, removed_as_flags
 from clipscrub.params import BaseSettings, ReportSettings, ThresholdSettings
 from clipscrub.shards import decode_image, image_field, iter_shard, shard_path
 from clipscrub.sources import read_truth
@@ -345,10 +345,6 @@ def _what_if_svg(rows: list[dict[str, Any]], *, applied_fraction: float, detecto
     return _svg(fig)
 
 
-def _fmt(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.3f}"
-
-
 def summary_line(applied: dict[str, Any], *, removed_by_review: int, kept_by_review: int) -> str:
     """The page's one-line summary: ``52 of the 60 removed are known poison`` (with ground truth)
     or ``60 of 2,000 removed``, and the review's share."""
@@ -526,7 +522,7 @@ def write_report(
         if r["fraction"] == round(applied["removed_fraction"] or 0.0, 6):
             mark.append("what filter removed")
         body.append(f"<tr><td>{r['fraction']:g}</td><td>{r['cut']:.6g}</td><td>{r['removed']}</td>" + (
-            f"<td>{r['poison_removed']}</td><td>{_fmt(r['precision'])}</td><td>{_fmt(r['recall'])}</td>"
+            f"<td>{r['poison_removed']}</td><td>{fmt_ratio(r['precision'])}</td><td>{fmt_ratio(r['recall'])}</td>"
             if y is not None else "") + f"<td>{', '.join(mark)}</td></tr>")
     parts += ["<h2 id=what-if>Threshold what-if</h2>",
               f"<p>The top_fraction rule on <b>{html.escape(threshold.detector)}</b> at other fractions: the cut it "
