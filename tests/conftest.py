@@ -88,6 +88,16 @@ def output_hashes(root: Path) -> dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file() and not skip & set(p.relative_to(root).parts)}
 
 
+def free_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on (the OS's pick, released again): for a server a
+    test starts, or a proxy that refuses every connection at once."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def write_embeddings(
     directory: Path, image: np.ndarray, text: np.ndarray, ids: np.ndarray | None = None, *, dtype: str = "float32"
 ) -> Path:

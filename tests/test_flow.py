@@ -17,7 +17,7 @@ import yaml
 
 from clipscrub.io import sha256_path
 from flows.pipeline import SPECS, Layout
-from tests.conftest import REPO, make_dvc_project, tiny_params, tiny_params_dict
+from tests.conftest import REPO, free_port, make_dvc_project, tiny_params, tiny_params_dict
 from tests.imageserver import image_bytes
 from tests.test_sources import tiny_model  # noqa: F401 (fixture)
 
@@ -441,12 +441,6 @@ def test_temporary_server_gets_analytics_off(tmp_path):
     res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert json.loads(res.stdout.splitlines()[-1]) == {"before": [True, True], "during": [False, False, False], "after": True}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_against_a_real_prefect_server(tmp_path):

@@ -8,14 +8,13 @@ The environment: a venv over this one's site-packages (a link per entry) with th
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, free_port
 
 
 def site_packages(python: Path) -> Path:
@@ -51,12 +50,6 @@ def run_in(python: Path, code: str, timeout: float = 120) -> subprocess.Complete
     env.pop("PREFECT_API_URL", None)
     return subprocess.run([str(python), "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=timeout, check=False)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_the_backport_shadows_the_stdlib_under_prefects_app_dir(backport_venv):

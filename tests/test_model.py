@@ -4,12 +4,12 @@ cannot be fetched say so at once, in one line, with the way to pass them offline
 from __future__ import annotations
 
 import logging
-import socket
 
 import pytest
 
 from clipscrub.errors import DataError, ParamError
 from clipscrub.model import _first_line, load_model
+from tests.conftest import free_port
 from tests.test_sources import tiny_model  # noqa: F401 (fixture)
 
 
@@ -42,9 +42,7 @@ def test_an_unknown_pretrained_tag_suggests_the_closest():
 @pytest.fixture
 def closed_port() -> int:
     """A local port nothing listens on: a proxy there refuses every connection at once."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_port()
 
 
 def test_unreachable_hub_weights_fail_at_once_in_one_line(tmp_path, monkeypatch, caplog, closed_port):
