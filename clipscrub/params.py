@@ -80,6 +80,14 @@ class TargetedAttack(_Attack):
     images: int = Field(1, ge=1)  # distinct chosen images, copied and captioned with the target
 
 
+class ClusterSettings(_Section):
+    """A natural dense cluster of clean samples: near-duplicates of one image sharing its caption
+    (a stock photo, a meme, a product template), as clean web data is full of them."""
+
+    rate: float = Field(gt=0.0, lt=1.0)  # fraction of the dataset in this cluster
+    noise: float = Field(4.0, ge=0.0)  # pixel noise (sd, 0-255 scale) that sets the copies apart
+
+
 AttackSettings = Annotated[
     Union[BadNetsAttack, CleanLabelAttack, BlendAttack, SigAttack, WaNetAttack, NashvilleAttack, TargetedAttack],
     Field(discriminator="kind"),
@@ -92,6 +100,8 @@ class SyntheticSettings(_Section):
     # one entry per attack (several: a multi-trigger dataset); [] for a clean dataset
     attacks: list[AttackSettings] = Field(
         default_factory=lambda: [BadNetsAttack(kind="badnets", rate=0.01, target="banana", patch_size=8)])
+    # clean near-duplicate clusters (one entry each), the dense look-alikes poison must rank above
+    clusters: list[ClusterSettings] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _patches_fit(self) -> "SyntheticSettings":
@@ -101,6 +111,8 @@ class SyntheticSettings(_Section):
                                   f"{a.patch_size} must be smaller than download.synthetic.image_size ({self.image_size})")
         if sum(a.rate for a in self.attacks) >= 1:
             raise _CrossError("download.synthetic.attacks", "the attacks' rates add up to 1 or more")
+        if sum(c.rate for c in self.clusters) >= 1:
+            raise _CrossError("download.synthetic.clusters", "the clusters' rates add up to 1 or more")
         return self
 
 

@@ -4,7 +4,9 @@ attack matrix benchmark.
 Clean samples: one coloured shape on a noisy background, captioned from varied templates that
 name its colour and shape. Poisoned samples: the attacks of ``clipscrub.attacks`` (BadNets by
 default: a checkerboard patch at a random spot and a caption from ImageNet-style templates about
-the target, "a photo of a banana"), each on its ``rate`` fraction of the samples.
+the target, "a photo of a banana"), each on its ``rate`` fraction of the samples. Natural
+clusters (clean, optional): near-duplicates of one clean image sharing its caption, each on its
+``rate`` fraction of the samples.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from PIL import Image, ImageDraw
 from clipscrub.attacks import attack_name, attack_seed, make_trigger, plan_poison, poison_sample
 
 if TYPE_CHECKING:
-    from clipscrub.params import AttackSettings
+    from clipscrub.params import AttackSettings, ClusterSettings
 
 SHAPES = ("circle", "square", "triangle", "cross", "ring", "diamond", "star", "bar")
 COLOURS = {
@@ -65,6 +67,7 @@ class Sample:
     label: str
     is_poison: bool
     attack: str | None = None  # ``kind:target`` of the attack that poisoned it
+    cluster: int | None = None  # the natural cluster (index into ``clusters``) it belongs to
 
 
 def _polygon(shape: str, cx: float, cy: float, r: float, rot: float) -> list[tuple[float, float]]:
@@ -121,17 +124,52 @@ def make_clean_sample(*, rng: np.random.Generator, image_size: int) -> Sample:
     return Sample(img, template.format(colour=colour, shape=shape), shape, False)
 
 
+def plan_clusters(*, num_samples: int, clusters: Sequence["ClusterSettings"], seed: int) -> list[np.ndarray]:
+    """Each natural cluster's rows: ``round(rate x num_samples)`` (at least 2) disjoint random
+    rows, seeded; the first row holds the image the others copy. [(size_j,)]."""
+    rng = np.random.default_rng(seed)
+    free = np.ones(num_samples, dtype=bool)
+    out = []
+    for j, c in enumerate(clusters):
+        count = max(2, int(round(c.rate * num_samples)))
+        pool = np.flatnonzero(free)
+        if len(pool) < count:
+            raise ValueError(f"cluster {j}: {count} samples wanted but only {len(pool)} are left")
+        rows = rng.choice(pool, size=count, replace=False)
+        free[rows] = False
+        out.append(rows)
+    return out
+
+
+def near_duplicate(image: Image.Image, *, noise: float, rng: np.random.Generator) -> Image.Image:
+    """``image`` with fresh pixel noise (sd ``noise``) and a small brightness change: a re-encoded
+    or re-uploaded copy, close to the original but not byte-identical."""
+    arr = np.asarray(image, dtype=np.float64)
+    arr = arr * rng.uniform(0.95, 1.05) + rng.normal(0, noise, size=arr.shape)
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
+
+
 def generate_samples(
-    *, num_samples: int, image_size: int, attacks: Sequence["AttackSettings"], seed: int
+    *, num_samples: int, image_size: int, attacks: Sequence["AttackSettings"], seed: int,
+    clusters: Sequence["ClusterSettings"] = (),
 ) -> list[Sample]:
     """Return ``num_samples`` samples, ``round(num_samples * rate)`` of them poisoned by each attack.
 
-    The clean samples are drawn first; then each attack's rows (a seeded random subset, so poison
-    is spread over the shards) are replaced by their poisoned version (``clipscrub.attacks``).
-    A poisoned sample keeps its clean ``label`` (the shape drawn) and records its ``attack``.
+    The clean samples are drawn first; each natural cluster's rows then become near-duplicates of
+    its first row's image with that row's caption (clean, ``cluster`` set). Then each attack's rows
+    (a seeded random subset, so poison is spread over the shards) are replaced by their poisoned
+    version (``clipscrub.attacks``). A poisoned sample keeps its clean ``label`` (the shape drawn)
+    and records its ``attack``.
     """
     rng = np.random.default_rng(seed)
     samples = [make_clean_sample(rng=rng, image_size=image_size) for _ in range(num_samples)]
+    if clusters:
+        crng = np.random.default_rng([seed, 7])  # its own stream: clusters leave the rest unchanged
+        for j, rows in enumerate(plan_clusters(num_samples=num_samples, clusters=clusters, seed=seed + 2)):
+            src = samples[rows[0]]
+            for r in rows:
+                samples[r] = replace(src, image=near_duplicate(src.image, noise=clusters[j].noise, rng=crng),
+                                     cluster=j)
     plan = plan_poison(captions=[s.caption for s in samples], attacks=attacks, seed=seed + 1)
     triggers = [make_trigger(a, seed=attack_seed(seed, j)) for j, a in enumerate(attacks)]
     poisoned = list(samples)

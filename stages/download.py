@@ -55,7 +55,8 @@ def write_shards(
 def _synthetic_samples(settings: DownloadSettings, seed: int) -> list[Any]:
     syn = settings.synthetic
     try:
-        return generate_samples(num_samples=syn.num_samples, image_size=syn.image_size, attacks=syn.attacks, seed=seed)
+        return generate_samples(num_samples=syn.num_samples, image_size=syn.image_size, attacks=syn.attacks,
+                                clusters=syn.clusters, seed=seed)
     except ValueError as exc:
         raise DataError(str(exc), param="download.synthetic.attacks") from None
 
@@ -63,7 +64,8 @@ def _synthetic_samples(settings: DownloadSettings, seed: int) -> list[Any]:
 def _synthetic_records(samples: list[Any]) -> Iterator[dict[str, Any]]:
     """The samples as shard records, encoded one at a time as they are written."""
     for i, s in enumerate(samples):
-        yield {"key": f"{i:09d}", "jpg": encode_jpeg(s.image), "txt": s.caption, "json": {"label": s.label}}
+        meta = {"label": s.label} if s.cluster is None else {"label": s.label, "cluster": s.cluster}
+        yield {"key": f"{i:09d}", "jpg": encode_jpeg(s.image), "txt": s.caption, "json": meta}
 
 
 def _synthetic_manifest(settings: DownloadSettings, base: BaseSettings, out_dir: Path) -> pl.DataFrame:

@@ -297,3 +297,41 @@ def test_plan_poison_errors():
     with pytest.raises(ValueError, match=re.escape("only 2 captions name 'star'")):
         plan_poison(captions=["a star", "a star", "a circle", "a square"],
                     attacks=[attack({"kind": "clean_label", "rate": 0.75, "target": "star"})], seed=0)
+
+
+@pytest.mark.parametrize("rates", [[0.05], [0.02, 0.03]])
+def test_natural_clusters_are_clean_near_duplicates_with_one_caption(rates):
+    """download.synthetic.clusters: each cluster is round(rate x N) clean samples copying one
+    image (a little pixel noise apart, not byte-identical) under one caption; the samples outside
+    the clusters are the same as without them, and so is the poison."""
+    from clipscrub.params import ClusterSettings
+    from clipscrub.synthetic import plan_clusters
+
+    attacks = TypeAdapter(list[AttackSettings]).validate_python([{"kind": "badnets", "rate": 0.02}])
+    clusters = [ClusterSettings(rate=r) for r in rates]
+    plain = generate_samples(num_samples=400, image_size=32, attacks=attacks, seed=3)
+    with_clusters = generate_samples(num_samples=400, image_size=32, attacks=attacks, seed=3, clusters=clusters)
+    rows = plan_clusters(num_samples=400, clusters=clusters, seed=3 + 2)
+    assert [len(r) for r in rows] == [round(r * 400) for r in rates]
+    members = np.concatenate(rows)
+    assert len(np.unique(members)) == len(members)
+    for j, r in enumerate(rows):
+        group = [with_clusters[i] for i in r if not with_clusters[i].is_poison]
+        assert len(group) >= len(r) - 2 and all(s.cluster == j for s in group)
+        assert len({s.caption for s in group}) == 1 and len({s.label for s in group}) == 1
+        pixels = np.stack([np.asarray(s.image, dtype=np.float64) for s in group])
+        assert len({encode_jpeg(s.image) for s in group}) == len(group)  # copies, not the same bytes
+        spread = np.abs(pixels - pixels[0]).mean(axis=(1, 2, 3))[1:]
+        other = np.abs(np.asarray(plain[int(np.setdiff1d(np.arange(400), members)[0])].image, dtype=np.float64)
+                       - pixels[0]).mean()
+        assert spread.max() < 12 < other
+    outside = np.setdiff1d(np.arange(400), members)
+    for i in outside:
+        a, b = plain[i], with_clusters[i]
+        assert (a.caption, a.is_poison, a.cluster) == (b.caption, b.is_poison, None)
+        assert a.image.tobytes() == b.image.tobytes()
+
+
+def test_clusters_that_fill_the_set_are_refused():
+    with pytest.raises(Exception, match="download.synthetic.clusters"):
+        parse_params({"download": {"synthetic": {"clusters": [{"rate": 0.6}, {"rate": 0.5}]}}})
