@@ -83,6 +83,71 @@ def draw_references(
     return np.stack([np.sort(rng.choice(n, size=size, replace=False)) for _ in range(draws)]).astype(np.int64)
 
 
+# rows whose pairwise distances set the scale of ``index.reference.duplicate_radius``
+SCALE_SAMPLE = 1000
+
+
+def duplicate_distance(image: Rows, *, n: int, fraction: float, seed: int) -> float:
+    """``fraction`` x the median pairwise distance between ``SCALE_SAMPLE`` seeded rows' image
+    embeddings: the distance under which two samples count as copies of one another.
+
+    A scale of the whole data (not of a sample's neighbours) so that it does not depend on the
+    reference size, nor shrink to 0 where most samples are duplicates.
+    """
+    if fraction <= 0 or n < 2:
+        return 0.0
+    rows = np.sort(np.random.default_rng([seed, 1]).choice(n, size=min(n, SCALE_SAMPLE), replace=False))
+    x = _take(image, rows).astype(np.float64)
+    sq = np.einsum("ij,ij->i", x, x)
+    d2 = np.maximum(sq[:, None] + sq[None, :] - 2 * x @ x.T, 0)
+    return fraction * float(np.median(np.sqrt(d2[np.triu_indices(len(x), 1)])))
+
+
+def draw_distinct(*, image: Rows, n: int, size: int, rng: np.random.Generator, radius: float) -> np.ndarray:
+    """``size`` seeded rows (sorted), no two of whose image embeddings lie within ``radius``.
+
+    Candidates come in a seeded random order (at most 4 x size of them); each is kept unless an
+    earlier kept candidate is within ``radius``. A group of copies (one image re-posted, a
+    trigger the model collapsed) thus enters a reference set once, however large it is, so its
+    members are measured against the rest of the data, not against each other. Where the
+    candidates hold fewer than ``size`` distinct rows, the rejected ones farthest from every kept
+    row fill the set (near neighbours before copies; ties in draw order).
+    """
+    pool = rng.choice(n, size=min(n, 4 * size), replace=False)
+    vectors = _take(image, pool)
+    kept_index = faiss.IndexFlatL2(vectors.shape[1])
+    keep = np.zeros(len(pool), dtype=bool)
+    r2 = np.float32(radius) ** 2
+    block = 1024
+    for start in range(0, len(pool), block):
+        x = np.ascontiguousarray(vectors[start : start + block])
+        near_kept = np.zeros(len(x), dtype=bool)
+        if kept_index.ntotal:
+            lims, _, _ = kept_index.range_search(x, r2)
+            near_kept = np.diff(lims) > 0
+        # within the block, in draw order: a candidate yields to an earlier one that is kept
+        within = faiss.IndexFlatL2(x.shape[1])
+        within.add(x)
+        lims, _, found = within.range_search(x, r2)
+        ok = ~near_kept
+        for i in np.flatnonzero(ok):
+            nb = found[lims[i] : lims[i + 1]]
+            if ok[nb[nb < i]].any():
+                ok[i] = False
+        keep[start : start + len(x)] = ok
+        kept_index.add(x[ok])
+        if keep.sum() >= size:
+            break
+    chosen = np.flatnonzero(keep)[:size]
+    if len(chosen) < size:
+        rejected = np.flatnonzero(~keep)
+        gap, _ = kept_index.search(np.ascontiguousarray(vectors[rejected]), 1)
+        # exact copies (distance 0, up to rounding) last: the set is filled with what it lacks most
+        order = np.lexsort((np.arange(len(rejected)), -np.round(gap[:, 0] / r2, 6)))
+        chosen = np.concatenate([chosen, rejected[order[: size - len(chosen)]]])
+    return np.sort(pool[chosen]).astype(np.int64)
+
+
 @dataclass(frozen=True)
 class ReferenceSet:
     """One reference setting: ``name`` (``m256``, ``trusted``, ``all``) and its draws' dataset
@@ -93,19 +158,30 @@ class ReferenceSet:
 
 
 def reference_sets(
-    *, n: int, mode: str, sizes: list[int], draws: int, seed: int, trusted_rows: np.ndarray | None = None
+    *, n: int, mode: str, sizes: list[int], draws: int, seed: int, trusted_rows: np.ndarray | None = None,
+    image: Rows | None = None, duplicate_radius: float = 0.0,
 ) -> list[ReferenceSet]:
     """The reference sets to search: in ``random`` mode one per size (capped at ``n``; sizes
-    that cap to the same m are one set), each with ``draws`` seeded draws; else one set."""
+    that cap to the same m are one set), each with ``draws`` seeded draws; else one set.
+
+    ``duplicate_radius`` > 0 (random mode, with the ``image`` embeddings (N, d)): each draw holds
+    distinct samples (``draw_distinct``), copies closer than that fraction of the data's median
+    pairwise distance (``duplicate_distance``) counted once.
+    """
     if mode != "random":
         rows = draw_references(n=n, mode=mode, size=n, draws=1, seed=seed, trusted_rows=trusted_rows)
         return [ReferenceSet(mode, rows)]
+    radius = duplicate_distance(image, n=n, fraction=duplicate_radius, seed=seed) if image is not None else 0.0
     out = []
     for m in sorted({min(s, n) for s in sizes}):
         # a size's draws do not depend on which other sizes are listed
         set_seed = int(np.random.SeedSequence([seed, m]).generate_state(1)[0])
-        out.append(ReferenceSet(f"m{m}", draw_references(n=n, mode=mode, size=m, draws=draws if m < n else 1,
-                                                         seed=set_seed)))
+        if radius > 0 and m < n:
+            rng = np.random.default_rng(set_seed)
+            rows = np.stack([draw_distinct(image=image, n=n, size=m, rng=rng, radius=radius) for _ in range(draws)])
+        else:
+            rows = draw_references(n=n, mode=mode, size=m, draws=draws if m < n else 1, seed=set_seed)
+        out.append(ReferenceSet(f"m{m}", rows))
     return out
 
 

@@ -236,6 +236,10 @@ class ReferenceSettings(_Section):
     # are capped at it. Several sizes are fused by score.fusion (no single m suits every rate)
     sizes: list[int] = Field(default_factory=lambda: [256, 1024, 4096], min_length=1)
     draws: int = Field(2, ge=1)
+    # random: samples whose images lie within this fraction of the data's median pairwise distance
+    # of one already drawn are copies, drawn once: a group of copies is then measured against the
+    # rest of the data, not against itself (0: off)
+    duplicate_radius: float = Field(0.1, ge=0.0, lt=1.0)
     path: str | None = None
 
     @model_validator(mode="after")

@@ -197,7 +197,8 @@ def prepare_index(
     n = len(ids)
     ref = settings.reference
     trusted = read_trusted_rows(ref.path, ids) if ref.mode == "trusted" else None
-    sets = reference_sets(n=n, mode=ref.mode, sizes=ref.sizes, draws=ref.draws, seed=base.seed, trusted_rows=trusted)
+    sets = reference_sets(n=n, mode=ref.mode, sizes=ref.sizes, draws=ref.draws, seed=base.seed, trusted_rows=trusted,
+                          image=image, duplicate_radius=ref.duplicate_radius)
     max_self = self_entries_per_query(settings.modality)
     for rs in sets:
         if settings.k + max_self > rs.rows.shape[1] * max_self:
