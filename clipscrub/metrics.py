@@ -38,7 +38,10 @@ def _num(x: float) -> str:
 
 
 def rule_text(threshold: ThresholdSettings) -> str:
-    """The threshold rule in a few words: ``top_fraction 0.01``, ``score >= 1.3``, ``auto z 3.5``."""
+    """The threshold rule in a few words: ``tail fdr 0.2``, ``top_fraction 0.01``, ``score >= 1.3``,
+    ``auto z 3.5``."""
+    if threshold.method == "tail":
+        return f"tail fdr {_num(threshold.tail_fdr)}"
     if threshold.method == "top_fraction":
         return f"top_fraction {_num(threshold.fraction)}"
     if threshold.method == "score":

@@ -307,7 +307,7 @@ class ScoreSettings(_Section):
     # each set's robust z-score, then the largest in magnitude (max_abs_z: sparse at some size,
     # or abnormally dense), their maximum (max_z: sparse only) or their mean (mean_z). One set:
     # its scores as they are
-    fusion: Literal["max_z", "max_abs_z", "mean_z"] = "max_abs_z"
+    fusion: Literal["max_z", "max_abs_z", "mean_z"] = "max_z"
     iforest: IForestSettings = IForestSettings()
 
     @model_validator(mode="after")
@@ -322,10 +322,12 @@ class ScoreSettings(_Section):
 
 class ThresholdSettings(_Section):
     detector: str = "kdist"
-    method: Literal["top_fraction", "score", "auto"] = "top_fraction"
+    method: Literal["tail", "top_fraction", "score", "auto"] = "tail"
     fraction: float = Field(0.01, gt=0.0, lt=1.0)
     score: float | None = None
     auto_z: float = Field(3.5, gt=0.0)
+    # tail: the share of the flagged samples that the bulk's own (normal) upper tail may account for
+    tail_fdr: float = Field(0.2, gt=0.0, lt=1.0)
 
     @model_validator(mode="after")
     def _consistent(self) -> "ThresholdSettings":

@@ -12,4 +12,4 @@ echo
 echo "== results (dvc metrics show prints every figure) =="
 clipscrub show --root data
 echo "demo pipeline wall time: $(( $(date +%s) - start )) s"
-echo "next: dvc exp run -S threshold.fraction=0.02; dvc metrics diff; dvc plots diff (dvc_plots/index.html, offline)"
+echo "next: dvc exp run -S threshold.method=top_fraction; dvc metrics diff; dvc plots diff (dvc_plots/index.html, offline)"

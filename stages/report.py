@@ -33,7 +33,7 @@ from clipscrub.detectors import LOW_IS_SUSPICIOUS, suspicion
 from clipscrub.errors import DataError
 from clipscrub.gallery import nearest_references, page_count, page_name, page_of, what_if_fractions
 from clipscrub.io import atomic_dir, read_json, read_manifest, require_file, write_lineage
-from clipscrub.metrics import applied_metrics, applied_sentence, fmt_ratio, removed_as_flags
+from clipscrub.metrics import applied_metrics, applied_sentence, fmt_ratio, removed_as_flags, rule_text
 from clipscrub.params import BaseSettings, ReportSettings, ThresholdSettings
 from clipscrub.shards import decode_image, image_field, iter_shard, shard_path
 from clipscrub.sources import read_truth
@@ -305,16 +305,27 @@ def _index_for(scores_dir: Path, index_dir: Path | None) -> tuple[Path | None, s
 
 def _what_if(values: np.ndarray, ids: np.ndarray, y: np.ndarray | None, threshold: ThresholdSettings,
              fractions: list[float]) -> list[dict[str, Any]]:
-    """For each fraction: the cut the top_fraction rule puts on the threshold detector, and what
-    it would remove (non-finite scores always), against the truth when known."""
+    """What each rule would remove on the threshold detector (non-finite scores always), against
+    the truth when known: the rule applied, the other adaptive rules (tail, auto) with their
+    settings, then top_fraction at each of ``fractions``. Rows carry ``rule`` (its words), ``fraction``
+    (top_fraction rows only, else None), ``cut`` and ``removed``."""
+    adaptive = [threshold] + [threshold.model_copy(update={"method": m}) for m in ("tail", "auto")
+                              if m != threshold.method]
+    rules = [(t, t.fraction if t.method == "top_fraction" else None) for t in adaptive] + [
+        (threshold.model_copy(update={"method": "top_fraction", "fraction": f}), f) for f in fractions]
     rows = []
+    seen = set()
     finite = np.isfinite(values)
-    for f in fractions:
-        rule = threshold.model_copy(update={"method": "top_fraction", "fraction": f})
+    for rule, f in rules:
+        text = rule_text(rule)
+        if text in seen:  # the applied top_fraction rule is already a row of its own
+            continue
+        seen.add(text)
         mask, cut = flag_outliers(values=values, ids=ids, detector=threshold.detector, settings=rule)
         mask = mask | ~finite
         n = int(mask.sum())
-        row: dict[str, Any] = {"fraction": f, "cut": float(cut), "removed": n}
+        row: dict[str, Any] = {"rule": text, "fraction": f, "cut": float(cut), "removed": n,
+                               "applied": text == rule_text(threshold)}
         if y is not None:
             hit = int((mask & y).sum())
             row |= {"poison_removed": hit, "precision": hit / n if n else None, "recall": hit / int(y.sum())}
@@ -324,6 +335,7 @@ def _what_if(values: np.ndarray, ids: np.ndarray, y: np.ndarray | None, threshol
 
 def _what_if_svg(rows: list[dict[str, Any]], *, applied_fraction: float, detector: str) -> str:
     plt = _pyplot()
+    rows = sorted((r for r in rows if r["fraction"] is not None), key=lambda r: r["fraction"])
     x = [r["fraction"] for r in rows]
     fig, ax = plt.subplots(figsize=(5.2, 3.2))
     if "precision" in rows[0]:
@@ -512,21 +524,22 @@ def write_report(
         parts += ["<h2 id=curves>ROC and precision-recall</h2>",
                   f"<p>Against the {n_poison} samples the manifest marks as poisoned.</p>",
                   "<div class=figs>" + "".join(f"<figure>{c}</figure>" for c in curves) + "</div>"]
-    head = "<tr><th>fraction</th><th>cut</th><th>removed</th>" + (
+    head = "<tr><th>rule</th><th>cut</th><th>removed</th>" + (
         "<th>poison removed</th><th>precision</th><th>recall</th>" if y is not None else "") + "<th></th></tr>"
     body = []
     for r in what_if:
         mark = []
-        if threshold.method == "top_fraction" and r["fraction"] == threshold.fraction:
+        if r["applied"]:
             mark.append("the rule applied")
         if r["fraction"] == round(applied["removed_fraction"] or 0.0, 6):
             mark.append("what filter removed")
-        body.append(f"<tr><td>{r['fraction']:g}</td><td>{r['cut']:.6g}</td><td>{r['removed']}</td>" + (
+        body.append(f"<tr><td>{html.escape(r['rule'])}</td><td>{r['cut']:.6g}</td><td>{r['removed']}</td>" + (
             f"<td>{r['poison_removed']}</td><td>{fmt_ratio(r['precision'])}</td><td>{fmt_ratio(r['recall'])}</td>"
             if y is not None else "") + f"<td>{', '.join(mark)}</td></tr>")
     parts += ["<h2 id=what-if>Threshold what-if</h2>",
-              f"<p>The top_fraction rule on <b>{html.escape(threshold.detector)}</b> at other fractions: the cut it "
-              "would put on the score, how many samples it would remove (non-finite scores always)"
+              f"<p>Other rules on <b>{html.escape(threshold.detector)}</b>: the rule applied, the adaptive rules "
+              "(tail: as many as stand out of the bulk; auto: a robust z-score), and top_fraction at other "
+              "fractions; the cut each would put on the score, how many samples it would remove (non-finite scores always)"
               + (", and how many of them are known poison" if y is not None else "") + ". Without review lists.</p>",
               f"<table class=whatif><thead>{head}</thead><tbody>{''.join(body)}</tbody></table>",
               f"<div class=figs><figure>{_what_if_svg(what_if, applied_fraction=applied['removed_fraction'] or 1e-3, detector=threshold.detector)}</figure></div>"]
@@ -538,7 +551,9 @@ def write_report(
               "<div class=gallery id=top>" + "".join(card(i) for i in top_ids) + "</div>",
               f"<p id=all-flagged><b>All {len(flagged_ids)} flagged samples</b>, by rank, {PER_PAGE} a page "
               f"({pages} pages): {page_links}</p>"]
-    if y is not None:
+    if y is not None and missed.height == 0:
+        parts += ["<h2 id=missed>Known poison not removed (0)</h2>", "<p>Every known poisoned sample was removed.</p>"]
+    elif y is not None:
         parts += [f"<h2 id=missed>Known poison not removed ({missed.height})</h2>",
                   f"<p>Most suspicious first; the first {min(cap, missed.height)} shown.</p>",
                   "<div class=gallery id=missed-gallery>" + "".join(card(i) for i in missed["id"].head(cap)) + "</div>"]

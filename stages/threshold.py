@@ -1,7 +1,12 @@
 """Stage 6, threshold: flag samples from one detector's scores.
 
 Rules (``threshold.method``):
-- ``top_fraction``: the ``fraction`` most suspicious samples (default 1%, as in the paper),
+- ``tail`` (the default): as many samples as stand out of the bulk. The bulk's scores are taken
+  as a normal (median, upper-half robust scale), and the cut is the lowest at which at most
+  ``tail_fdr`` of the flagged samples are what that bulk's own upper tail accounts for
+  (``tail_cut``). It removes few samples from clean data and follows the poison's size: 0.1% or
+  3% alike, where a fixed share removes too few of one or too many of the other;
+- ``top_fraction``: the ``fraction`` most suspicious samples (1% in the paper),
   ties at the cut broken by id;
 - ``score``: a fixed cut in the detector's own units (score >= cut; for ``clip``, whose low
   values are suspicious, cosine <= cut);
@@ -53,6 +58,9 @@ def flag_outliers(*, values: np.ndarray, ids: np.ndarray, detector: str, setting
         order = fin_idx[np.lexsort((ids[fin_idx], -s[fin_idx]))][:n_flag]
         mask[order] = True
         cut = float(s[order[-1]])
+    elif settings.method == "tail":
+        cut = tail_cut(s[finite], fdr=settings.tail_fdr)
+        mask[finite] = s[finite] >= cut
     else:
         if settings.method == "score":
             cut = float(suspicion(np.array([settings.score]), detector)[0])
@@ -65,6 +73,30 @@ def flag_outliers(*, values: np.ndarray, ids: np.ndarray, detector: str, setting
         mask[finite] = s[finite] >= cut
     # back from "higher = more suspicious" to the detector's own units (negation is exact)
     return mask, float(suspicion(np.array([cut]), detector)[0])
+
+
+def tail_cut(values: np.ndarray, *, fdr: float) -> float:
+    """The lowest cut on finite oriented scores (N,) (higher = more suspicious) above which at most
+    ``fdr`` of the samples are what the bulk's own upper tail accounts for.
+
+    The bulk is modelled as a normal with the scores' median and the scale of their upper half
+    (1.4826 x the median deviation above the median: robust to the flagged tail itself); at each
+    candidate cut t, the bulk accounts for N x P(Z >= z(t)) samples above it (Benjamini-Hochberg
+    with an empirical null, as in Efron's local false discovery rate). The flagged count thus
+    follows how many samples stand out: none on clean data, all of a large poisoned group. With
+    no such cut, the cut lies above the largest score (nothing flagged).
+    """
+    from scipy.stats import norm
+
+    v = np.sort(np.asarray(values, dtype=np.float64))[::-1]
+    med = float(np.median(v))
+    upper = v[v >= med] - med
+    scale = 1.4826 * float(np.median(upper)) if upper.size else 0.0
+    if not scale > 0:
+        scale = float(np.mean(upper)) if upper.size and np.mean(upper) > 0 else 1.0
+    expected = len(v) * norm.sf((v - med) / scale)
+    ok = np.flatnonzero(expected <= fdr * np.arange(1, len(v) + 1))
+    return float(v[ok.max()]) if ok.size else float(np.nextafter(v[0], np.inf))
 
 
 def _flags_nothing(*, values: np.ndarray, column: str, cut: float, detector: str) -> str:

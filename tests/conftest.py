@@ -49,6 +49,7 @@ TINY_OVERRIDES = [
     "score.lid_k=20",
     "score.k=8",
     "score.iforest.n_estimators=20",
+    "threshold.method=top_fraction",
     "threshold.fraction=0.05",
     "filter.shard_size=150",
 ]

@@ -45,7 +45,7 @@ def _truth(values):
     ],
 )
 def test_applied_block_by_hand(truth, expected):
-    block = applied_metrics(flags=FLAGS, truth=truth, threshold=ThresholdSettings(detector="dao", fraction=0.3))
+    block = applied_metrics(flags=FLAGS, truth=truth, threshold=ThresholdSettings(detector="dao", method="top_fraction", fraction=0.3))
     assert block == {"detector": "dao", "rule": "top_fraction 0.3", **COUNTS, **expected}
     assert tuple(block) == APPLIED_KEYS
     assert all(not isinstance(v, (dict, list)) for v in block.values())  # flat
@@ -61,11 +61,13 @@ def test_nothing_removed_has_no_precision():
 @pytest.mark.parametrize(
     ("settings", "rule"),
     [
-        ({"fraction": 0.01}, "top_fraction 0.01"),
+        ({}, "tail fdr 0.2"),
+        ({"method": "tail", "tail_fdr": 0.05}, "tail fdr 0.05"),
+        ({"method": "top_fraction", "fraction": 0.01}, "top_fraction 0.01"),
         ({"method": "score", "score": 1.3}, "score >= 1.3"),
         ({"method": "score", "score": 0.2, "detector": "clip"}, "score <= 0.2"),
         ({"method": "auto"}, "auto z 3.5"),
-        ({"fraction": 0.0123456789}, "top_fraction 0.0123456789"),
+        ({"method": "top_fraction", "fraction": 0.0123456789}, "top_fraction 0.0123456789"),
     ],
 )
 def test_rule_text(settings, rule):
@@ -75,7 +77,7 @@ def test_rule_text(settings, rule):
 def test_sentence():
     with_truth = applied_metrics(flags=FLAGS, truth=_truth([i in POISON for i in range(10)]), threshold=ThresholdSettings())
     assert applied_sentence(with_truth) == (
-        "kdist, top_fraction 0.01: removed 4 of 10 (40.00%), 1 of them for a non-finite score. "
+        "kdist, tail fdr 0.2: removed 4 of 10 (40.00%), 1 of them for a non-finite score. "
         "2 of the 4 removed are known poison (precision 0.500, recall 0.667; 1 known poison missed).")
     without = applied_metrics(flags=FLAGS, truth=None, threshold=ThresholdSettings())
     assert applied_sentence(without).endswith("No ground truth: precision and recall unknown.")

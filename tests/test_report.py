@@ -15,6 +15,7 @@ import pytest
 
 from clipscrub.arrays import RowReader
 from stages.report import find_clusters
+from stages.threshold import flag_outliers
 from tests.conftest import REPO
 
 ARTIFACTS = Path(os.environ.get("CLIPSCRUB_TEST_ARTIFACTS", REPO / "test-artifacts"))
@@ -430,16 +431,17 @@ def test_summary_line_with_and_without_ground_truth(tiny_run, tmp_path):
 
 
 def test_what_if_table(tiny_run):
-    """Each row: top_fraction f on the threshold detector removes max(1, round(f N)) samples, the
-    cut is the last one's score, precision / recall against the manifest; recomputed here."""
+    """Each top_fraction row: f on the threshold detector removes max(1, round(f N)) samples, the
+    cut is the last one's score, precision / recall against the manifest; recomputed here. The
+    applied rule's row comes first, once, then the adaptive rules (tail, auto)."""
     root, params = tiny_run
     page = (root / "report" / "index.html").read_text()
     part = section(page, "what-if")
     assert part.count("<svg") == 1
-    rows = re.findall(r"<tr><td>([\d.e-]+)</td><td>([-\d.e+]+)</td><td>(\d+)</td><td>(\d+)</td>"
-                      r"<td>([\d.]+|n/a)</td><td>([\d.]+)</td><td>([^<]*)</td></tr>", part)
+    cell = r"<td>([\d.]+|n/a)</td><td>([\d.]+)</td><td>([^<]*)</td></tr>"
+    rows = re.findall(r"<tr><td>top_fraction ([\d.e-]+)</td><td>([-\d.e+]+)</td><td>(\d+)</td><td>(\d+)</td>" + cell, part)
     fractions = [float(r[0]) for r in rows]
-    assert fractions == [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2]
+    assert fractions == [0.05, 0.001, 0.002, 0.005, 0.01, 0.02, 0.1, 0.2]  # the applied 5% first, once
     scores = pl.read_parquet(root / "scores" / "scores.parquet").join(
         pl.read_parquet(root / "raw" / "manifest.parquet").select("id", "is_poison"), on="id")
     v = scores["kdist_score"].to_numpy()
@@ -453,6 +455,12 @@ def test_what_if_table(tiny_run):
         assert float(precision) == pytest.approx(y[top].sum() / k, abs=5e-4)
         assert float(recall) == pytest.approx(y[top].sum() / y.sum(), abs=5e-4)
         assert (mark == "the rule applied, what filter removed") == (float(f) == params.threshold.fraction)
+    adaptive = re.findall(r"<tr><td>(tail fdr [\d.]+|auto z [\d.]+)</td><td>([-\d.e+]+)</td><td>(\d+)</td>", part)
+    assert [a[0] for a in adaptive] == ["tail fdr 0.2", "auto z 3.5"]
+    for text, cut, n in adaptive:
+        rule = params.threshold.model_copy(update={"method": text.split()[0]})
+        mask, _ = flag_outliers(values=v, ids=scores["id"].to_numpy(), detector="kdist", settings=rule)
+        assert int(n) == int(mask.sum())
 
 
 def test_review_verdicts_on_the_page(tiny_run, tmp_path):

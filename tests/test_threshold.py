@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from clipscrub.params import BaseSettings, ThresholdSettings
-from stages.threshold import flag_outliers, threshold_scores
+from stages.threshold import flag_outliers, tail_cut, threshold_scores
 
 
 def write_scores(directory, **columns):
@@ -25,7 +25,7 @@ def write_scores(directory, **columns):
 def test_top_fraction_flags_the_highest(values, fraction):
     v = np.array(values)
     ids = np.arange(len(v))
-    mask, cut = flag_outliers(values=v, ids=ids, detector="dao", settings=ThresholdSettings(fraction=fraction))
+    mask, cut = flag_outliers(values=v, ids=ids, detector="dao", settings=ThresholdSettings(method="top_fraction", fraction=fraction))
     assert mask.sum() == max(1, int(round(fraction * len(v))))
     assert v[mask].min() >= v[~mask].max() if (~mask).any() else True
     assert cut == v[mask].min()
@@ -33,7 +33,7 @@ def test_top_fraction_flags_the_highest(values, fraction):
 
 def test_clip_score_low_is_suspicious():
     v = np.array([0.9, 0.1, 0.8, 0.95, -0.2])
-    mask, _ = flag_outliers(values=v, ids=np.arange(5), detector="clip", settings=ThresholdSettings(detector="clip", fraction=0.4))
+    mask, _ = flag_outliers(values=v, ids=np.arange(5), detector="clip", settings=ThresholdSettings(detector="clip", method="top_fraction", fraction=0.4))
     assert mask.tolist() == [False, True, False, False, True]
     mask, _ = flag_outliers(values=v, ids=np.arange(5), detector="clip", settings=ThresholdSettings(detector="clip", method="score", score=0.5))
     assert mask.tolist() == [False, True, False, False, True]
@@ -51,13 +51,13 @@ def test_fixed_score_and_auto_rules():
 
 def test_ties_at_the_cut_break_by_id():
     v = np.array([1.0, 5.0, 5.0, 5.0, 0.0])
-    mask, _ = flag_outliers(values=v, ids=np.arange(5), detector="dao", settings=ThresholdSettings(fraction=0.4))
+    mask, _ = flag_outliers(values=v, ids=np.arange(5), detector="dao", settings=ThresholdSettings(method="top_fraction", fraction=0.4))
     assert np.flatnonzero(mask).tolist() == [1, 2]
 
 
 def test_non_finite_scores_are_flagged_not_dropped(tmp_path):
     scores = write_scores(tmp_path / "scores", dao=np.array([0.1, np.nan, 0.3, np.inf, 0.2, 0.0, -0.1, 0.05, 0.02, 0.01]))
-    summary = threshold_scores(scores_dir=scores, out_dir=tmp_path / "flags", settings=ThresholdSettings(detector="dao", fraction=0.1), base=BaseSettings())
+    summary = threshold_scores(scores_dir=scores, out_dir=tmp_path / "flags", settings=ThresholdSettings(detector="dao", method="top_fraction", fraction=0.1), base=BaseSettings())
     flags = pl.read_parquet(tmp_path / "flags" / "flags.parquet")
     assert flags.height == 10
     assert flags.filter(pl.col("is_non_finite"))["id"].to_list() == [1, 3]
@@ -104,7 +104,8 @@ def test_auto_cut_is_median_plus_z_robust_mad():
 
 
 @pytest.mark.parametrize("detector", ["clip", "kdist"])
-@pytest.mark.parametrize("rule", [{"method": "top_fraction", "fraction": 0.05}, {"method": "auto", "auto_z": 2.0}])
+@pytest.mark.parametrize("rule", [{"method": "top_fraction", "fraction": 0.05}, {"method": "auto", "auto_z": 2.0},
+                                  {"method": "tail"}])
 def test_written_cut_fed_back_as_score_flags_the_same(tmp_path, detector, rule):
     """The cut is written in the detector's own units (clip: a cosine inside the data, not its
     negation) with its direction, and ``method: score`` with it flags the same samples."""
@@ -151,3 +152,52 @@ def test_a_rule_that_flags_nothing_says_so(tmp_path, caplog):
     assert [r.getMessage() for r in caplog.records] == [f"threshold: {want}"]
     assert summary["flagged"] == 1  # the NaN, flagged for itself
     assert (tmp_path / "flags" / "flags.parquet").is_file()  # told, not stopped
+
+
+def bulk_with_group(*, n: int, rate: float, shift: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A normal bulk and a group of ``rate`` x n samples ``shift`` deviations above its median,
+    spread as widely as the bulk: (values, is_group)."""
+    rng = np.random.default_rng(seed)
+    values = rng.normal(size=n)
+    group = np.zeros(n, dtype=bool)
+    group[rng.choice(n, size=int(round(rate * n)), replace=False)] = True
+    sd = float(np.std(values))
+    values[group] = np.median(values) + shift * sd + rng.normal(0, sd, size=int(group.sum()))
+    return values, group
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize(("bulk", "at_most"), [("normal", 0.0005), ("gamma", 0.01)])
+def test_tail_flags_little_of_a_bulk_alone(seed, bulk, at_most):
+    """No group: a normal bulk loses a handful; a skewed one (gamma, skewness 0.7, a heavier tail
+    than the normal the rule assumes) only the far end of its tail, not a fixed share."""
+    rng = np.random.default_rng(seed)
+    values = rng.normal(size=20_000) if bulk == "normal" else rng.gamma(8.0, 1.0, size=20_000)
+    mask, cut = flag_outliers(values=values, ids=np.arange(len(values)), detector="kdist",
+                              settings=ThresholdSettings(method="tail"))
+    assert mask.sum() <= at_most * len(values)
+    assert (values[mask] >= cut).all() and (values[~mask] < cut).all()
+
+
+@pytest.mark.parametrize("rate", [0.001, 0.005, 0.03])
+def test_tail_follows_the_size_of_a_group_that_stands_out(rate):
+    """The same rule removes nearly all of a group at 0.1% and at 3%, and little else (its false
+    share stays near tail_fdr or below)."""
+    values, group = bulk_with_group(n=20_000, rate=rate, shift=8.0, seed=4)
+    mask, _ = flag_outliers(values=values, ids=np.arange(len(values)), detector="kdist",
+                            settings=ThresholdSettings(method="tail"))
+    assert (mask & group).sum() >= 0.95 * group.sum()
+    assert (mask & ~group).sum() <= max(5, 0.25 * group.sum())
+
+
+def test_tail_cut_fdr_orders_the_cuts():
+    """A larger tail_fdr accepts more of the bulk's tail: its cut is never higher."""
+    values, _ = bulk_with_group(n=5000, rate=0.01, shift=5.0, seed=5)
+    cuts = [tail_cut(values, fdr=q) for q in (0.01, 0.05, 0.2, 0.5)]
+    assert cuts == sorted(cuts, reverse=True)
+
+
+def test_tail_on_constant_scores_flags_nothing():
+    mask, cut = flag_outliers(values=np.full(50, 2.0), ids=np.arange(50), detector="kdist",
+                              settings=ThresholdSettings(method="tail"))
+    assert not mask.any() and cut > 2.0
