@@ -78,6 +78,40 @@ def tiny_run(tmp_path_factory) -> tuple[Path, Params]:
     return root, params
 
 
+def planted_params(src: Path, extra: list[str] | None = None) -> Params:
+    """The default params (params.yaml) on a planted clip-retrieval source: no victim to train."""
+    import yaml
+
+    data = yaml.safe_load((REPO / "params.yaml").read_text())
+    data["train"]["enabled"] = False
+    data["download"]["source"] = "embeddings"
+    data["download"]["embeddings"]["path"] = str(src)
+    # a precomputed source needs no model: a name open_clip does not know skips the dimension check
+    data["embed"].update({"model_name": "planted-d32", "pretrained": None})
+    return parse_params(apply_overrides(data, extra or []))
+
+
+@pytest.fixture(scope="session")
+def planted_run(tmp_path_factory) -> tuple[Path, Params, np.ndarray]:
+    """The whole pipeline, default params, on planted embeddings where detection works
+    (tests/planted.py: sparse and dense poison, a clean near-duplicate cluster): (data root,
+    params, each sample's group (N,) by id)."""
+    import polars as pl
+
+    from flows.pipeline import STAGES, run_stage
+    from tests.planted import write_planted
+
+    base = tmp_path_factory.mktemp("planted-run")
+    groups = write_planted(base / "src")
+    params = planted_params(base / "src")
+    root = base / "data"
+    for stage in STAGES:
+        run_stage(stage, params, root)
+    ids = pl.read_parquet(root / "raw" / "manifest.parquet")["id"].to_numpy()
+    assert np.array_equal(ids, np.arange(len(groups)))  # ids follow the source's order
+    return root, params, groups
+
+
 def output_hashes(root: Path) -> dict[str, str]:
     """sha256 of every output file under a data root, by relative path: not the data docs (they
     carry the validation's time), the root's lock or the flow's state and result cache."""

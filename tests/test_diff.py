@@ -111,3 +111,22 @@ def test_diff_shows_the_review_beside_the_detector(tiny_run, tmp_path, capsys):
     text = capsys.readouterr().out
     assert re.search(r"removed\s+20\s+21\s+\+1\n", text) and re.search(r"flagged\s+20\s+20\s+\+0\n", text)
     assert re.search(r"removed_by_review\s+0\s+2\s+\+2\n", text) and re.search(r"kept_by_review\s+0\s+1\s+\+1\n", text)
+
+
+def test_diff_where_detection_works(planted_run, tmp_path, capsys):
+    """The planted run (the tail rule removes all 40 poisoned) against the paper's top 1% cut on the
+    same scores (21 of 2,100: poison only, 19 missed): the applied blocks differ in non-zero figures."""
+    from tests.conftest import planted_params
+
+    root, params, groups = planted_run
+    other = tmp_path / "data"
+    shutil.copytree(root, other)
+    src = params.download.embeddings.path
+    for stage in ("threshold", "filter", "evaluate"):
+        run_stage(stage, planted_params(src, ["threshold.method=top_fraction", "threshold.fraction=0.01"]), other)
+    assert main(["diff", str(root), str(other), "--format", "json", "--ids-out", str(tmp_path / "ids.parquet")]) == 0
+    applied = json.loads(capsys.readouterr().out)["applied"]
+    assert applied["rule"] == {"a": "tail fdr 0.2", "b": "top_fraction 0.01", "delta": None}
+    assert applied["poison_removed"] == {"a": 40, "b": 21, "delta": -19}
+    assert applied["recall"]["a"] == 1.0 and applied["recall"]["b"] == 0.525
+    assert applied["precision"]["b"] == 1.0 and applied["precision"]["a"] > 0.8

@@ -27,11 +27,19 @@ def test_non_finite_scores_count_as_most_suspicious():
     assert m["auroc"] == 1.0
 
 
-def test_metrics_and_plots_of_the_tiny_run(tiny_run):
-    root, params = tiny_run
+@pytest.fixture(params=["tiny_run", "planted_run"])
+def a_run(request):
+    """(root, params, poisoned) of the tiny demo (whose victim learns nothing) and of the planted
+    embeddings (where the default finds every poisoned sample)."""
+    run = request.getfixturevalue(request.param)
+    return run[0], run[1], {"tiny_run": 4, "planted_run": 40}[request.param]
+
+
+def test_metrics_and_plots(a_run):
+    root, params, poisoned = a_run
     metrics = json.loads((root / "metrics" / "detection.json").read_text())
     assert metrics["ground_truth"] is True
-    assert metrics["poisoned"] == 4
+    assert metrics["poisoned"] == poisoned
     assert set(metrics["detectors"]) == set(params.score.detectors)
     flags = pl.read_parquet(root / "flags" / "flags.parquet")
     manifest = pl.read_parquet(root / "raw" / "manifest.parquet")
@@ -39,7 +47,9 @@ def test_metrics_and_plots_of_the_tiny_run(tiny_run):
     tp = flags.join(manifest, on="id").filter(pl.col("is_flagged") & pl.col("is_poison")).height
     chosen = metrics["detectors"][params.threshold.detector]
     assert chosen["precision_at_threshold"] == pytest.approx(tp / flags["is_flagged"].sum())
-    assert chosen["recall_at_threshold"] == pytest.approx(tp / 4)
+    assert chosen["recall_at_threshold"] == pytest.approx(tp / poisoned)
+    if poisoned == 40:  # detection works: the figures checked are not zeros
+        assert tp == 40 and chosen["precision_at_threshold"] >= 0.8 and chosen["auroc"] >= 0.99
     scores = pl.read_parquet(root / "scores" / "scores.parquet").join(manifest.select("id", "is_poison"), on="id")
     y = scores["is_poison"].to_numpy()
     for d in params.score.detectors:
@@ -55,7 +65,7 @@ def test_metrics_and_plots_of_the_tiny_run(tiny_run):
         assert np.trapezoid(roc["tpr"].to_numpy(), roc["fpr"].to_numpy()) == pytest.approx(want, abs=1e-5), d
         hist = pl.read_csv(root / "plots" / "hist" / f"{d}.csv")
         assert hist["clean"].sum() + hist["poisoned"].sum() == manifest.height
-        assert hist["poisoned"].sum() == 4
+        assert hist["poisoned"].sum() == poisoned
 
 
 def copy_raw_without_truth(root, tmp_path) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 
 import yaml
@@ -121,65 +120,37 @@ def _poison_removed(root) -> tuple[int, int, float, float]:
     return poisoned, poisoned - left, poisoned / raw.height, left / kept.height
 
 
-def write_planted_poison(d, *, seed: int = 0, clean: int = 2000, poison: int = 20, concepts: int = 20,
-                         dim: int = 32, parts: int = 2):
-    """clip-retrieval output (img_emb/ text_emb/ metadata/ with is_poison) of clean pairs from
-    Gaussian concept clusters (caption = image + a modality offset + noise) and a planted poison
-    cluster: images collapsed near one point (the trigger), captions near one target caption."""
+def test_default_orders_sparse_and_dense_poison_above_a_clean_dense_cluster(planted_run):
+    """tests/planted.py: 10 sparse and 30 dense (collapsed) poison pairs and a clean cluster of 60
+    near-duplicates among 2,000 clean pairs. The default (copies drawn once into the reference
+    sets, sparse-side fusion, the tail cut) ranks every poison sample above every sample of the
+    cluster, removes all the poison and none of the cluster. Measured, generator seeds 0 and 3:
+    fused kdist sparse 60-106, dense 64-87, cluster 0.4-1.8, clean median 0.5; 5-8 clean removed.
+    (v0.2's default, max_abs_z without collapsing copies, ranked the cluster with the dense poison.)"""
     import numpy as np
     import polars as pl
 
-    rng = np.random.default_rng(seed)
-    centres = rng.normal(size=(concepts, dim))
-    concept = rng.integers(concepts, size=clean)
-    image = centres[concept] + 0.3 * rng.normal(size=(clean, dim))
-    text = image + 0.5 * rng.normal(size=dim) + 0.3 * rng.normal(size=(clean, dim))
-    trigger, target = rng.normal(size=dim), rng.normal(size=dim)
-    image = np.concatenate([image, trigger + 0.02 * rng.normal(size=(poison, dim))])
-    text = np.concatenate([text, target + 0.02 * rng.normal(size=(poison, dim))])
-    captions = [f"a photo of concept {c}" for c in concept] + ["a photo of a banana"] * poison
-    is_poison = np.arange(clean + poison) >= clean
-    order = rng.permutation(clean + poison)  # poison scattered through the parts
-    for sub in ("img_emb", "text_emb", "metadata"):
-        (d / sub).mkdir(parents=True)
-    bounds = np.linspace(0, clean + poison, parts + 1).astype(int)
-    for i, (lo, hi) in enumerate(itertools.pairwise(bounds)):
-        rows = order[lo:hi]
-        np.save(d / "img_emb" / f"img_emb_{i}.npy", image[rows].astype(np.float16))
-        np.save(d / "text_emb" / f"text_emb_{i}.npy", text[rows].astype(np.float16))
-        pl.DataFrame({"caption": [captions[r] for r in rows], "is_poison": is_poison[rows]}).write_parquet(
-            d / "metadata" / f"metadata_{i}.parquet")
-    return d
+    root, params, groups = planted_run
+    assert params.threshold.detector == "kdist" and params.threshold.method == "tail"
+    scores = pl.read_parquet(Layout(root).scores / "scores.parquet").sort("id")["kdist_score"].to_numpy()
+    poison = np.isin(groups, ["sparse", "dense"])
+    assert scores[poison].min() > scores[groups == "cluster"].max()
+    assert scores[poison].min() > np.quantile(scores[groups == "clean"], 0.99)
+    # the clean cluster does not stand out of the clean data (v0.2: fused 12.7, above every clean)
+    assert scores[groups == "cluster"].max() < np.quantile(scores[groups == "clean"], 0.99)
+    flags = pl.read_parquet(Layout(root).flags / "flags.parquet").sort("id")["is_flagged"].to_numpy()
+    assert flags[poison].all() and not flags[groups == "cluster"].any()
+    assert flags[groups == "clean"].mean() <= 0.01
 
 
-def test_detection_chain_finds_a_planted_poison_cluster(tmp_path):
-    """Precomputed embeddings with 20 planted poison pairs among 2,000 clean ones (1%): the default
-    detector (kdist, default index/score/threshold settings) ranks them first and filter removes
-    them. Measured (generator seeds 0-4): kdist AUROC 1.0 and all 20 removed by the default 1% cut,
-    every seed. Bounds leave room for a change of ranking detail, not for detection breaking
-    (a flipped orientation or lost poison gives AUROC near 0 or 0.5)."""
-    from clipscrub.params import parse_params
-    from flows.pipeline import run_stage
-
-    src = write_planted_poison(tmp_path / "src")
-    data = yaml.safe_load((REPO / "params.yaml").read_text())
-    data["train"]["enabled"] = False
-    data["download"]["source"] = "embeddings"
-    data["download"]["embeddings"]["path"] = str(src)
-    # a precomputed source needs no model: a name open_clip does not know skips the dimension check
-    data["embed"].update({"model_name": "planted-d32", "pretrained": None})
-    params = parse_params(data)
-    root = tmp_path / "data"
-    for stage in ("download", "embed", "index", "score", "threshold", "filter", "evaluate"):
-        run_stage(stage, params, root)
-
+def test_detection_chain_finds_and_removes_planted_poison(planted_run):
+    """Through filter and evaluate: the default detector's AUROC, and what the clean version keeps."""
+    root, params, groups = planted_run
     metrics = json.loads(Layout(root).detection_metrics.read_text())
-    assert metrics["ground_truth"] and metrics["poisoned"] == 20
-    assert params.threshold.detector == "kdist"
-    assert metrics["detectors"]["kdist"]["auroc"] >= 0.95
+    assert metrics["ground_truth"] and metrics["poisoned"] == 40
+    assert metrics["detectors"]["kdist"]["auroc"] >= 0.99
     poisoned, removed, before, after = _poison_removed(root)
-    assert poisoned == 20 and removed >= 16
-    assert after < before / 4
+    assert poisoned == 40 and removed == 40 and after == 0
 
 
 # The README's demo (params.yaml: 6,000 samples, 1% BadNets, a 10-epoch tiny ViT victim) cut to
@@ -199,12 +170,13 @@ SMALL_DEMO_OVERRIDES = [
 
 def test_detection_works_end_to_end_on_a_small_demo(tmp_path):
     """The README's promise on a trained victim, through every stage: the default detector ranks the
-    BadNets poison well above chance and filter removes a share of it. Measured with
-    SMALL_DEMO_OVERRIDES, base.seed 0 / 1 / 2: kdist AUROC 0.943 / 0.877 / 0.908, the default 1% cut
-    removes 14 / 13 / 12 of the 20 poisoned pairs, 59-74 s for the whole run on two shared cores (a
-    victim with context_length 16: AUROC 0.847 / 0.936 / 0.916, 9 / 14 / 5 removed). The test runs
-    seed 0; the bounds sit below every measured seed, since training is not bit-identical across CPUs.
-    The tiny_run fixture cannot show this: its 1-epoch victim learns nothing (AUROC 0.41)."""
+    BadNets poison well above chance, and the default cut (the tail rule) removes a share of it while
+    removing little else. Measured with SMALL_DEMO_OVERRIDES, base.seed 0 / 1 / 2: kdist AUROC
+    0.963 / 0.933 / 0.903; the tail rule removes 26 / 14 / 24 samples (1.3% / 0.7% / 1.2%), 15 / 9 /
+    13 of the 20 poisoned (recall 0.75 / 0.45 / 0.65; the paper's fixed 1% removed 14 / 13 / 12 of
+    them, on v0.2's ranking). The test runs seed 0; the bounds sit below every measured seed, since
+    training is not bit-identical across CPUs. The victim is weak (it was trained on 2,000 pairs), so
+    the poison is less isolated than on the attack matrix's counted cells."""
     import torch
 
     from clipscrub.params import apply_overrides, parse_params
@@ -221,7 +193,11 @@ def test_detection_works_end_to_end_on_a_small_demo(tmp_path):
     metrics = json.loads(Layout(root).detection_metrics.read_text())
     assert metrics["ground_truth"] and metrics["poisoned"] == 20
     assert metrics["threshold"]["detector"] == params.threshold.detector == "kdist"
-    assert metrics["detectors"]["kdist"]["auroc"] >= 0.75
+    assert metrics["detectors"]["kdist"]["auroc"] >= 0.85
+    applied = json.loads((root / "metrics" / "applied.json").read_text())
+    assert applied["rule"] == "tail fdr 0.2"
+    assert applied["poison_removed"] >= 8 and applied["recall"] >= 0.4
+    assert 0.003 <= applied["removed_fraction"] <= 0.02
     poisoned, removed, before, after = _poison_removed(root)
-    assert poisoned == 20 and removed >= 6
+    assert (poisoned, removed) == (20, applied["poison_removed"])
     assert after < before

@@ -495,3 +495,26 @@ def test_review_verdicts_on_the_page(tiny_run, tmp_path):
     assert [c["id"] for c in parse_cards(section(page, "missed"))] == \
         flags.sort("rank").filter(pl.col("id").is_in(sorted(poison - removed)))["id"].to_list()
     assert "<h2 id=review>Review verdicts (2 kept, 3 removed)</h2>" in page
+
+
+def test_report_of_a_run_where_detection_works(planted_run):
+    """The planted run (40 poisoned, all removed by the default): the summary line, the ROC curves,
+    the gallery's poison marks and the what-if rows hold non-zero figures, recomputed here."""
+    root, params, groups = planted_run
+    page = (root / "report" / "index.html").read_text()
+    removed = set(pl.read_parquet(root / "clean" / "removed.parquet")["id"].to_list())
+    poison = set(np.flatnonzero(np.isin(groups, ["sparse", "dense"])).tolist())
+    assert poison <= removed and len(poison) == 40
+    line = re.search(r"<p class=summary id=summary-line><b>(.*?)</b></p>", page).group(1)
+    assert line == f"40 of the {len(removed)} removed are known poison; 0 of the 40 known poison were missed."
+    assert "<h2 id=curves>" in page
+    assert "<h2 id=missed>Known poison not removed (0)</h2>" in page
+    assert "<p>Every known poisoned sample was removed.</p>" in section(page, "missed")
+    cards = parse_cards(section(page, "gallery"))
+    shown = [c["id"] for c in cards]
+    assert shown and all(("poisoned" in c["tags"]) == (c["id"] in poison) for c in cards)
+    assert sum(c["id"] in poison for c in cards) == min(40, len(shown))  # poison ranks first
+    applied = re.search(r"<tr><td>tail fdr 0\.2</td><td>[-\d.e+]+</td><td>(\d+)</td><td>(\d+)</td>"
+                        r"<td>([\d.]+)</td><td>([\d.]+)</td><td>the rule applied", section(page, "what-if"))
+    assert applied and int(applied.group(2)) == 40 and float(applied.group(4)) == 1.0
+    assert int(applied.group(1)) == len(removed)
