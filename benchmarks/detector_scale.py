@@ -219,7 +219,8 @@ def run_part(name: str, args, emb: Path, work: Path) -> dict:
         ref = p.index.reference
         if name == "default_floor":
             return part_faiss(emb, k=args.k, sizes=list(ref.sizes), draws=ref.draws)
-        return part_clipscrub(emb, work, k=args.k, reference={"mode": "random", "sizes": list(ref.sizes), "draws": ref.draws},
+        return part_clipscrub(emb, work, k=args.k, reference={"mode": "random", "sizes": list(ref.sizes), "draws": ref.draws,
+                                                                "duplicate_radius": ref.duplicate_radius},
                               score={"fusion": p.score.fusion})
     if name == "c":
         return part_paper(emb, k=args.k, batch=args.batch)

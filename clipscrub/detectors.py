@@ -102,19 +102,21 @@ def _side_scale(dev: np.ndarray) -> float:
     return scale if scale > 0 else (float(np.mean(dev)) or 1.0)
 
 
-def robust_z(values: np.ndarray) -> np.ndarray:
+def robust_z(values: np.ndarray, *, fit: np.ndarray | None = None) -> np.ndarray:
     """Robust z-scores over the finite values, (N,) -> (N,): (value - median) divided by the
     median absolute deviation (x 1.4826) of the values on the same side of the median.
 
     Puts scores from reference sets of different sizes on one scale. One scale per side (the
     "double MAD") because distance scores are skewed: bounded below by 0, long-tailed above, so a
     single MAD understates how unusual a value far below the median is, and overstates one above.
-    Non-finite values stay non-finite.
+    Non-finite values stay non-finite. ``fit`` (M,): the values whose median and scales are used
+    (default: ``values`` themselves).
     """
     v = np.asarray(values, dtype=np.float64)
-    finite = v[np.isfinite(v)]
+    ref = v if fit is None else np.asarray(fit, dtype=np.float64)
+    finite = ref[np.isfinite(ref)]
     if finite.size == 0:
-        return v.copy()
+        return np.full_like(v, np.nan) if fit is not None else v.copy()
     med = float(np.median(finite))
     lo = _side_scale(med - finite[finite <= med])
     hi = _side_scale(finite[finite >= med] - med)
@@ -144,6 +146,84 @@ def fuse_scores(per_set: list[np.ndarray], rule: str) -> np.ndarray:
     if rule == "mean_z":
         return z.mean(axis=0)
     raise ValueError(f"unknown fusion rule {rule!r}")
+
+
+# look-alikes per sample whose captions are compared with its own
+LOOKALIKES = 16
+
+
+def caption_mismatch(*, captions: np.ndarray, ref_captions: np.ndarray, entries: np.ndarray, distances: np.ndarray,
+                     image_entries: int, copy_distance: float, wanted: np.ndarray | None = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Whether each query has a copy among the references, and how unlike its caption is to those
+    of its nearest look-alikes that are not copies.
+
+    captions (Q, d): the queries' caption embeddings; ref_captions (m, d): the reference samples'
+    (both unit length); entries, distances (Q, K): the queries' neighbours, image entries first
+    (indices < ``image_entries``, entry i belonging to reference sample i). Returns is_copy (Q,):
+    an image entry closer than ``copy_distance``; and mismatch (Q,): the smallest Euclidean
+    distance between the query's caption and the captions of its first ``LOOKALIKES`` image
+    entries at ``copy_distance`` or beyond (NaN where it has none among its K neighbours, and
+    for the rows ``wanted`` (Q,) bool leaves out: copies and a sample of the rest suffice).
+    """
+    is_image = entries < image_entries
+    is_copy = (is_image & (distances < copy_distance)).any(axis=1)
+    rows = np.flatnonzero(is_copy | (True if wanted is None else wanted))
+    out = np.full(len(entries), np.nan)
+    captions, entries, distances, is_image = captions[rows], entries[rows], distances[rows], is_image[rows]
+    look = is_image & (distances >= copy_distance)
+    first = np.argsort(~look, axis=1, kind="stable")[:, :LOOKALIKES]  # positions of the first look-alikes
+    valid = np.take_along_axis(look, first, 1)
+    owners = np.where(valid, np.take_along_axis(entries, first, 1), 0)
+    for lo in range(0, len(rows), 2048):  # (b, L, d) at a time
+        hi = lo + 2048
+        gap = np.linalg.norm(ref_captions[owners[lo:hi]] - captions[lo:hi, None, :], axis=2)
+        gap[~valid[lo:hi]] = np.inf
+        best = gap.min(axis=1)
+        out[rows[lo:hi]] = np.where(np.isfinite(best), best, np.nan)
+    return is_copy, out
+
+
+# rows whose caption mismatch is the population a copy's is compared with: every row below this
+# many samples, a regular sample of them above it (the cost stays bounded at any N)
+MISMATCH_SAMPLE = 16_384
+
+
+def mismatch_sample(start: int, stop: int, n: int) -> np.ndarray:
+    """Which rows [start, stop) of n are in the mismatch population (every ceil(n / MISMATCH_SAMPLE)-th row). (stop - start,) bool."""
+    stride = -(-n // MISMATCH_SAMPLE)
+    return np.arange(start, stop) % stride == 0
+
+
+def vet_copies(fused: np.ndarray, *, is_copy: np.ndarray, mismatch: np.ndarray,
+               population: np.ndarray | None = None) -> np.ndarray:
+    """Fused density z-scores (N,) where a sample with copies keeps its score only as far as its
+    caption mismatch goes: min(fused, z(mismatch)), z fitted on the mismatch of the ``population``
+    rows (N,) bool (default: every sample that has one).
+
+    A model memorises a pair it sees many times, clean or poisoned, and moves it away from its
+    look-alikes: counted once in the reference sets, such a group looks sparse either way. What
+    tells poison apart is its caption: a target its images' look-alikes do not carry (a copied
+    image captioned "banana"), where a clean re-posted photo's look-alikes are described like it.
+    A sample without copies, or without look-alikes to compare with, keeps its score.
+    """
+    z = robust_z(mismatch, fit=None if population is None else mismatch[population])
+    vetted = is_copy & np.isfinite(z)
+    return np.where(vetted, np.minimum(fused, np.where(vetted, z, np.inf)), fused)
+
+
+def join_caption_view(image_fused: np.ndarray, caption: np.ndarray) -> np.ndarray:
+    """One score (N,) from the image view's fused z-scores and a caption set's scores (N,): the
+    mean of the two, the caption scores as robust z-scores.
+
+    The image view finds a trigger the model isolated; the caption view, a caption the data
+    does not otherwise carry (a target, where the reference holds few of it). Poison is unusual
+    on both sides; a clean image outlier (a rare photo) or a clean caption outlier (a rare
+    phrasing) on one only, so the mean ranks poison above both. Non-finite in either: NaN.
+    """
+    z = robust_z(caption)
+    both = np.isfinite(image_fused) & np.isfinite(z)
+    return np.where(both, (image_fused + np.where(both, z, 0.0)) / 2, np.nan)
 
 
 def clip_score(image: np.ndarray, text: np.ndarray) -> np.ndarray:

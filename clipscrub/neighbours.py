@@ -83,24 +83,36 @@ def draw_references(
     return np.stack([np.sort(rng.choice(n, size=size, replace=False)) for _ in range(draws)]).astype(np.int64)
 
 
-# rows whose pairwise distances set the scale of ``index.reference.duplicate_radius``
+# seeded rows whose nearest-neighbour distances set the scale of index.reference.duplicate_radius,
+# searched among at most SCALE_POOL seeded rows (so the cost does not grow with N)
 SCALE_SAMPLE = 1000
+SCALE_POOL = 16_384
 
 
 def duplicate_distance(image: Rows, *, n: int, fraction: float, seed: int) -> float:
-    """``fraction`` x the median pairwise distance between ``SCALE_SAMPLE`` seeded rows' image
-    embeddings: the distance under which two samples count as copies of one another.
+    """``fraction`` x the median distance from a sample's image embedding to its nearest other
+    one: the distance under which two samples count as copies of one another.
 
-    A scale of the whole data (not of a sample's neighbours) so that it does not depend on the
-    reference size, nor shrink to 0 where most samples are duplicates.
+    Measured for ``SCALE_SAMPLE`` seeded rows among ``SCALE_POOL`` seeded rows (the whole data
+    below that), so it follows the model's own scale and how tightly it packs ordinary
+    neighbours, whatever the reference size; a median, so copies (distance 0) shift it only
+    once they are most of the data. 0 when ``fraction`` is 0 or the data has under 2 rows.
     """
     if fraction <= 0 or n < 2:
         return 0.0
-    rows = np.sort(np.random.default_rng([seed, 1]).choice(n, size=min(n, SCALE_SAMPLE), replace=False))
-    x = _take(image, rows).astype(np.float64)
-    sq = np.einsum("ij,ij->i", x, x)
-    d2 = np.maximum(sq[:, None] + sq[None, :] - 2 * x @ x.T, 0)
-    return fraction * float(np.median(np.sqrt(d2[np.triu_indices(len(x), 1)])))
+    rng = np.random.default_rng([seed, 1])
+    pool = np.sort(rng.choice(n, size=min(n, SCALE_POOL), replace=False))
+    probe = pool[np.sort(rng.choice(len(pool), size=min(len(pool), SCALE_SAMPLE), replace=False))]
+    x = _take(image, pool)
+    index = faiss.IndexFlatL2(x.shape[1])
+    index.add(x)
+    _, found = index.search(_take(image, probe), 2)
+    q = _take(image, probe).astype(np.float64)
+    # exact distances to the two candidates, the probe itself left out by row (not by distance:
+    # a copy of it is at 0 too)
+    d = np.sqrt(((q[:, None, :] - x[found].astype(np.float64)) ** 2).sum(-1))
+    d[pool[found] == probe[:, None]] = np.inf
+    return fraction * float(np.median(d.min(axis=1)))
 
 
 def draw_distinct(*, image: Rows, n: int, size: int, rng: np.random.Generator, radius: float) -> np.ndarray:
@@ -150,28 +162,38 @@ def draw_distinct(*, image: Rows, n: int, size: int, rng: np.random.Generator, r
 
 @dataclass(frozen=True)
 class ReferenceSet:
-    """One reference setting: ``name`` (``m256``, ``trusted``, ``all``) and its draws' dataset
-    rows (draws, m)."""
+    """One reference setting: ``name`` (``m256``, ``trusted``, ``all``; ``t256`` for a caption
+    set), its draws' dataset rows (draws, m), and the modality its queries and entries use where
+    it is not ``index.modality``'s (``text`` for a caption set)."""
 
     name: str
     rows: np.ndarray
+    modality: str | None = None
+
+
+def caption_set(sets: list[ReferenceSet]) -> ReferenceSet:
+    """The caption view of random sets: the smallest set's draws, searched caption against caption
+    (``t<m>``). The smallest because a target caption stays sparse there at the highest poison
+    rate (a set must hold fewer than about k of it)."""
+    smallest = min(sets, key=lambda rs: rs.rows.shape[1])
+    return ReferenceSet(f"t{smallest.rows.shape[1]}", smallest.rows, "text")
 
 
 def reference_sets(
     *, n: int, mode: str, sizes: list[int], draws: int, seed: int, trusted_rows: np.ndarray | None = None,
-    image: Rows | None = None, duplicate_radius: float = 0.0,
+    image: Rows | None = None, copy_distance: float = 0.0,
 ) -> list[ReferenceSet]:
     """The reference sets to search: in ``random`` mode one per size (capped at ``n``; sizes
     that cap to the same m are one set), each with ``draws`` seeded draws; else one set.
 
-    ``duplicate_radius`` > 0 (random mode, with the ``image`` embeddings (N, d)): each draw holds
-    distinct samples (``draw_distinct``), copies closer than that fraction of the data's median
-    pairwise distance (``duplicate_distance``) counted once.
+    ``copy_distance`` > 0 (random mode, with the ``image`` embeddings (N, d)): each draw holds
+    distinct samples (``draw_distinct``), images closer than that (``duplicate_distance``)
+    counted once.
     """
     if mode != "random":
         rows = draw_references(n=n, mode=mode, size=n, draws=1, seed=seed, trusted_rows=trusted_rows)
         return [ReferenceSet(mode, rows)]
-    radius = duplicate_distance(image, n=n, fraction=duplicate_radius, seed=seed) if image is not None else 0.0
+    radius = copy_distance if image is not None else 0.0
     out = []
     for m in sorted({min(s, n) for s in sizes}):
         # a size's draws do not depend on which other sizes are listed

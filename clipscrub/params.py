@@ -236,10 +236,13 @@ class ReferenceSettings(_Section):
     # are capped at it. Several sizes are fused by score.fusion (no single m suits every rate)
     sizes: list[int] = Field(default_factory=lambda: [256, 1024, 4096], min_length=1)
     draws: int = Field(2, ge=1)
-    # random: samples whose images lie within this fraction of the data's median pairwise distance
-    # of one already drawn are copies, drawn once: a group of copies is then measured against the
-    # rest of the data, not against itself (0: off)
-    duplicate_radius: float = Field(0.1, ge=0.0, lt=1.0)
+    # random: samples whose images lie closer than this fraction of the median nearest-neighbour
+    # distance to one already drawn are copies, drawn once: a group of copies is then measured
+    # against the rest of the data, not against itself (0: off)
+    duplicate_radius: float = Field(0.5, ge=0.0, lt=1.0)
+    # random, image_text, several sizes: also score each caption against the captions of the
+    # smallest set's draws (set t<m>); its robust z-score is averaged with the image sets' fused one
+    caption_set: bool = True
     path: str | None = None
 
     @model_validator(mode="after")
@@ -308,6 +311,10 @@ class ScoreSettings(_Section):
     # or abnormally dense), their maximum (max_z: sparse only) or their mean (mean_z). One set:
     # its scores as they are
     fusion: Literal["max_z", "max_abs_z", "mean_z"] = "max_z"
+    # several sets: a sample with a copy among the largest set's references (a re-posted image, a
+    # collapsed trigger) keeps its fused density score only where its caption is unlike those of
+    # its nearest look-alikes that are not copies (clipscrub.detectors.vet_copies)
+    vet_copies: bool = True
     iforest: IForestSettings = IForestSettings()
 
     @model_validator(mode="after")
@@ -327,7 +334,7 @@ class ThresholdSettings(_Section):
     score: float | None = None
     auto_z: float = Field(3.5, gt=0.0)
     # tail: the share of the flagged samples that the bulk's own (normal) upper tail may account for
-    tail_fdr: float = Field(0.2, gt=0.0, lt=1.0)
+    tail_fdr: float = Field(0.1, gt=0.0, lt=1.0)
 
     @model_validator(mode="after")
     def _consistent(self) -> "ThresholdSettings":

@@ -33,7 +33,7 @@ STAGE_EXAMPLE = {
     "embed": "-S embed.batch_size=128",
     "index": "-S index.reference.draws=3",
     "score": "-S \"score.detectors=[kdist, dao]\"",
-    "threshold": "-S threshold.tail_fdr=0.1",
+    "threshold": "-S threshold.tail_fdr=0.05",
     "filter": "-S filter.shard_size=5000",
     "evaluate": "-S evaluate.tpr=0.9",
     "report": "-S report.top_n=96",
@@ -123,6 +123,8 @@ def _score_words(s: dict[str, Any]) -> list[str]:
         line += f", fused by {s['fusion']}"
     bad = {d: c for d, c in (s.get("non_finite") or {}).items() if c}
     lines = [line]
+    if s.get("copies") is not None:
+        lines.append(f"{_plural(s['copies'], 'sample')} with a copy in the reference data, vetted by caption")
     if bad:
         lines.append("non-finite scores (flagged by threshold): " + ", ".join(f"{d} {_n(c)}" for d, c in bad.items()))
     return lines

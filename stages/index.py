@@ -9,7 +9,8 @@ r draws, R reference entries per draw and K = ``index.k`` neighbours:
   nearest entries (indices into the draw's entries, laid out as ``reference_entries`` does);
 - ``ref_neighbours.npy`` / ``ref_distances.npy`` (r, R, K): the same for the entries themselves,
   within the reference set, from which kd(o) and lid(o) are computed.
-``<out>/references.json`` lists the sets in order (name, draws, samples, entries, search).
+``<out>/references.json`` lists the sets in order (name, draws, samples, entries, search,
+copy_distance: images closer than it are copies, drawn once into a random set).
 
 Memory is bounded by one chunk of queries, the reference entries with their faiss index, and
 the (N, K) results: embeddings are read chunk by chunk, never mapped whole.
@@ -37,8 +38,9 @@ from clipscrub.arrays import RowReader, create_npy, write_rows
 from clipscrub.errors import DataError, ParamError
 from clipscrub.io import atomic_dir, read_json, require_file, scratch_work_dir, write_json, write_lineage
 from clipscrub.neighbours import (
-    STORED_METHODS, Neighbours, choose_method, draw_index, entry_owners, find_neighbours, gpu_count, measure_recall,
-    query_embeddings, read_trusted_rows, reference_sets, self_entries_per_query, write_search_index,
+    STORED_METHODS, Neighbours, caption_set, choose_method, draw_index, duplicate_distance, entry_owners, find_neighbours,
+    gpu_count, measure_recall, query_embeddings, read_trusted_rows, reference_sets, self_entries_per_query,
+    write_search_index,
 )
 from clipscrub.params import BaseSettings, IndexSettings
 from clipscrub.progress import track
@@ -172,6 +174,12 @@ def link_or_copy(src: Path, dst: Path) -> None:
 
 
 # ------------------------------------------------------------------ the index stage's pieces
+def uses_caption_set(settings: IndexSettings) -> bool:
+    """Whether the index adds a caption set (``index.reference.caption_set``): random sets of image
+    queries against image and caption entries, the paper's setting."""
+    return settings.reference.caption_set and settings.reference.mode == "random" and settings.modality == "image_text"
+
+
 def _index_params(settings: IndexSettings, base: BaseSettings) -> dict[str, Any]:
     return {"base": base.model_dump(mode="json"), "index": settings.model_dump(mode="json")}
 
@@ -197,10 +205,14 @@ def prepare_index(
     n = len(ids)
     ref = settings.reference
     trusted = read_trusted_rows(ref.path, ids) if ref.mode == "trusted" else None
+    copy_distance = (duplicate_distance(image, n=n, fraction=ref.duplicate_radius, seed=base.seed)
+                     if ref.mode == "random" else 0.0)
     sets = reference_sets(n=n, mode=ref.mode, sizes=ref.sizes, draws=ref.draws, seed=base.seed, trusted_rows=trusted,
-                          image=image, duplicate_radius=ref.duplicate_radius)
-    max_self = self_entries_per_query(settings.modality)
+                          image=image, copy_distance=copy_distance)
+    if uses_caption_set(settings) and len(sets) > 1:
+        sets.append(caption_set(sets))
     for rs in sets:
+        max_self = self_entries_per_query(rs.modality or settings.modality)
         if settings.k + max_self > rs.rows.shape[1] * max_self:
             raise DataError(f"k ({settings.k}) needs more reference entries than {rs.rows.shape[1] * max_self} "
                             f"(reference set {rs.name})", param="index.k")
@@ -208,6 +220,8 @@ def prepare_index(
     records: list[dict[str, Any]] = []
     for rs in sets:
         draws, m = rs.rows.shape
+        modality = rs.modality or settings.modality
+        max_self = self_entries_per_query(modality)
         entries_n = m * max_self
         method = choose_method(mode=ref.mode, entries=entries_n, search=settings.search, gpus=gpu_count())
         (work / rs.name).mkdir()
@@ -220,7 +234,7 @@ def prepare_index(
         for r, rows in enumerate(rs.rows):
             if method not in STORED_METHODS and not own:
                 continue  # an exact index over the whole dataset: each chunk builds its own
-            index, owners = draw_index(image=image, text=text, rows=rows, modality=settings.modality, method=method,
+            index, owners = draw_index(image=image, text=text, rows=rows, modality=modality, method=method,
                                        search=settings.search, seed=base.seed + r)
             if method in STORED_METHODS:
                 write_search_index(index, _stored(work, rs.name, method, r))
@@ -231,7 +245,7 @@ def prepare_index(
                 write_rows(work / rs.name / "ref_distances.npy", row=r * entries_n, block=found.distances)
             del index
         records.append({"name": rs.name, "draws": int(draws), "samples": int(m), "entries": int(entries_n),
-                        "search": method})
+                        "search": method, "copy_distance": copy_distance, "modality": modality})
     plan = {"params": _index_params(settings, base), "samples": n, "chunks": chunk_plan(n, settings.chunk_size),
             "sets": records}
     write_json(work / PLAN_FILE, plan)
@@ -253,19 +267,20 @@ def search_index_chunk(
     check_chunk(plan, start, stop, param="index.chunk_size")
     image, text, _ = load_embeddings(Path(embeddings_dir), normalize=settings.normalize, check=False)
     n = plan["samples"]
-    queries = query_embeddings(image, text, settings.modality)
     query_rows = np.arange(n, dtype=np.int64)
-    max_self = self_entries_per_query(settings.modality)
     every = settings.reference.mode == "all"
     captions = every and settings.modality == "image_text"
     hashes: dict[str, str] = {}
     for rec in plan["sets"]:
+        modality = rec.get("modality", settings.modality)
+        queries = query_embeddings(image, text, modality)
+        max_self = self_entries_per_query(modality)
         ref_rows = np.load(work / rec["name"] / "ref_rows.npy")
         names = ("neighbours", "distances") + (("captions_neighbours", "captions_distances") if captions else ())
         out = {name: np.empty((len(ref_rows), stop - start, settings.k),
                               np.int64 if "neighbours" in name else np.float32) for name in names}
         for r, rows in enumerate(ref_rows):
-            index, owners = draw_index(image=image, text=text, rows=rows, modality=settings.modality,
+            index, owners = draw_index(image=image, text=text, rows=rows, modality=modality,
                                        method=rec["search"], search=settings.search, seed=base.seed + r,
                                        stored=_stored(work, rec["name"], rec["search"], r))
             common = dict(index=index, ref_owners=owners, k=settings.k, max_self=max_self,
@@ -309,9 +324,7 @@ def reduce_index(
                         f"prepare again", param="--embeddings")
     ref = settings.reference
     trusted = ref.mode == "trusted"
-    queries = query_embeddings(image, text, settings.modality)
     query_rows = np.arange(n, dtype=np.int64)
-    max_self = self_entries_per_query(settings.modality)
     records: list[dict[str, Any]] = []
     tables = []
     for start, stop in plan["chunks"]:
@@ -319,6 +332,9 @@ def reduce_index(
     with atomic_dir(out_dir) as tmp:
         for rec in plan["sets"]:
             name, method, entries_n = rec["name"], rec["search"], rec["entries"]
+            modality = rec.get("modality", settings.modality)
+            queries = query_embeddings(image, text, modality)
+            max_self = self_entries_per_query(modality)
             ref_rows = np.load(work / name / "ref_rows.npy")
             draws = len(ref_rows)
             (tmp / name).mkdir()
@@ -329,7 +345,7 @@ def reduce_index(
             recalls = [1.0] * draws
             if method != "exact":
                 for r, rows in enumerate(ref_rows):
-                    index, owners = draw_index(image=image, text=text, rows=rows, modality=settings.modality,
+                    index, owners = draw_index(image=image, text=text, rows=rows, modality=modality,
                                                method=method, search=settings.search, seed=base.seed + r,
                                                stored=_stored(work, name, method, r))
                     recalls[r] = measure_recall(
@@ -340,11 +356,12 @@ def reduce_index(
             del out
             records.append({"name": name, "draws": int(draws), "samples": int(rec["samples"]),
                             "entries": int(entries_n), "search": method,
-                            "recall_at_k": round(float(np.mean(recalls)), 4)})
+                            "recall_at_k": round(float(np.mean(recalls)), 4),
+                            "copy_distance": float(rec.get("copy_distance", 0.0)), "modality": modality})
             tables += neighbour_tables(
                 ids=ids, neighbours=np.load(tmp / name / "neighbours.npy", mmap_mode="r"),
                 distances=np.load(tmp / name / "distances.npy", mmap_mode="r"),
-                owners=[entry_owners(rows, settings.modality) for rows in ref_rows], entries=entries_n,
+                owners=[entry_owners(rows, modality) for rows in ref_rows], entries=entries_n,
                 chunk_size=settings.chunk_size, name=f"neighbours_{name}",
             )
         write_json(tmp / REFERENCES_FILE, {"sets": records})
@@ -357,6 +374,8 @@ def reduce_index(
             "k": settings.k,
             "search": sorted({r["search"] for r in records}),
             "recall_at_k": round(min(r["recall_at_k"] for r in records), 4),
+            # images closer than this are copies, drawn once into a set (0: every sample drawn as it came)
+            "copy_distance": float(plan["sets"][0].get("copy_distance", 0.0)) if plan["sets"] else 0.0,
         }
         write_lineage(
             tmp,

@@ -21,8 +21,10 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from clipscrub.arrays import unit_rows
 from clipscrub.detectors import (
-    clip_score, density_scores, fit_iforest, fuse_scores, iforest_score, query_scores, reference_density,
+    caption_mismatch, clip_score, density_scores, fit_iforest, fuse_scores, iforest_score, join_caption_view,
+    mismatch_sample, query_scores, reference_density, vet_copies,
 )
 from clipscrub.errors import DataError
 from clipscrub.io import atomic_dir, scratch_work_dir, write_json, write_lineage
@@ -80,7 +82,8 @@ def prepare_score(
     """
     emb_dir, idx_dir = Path(embeddings_dir), Path(index_dir)
     _, _, ids = load_embeddings(emb_dir, chunk_size=index.chunk_size, normalize=index.normalize)
-    names = [rs["name"] for rs in read_reference_sets(idx_dir)]
+    records = read_reference_sets(idx_dir)
+    names = [rs["name"] for rs in records]
     density = any(d in DENSITY for d in settings.detectors)
     work = fresh_work_dir(work_dir, param="score")
     ref_rows: list[np.ndarray] = []
@@ -100,7 +103,7 @@ def prepare_score(
     if "iforest" in settings.detectors:
         np.save(work / "iforest_rows.npy", np.unique(np.concatenate(ref_rows)))
     plan = {"params": _score_params(settings, index, base), "samples": len(ids), "sets": names,
-            "chunks": chunk_plan(len(ids), index.chunk_size)}
+            "chunks": chunk_plan(len(ids), index.chunk_size), "vet": _vetting(records, settings, index)}
     write_json(work / PLAN_FILE, plan)
     return plan
 
@@ -131,12 +134,49 @@ def score_chunk(
         for d in density:
             save_npy(chunk_file(work, start, stop, f"{name}.{d}"), np.stack([p[d] for p in per_draw]))
         del arrays
+    if plan.get("vet"):
+        _copies_chunk(idx_dir, work, text, plan["vet"], start, stop, plan["samples"])
     if "iforest" in wanted:
         queries = query_embeddings(image, text, index.modality)
         forest = _forest(work, queries, settings=settings, seed=base.seed)
         save_npy(chunk_file(work, start, stop, "iforest"), iforest_score(forest, queries.read(start, stop)))
     if "clip" in wanted:
         save_npy(chunk_file(work, start, stop, "clip"), clip_score(image.read(start, stop), text.read(start, stop)))
+
+
+def _vetting(records: list[dict[str, Any]], settings: ScoreSettings, index: IndexSettings) -> dict[str, Any] | None:
+    """Where copies are vetted by their captions: the largest random set (its look-alikes are the
+    nearest) and the copy distance the index drew it with; None where it does not apply (one set:
+    no z-scores to vet; text queries: no image look-alikes; no copy distance: nothing drawn once)."""
+    sized = [r for r in records if r["name"].startswith("m") and r.get("modality", index.modality) != "text"]
+    if not (settings.vet_copies and len(records) > 1 and sized and index.modality != "text"
+            and any(d in DENSITY for d in settings.detectors)):
+        return None
+    largest = max(sized, key=lambda r: r["samples"])
+    distance = float(largest.get("copy_distance", 0.0))
+    return {"set": largest["name"], "copy_distance": distance} if distance > 0 else None
+
+
+def _copies_chunk(idx_dir: Path, work: Path, text, vet: dict[str, Any], start: int, stop: int, n: int) -> None:
+    """``copies.npy`` (stop - start,) bool and ``caption_mismatch.npy`` (r, stop - start) of a chunk,
+    from the vetting set's neighbours (``clipscrub.detectors.caption_mismatch``, per draw), the
+    mismatch for the copies and the population sample (``mismatch_sample``)."""
+    arrays = load_reference_set(idx_dir, vet["set"])
+    ref_rows = np.asarray(arrays["ref_rows"])
+    captions = unit_rows(text.read(start, stop).astype(np.float64))
+    wanted = mismatch_sample(start, stop, n)
+    is_copy = np.zeros(stop - start, dtype=bool)
+    mismatch = []
+    for r, rows in enumerate(ref_rows):
+        copy_r, mismatch_r = caption_mismatch(
+            captions=captions, ref_captions=unit_rows(text.take(rows).astype(np.float64)),
+            entries=np.asarray(arrays["neighbours"][r, start:stop]), distances=np.asarray(arrays["distances"][r, start:stop]),
+            image_entries=len(rows), copy_distance=vet["copy_distance"], wanted=wanted)
+        is_copy |= copy_r
+        mismatch.append(mismatch_r)
+    save_npy(chunk_file(work, start, stop, "copies"), is_copy)
+    save_npy(chunk_file(work, start, stop, "caption_mismatch"), np.stack(mismatch))
+    del arrays
 
 
 # the forest a process last fitted: one process running every chunk (score_samples) fits it once
@@ -178,17 +218,33 @@ def reduce_score(
 
     columns: dict[str, np.ndarray] = {}
     by_set: dict[str, np.ndarray] = {}
+    extra: dict[str, np.ndarray] = {}
+    if plan.get("vet"):
+        per_draw = gather("caption_mismatch")  # (r, N), NaN where a draw found no look-alike
+        found = np.isfinite(per_draw)
+        extra["is_copy"] = gather("copies").astype(bool)
+        extra["caption_mismatch"] = np.where(found.any(axis=0), np.where(found, per_draw, 0).sum(axis=0)
+                                             / np.maximum(found.sum(axis=0), 1), np.nan)
+    # the image sets fused; a caption set (t<size>) joins them as the mean of the two z-scores
+    caption_sets = [r["name"] for r in read_reference_sets(idx_dir)
+                    if r.get("modality") == "text" and index.modality == "image_text"]
+    image_sets = [name for name in names if name not in caption_sets]
     for d in density:
         # (r, N) -> (N,): the mean over draws of the whole arrays, as one process takes it
         per_set = {name: np.mean(gather(f"{name}.{d}"), axis=0) for name in names}
-        columns[d] = fuse_scores([per_set[name] for name in names], settings.fusion)
+        columns[d] = fuse_scores([per_set[name] for name in image_sets], settings.fusion)
+        if extra:
+            columns[d] = vet_copies(columns[d], is_copy=extra["is_copy"], mismatch=extra["caption_mismatch"],
+                                    population=mismatch_sample(0, len(ids), len(ids)))
+        if caption_sets:
+            columns[d] = join_caption_view(columns[d], fuse_scores([per_set[name] for name in caption_sets], "max_z"))
         by_set.update({f"{d}_{name}": per_set[name] for name in names})
     for d in ("iforest", "clip"):
         if d in settings.detectors:
             columns[d] = gather(d)
 
     order = [d for d in settings.detectors]
-    frame = pl.DataFrame({"id": np.asarray(ids), **{f"{d}_score": columns[d] for d in order}})
+    frame = pl.DataFrame({"id": np.asarray(ids), **{f"{d}_score": columns[d] for d in order}, **extra})
     # marked, not dropped: threshold flags them and evaluate ranks them most suspicious
     frame = frame.with_columns(
         pl.concat_str([pl.when(~pl.col(f"{d}_score").is_finite()).then(pl.lit(d)) for d in order],
@@ -196,7 +252,9 @@ def reduce_score(
     )
     non_finite = {d: int((~np.isfinite(columns[d])).sum()) for d in order}
     summary = {"samples": frame.height, "detectors": order, "non_finite": non_finite,
-               "reference_sets": names, "fusion": settings.fusion if len(names) > 1 else None}
+               "reference_sets": names, "fusion": settings.fusion if len(image_sets) > 1 else None}
+    if extra:
+        summary["copies"] = int(extra["is_copy"].sum())
     with atomic_dir(out_dir) as tmp:
         frame.write_parquet(tmp / "scores.parquet", statistics=False)
         pl.DataFrame({"id": np.asarray(ids), **by_set}).write_parquet(tmp / "by_reference.parquet", statistics=False)

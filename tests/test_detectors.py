@@ -87,3 +87,37 @@ def test_max_abs_z_finds_poison_dense_at_every_size():
     abs_z, top_z = fuse_scores(sets, "max_abs_z"), fuse_scores(sets, "max_z")
     assert abs_z[poison].min() > abs_z[~poison].max()
     assert top_z[poison].max() < np.median(top_z[~poison])
+
+
+def test_vet_copies_lowers_only_copies_whose_caption_matches_their_look_alikes():
+    """Copies keep their fused score where their caption mismatch stands out (a target caption),
+    and fall to it where it does not (a clean re-posted photo); the rest keep theirs."""
+    from clipscrub.detectors import robust_z, vet_copies
+
+    rng = np.random.default_rng(0)
+    mismatch = np.abs(rng.normal(0.3, 0.05, size=200))
+    mismatch[1], mismatch[2] = 0.0, 5.0  # 1: described like its look-alikes; 2: a caption none of them carries
+    mismatch[3] = np.nan  # no look-alike to compare with
+    fused = np.full(200, 6.0)
+    is_copy = np.zeros(200, dtype=bool)
+    is_copy[[1, 2, 3]] = True
+    out = vet_copies(fused, is_copy=is_copy, mismatch=mismatch)
+    z = robust_z(mismatch)
+    assert out[1] == z[1] < 0 and out[2] == 6.0 and out[3] == 6.0
+    np.testing.assert_array_equal(np.delete(out, [1, 2, 3]), 6.0)
+
+
+def test_caption_view_joins_as_the_mean_of_two_z_scores():
+    """Poison unusual on both sides ranks above a sample unusual on one side only; NaN stays NaN."""
+    from clipscrub.detectors import join_caption_view, robust_z
+
+    rng = np.random.default_rng(1)
+    image_z = rng.normal(size=100)
+    caption = rng.gamma(4.0, 1.0, size=100)
+    image_z[0], caption[0] = 6.0, 30.0  # poison: both
+    image_z[1] = 9.0  # a rare photo under an ordinary caption
+    caption[2] = 40.0  # a rare phrasing of an ordinary photo
+    image_z[3] = np.nan
+    out = join_caption_view(image_z, caption)
+    np.testing.assert_allclose(out[4:], (image_z[4:] + robust_z(caption)[4:]) / 2)
+    assert out[0] > max(out[1], out[2]) and np.isnan(out[3])

@@ -126,7 +126,7 @@ def test_diff_where_detection_works(planted_run, tmp_path, capsys):
         run_stage(stage, planted_params(src, ["threshold.method=top_fraction", "threshold.fraction=0.01"]), other)
     assert main(["diff", str(root), str(other), "--format", "json", "--ids-out", str(tmp_path / "ids.parquet")]) == 0
     applied = json.loads(capsys.readouterr().out)["applied"]
-    assert applied["rule"] == {"a": "tail fdr 0.2", "b": "top_fraction 0.01", "delta": None}
+    assert applied["rule"] == {"a": "tail fdr 0.1", "b": "top_fraction 0.01", "delta": None}
     assert applied["poison_removed"] == {"a": 40, "b": 21, "delta": -19}
     assert applied["recall"]["a"] == 1.0 and applied["recall"]["b"] == 0.525
     assert applied["precision"]["b"] == 1.0 and applied["precision"]["a"] > 0.8

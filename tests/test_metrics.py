@@ -61,7 +61,7 @@ def test_nothing_removed_has_no_precision():
 @pytest.mark.parametrize(
     ("settings", "rule"),
     [
-        ({}, "tail fdr 0.2"),
+        ({}, "tail fdr 0.1"),
         ({"method": "tail", "tail_fdr": 0.05}, "tail fdr 0.05"),
         ({"method": "top_fraction", "fraction": 0.01}, "top_fraction 0.01"),
         ({"method": "score", "score": 1.3}, "score >= 1.3"),
@@ -77,7 +77,7 @@ def test_rule_text(settings, rule):
 def test_sentence():
     with_truth = applied_metrics(flags=FLAGS, truth=_truth([i in POISON for i in range(10)]), threshold=ThresholdSettings())
     assert applied_sentence(with_truth) == (
-        "kdist, tail fdr 0.2: removed 4 of 10 (40.00%), 1 of them for a non-finite score. "
+        "kdist, tail fdr 0.1: removed 4 of 10 (40.00%), 1 of them for a non-finite score. "
         "2 of the 4 removed are known poison (precision 0.500, recall 0.667; 1 known poison missed).")
     without = applied_metrics(flags=FLAGS, truth=None, threshold=ThresholdSettings())
     assert applied_sentence(without).endswith("No ground truth: precision and recall unknown.")

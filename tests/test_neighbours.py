@@ -22,7 +22,7 @@ def with_copies(*, n: int, copies: int, d: int = 16, seed: int = 0) -> tuple[np.
 @pytest.mark.parametrize("size", [100, 400])
 def test_a_group_of_copies_enters_a_draw_once(size):
     x, is_copy = with_copies(n=2000, copies=300)
-    radius = duplicate_distance(x, n=len(x), fraction=0.1, seed=0)
+    radius = duplicate_distance(x, n=len(x), fraction=0.5, seed=0)
     rows = draw_distinct(image=x, n=len(x), size=size, rng=np.random.default_rng(1), radius=radius)
     assert len(rows) == size and len(np.unique(rows)) == size and (np.diff(rows) > 0).all()
     assert is_copy[rows].sum() <= 1
@@ -65,21 +65,21 @@ def test_draw_distinct_matches_its_definition(n, size, r2, seed):
 
 def test_draws_are_seeded_and_scale_free():
     x, _ = with_copies(n=1000, copies=100)
-    kwargs = dict(n=1000, mode="random", sizes=[64, 256], draws=2, seed=3, duplicate_radius=0.1)
-    a = reference_sets(image=x, **kwargs)
-    b = reference_sets(image=10 * x, **kwargs)  # the radius is a fraction of the data's own scale
+    kwargs = dict(n=1000, mode="random", sizes=[64, 256], draws=2, seed=3)
+    radius = duplicate_distance(x, n=1000, fraction=0.5, seed=3)
+    a = reference_sets(image=x, copy_distance=radius, **kwargs)
+    b = reference_sets(image=10 * x, copy_distance=10 * radius, **kwargs)  # the same draws at another scale
     assert [s.name for s in a] == ["m64", "m256"]
     for sa, sb in zip(a, b):
         assert sa.rows.shape == (2, int(sa.name[1:])) and np.array_equal(sa.rows, sb.rows)
         assert not np.array_equal(sa.rows[0], sa.rows[1])
-    assert duplicate_distance(10 * x, n=1000, fraction=0.1, seed=3) == pytest.approx(
-        10 * duplicate_distance(x, n=1000, fraction=0.1, seed=3), rel=1e-5)
+    assert duplicate_distance(10 * x, n=1000, fraction=0.5, seed=3) == pytest.approx(10 * radius, rel=1e-5)
 
 
 def test_radius_zero_is_the_plain_draw():
     x, _ = with_copies(n=500, copies=100)
     plain = reference_sets(n=500, mode="random", sizes=[50], draws=2, seed=0)
-    off = reference_sets(n=500, mode="random", sizes=[50], draws=2, seed=0, image=x, duplicate_radius=0.0)
+    off = reference_sets(n=500, mode="random", sizes=[50], draws=2, seed=0, image=x, copy_distance=0.0)
     assert np.array_equal(plain[0].rows, off[0].rows)
 
 
@@ -88,3 +88,24 @@ def test_a_dataset_of_one_image_still_fills_the_draw():
     x[0] += 1  # the scale: one other point
     rows = draw_distinct(image=x, n=40, size=10, rng=np.random.default_rng(0), radius=0.5)
     assert len(np.unique(rows)) == 10
+
+
+def test_copy_distance_is_half_the_typical_nearest_neighbour_distance():
+    """Against a brute-force median of nearest-neighbour distances: on a lattice of spacing 1 every
+    point's nearest neighbour is at 1; copies of one point (a fifth of the data) leave the median
+    where it was, and it does not depend on N beyond the scale pool."""
+    grid = np.stack(np.meshgrid(*[np.arange(10)] * 3), -1).reshape(-1, 3).astype(np.float32)  # 1,000 points
+    assert duplicate_distance(grid, n=len(grid), fraction=0.5, seed=0) == pytest.approx(0.5)
+    copies = np.concatenate([grid, np.repeat(grid[:1], 250, axis=0)])
+    assert duplicate_distance(copies, n=len(copies), fraction=0.5, seed=0) == pytest.approx(0.5)
+    assert duplicate_distance(grid, n=len(grid), fraction=0.0, seed=0) == 0.0
+
+
+def test_the_caption_set_is_the_smallest_sets_draws_searched_by_caption():
+    from clipscrub.neighbours import caption_set
+
+    x, _ = with_copies(n=600, copies=10)
+    sets = reference_sets(n=600, mode="random", sizes=[256, 64], draws=2, seed=1, image=x, copy_distance=0.0)
+    cap = caption_set(sets)
+    assert (cap.name, cap.modality) == ("t64", "text")
+    assert np.array_equal(cap.rows, sets[0].rows) and sets[0].name == "m64" and sets[0].modality is None

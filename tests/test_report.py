@@ -289,7 +289,8 @@ def test_report_opens_in_headless_chromium(tiny_run):
     assert seen["svgs"] == len(params.score.detectors) + 3
     removed = pl.read_parquet(root / "clean" / "removed.parquet").height
     assert seen["summary_visible"] and f"of the {removed} removed are known poison" in seen["summary"]
-    assert seen["whatif_in_view"] and seen["whatif_rows"] == 8 and seen["whatif_plot"]
+    # 8 top_fraction rows (the applied 5% one of them) and the adaptive rules tail and auto
+    assert seen["whatif_in_view"] and seen["whatif_rows"] == 10 and seen["whatif_plot"]
     assert seen["sample_in_view"] and seen["nearest"] == 5 and seen["nearest_img"] and seen["nearest_visible"]
     assert seen["missed"] > 0 and seen["missed_visible"] and seen["near_cut"] == params.report.top_n
     assert seen["cluster_in_view"]
@@ -456,7 +457,7 @@ def test_what_if_table(tiny_run):
         assert float(recall) == pytest.approx(y[top].sum() / y.sum(), abs=5e-4)
         assert (mark == "the rule applied, what filter removed") == (float(f) == params.threshold.fraction)
     adaptive = re.findall(r"<tr><td>(tail fdr [\d.]+|auto z [\d.]+)</td><td>([-\d.e+]+)</td><td>(\d+)</td>", part)
-    assert [a[0] for a in adaptive] == ["tail fdr 0.2", "auto z 3.5"]
+    assert [a[0] for a in adaptive] == ["tail fdr 0.1", "auto z 3.5"]
     for text, cut, n in adaptive:
         rule = params.threshold.model_copy(update={"method": text.split()[0]})
         mask, _ = flag_outliers(values=v, ids=scores["id"].to_numpy(), detector="kdist", settings=rule)
@@ -514,7 +515,7 @@ def test_report_of_a_run_where_detection_works(planted_run):
     shown = [c["id"] for c in cards]
     assert shown and all(("poisoned" in c["tags"]) == (c["id"] in poison) for c in cards)
     assert sum(c["id"] in poison for c in cards) == min(40, len(shown))  # poison ranks first
-    applied = re.search(r"<tr><td>tail fdr 0\.2</td><td>[-\d.e+]+</td><td>(\d+)</td><td>(\d+)</td>"
+    applied = re.search(r"<tr><td>tail fdr 0\.1</td><td>[-\d.e+]+</td><td>(\d+)</td><td>(\d+)</td>"
                         r"<td>([\d.]+)</td><td>([\d.]+)</td><td>the rule applied", section(page, "what-if"))
     assert applied and int(applied.group(2)) == 40 and float(applied.group(4)) == 1.0
     assert int(applied.group(1)) == len(removed)

@@ -373,21 +373,74 @@ def test_hnsw_build_is_reproducible(tmp_path):
 def test_several_reference_sizes_fuse_per_set_bruteforce(tmp_path, fusion, modality):
     """Each size's scores match the brute force on its own draws; the fused column is the
     fusion rule applied to them; sizes above the dataset are capped at it."""
-    from clipscrub.detectors import fuse_scores
+    from clipscrub.detectors import fuse_scores, join_caption_view, vet_copies
 
     image, text = make_data(7, 70, 6, "gauss")
     got, _, summary = run_stages(tmp_path, image, text, modality=modality, mode="random", size=None, sizes=[12, 30, 500],
                                  draws=2, k=4, lid_k=6, seed=2, fusion=fusion)
-    assert summary["reference_sets"] == ["m12", "m30", "m70"]
+    # image_text adds the caption set: the smallest size's draws, caption against caption
+    captions = modality == "image_text"
+    assert summary["reference_sets"] == ["m12", "m30", "m70"] + (["t12"] if captions else [])
     by_set = pl.read_parquet(tmp_path / "scores" / "by_reference.parquet")
-    for name in ("m12", "m30", "m70"):
+    for name in ("m12", "m30", "m70") + (("t12",) if captions else ()):
         rows = np.load(tmp_path / "index" / name / "ref_rows.npy")
         assert rows.shape == ((1, 70) if name == "m70" else (2, int(name[1:])))
-        for det, (want, tol) in expected_scores(image, text, rows, modality, 4, 6).items():
+        view = "text" if name.startswith("t") else modality
+        for det, (want, tol) in expected_scores(image, text, rows, view, 4, 6).items():
             assert_close(by_set[f"{det}_{name}"].to_numpy(), want, tol, f"{det} {name}")
+    if captions:
+        np.testing.assert_array_equal(np.load(tmp_path / "index" / "t12" / "ref_rows.npy"),
+                                      np.load(tmp_path / "index" / "m12" / "ref_rows.npy"))
+    is_copy, mismatch = got["is_copy"].to_numpy(), got["caption_mismatch"].to_numpy()
+    assert is_copy.any() and not is_copy.all()  # make_data's duplicated rows
     for det in ("kdist", "slof", "lid", "dao"):
         fused = fuse_scores([by_set[f"{det}_{n}"].to_numpy() for n in ("m12", "m30", "m70")], fusion)
-        np.testing.assert_array_equal(got[f"{det}_score"].to_numpy(), fused)
+        vetted = vet_copies(fused, is_copy=is_copy, mismatch=mismatch)
+        want = join_caption_view(vetted, by_set[f"{det}_t12"].to_numpy()) if captions else vetted
+        np.testing.assert_array_equal(got[f"{det}_score"].to_numpy(), want)
+        if not captions:
+            np.testing.assert_array_equal(got[f"{det}_score"].to_numpy()[~is_copy], fused[~is_copy])
+
+
+def bruteforce_copies(image, text, rows, modality, K, copy_distance):
+    """is_copy and caption_mismatch by their definitions, one query and one draw at a time: the
+    K nearest entries (own excluded, ties by entry index), image entries under copy_distance are
+    copies, the first 16 image entries at or beyond it are the look-alikes."""
+    entries = np.concatenate([image[rows], text[rows]]) if modality == "image_text" else image[rows]
+    unit = text / np.linalg.norm(text, axis=1, keepdims=True)
+    n, m = len(image), len(rows)
+    is_copy = np.zeros(n, dtype=bool)
+    per_draw = np.full(n, np.nan)
+    for q in range(n):
+        d = np.sqrt(((entries.astype(np.float64) - image[q]) ** 2).sum(1))
+        owners = np.concatenate([rows, rows]) if modality == "image_text" else rows
+        order = [e for e in np.lexsort((np.arange(len(d)), d)) if owners[e] != q][:K]
+        is_copy[q] = any(e < m and d[e] < copy_distance for e in order)
+        look = [e for e in order if e < m and d[e] >= copy_distance][:16]
+        if look:
+            per_draw[q] = min(np.linalg.norm(unit[rows[e]] - unit[q]) for e in look)
+    return is_copy, per_draw
+
+
+@pytest.mark.parametrize("modality", ["image_text", "image"])
+def test_copies_and_caption_mismatch_match_bruteforce(tmp_path, modality):
+    """The vetting set (the largest) and the copy distance the index recorded, recomputed by the
+    definition on data with exact duplicates."""
+    image, text = make_data(11, 80, 6, "gauss")
+    got, _, summary = run_stages(tmp_path, image, text, modality=modality, mode="random", size=None, sizes=[10, 40],
+                                 draws=2, k=4, lid_k=6, seed=3)
+    largest = {r["name"]: r for r in read_reference_sets(tmp_path / "index")}["m40"]
+    assert largest["copy_distance"] > 0
+    rows = np.load(tmp_path / "index" / "m40" / "ref_rows.npy")
+    per = [bruteforce_copies(image, text, r, modality, 6, largest["copy_distance"]) for r in rows]
+    want_copy = np.any([c for c, _ in per], axis=0)
+    mism = np.stack([m for _, m in per])  # (draws, N); the mean over the draws that found look-alikes
+    found = np.isfinite(mism)
+    want_mismatch = np.where(found.any(0), np.where(found, mism, 0).sum(0) / np.maximum(found.sum(0), 1), np.nan)
+    np.testing.assert_array_equal(got["is_copy"].to_numpy(), want_copy)
+    assert want_copy.any() and not want_copy.all()
+    np.testing.assert_allclose(got["caption_mismatch"].to_numpy(), want_mismatch, rtol=1e-6, equal_nan=True)
+    assert summary["copy_distance"] == largest["copy_distance"]
 
 
 def test_draws_of_a_size_do_not_depend_on_the_other_sizes(tmp_path):
@@ -461,3 +514,17 @@ def test_widening_stops_at_exact_duplicates_and_batches_its_rows(monkeypatch):
         dist = np.sqrt(((x64 - x64[i]) ** 2).sum(axis=1))
         dist[i] = np.inf
         np.testing.assert_allclose(whole.distances[i], np.sort(dist)[:40], rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize(("sizes", "reference", "modality", "sets"), [
+    ([10, 30], {}, "image_text", ["m10", "m30", "t10"]),
+    ([10, 30], {"caption_set": False}, "image_text", ["m10", "m30"]),
+    ([10, 30], {}, "image", ["m10", "m30"]),
+    ([30], {}, "image_text", ["m30"]),  # one size: the scores stay in the detector's units
+])
+def test_a_caption_set_only_beside_several_image_sets(tmp_path, sizes, reference, modality, sets):
+    image, text = make_data(12, 60, 5, "gauss")
+    got, _, summary = run_stages(tmp_path, image, text, modality=modality, mode="random", size=None, sizes=sizes,
+                                 draws=2, k=3, lid_k=4, seed=1, reference=reference)
+    assert summary["reference_sets"] == sets
+    assert ("is_copy" in got.columns) == (len(sizes) > 1)
