@@ -197,19 +197,20 @@ def mismatch_sample(start: int, stop: int, n: int) -> np.ndarray:
 
 def vet_copies(fused: np.ndarray, *, is_copy: np.ndarray, mismatch: np.ndarray,
                population: np.ndarray | None = None) -> np.ndarray:
-    """Fused density z-scores (N,) where a sample with copies keeps its score only as far as its
-    caption mismatch goes: min(fused, z(mismatch)), z fitted on the mismatch of the ``population``
+    """Fused density z-scores (N,) where a sample with copies is judged by its caption instead:
+    the robust z-score of its caption mismatch, fitted on the mismatch of the ``population``
     rows (N,) bool (default: every sample that has one).
 
     A model memorises a pair it sees many times, clean or poisoned, and moves it away from its
-    look-alikes: counted once in the reference sets, such a group looks sparse either way. What
-    tells poison apart is its caption: a target its images' look-alikes do not carry (a copied
-    image captioned "banana"), where a clean re-posted photo's look-alikes are described like it.
-    A sample without copies, or without look-alikes to compare with, keeps its score.
+    look-alikes, or not, depending on how often it saw it: counted once in the reference sets,
+    such a group can look sparse (a clean re-posted photo included) or ordinary (a targeted
+    image copied 30 times among 6,000), so its density says little either way. What tells poison
+    apart is its caption: a target its images' look-alikes do not carry (a copied image captioned
+    "banana"), where a clean re-posted photo's look-alikes are described like it. A sample
+    without copies, or without look-alikes to compare with, keeps its fused score.
     """
     z = robust_z(mismatch, fit=None if population is None else mismatch[population])
-    vetted = is_copy & np.isfinite(z)
-    return np.where(vetted, np.minimum(fused, np.where(vetted, z, np.inf)), fused)
+    return np.where(is_copy & np.isfinite(z), z, fused)
 
 
 def join_caption_view(image_fused: np.ndarray, caption: np.ndarray) -> np.ndarray:

@@ -312,8 +312,8 @@ class ScoreSettings(_Section):
     # its scores as they are
     fusion: Literal["max_z", "max_abs_z", "mean_z"] = "max_z"
     # several sets: a sample with a copy among the largest set's references (a re-posted image, a
-    # collapsed trigger) keeps its fused density score only where its caption is unlike those of
-    # its nearest look-alikes that are not copies (clipscrub.detectors.vet_copies)
+    # collapsed trigger, a copied target) is scored by how unlike its caption is to those of its
+    # nearest look-alikes that are not copies, not by its density (clipscrub.detectors.vet_copies)
     vet_copies: bool = True
     iforest: IForestSettings = IForestSettings()
 

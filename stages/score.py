@@ -3,9 +3,12 @@
 Density-ratio scores (k-distance, SLOF, DAO) and LID come from the index stage's neighbour
 lists: per reference set, averaged over its draws; several sets (``index.reference.sizes``) are
 fused into one score by ``score.fusion`` (``clipscrub.detectors.fuse_scores``), and each set's
-own scores are kept in ``by_reference.parquet`` (``<detector>_<set>`` columns). The isolation
-forest and the CLIP score come from the embeddings. Non-finite scores are kept as they are and
-counted, never dropped.
+own scores are kept in ``by_reference.parquet`` (``<detector>_<set>`` columns). With several
+sets, a sample with a copy among the largest set's references is scored by its caption mismatch
+instead (``score.vet_copies``: ``is_copy`` and ``caption_mismatch`` columns), and a caption set
+(``t<m>``) is averaged in (``clipscrub.detectors.join_caption_view``).
+The isolation forest and the CLIP score come from the embeddings. Non-finite scores are kept as
+they are and counted, never dropped.
 
 Like the index stage, the work is three pieces passing files: ``prepare_score`` (each reference
 entry's kd(o) and lid(o), computed once per draw; the isolation forest's training rows),
@@ -145,7 +148,7 @@ def score_chunk(
 
 
 def _vetting(records: list[dict[str, Any]], settings: ScoreSettings, index: IndexSettings) -> dict[str, Any] | None:
-    """Where copies are vetted by their captions: the largest random set (its look-alikes are the
+    """Where copies are judged by their captions: the largest random set (its look-alikes are the
     nearest) and the copy distance the index drew it with; None where it does not apply (one set:
     no z-scores to vet; text queries: no image look-alikes; no copy distance: nothing drawn once)."""
     sized = [r for r in records if r["name"].startswith("m") and r.get("modality", index.modality) != "text"]

@@ -89,9 +89,9 @@ def test_max_abs_z_finds_poison_dense_at_every_size():
     assert top_z[poison].max() < np.median(top_z[~poison])
 
 
-def test_vet_copies_lowers_only_copies_whose_caption_matches_their_look_alikes():
-    """Copies keep their fused score where their caption mismatch stands out (a target caption),
-    and fall to it where it does not (a clean re-posted photo); the rest keep theirs."""
+def test_vet_copies_judges_copies_by_their_caption_mismatch():
+    """A copy is scored by how unusual its caption is among its look-alikes' (high for a target
+    caption, low for a clean re-posted photo), whatever its density said; the rest keep theirs."""
     from clipscrub.detectors import robust_z, vet_copies
 
     rng = np.random.default_rng(0)
@@ -99,12 +99,17 @@ def test_vet_copies_lowers_only_copies_whose_caption_matches_their_look_alikes()
     mismatch[1], mismatch[2] = 0.0, 5.0  # 1: described like its look-alikes; 2: a caption none of them carries
     mismatch[3] = np.nan  # no look-alike to compare with
     fused = np.full(200, 6.0)
+    fused[2] = 0.5  # a copied image the model left among its look-alikes: not sparse
     is_copy = np.zeros(200, dtype=bool)
     is_copy[[1, 2, 3]] = True
     out = vet_copies(fused, is_copy=is_copy, mismatch=mismatch)
     z = robust_z(mismatch)
-    assert out[1] == z[1] < 0 and out[2] == 6.0 and out[3] == 6.0
+    assert out[1] == z[1] < 0 and out[2] == z[2] > 6.0 and out[3] == 6.0
     np.testing.assert_array_equal(np.delete(out, [1, 2, 3]), 6.0)
+    # fitted on a population: the z-scores of the copies use its median and spread
+    population = np.arange(200) % 2 == 0
+    np.testing.assert_array_equal(vet_copies(fused, is_copy=is_copy, mismatch=mismatch, population=population)[[1, 2]],
+                                  robust_z(mismatch, fit=mismatch[population])[[1, 2]])
 
 
 def test_caption_view_joins_as_the_mean_of_two_z_scores():

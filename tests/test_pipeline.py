@@ -125,9 +125,9 @@ def test_default_orders_sparse_and_dense_poison_above_a_clean_dense_cluster(plan
     near-duplicates among 2,000 clean pairs. The default (copies drawn once into the reference
     sets, sparse-side fusion, copies vetted by their captions, the tail cut) ranks every poison
     sample above every sample of the cluster, removes all the poison and none of the cluster.
-    Measured, generator seeds 0 and 3: fused kdist sparse 60-106, dense 11-20, cluster -1.6 to
-    1.8, clean median 0.5; 22 and 5 clean removed. (v0.2's default, max_abs_z without drawing
-    copies once, put the cluster at 12.7, above every clean sample.)"""
+    Measured, generator seeds 0 and 3: kdist sparse 35-60, dense 10-16, cluster -1.9 to 0.9,
+    clean median 0.3; 8 and 6 clean removed. (v0.2's default, max_abs_z without drawing copies
+    once, put the cluster at 12.7, above every clean sample.)"""
     import numpy as np
     import polars as pl
 
