@@ -5,18 +5,23 @@ Phase ``victims``: per cell (attack, rate), the pipeline's own stages build the 
 the poisoned shards, whose zero-shot accuracy and attack success rate it measures) and embed
 the dataset with it (``embed``: the model's raw outputs). Cells are cached under ``--cache``,
 so the phase resumes where it stopped; it is the expensive part (about 3 min a cell on 2 CPU
-cores).
+cores). Clean cells (``clean``, no poison; at rates 1-5%: that share of the set in natural
+clusters, clean near-duplicates sharing a caption) judge what the default removes from data
+with nothing to find; ``<attack>@large`` trains a larger victim (``LARGE``).
 
-Phase ``detect``: per cell, every detector under every reference setting in ``SETTINGS``
-(reference sizes, draws, raw or L2-normalised embeddings, fusion across sizes), computed with
-the library functions the index and score stages call; and the default ``params.yaml`` setting
-run through the real stages (index, score, threshold, evaluate), whose AUROC, PR-AUC and recall
-at the default threshold the README table shows. A cell whose backdoor was not learned (attack
-success rate < 0.5) is reported but not counted.
+Phase ``detect``: per cell, every density detector under the reference settings of
+``settings_grid`` (the default, the default without each of its parts, v0.2's default, the
+paper's single batch, single sizes), computed with the library functions the index and score
+stages call; and the default ``params.yaml`` run through the real index, score and threshold
+stages, with every cut rule of ``rule_grid`` applied to its scores (removed fraction, recall,
+precision). A cell whose backdoor was not learned (attack success rate < 0.5) is reported but
+not counted. Three planted cells (no victim) place the poison as one tight cluster.
 
     python benchmarks/attack_matrix.py                         # both phases, hours on 2 CPU cores
     python benchmarks/attack_matrix.py --phase detect          # re-score the cached victims
     python benchmarks/attack_matrix.py --attacks blend,sig --rates 0.02
+    python benchmarks/attack_matrix.py --phase victims --attacks nashville@large --rates 0.02
+    python benchmarks/attack_matrix.py --table                 # the README's tables from --out
 """
 
 from __future__ import annotations
@@ -53,14 +58,32 @@ ATTACKS: dict[str, list[dict]] = {
               {"kind": "sig", "target": "apple", "delta": 20.0, "frequency": 6.0}],
 }
 MIN_ASR = 0.5
+# clean cells (no poison): the rate is the share of the set in natural dense clusters, near-duplicates
+# of one image sharing its caption, one cluster per entry (clean web data is full of them)
+CLEAN: dict[float, list[float]] = {0.0: [], 0.01: [0.01], 0.03: [0.01, 0.02], 0.05: [0.02, 0.03]}
+CLEAN_RATES = tuple(CLEAN)
+
+
+# ``<attack>@large``: the same cell with a larger victim, trained on twice the pairs for longer,
+# which learns triggers the default victim does not (more cells count)
+LARGE = {"download.synthetic.num_samples": 12_000, "train.epochs": 15}
 
 
 def cell_params(attack: str, rate: float, *, base_params: Path, seed: int) -> Params:
     data = apply_overrides(read_params_file(base_params), [])
+    attack, _, size = attack.partition("@")
     data["base"]["seed"] = seed
     data["base"]["name"] = f"{attack}-{rate}"
     data["download"]["source"] = "synthetic"
-    data["download"]["synthetic"]["attacks"] = [dict(a, rate=rate) for a in ATTACKS[attack]]
+    if size == "large":
+        data = apply_overrides(data, [f"{k}={v}" for k, v in LARGE.items()])
+    elif size:
+        raise SystemExit(f"unknown victim size {size!r} (only 'large')")
+    if attack == "clean":
+        data["download"]["synthetic"]["attacks"] = []
+        data["download"]["synthetic"]["clusters"] = [{"rate": r} for r in CLEAN[rate]]
+    else:
+        data["download"]["synthetic"]["attacks"] = [dict(a, rate=rate) for a in ATTACKS[attack]]
     data["train"]["enabled"] = True
     return parse_params(data)
 
@@ -99,75 +122,134 @@ def build_victim(attack: str, rate: float, *, cache: Path, base_params: Path, se
 
 # ------------------------------------------------------------------------------- detect
 DENSITY = ("kdist", "slof", "dao", "lid")
-# (label, normalize, sizes, draws, fusion): every single size, raw and normalised, and the fusions
-SINGLE_SIZES = (128, 256, 512, 1024, 2048, 4096)
+V02 = "v0.2 default: max_abs_z, no copies drawn once, vetting or caption set"
+PAPER = "paper: raw m=2048, 1 draw"
 
 
-def settings_grid(default: Params) -> list[dict]:
-    ref = default.index.reference
-    grid = [{"label": f"{'unit' if norm else 'raw'} m={m}", "normalize": norm, "sizes": [m], "draws": 2, "fusion": None}
-            for norm in (False, True) for m in SINGLE_SIZES]
-    grid.append({"label": "paper: raw m=2048, 1 draw", "normalize": False, "sizes": [2048], "draws": 1, "fusion": None})
-    grid.append({"label": "v0.1 default: unit m=750, 4 draws", "normalize": True, "sizes": [750], "draws": 4,
-                 "fusion": None})
-    for norm in (False, True):
-        for sizes in ([128, 512, 2048], [256, 1024, 4096], [128, 256, 512, 1024, 2048, 4096]):
-            for fusion in ("max_z", "max_abs_z", "mean_z"):
-                grid.append({"label": f"{'unit' if norm else 'raw'} m={sizes} {fusion}", "normalize": norm,
-                             "sizes": sizes, "draws": 2, "fusion": fusion})
-    grid.append({"label": "default", "normalize": default.index.normalize, "sizes": list(ref.sizes), "draws": ref.draws,
-                 "fusion": default.score.fusion})
-    return grid
+def settings_grid() -> list[tuple[str, list[str]]]:
+    """The settings compared per cell, as overrides of the default params: the default without
+    each of its parts, v0.2's default and the paper's single batch."""
+    return [
+        ("default, copies not drawn once (radius 0)", ["index.reference.duplicate_radius=0"]),
+        ("default, copies not vetted", ["score.vet_copies=false"]),
+        ("default, no caption set", ["index.reference.caption_set=false"]),
+        (V02, ["index.reference.duplicate_radius=0", "score.vet_copies=false", "index.reference.caption_set=false",
+               "score.fusion=max_abs_z"]),
+        (PAPER, ["index.reference.sizes=[2048]", "index.reference.draws=1", "index.reference.duplicate_radius=0"]),
+    ]
 
 
-def grid_scores(*, image: np.ndarray, text: np.ndarray, y: np.ndarray, params: Params) -> dict:
-    """AUROC and PR-AUC of every density detector under every setting of ``settings_grid``,
-    with the library functions the index and score stages call. image, text (N, d); y (N,)."""
+def stage_scores(emb: Path, params: Params) -> "pl.DataFrame":
+    """scores.parquet of the index and score stage functions on the embeddings in ``emb``."""
+    import shutil
+
+    import polars as pl
+
+    from stages.index import build_index
+    from stages.score import score_samples
+
+    tmp = Path(tempfile.mkdtemp(prefix="matrix-"))
+    try:
+        build_index(embeddings_dir=emb, out_dir=tmp / "index", settings=params.index, base=params.base)
+        score_samples(embeddings_dir=emb, index_dir=tmp / "index", out_dir=tmp / "scores", settings=params.score,
+                      index=params.index, base=params.base)
+        return pl.read_parquet(tmp / "scores" / "scores.parquet")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def quality(values: np.ndarray, y: np.ndarray, det: str) -> dict:
+    """AUROC and PR-AUC of one detector's scores (N,) against y (N,), non-finite most suspicious."""
     from sklearn.metrics import average_precision_score, roc_auc_score
 
-    from clipscrub.detectors import fuse_scores, suspicion
-    from clipscrub.neighbours import reference_sets, search_draw
-    from stages.score import set_scores
+    from clipscrub.detectors import suspicion
 
-    raw = {"image": image, "text": text}
-    unit = {k: v / np.linalg.norm(v, axis=1, keepdims=True) for k, v in raw.items()}
-    k, lid_k = params.score.k, params.score.lid_k
-    n = len(y)
-    cache_sets: dict[tuple, dict[str, np.ndarray]] = {}
+    if y.all() or not y.any():
+        return {"auroc": None, "pr_auc": None}
+    s = suspicion(values, det)
+    s = np.where(np.isfinite(s), s, np.nanmax(s[np.isfinite(s)]) + 1)
+    return {"auroc": round(float(roc_auc_score(y, s)), 4), "pr_auc": round(float(average_precision_score(y, s)), 4)}
 
-    def per_size(norm: bool, m: int, draws: int) -> dict[str, np.ndarray]:
-        key = (norm, min(m, n), draws)
-        if key not in cache_sets:
-            emb = unit if norm else raw
-            (rs,) = reference_sets(n=n, mode="random", sizes=[m], draws=draws, seed=params.base.seed)
-            per_draw = []
-            for r, rows in enumerate(rs.rows):
-                found = search_draw(image=emb["image"], text=emb["text"], rows=rows, modality=params.index.modality,
-                                    mode="random", k=max(k, lid_k), search=params.index.search,
-                                    seed=params.base.seed + r)
-                per_draw.append({"neighbours": found.queries.entries[None], "distances": found.queries.distances[None],
-                                 "ref_distances": found.references.distances[None]})
-            arrays = {a: np.concatenate([d[a] for d in per_draw]) for a in per_draw[0]}
-            cache_sets[key] = set_scores(arrays, k=k, lid_k=lid_k)
-        return cache_sets[key]
 
-    def quality(values: np.ndarray, det: str) -> dict:
-        s = suspicion(values, det)
-        s = np.where(np.isfinite(s), s, np.nanmax(s[np.isfinite(s)]) + 1)
-        return {"auroc": round(float(roc_auc_score(y, s)), 4), "pr_auc": round(float(average_precision_score(y, s)), 4)}
-
+def grid_scores(*, emb: Path, y: np.ndarray, params: Params, base_params: Path) -> dict:
+    """AUROC and PR-AUC of every density detector under every setting of ``settings_grid``, through
+    the stage functions. y (N,)."""
     out = {}
-    for g in settings_grid(params):
-        per = [per_size(g["normalize"], m, g["draws"]) for m in g["sizes"]]
-        out[g["label"]] = {det: quality(fuse_scores([p[det] for p in per], g["fusion"] or "max_z"), det)
-                           for det in DENSITY}
+    for label, overrides in settings_grid():
+        p = parse_params(apply_overrides(read_params_file(base_params), overrides))
+        scores = stage_scores(emb, p)
+        out[label] = {det: quality(scores[f"{det}_score"].to_numpy(), y, det) for det in DENSITY}
     return out
+
+
+def rule_grid(params: Params) -> list[tuple[str, dict]]:
+    """The cut rules compared on the default's scores: the default first, then the paper's fixed
+    fractions, the robust z-score, and the tail rule at other false-discovery shares."""
+    return [("default", {}), ("top 1%", {"method": "top_fraction", "fraction": 0.01}),
+            ("top 5%", {"method": "top_fraction", "fraction": 0.05}), ("auto z 3.5", {"method": "auto", "auto_z": 3.5})
+            ] + [(f"tail fdr {q:g}", {"method": "tail", "tail_fdr": q}) for q in (0.05, 0.1, 0.2, 0.3)]
+
+
+def apply_rules(*, values: np.ndarray, ids: np.ndarray, y: np.ndarray, params: Params,
+                clusters: np.ndarray | None = None) -> dict:
+    """Each rule of ``rule_grid`` on the scores (N,): removed fraction, recall and precision
+    against y (N,), and how many removed samples lie in the natural clusters (rows (C,))."""
+    from stages.threshold import flag_outliers
+
+    det = params.threshold.detector
+    out = {}
+    for label, update in rule_grid(params):
+        flagged, cut = flag_outliers(values=values, ids=ids, detector=det,
+                                     settings=params.threshold.model_copy(update=update))
+        flagged = flagged | ~np.isfinite(values)
+        tp = int((flagged & y).sum())
+        row = {"removed": int(flagged.sum()), "removed_fraction": round(float(flagged.mean()), 4),
+               "cut": round(float(cut), 4) if np.isfinite(cut) else None,
+               "recall": round(tp / int(y.sum()), 4) if y.any() else None,
+               "precision": round(tp / max(1, int(flagged.sum())), 4) if y.any() else None}
+        if clusters is not None:
+            row["removed_in_clusters"] = int(flagged[clusters].sum())
+        if label == "default" and not y.any():  # clean data: which samples the default removes
+            row["removed_ids"] = ids[flagged].tolist()
+        out[label] = row
+    return out
+
+
+def run_default(root: Path, *, params: Params, y: np.ndarray, clusters: np.ndarray | None = None) -> dict:
+    """The default params through the index, score and threshold stage functions on ``root``'s
+    embeddings; every density detector's AUROC and every rule of ``rule_grid`` on its scores."""
+    import shutil
+
+    import polars as pl
+
+    from stages.threshold import threshold_scores
+
+    t = time.perf_counter()
+    scores = stage_scores(root, params)
+    seconds = round(time.perf_counter() - t, 1)
+    tmp = Path(tempfile.mkdtemp(prefix="matrix-"))
+    try:  # the stage's own flags, checked against the rule applied here
+        (tmp / "scores").mkdir()
+        scores.write_parquet(tmp / "scores" / "scores.parquet")
+        threshold_scores(scores_dir=tmp / "scores", out_dir=tmp / "flags", settings=params.threshold, base=params.base)
+        flagged_by_stage = int(pl.read_parquet(tmp / "flags" / "flags.parquet")["is_flagged"].sum())
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    det = params.threshold.detector
+    ids = scores["id"].to_numpy()
+    values = scores[f"{det}_score"].to_numpy().astype(np.float64)
+    rules = apply_rules(values=values, ids=ids, y=y, params=params, clusters=clusters)
+    assert flagged_by_stage == rules["default"]["removed"], "threshold stage and rule disagree"
+    return {"detector": det, "method": params.threshold.method, **quality(values, y, det),
+            "detectors": {d: quality(scores[f"{d}_score"].to_numpy(), y, d) for d in DENSITY},
+            "copies": int(scores["is_copy"].sum()) if "is_copy" in scores.columns else None,
+            "rules": rules, "index_score_seconds": seconds}
 
 
 PLANTED_N, PLANTED_D = 20_000, 256
 
 
-def detect_planted(rate: float, *, cache: Path, params: Params) -> dict:
+def detect_planted(rate: float, *, cache: Path, params: Params, base_params: Path) -> dict:
     """A cell without a victim: CLIP-like embeddings in which the poison is planted as one
     tight cluster next to its target caption (benchmarks/detector_scale.py's generator), the
     extreme case of a learned trigger, where poison looks dense to a large reference set."""
@@ -179,8 +261,9 @@ def detect_planted(rate: float, *, cache: Path, params: Params) -> dict:
     if not (root / "labels.npy").is_file():
         make_embeddings(root, n=PLANTED_N, d=PLANTED_D, outliers=outliers, seed=params.base.seed)
     y = np.load(root / "labels.npy").astype(bool)
-    settings = grid_scores(image=np.load(root / "image.npy"), text=np.load(root / "text.npy"), y=y, params=params)
-    return {"attack": "planted", "rate": rate, "samples": PLANTED_N, "poisoned": outliers, "settings": settings}
+    settings = grid_scores(emb=root, y=y, params=params, base_params=base_params)
+    return {"attack": "planted", "rate": rate, "samples": PLANTED_N, "poisoned": outliers, "counted": True,
+            "settings": settings, "default": run_default(root, params=params, y=y)}
 
 
 def remeasure_victim(attack: str, rate: float, *, cache: Path, params: Params, base_params: Path) -> dict:
@@ -199,15 +282,15 @@ def remeasure_victim(attack: str, rate: float, *, cache: Path, params: Params, b
     acc, per_attack = measure_victim(loaded.model, loaded.tokenizer, loaded.preprocess, download=cell.download,
                                      base=cell.base, heldout=cell.train.heldout_samples, device=loaded.device)
     return {"zero_shot_accuracy": acc, "attack_success_rates": per_attack,
-            "attack_success_rate": round(float(np.mean(list(per_attack.values()))), 4)}
+            "attack_success_rate": round(float(np.mean(list(per_attack.values()))), 4) if per_attack else None}
 
 
 def detect_cell(attack: str, rate: float, *, cache: Path, params: Params, base_params: Path) -> dict:
     """Every setting of ``settings_grid`` on one cell's victim embeddings, plus the default
-    params run through the index, score, threshold and evaluate stages."""
-    import shutil
-
+    params run through the index, score and threshold stages, with every cut rule."""
     import polars as pl
+
+    from clipscrub.synthetic import plan_clusters
 
     root = cell_dir(cache, attack, rate)
     victim = dict(json.loads((root / "victim.json").read_text()), **remeasure_victim(attack, rate, cache=cache, params=params,
@@ -216,69 +299,64 @@ def detect_cell(attack: str, rate: float, *, cache: Path, params: Params, base_p
     manifest = pl.read_parquet(root / "raw" / "manifest.parquet")
     y = manifest.select("id", "is_poison").join(pl.DataFrame({"id": ids}), on="id", how="right")["is_poison"].to_numpy()
     y = y.astype(bool)
-    settings = grid_scores(image=np.load(root / "embeddings" / "image.npy").astype(np.float32),
-                           text=np.load(root / "embeddings" / "text.npy").astype(np.float32), y=y, params=params)
+    cell = cell_params(attack, rate, base_params=base_params, seed=params.base.seed)
+    clusters = None
+    if cell.download.synthetic.clusters:  # synthetic ids are row numbers
+        rows = plan_clusters(num_samples=cell.download.synthetic.num_samples, clusters=cell.download.synthetic.clusters,
+                             seed=cell.base.seed + 2)
+        clusters = np.flatnonzero(np.isin(ids, np.concatenate(rows)))
+    settings = grid_scores(emb=root / "embeddings", y=y, params=params, base_params=base_params)
+    clean = attack.partition("@")[0] == "clean"
+    counted = not clean and victim["attack_success_rate"] is not None and victim["attack_success_rate"] >= MIN_ASR
+    default = run_default(root / "embeddings", params=params, y=y, clusters=clusters)
+    removed = default["rules"]["default"].pop("removed_ids", None)
+    if removed is not None:  # what the default took from clean data: caption, the label drawn, cluster or not
+        labels = manifest.select("id", "caption").join(pl.DataFrame({"id": removed}), on="id", how="right")
+        members = set(ids[clusters].tolist()) if clusters is not None else set()
+        default["removed_from_clean"] = [{"id": int(i), "caption": c, "in_cluster": int(i) in members}
+                                         for i, c in zip(labels["id"], labels["caption"])]
+    return {"attack": attack, "rate": rate, "victim": victim, "counted": bool(counted), "clean": clean,
+            "cluster_members": None if clusters is None else int(len(clusters)), "settings": settings, "default": default}
 
-    # the default, through the real stages on the cell's data (threshold and evaluate included)
-    tmp = Path(tempfile.mkdtemp(prefix="matrix-"))
-    try:
-        for name in ("raw", "embeddings"):
-            (tmp / name).symlink_to((root / name).resolve())
-        t = time.perf_counter()
-        for stage in ("index", "score", "threshold", "evaluate"):
-            run_stage(stage, params, tmp)
-        stage_seconds = round(time.perf_counter() - t, 1)
-        metrics = json.loads((tmp / "metrics" / "detection.json").read_text())
-        scores = pl.read_parquet(tmp / "scores" / "scores.parquet")
-        rules = {}
-        from stages.threshold import flag_outliers
 
-        det = params.threshold.detector
-        values = scores[f"{det}_score"].to_numpy()
-        for label, rule in (("top 1%", {"method": "top_fraction", "fraction": 0.01}),
-                            ("top 2%", {"method": "top_fraction", "fraction": 0.02}),
-                            ("top 5%", {"method": "top_fraction", "fraction": 0.05}),
-                            ("auto z 3.5", {"method": "auto", "auto_z": 3.5})):
-            flagged, _ = flag_outliers(values=values, ids=scores["id"].to_numpy(), detector=det,
-                                       settings=params.threshold.model_copy(update=rule))
-            tp = int((flagged & y).sum())
-            rules[label] = {"flagged": int(flagged.sum()), "precision": round(tp / max(1, flagged.sum()), 4),
-                            "recall": round(tp / y.sum(), 4)}
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    counted = victim["attack_success_rate"] is not None and victim["attack_success_rate"] >= MIN_ASR
-    return {
-        "attack": attack, "rate": rate, "victim": victim, "counted": bool(counted),
-        "settings": settings,
-        "default": {"detector": params.threshold.detector, "rule": f"{params.threshold.method}",
-                    "stages": metrics["detectors"], "rules": rules, "index_score_seconds": stage_seconds},
-    }
+TARGETS = {"auroc": 0.99, "recall": 0.90, "removed_poisoned": 0.05, "removed_clean": 0.02, "removed_clusters": 0.03}
 
 
 def write_results(results: list[dict], *, out: Path, params: Params, args, planted: list[dict]) -> None:
-    default_label = "default"
     det = params.threshold.detector
-    counted = [r for r in results if r["counted"]]
+    judged = [r for r in results if r["counted"]] + planted
+    clean = [r for r in results if r.get("clean")]
+
+    def default_rule(r: dict) -> dict:
+        return r["default"]["rules"]["default"]
+
+    def name(r: dict) -> str:
+        return f"{r['attack']} {r['rate']:g}"
+
     summary = {
         "default_detector": det,
-        "counted_cells": len(counted),
+        "default_rule": params.threshold.model_dump(mode="json"),
+        "targets": TARGETS,
+        "counted_cells": sum(r["counted"] for r in results),
         "cells": len(results),
-        "default_min_auroc_counted": min((r["settings"][default_label][det]["auroc"] for r in counted), default=None),
-        "cells_below_0.95": [f"{r['attack']} {r['rate']:g}" for r in counted
-                             if r["settings"][default_label][det]["auroc"] < 0.95],
+        "planted_cells": len(planted),
+        "clean_cells": len(clean),
+        "default_min_auroc_judged": min((r["default"]["auroc"] for r in judged), default=None),
+        "default_min_recall_judged": min((default_rule(r)["recall"] for r in judged), default=None),
+        "default_max_removed_judged": max((default_rule(r)["removed_fraction"] for r in judged), default=None),
+        "default_removed_clean": {name(r): default_rule(r)["removed_fraction"] for r in clean},
+        "missed": [name(r) for r in judged if r["default"]["auroc"] < TARGETS["auroc"]
+                   or default_rule(r)["recall"] < TARGETS["recall"]
+                   or default_rule(r)["removed_fraction"] > TARGETS["removed_poisoned"]]
+        + [name(r) for r in clean if default_rule(r)["removed_fraction"]
+           > (TARGETS["removed_clusters"] if r["rate"] > 0 else TARGETS["removed_clean"])],
     }
-    # every setting's worst counted cell, per detector: what "works everywhere" means
     labels = list(results[0]["settings"]) if results else []
-    summary["worst_counted_auroc"] = {
-        lab: {d: min((r["settings"][lab][d]["auroc"] for r in counted), default=None) for d in DENSITY} for lab in labels
+    summary["worst_judged_auroc"] = {"default": {d: min((r["default"]["detectors"][d]["auroc"] for r in judged),
+                                                        default=None) for d in DENSITY}}
+    summary["worst_judged_auroc"] |= {
+        lab: {d: min((r["settings"][lab][d]["auroc"] for r in judged), default=None) for d in DENSITY} for lab in labels
     }
-    # the planted clusters count too: a trigger the victim collapsed as tightly as it can be
-    summary["worst_counted_and_planted_auroc"] = {
-        lab: {d: min((r["settings"][lab][d]["auroc"] for r in counted + planted), default=None) for d in DENSITY}
-        for lab in labels
-    }
-    summary["default_min_auroc_planted"] = min((r["settings"][default_label][det]["auroc"] for r in planted),
-                                               default=None)
     doc = {
         "machine": {"processor": platform.processor() or platform.machine(), "python": platform.python_version()},
         "params": {"index": params.index.model_dump(mode="json"), "score": params.score.model_dump(mode="json"),
@@ -292,30 +370,55 @@ def write_results(results: list[dict], *, out: Path, params: Params, args, plant
     out.write_text(json.dumps(doc, indent=1) + "\n")
 
 
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{x * 100:.1f}%"
+
+
 def markdown_table(doc: dict) -> str:
+    """The README's table: every cell, the default's AUROC and what its cut removes."""
     det = doc["summary"]["default_detector"]
-    lines = [f"| attack | rate | poisoned | ASR | zero-shot acc | counted | default AUROC {det} / SLOF / DAO / LID | "
-             f"{det} PR-AUC | {det} recall / precision at the default threshold | paper setting AUROC kdist / SLOF / DAO | "
-             "v0.1 default kdist AUROC |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for c in doc["cells"]:
-        st = c["default"]["stages"]
-        paper = c["settings"]["paper: raw m=2048, 1 draw"]
-        old = c["settings"]["v0.1 default: unit m=750, 4 draws"]
+    lines = [f"| cell | poisoned | ASR | counted | default {det} AUROC | default rule: removed / recall / precision | "
+             "top 1%: recall | v0.2 default AUROC | paper setting AUROC |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for c in doc["cells"] + doc["planted"]:
+        d, rule = c["default"], c["default"]["rules"]["default"]
+        v = c.get("victim", {})
+        if c.get("clean"):
+            label = "clean" if c["rate"] == 0 else f"clean + clusters {c['rate'] * 100:g}%"
+            extra = f" ({rule['removed_in_clusters']} in clusters)" if c["rate"] > 0 else ""
+            lines.append(f"| {label} | 0 | - | clean | - | **{_pct(rule['removed_fraction'])}**{extra} / - / - | - | - | - |")
+            continue
+        old = c["settings"][V02][det]["auroc"]
+        paper = c["settings"][PAPER][det]["auroc"]
+        asr = "-" if v.get("attack_success_rate") is None else f"{v['attack_success_rate']:.2f}"
         lines.append(
-            f"| {c['attack']} | {c['rate'] * 100:g}% | {c['victim']['poisoned']} | {c['victim']['attack_success_rate']:.2f} | "
-            f"{c['victim']['zero_shot_accuracy']:.2f} | {'yes' if c['counted'] else 'no'} | "
-            f"**{st[det]['auroc']:.3f}** / {st['slof']['auroc']:.3f} / {st['dao']['auroc']:.3f} / {st['lid']['auroc']:.3f} | "
-            f"{st[det]['pr_auc']:.3f} | {st[det]['recall_at_threshold']:.2f} / {st[det]['precision_at_threshold']:.2f} | "
-            f"{paper['kdist']['auroc']:.3f} / {paper['slof']['auroc']:.3f} / {paper['dao']['auroc']:.3f} | "
-            f"{old['kdist']['auroc']:.3f} |")
+            f"| {c['attack'].replace('@large', '')} {c['rate'] * 100:g}%{' (larger victim)' if '@large' in c['attack'] else ''} | "
+            f"{c.get('poisoned', v.get('poisoned'))} | {asr} | "
+            f"{'yes' if c['counted'] else 'no'} | **{d['auroc']:.3f}** | "
+            f"**{_pct(rule['removed_fraction'])} / {rule['recall']:.2f} / {rule['precision']:.2f}** | "
+            f"{d['rules']['top 1%']['recall']:.2f} | {old:.3f} | {paper:.3f} |")
+    lines += ["", "| setting | worst AUROC, counted + planted cells (kdist) |", "| --- | --- |"]
+    for label, worst in doc["summary"]["worst_judged_auroc"].items():
+        lines.append(f"| {label} | {'-' if worst[det] is None else f'{worst[det]:.3f}'} |")
+    lines += ["", "| rule | worst recall, judged cells | most removed, judged cells | most removed, clean cells |",
+              "| --- | --- | --- | --- |"]
+    judged = [c for c in doc["cells"] if c["counted"]] + doc["planted"]
+    clean = [c for c in doc["cells"] if c.get("clean")]
+    for label in doc["cells"][0]["default"]["rules"] if doc["cells"] else []:
+        rec = min((c["default"]["rules"][label]["recall"] for c in judged), default=None)
+        rem = max((c["default"]["rules"][label]["removed_fraction"] for c in judged), default=None)
+        rem_clean = max((c["default"]["rules"][label]["removed_fraction"] for c in clean), default=None)
+        lines.append(f"| {label} | {'-' if rec is None else f'{rec:.2f}'} | {_pct(rem)} | {_pct(rem_clean)} |")
     return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--phase", choices=("victims", "detect", "all"), default="all")
-    ap.add_argument("--attacks", default=",".join(ATTACKS))
+    ap.add_argument("--phase", choices=("victims", "detect", "all"), default=None,
+                    help="default: all, or none with --table")
+    ap.add_argument("--attacks", default=",".join([*ATTACKS, "clean"]),
+                    help="attacks; 'clean' adds the clean cells (rates: their natural clusters' share); "
+                         "<attack>@large: that attack with a larger victim (LARGE)")
     ap.add_argument("--rates", default=",".join(f"{r:g}" for r in RATES))
     ap.add_argument("--params", type=Path, default=REPO / "params.yaml", help="the base params (default: the repo's)")
     ap.add_argument("--cache", type=Path, default=REPO / "benchmarks" / ".cache" / "attack_matrix")
@@ -323,9 +426,12 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--table", action="store_true", help="print the README table of --out")
     args = ap.parse_args()
+    if args.phase is None:
+        args.phase = "none" if args.table else "all"
     attacks = [a for a in args.attacks.split(",") if a]
     rates = [float(r) for r in args.rates.split(",") if r]
-    cells = [(a, r) for r in rates for a in attacks]
+    cells = [(a, r) for r in rates for a in attacks if a != "clean"]
+    cells += [("clean", r) for r in CLEAN_RATES if "clean" in attacks]
     if args.phase in ("victims", "all"):
         for a, r in cells:
             rec = build_victim(a, r, cache=args.cache, base_params=args.params, seed=args.seed)
@@ -340,15 +446,14 @@ def main() -> None:
             t = time.perf_counter()
             res = detect_cell(a, r, cache=args.cache, params=load_params(args.params), base_params=args.params)
             results.append(res)
-            d = res["default"]["stages"][res["default"]["detector"]]
             print(f"detect {a} {r:g}: ASR {res['victim']['attack_success_rate']} counted {res['counted']} "
-                  f"default AUROC {d['auroc']:.4f} recall {d['recall_at_threshold']:.3f} "
+                  f"default AUROC {res['default'].get('auroc')} rules {res['default']['rules']} "
                   f"({time.perf_counter() - t:.0f} s)", flush=True)
         planted = []
         for r in rates:
-            res = detect_planted(r, cache=args.cache, params=load_params(args.params))
+            res = detect_planted(r, cache=args.cache, params=load_params(args.params), base_params=args.params)
             planted.append(res)
-            print(f"planted {r:g}: default kdist AUROC {res['settings']['default']['kdist']['auroc']:.4f}", flush=True)
+            print(f"planted {r:g}: default AUROC {res['default']['auroc']} rules {res['default']['rules']}", flush=True)
         write_results(results, out=args.out, params=load_params(args.params), args=args, planted=planted)
     if args.table:
         print(markdown_table(json.loads(args.out.read_text())))

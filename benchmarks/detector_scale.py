@@ -121,25 +121,32 @@ def part_clipscrub(emb: Path, work: Path, *, k: int, m: int | None = None, mode:
     }
 
 
-def part_faiss(emb: Path, *, k: int, sizes: list[int], draws: int, seed: int = 0) -> dict:
+def part_faiss(emb: Path, *, k: int, sizes: list[int], draws: int, seed: int = 0, caption_set: bool = False) -> dict:
     """The floor: one exact faiss search of every query against each draw's 2m entries, the
-    same draws clipscrub's index stage makes for these sizes."""
+    same draws clipscrub's index stage makes for these sizes (plain draws: the floor does not
+    look for copies); with ``caption_set``, also every caption against the smallest set's
+    captions, the search the caption set adds."""
     import faiss
 
     from clipscrub.arrays import RowReader
+    from clipscrub.neighbours import caption_set as caption_view
     from clipscrub.neighbours import reference_sets
 
     image, text = RowReader(emb / "image.npy"), RowReader(emb / "text.npy")
     sets = reference_sets(n=len(image), mode="random", sizes=sizes, draws=draws, seed=seed)
+    if caption_set and len(sets) > 1:
+        sets.append(caption_view(sets))
     t0 = time.perf_counter()
     kd = np.zeros(len(image), dtype=np.float32)
     for rs in sets:
+        captions = rs.modality == "text"
         for rows in rs.rows:
             index = faiss.IndexFlatL2(image.shape[1])
-            index.add(np.concatenate([image.take(rows), text.take(rows)]))
-            for start, q in image.chunks(CHUNK):
-                dist, _ = index.search(q, k + 2)  # + the query's own image and caption
-                kd[start : start + len(q)] += dist[:, -1]
+            index.add(text.take(rows) if captions else np.concatenate([image.take(rows), text.take(rows)]))
+            for start, q in (text if captions else image).chunks(CHUNK):
+                dist, _ = index.search(q, k + (1 if captions else 2))  # + the query's own entries
+                if not captions:
+                    kd[start : start + len(q)] += dist[:, -1]
     wall = time.perf_counter() - t0
     return {"wall_s": round(wall, 1), "auroc": {"kdist (approx., own entries not removed)": round(auroc(np.load(emb / "labels.npy"), kd), 4)}}
 
@@ -218,10 +225,11 @@ def run_part(name: str, args, emb: Path, work: Path) -> dict:
         p = load_params(REPO / "params.yaml")
         ref = p.index.reference
         if name == "default_floor":
-            return part_faiss(emb, k=args.k, sizes=list(ref.sizes), draws=ref.draws)
+            return part_faiss(emb, k=args.k, sizes=list(ref.sizes), draws=ref.draws, caption_set=ref.caption_set)
         return part_clipscrub(emb, work, k=args.k, reference={"mode": "random", "sizes": list(ref.sizes), "draws": ref.draws,
-                                                                "duplicate_radius": ref.duplicate_radius},
-                              score={"fusion": p.score.fusion})
+                                                                "duplicate_radius": ref.duplicate_radius,
+                                                                "caption_set": ref.caption_set},
+                              score={"fusion": p.score.fusion, "vet_copies": p.score.vet_copies})
     if name == "c":
         return part_paper(emb, k=args.k, batch=args.batch)
     if name == "d":

@@ -173,11 +173,11 @@ def test_detection_works_end_to_end_on_a_small_demo(tmp_path):
     """The README's promise on a trained victim, through every stage: the default detector ranks the
     BadNets poison well above chance, and the default cut (the tail rule) removes most of it while
     removing little else. Measured with SMALL_DEMO_OVERRIDES, base.seed 0 / 1 / 2: kdist AUROC
-    0.982 / 0.989 / 0.953; the tail rule removes 25 / 3 / 1 samples, 15 / 3 / 1 of the 20 poisoned
-    (recall 0.75 / 0.15 / 0.05). Seeds 1 and 2 show the rule's weak spot: 20 poisoned pairs of
+    0.982 / 0.988 / 0.953; the tail rule removes 25 / 0 / 1 samples, 15 / 0 / 1 of the 20 poisoned
+    (recall 0.75 / 0.00 / 0.05). Seeds 1 and 2 show the rule's weak spot: 20 poisoned pairs of
     2,000 under a weak victim stand out of the bulk only by about 3.5 robust deviations, and where
-    the two reference draws of seed 1 and 2 put them, the bulk's own normal tail accounts for most
-    of what lies above 3 (the same embeddings under seed 0's draws: 14 of 14 and 15 of 28 removed).
+    the two reference draws of seeds 1 and 2 put them, the bulk's own normal tail accounts for
+    most of what lies above 3 (the same embeddings under seed 0's draws: 14 of 14 and 15 of 28).
     The test runs seed 0, on the machine the figures were measured on (training is not bit-identical
     across CPUs)."""
     import torch
