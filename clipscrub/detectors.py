@@ -102,6 +102,13 @@ def _side_scale(dev: np.ndarray) -> float:
     return scale if scale > 0 else (float(np.mean(dev)) or 1.0)
 
 
+def robust_scales(finite: np.ndarray) -> tuple[float, float, float]:
+    """The median of finite values (M,) >= 1 and the robust scale of each side of it (``_side_scale``):
+    (median, lower scale, upper scale)."""
+    med = float(np.median(finite))
+    return med, _side_scale(med - finite[finite <= med]), _side_scale(finite[finite >= med] - med)
+
+
 def robust_z(values: np.ndarray, *, fit: np.ndarray | None = None) -> np.ndarray:
     """Robust z-scores over the finite values, (N,) -> (N,): (value - median) divided by the
     median absolute deviation (x 1.4826) of the values on the same side of the median.
@@ -117,9 +124,7 @@ def robust_z(values: np.ndarray, *, fit: np.ndarray | None = None) -> np.ndarray
     finite = ref[np.isfinite(ref)]
     if finite.size == 0:
         return np.full_like(v, np.nan) if fit is not None else v.copy()
-    med = float(np.median(finite))
-    lo = _side_scale(med - finite[finite <= med])
-    hi = _side_scale(finite[finite >= med] - med)
+    med, lo, hi = robust_scales(finite)
     with np.errstate(invalid="ignore"):
         return np.where(v >= med, (v - med) / hi, (v - med) / lo)
 

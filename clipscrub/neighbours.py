@@ -102,16 +102,15 @@ def duplicate_distance(image: Rows, *, n: int, fraction: float, seed: int) -> fl
         return 0.0
     rng = np.random.default_rng([seed, 1])
     pool = np.sort(rng.choice(n, size=min(n, SCALE_POOL), replace=False))
-    probe = pool[np.sort(rng.choice(len(pool), size=min(len(pool), SCALE_SAMPLE), replace=False))]
+    at = np.sort(rng.choice(len(pool), size=min(len(pool), SCALE_SAMPLE), replace=False))  # probes' pool positions
     x = _take(image, pool)
     index = faiss.IndexFlatL2(x.shape[1])
     index.add(x)
-    _, found = index.search(_take(image, probe), 2)
-    q = _take(image, probe).astype(np.float64)
-    # exact distances to the two candidates, the probe itself left out by row (not by distance:
-    # a copy of it is at 0 too)
-    d = np.sqrt(((q[:, None, :] - x[found].astype(np.float64)) ** 2).sum(-1))
-    d[pool[found] == probe[:, None]] = np.inf
+    _, found = index.search(np.ascontiguousarray(x[at]), 2)
+    # exact distances to the two candidates, the probe itself left out by position (not by
+    # distance: a copy of it is at 0 too)
+    d = np.sqrt(((x[at, None, :].astype(np.float64) - x[found].astype(np.float64)) ** 2).sum(-1))
+    d[found == at[:, None]] = np.inf
     return fraction * float(np.median(d.min(axis=1)))
 
 

@@ -105,8 +105,11 @@ def prepare_score(
         del arrays
     if "iforest" in settings.detectors:
         np.save(work / "iforest_rows.npy", np.unique(np.concatenate(ref_rows)))
+    # the caption sets (t<size>) join the image sets' fused score as the mean of the two z-scores
+    caption_sets = [r["name"] for r in records if r.get("modality") == "text" and index.modality == "image_text"]
     plan = {"params": _score_params(settings, index, base), "samples": len(ids), "sets": names,
-            "chunks": chunk_plan(len(ids), index.chunk_size), "vet": _vetting(records, settings, index)}
+            "caption_sets": caption_sets, "chunks": chunk_plan(len(ids), index.chunk_size),
+            "vet": _vetting(records, settings, index)}
     write_json(work / PLAN_FILE, plan)
     return plan
 
@@ -137,14 +140,16 @@ def score_chunk(
         for d in density:
             save_npy(chunk_file(work, start, stop, f"{name}.{d}"), np.stack([p[d] for p in per_draw]))
         del arrays
+    # the chunk's caption rows, read once for whichever of the two below needs them
+    captions = text.read(start, stop) if plan.get("vet") or "clip" in wanted else None
     if plan.get("vet"):
-        _copies_chunk(idx_dir, work, text, plan["vet"], start, stop, plan["samples"])
+        _copies_chunk(idx_dir, work, text, captions, plan["vet"], start, stop, plan["samples"])
     if "iforest" in wanted:
         queries = query_embeddings(image, text, index.modality)
         forest = _forest(work, queries, settings=settings, seed=base.seed)
         save_npy(chunk_file(work, start, stop, "iforest"), iforest_score(forest, queries.read(start, stop)))
     if "clip" in wanted:
-        save_npy(chunk_file(work, start, stop, "clip"), clip_score(image.read(start, stop), text.read(start, stop)))
+        save_npy(chunk_file(work, start, stop, "clip"), clip_score(image.read(start, stop), captions))
 
 
 def _vetting(records: list[dict[str, Any]], settings: ScoreSettings, index: IndexSettings) -> dict[str, Any] | None:
@@ -160,13 +165,15 @@ def _vetting(records: list[dict[str, Any]], settings: ScoreSettings, index: Inde
     return {"set": largest["name"], "copy_distance": distance} if distance > 0 else None
 
 
-def _copies_chunk(idx_dir: Path, work: Path, text, vet: dict[str, Any], start: int, stop: int, n: int) -> None:
-    """``copies.npy`` (stop - start,) bool and ``caption_mismatch.npy`` (r, stop - start) of a chunk,
-    from the vetting set's neighbours (``clipscrub.detectors.caption_mismatch``, per draw), the
-    mismatch for the copies and the population sample (``mismatch_sample``)."""
+def _copies_chunk(idx_dir: Path, work: Path, text, chunk_captions: np.ndarray, vet: dict[str, Any], start: int,
+                  stop: int, n: int) -> None:
+    """``copies.npy`` (stop - start,) bool and ``caption_mismatch.npy`` (r, stop - start) of a chunk
+    whose caption embeddings are ``chunk_captions`` (stop - start, d), from the vetting set's
+    neighbours (``clipscrub.detectors.caption_mismatch``, per draw), the mismatch for the copies
+    and the population sample (``mismatch_sample``)."""
     arrays = load_reference_set(idx_dir, vet["set"])
     ref_rows = np.asarray(arrays["ref_rows"])
-    captions = unit_rows(text.read(start, stop).astype(np.float64))
+    captions = unit_rows(chunk_captions.astype(np.float64))
     wanted = mismatch_sample(start, stop, n)
     is_copy = np.zeros(stop - start, dtype=bool)
     mismatch = []
@@ -228,9 +235,7 @@ def reduce_score(
         extra["is_copy"] = gather("copies").astype(bool)
         extra["caption_mismatch"] = np.where(found.any(axis=0), np.where(found, per_draw, 0).sum(axis=0)
                                              / np.maximum(found.sum(axis=0), 1), np.nan)
-    # the image sets fused; a caption set (t<size>) joins them as the mean of the two z-scores
-    caption_sets = [r["name"] for r in read_reference_sets(idx_dir)
-                    if r.get("modality") == "text" and index.modality == "image_text"]
+    caption_sets = plan["caption_sets"]
     image_sets = [name for name in names if name not in caption_sets]
     for d in density:
         # (r, N) -> (N,): the mean over draws of the whole arrays, as one process takes it

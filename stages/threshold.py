@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from clipscrub.detectors import LOW_IS_SUSPICIOUS, suspicion
+from clipscrub.detectors import LOW_IS_SUSPICIOUS, robust_scales, suspicion
 from clipscrub.errors import DataError
 from clipscrub.io import atomic_dir, require_file, write_json, write_lineage
 from clipscrub.params import BaseSettings, ThresholdSettings
@@ -89,11 +89,7 @@ def tail_cut(values: np.ndarray, *, fdr: float) -> float:
     from scipy.stats import norm
 
     v = np.sort(np.asarray(values, dtype=np.float64))[::-1]
-    med = float(np.median(v))
-    upper = v[v >= med] - med
-    scale = 1.4826 * float(np.median(upper)) if upper.size else 0.0
-    if not scale > 0:
-        scale = float(np.mean(upper)) if upper.size and np.mean(upper) > 0 else 1.0
+    med, _, scale = robust_scales(v)  # the upper half's scale, as robust_z takes it
     expected = len(v) * norm.sf((v - med) / scale)
     ok = np.flatnonzero(expected <= fdr * np.arange(1, len(v) + 1))
     return float(v[ok.max()]) if ok.size else float(np.nextafter(v[0], np.inf))
