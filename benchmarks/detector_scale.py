@@ -122,13 +122,13 @@ def part_clipscrub(emb: Path, work: Path, *, k: int, m: int | None = None, mode:
 
 
 def part_faiss(emb: Path, *, k: int, sizes: list[int], draws: int, seed: int = 0, caption_set: bool = False) -> dict:
-    """The floor: one exact faiss search of every query against each draw's 2m entries, the
-    same draws clipscrub's index stage makes for these sizes (plain draws: the floor does not
+    """The floor: one exact faiss search of every query against each draw's 2m entries (each
+    chunk of queries read once for all draws), the same draws clipscrub's index stage makes for these sizes (plain draws: the floor does not
     look for copies); with ``caption_set``, also every caption against the smallest set's
     captions, the search the caption set adds."""
     import faiss
 
-    from clipscrub.arrays import RowReader
+    from clipscrub.arrays import ChunkRows, RowReader
     from clipscrub.neighbours import caption_set as caption_view
     from clipscrub.neighbours import reference_sets
 
@@ -138,15 +138,23 @@ def part_faiss(emb: Path, *, k: int, sizes: list[int], draws: int, seed: int = 0
         sets.append(caption_view(sets))
     t0 = time.perf_counter()
     kd = np.zeros(len(image), dtype=np.float32)
+    indexes = []  # (index, searched by captions), every draw's, built once
     for rs in sets:
         captions = rs.modality == "text"
         for rows in rs.rows:
             index = faiss.IndexFlatL2(image.shape[1])
             index.add(text.take(rows) if captions else np.concatenate([image.take(rows), text.take(rows)]))
-            for start, q in (text if captions else image).chunks(CHUNK):
-                dist, _ = index.search(q, k + (1 if captions else 2))  # + the query's own entries
-                if not captions:
-                    kd[start : start + len(q)] += dist[:, -1]
+            indexes.append((index, captions))
+    buffers = {}  # the chunks are read into two reused buffers, as the index stage reads them
+    for start in range(0, len(image), CHUNK):  # each chunk of queries read once, searched against every draw
+        rows = ChunkRows(start, start + CHUNK, buffers)
+        q = {False: rows(image)}
+        if any(captions for _, captions in indexes):
+            q[True] = rows(text)
+        for index, captions in indexes:
+            dist, _ = index.search(q[captions], k + (1 if captions else 2))  # + the query's own entries
+            if not captions:
+                kd[start : start + len(dist)] += dist[:, -1]
     wall = time.perf_counter() - t0
     return {"wall_s": round(wall, 1), "auroc": {"kdist (approx., own entries not removed)": round(auroc(np.load(emb / "labels.npy"), kd), 4)}}
 

@@ -102,16 +102,40 @@ class RowReader:
             raise DataError(f"{self.path} holds {arr.dtype.name}, expected float32 or float16", param="--embeddings")
         self.shape: tuple[int, int] = (int(arr.shape[0]), int(arr.shape[1]))
         self.dtype = arr.dtype
+        # float32 rows in C order are read with pread straight into the caller's buffer
+        self._offset = int(arr.offset) if arr.dtype == np.float32 and arr.flags.c_contiguous else None
         del arr
 
     def __len__(self) -> int:
         return self.shape[0]
 
-    def read(self, start: int, stop: int) -> np.ndarray:
-        """Rows [start, stop) as a C-contiguous float32 array (stop - start, d)."""
-        arr = np.load(self.path, mmap_mode="r")
-        out = np.array(arr[start:stop], dtype=np.float32, order="C")
-        del arr  # unmaps: the pages leave this process's RSS
+    def read(self, start: int, stop: int, *, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows [start, stop) as a C-contiguous float32 array (stop - start, d): ``out`` when given
+        (float32, C-contiguous, that shape), filled in place. A buffer reused from chunk to chunk
+        saves mapping fresh memory for every chunk, which costs more than the read itself on
+        virtual machines that hand freed memory back to their host."""
+        stop = min(stop, len(self))
+        shape = (max(stop - start, 0), self.shape[1])
+        if out is None:
+            out = np.empty(shape, dtype=np.float32)
+        elif out.shape != shape or out.dtype != np.float32 or not out.flags.c_contiguous:
+            raise ValueError(f"out must be a C-contiguous float32 array of shape {shape}, not {out.dtype} {out.shape}")
+        if self._offset is not None and out.size:
+            data = memoryview(out.reshape(-1).view(np.uint8))
+            fd = os.open(self.path, os.O_RDONLY)
+            try:
+                pos, done = self._offset + start * self.shape[1] * 4, 0
+                while done < len(data):
+                    got = os.preadv(fd, [data[done:]], pos + done)
+                    if got == 0:
+                        raise DataError(f"{self.path} ends before row {stop}: the file is truncated", param="--embeddings")
+                    done += got
+            finally:
+                os.close(fd)
+        elif out.size:
+            arr = np.load(self.path, mmap_mode="r")
+            out[...] = arr[start:stop]
+            del arr  # unmaps: the pages leave this process's RSS
         return unit_rows(out) if self.normalize else out
 
     def take(self, rows: np.ndarray) -> np.ndarray:
@@ -122,6 +146,38 @@ class RowReader:
         return unit_rows(out) if self.normalize else out
 
     def chunks(self, size: int) -> Iterator[tuple[int, np.ndarray]]:
-        """(start, rows) for consecutive chunks of at most ``size`` rows."""
+        """(start, rows) for consecutive chunks of at most ``size`` rows, read into one buffer:
+        each chunk's rows are overwritten by the next (copy what you keep)."""
+        buffer = np.empty((min(size, len(self)), self.shape[1]), dtype=np.float32)
         for start in range(0, len(self), size):
-            yield start, self.read(start, min(len(self), start + size))
+            stop = min(len(self), start + size)
+            yield start, self.read(start, stop, out=buffer[: stop - start])
+
+
+def chunk_buffer(buffers: dict[str, np.ndarray] | None, name: str, rows: int, dim: int) -> np.ndarray | None:
+    """A float32 (rows, dim) buffer named ``name`` from ``buffers``, allocated there on first use
+    (a chunk loop in one process passes the same dict to every chunk); None without ``buffers``
+    (a chunk run alone reads into fresh memory)."""
+    if buffers is None:
+        return None
+    held = buffers.get(name)
+    if held is None or held.shape[0] < rows or held.shape[1] != dim:
+        held = buffers[name] = np.empty((rows, dim), dtype=np.float32)
+    return held[:rows]
+
+
+class ChunkRows:
+    """Rows [start, stop) of RowReaders, each file read once however often it is asked for: into
+    ``buffers``'s buffer for that file (``chunk_buffer``) when given, else into fresh memory."""
+
+    def __init__(self, start: int, stop: int, buffers: dict[str, np.ndarray] | None = None):
+        self.start, self.stop, self.buffers = start, stop, buffers
+        self._read: dict[str, np.ndarray] = {}
+
+    def __call__(self, reader: RowReader) -> np.ndarray:
+        key = str(reader.path)
+        if key not in self._read:
+            rows = min(self.stop, len(reader)) - self.start
+            self._read[key] = reader.read(self.start, self.stop,
+                                          out=chunk_buffer(self.buffers, key, rows, reader.shape[1]))
+        return self._read[key]

@@ -315,9 +315,13 @@ STORED_METHODS = ("hnsw", "ivf")
 
 
 def write_search_index(index: SearchIndex, path: Path) -> None:
-    """Store an hnsw or ivf index for ``draw_index`` (written under a temporary name, then renamed)."""
+    """Store a draw's index for ``draw_index`` (written under a temporary name, then renamed): an
+    exact one as its flat CPU index of the entries."""
     path = Path(path)
-    cpu = index.index if index.method == "hnsw" or gpu_count() == 0 else faiss.index_gpu_to_cpu(index.index)
+    if index.method == "exact":
+        cpu = index.flat
+    else:
+        cpu = index.index if index.method == "hnsw" or gpu_count() == 0 else faiss.index_gpu_to_cpu(index.index)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
         faiss.write_index(cpu, str(tmp))
@@ -330,9 +334,12 @@ def draw_index(*, image: Rows, text: Rows, rows: np.ndarray, modality: str, meth
                seed: int, stored: Path | None = None) -> tuple[SearchIndex, np.ndarray]:
     """One draw's search index over the entries of reference rows (m,), and the entries' owners (R,).
 
-    An exact index is built from the embeddings (cheap, the same every time); an hnsw or ivf index
-    is read from ``stored`` when given (``write_search_index``), else built.
+    The index is read from ``stored`` when given (``write_search_index``), else built from the
+    embeddings (an exact one is the same either way).
     """
+    if stored is not None and method == "exact":
+        flat = faiss.read_index(str(stored))
+        return SearchIndex(_to_gpu(flat), flat, method), entry_owners(rows, modality)
     if stored is not None and method == "hnsw":
         index = faiss.read_index(str(stored))
         return SearchIndex(index, faiss.downcast_index(index.storage), method), entry_owners(rows, modality)
@@ -447,10 +454,21 @@ def _rerank(idx: np.ndarray, safe: np.ndarray, sq: np.ndarray, ref_owners: np.nd
     """Drop own and padding candidates, order by (exact distance, entry index), keep k.
 
     idx (Q, c) faiss's candidates (-1 = padding), safe (Q, c) the same with padding at 0,
-    sq (Q, c) their exact squared distances.
+    sq (Q, c) their exact squared distances (float32, >= 0).
     """
+    bad = (ref_owners[safe] == owners[:, None]) | (idx < 0)
+    if len(ref_owners) < 1 << 32:
+        # one sort of (distance bits, entry) packed in a uint64: the bits of a float32 >= 0 order
+        # as the floats do, and sqrt is monotonic, so this is the (distance, entry) order
+        bits = np.where(bad, INF_BITS, sq.view(np.uint32)).astype(np.uint64)
+        key = np.sort((bits << np.uint64(32)) | safe.astype(np.uint64), axis=1)[:, :k]
+        sq_k = (key >> np.uint64(32)).astype(np.uint32)
+        if (sq_k == INF_BITS).any():
+            raise ParamError("fewer than k reference entries remain after excluding the query's own", param="index.k")
+        dist_k = np.sqrt(sq_k.view(np.float32).astype(np.float64)).astype(np.float32)
+        return (key & np.uint64(0xFFFFFFFF)).astype(np.int64), dist_k
     dist = np.sqrt(sq.astype(np.float64))
-    dist[(ref_owners[safe] == owners[:, None]) | (idx < 0)] = np.inf
+    dist[bad] = np.inf
     # sort by (distance, entry index): order by index first, then a stable sort by distance
     by_idx = np.argsort(idx, axis=1, kind="stable")
     idx = np.take_along_axis(idx, by_idx, 1)
@@ -460,6 +478,9 @@ def _rerank(idx: np.ndarray, safe: np.ndarray, sq: np.ndarray, ref_owners: np.nd
     if not np.isfinite(dist_k).all():
         raise ParamError("fewer than k reference entries remain after excluding the query's own", param="index.k")
     return np.take_along_axis(idx, order, 1), dist_k.astype(np.float32)
+
+
+INF_BITS = np.float32(np.inf).view(np.uint32)
 
 
 def measure_recall(

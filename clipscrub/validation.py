@@ -211,34 +211,53 @@ def embedding_tables(*, ids: np.ndarray, image: "RowReader", text: "RowReader", 
     return [Table("embeddings", view, exps)]
 
 
+# per query, over a reference set's draws: what the index suite checks
+NEIGHBOUR_CHECKS = np.dtype([("min_entry", "<i8"), ("max_entry", "<i8"), ("self_hits", "<i8"), ("unsorted", "<i8"),
+                             ("min_distance", "<f8")])
+
+
+def check_neighbours(*, neighbours: np.ndarray, distances: np.ndarray, owners: list[np.ndarray], entries: int,
+                     rows: np.ndarray) -> np.ndarray:
+    """The index suite's per-query figures (Q,) ``NEIGHBOUR_CHECKS`` for queries of dataset rows
+    ``rows`` (Q,): ``neighbours``/``distances`` (r, Q, K), ``owners[r]`` (R,) the row each entry of
+    draw r belongs to. A chunk computes them for its own rows as it writes them, so the reduce
+    validates without reading every neighbour list back."""
+    out = np.empty(len(rows), dtype=NEIGHBOUR_CHECKS)
+    nb = np.asarray(neighbours)
+    d = np.asarray(distances, dtype=np.float64)
+    out["min_entry"] = nb.min(axis=(0, 2)) if nb.size else np.iinfo(np.int64).max
+    out["max_entry"] = nb.max(axis=(0, 2)) if nb.size else np.iinfo(np.int64).min
+    safe = np.clip(nb, 0, entries - 1)
+    out["self_hits"] = sum((owners[r][safe[r]] == rows[:, None]).sum(axis=1) for r in range(len(nb)))
+    out["unsorted"] = (np.diff(d, axis=2) < 0).sum(axis=(0, 2))
+    # NaN in any draw stays NaN (it must not vanish in the minimum)
+    per_draw = np.where(np.isfinite(d).all(axis=2), d.min(axis=2, initial=np.inf), np.nan)
+    out["min_distance"] = per_draw.min(axis=0)
+    return out
+
+
 def neighbour_tables(*, ids: np.ndarray, neighbours: np.ndarray, distances: np.ndarray, owners: list[np.ndarray],
                      entries: int, chunk_size: int = 65536, name: str = "neighbours") -> list[Table]:
     """No query's own image or caption among its neighbours, distances sorted and non-negative,
     entry indices in range. ``neighbours``/``distances``: (r, N, K); ``owners[r]``: (R,) row of
     the sample each entry of draw r belongs to."""
+    n = neighbours.shape[1]
+    checks = np.concatenate([
+        check_neighbours(neighbours=neighbours[:, start : min(start + chunk_size, n)],
+                         distances=distances[:, start : min(start + chunk_size, n)], owners=owners, entries=entries,
+                         rows=np.arange(start, min(start + chunk_size, n)))
+        for start in range(0, n, chunk_size)
+    ]) if n else np.empty(0, dtype=NEIGHBOUR_CHECKS)
+    return neighbour_check_tables(ids=ids, checks=checks, entries=entries, name=name)
+
+
+def neighbour_check_tables(*, ids: np.ndarray, checks: np.ndarray, entries: int, name: str = "neighbours") -> list[Table]:
+    """The index suite on per-query ``checks`` (N,) ``NEIGHBOUR_CHECKS`` (``check_neighbours``)."""
     import pandas as pd
 
     E = _gx()
-    draws, n, _ = neighbours.shape
-    cols = {c: np.zeros(n, dtype=np.int64) for c in ("self_hits", "unsorted")}
-    lo, hi = np.full(n, np.iinfo(np.int64).max), np.full(n, np.iinfo(np.int64).min)
-    min_dist = np.full(n, np.inf)
-    for r in range(draws):
-        for start in range(0, n, chunk_size):
-            stop = min(start + chunk_size, n)
-            nb = np.asarray(neighbours[r, start:stop])
-            d = np.asarray(distances[r, start:stop], dtype=np.float64)
-            lo[start:stop] = np.minimum(lo[start:stop], nb.min(axis=1))
-            hi[start:stop] = np.maximum(hi[start:stop], nb.max(axis=1))
-            safe = np.clip(nb, 0, entries - 1)
-            rows = np.arange(start, stop)[:, None]
-            cols["self_hits"][start:stop] += (owners[r][safe] == rows).sum(axis=1)
-            cols["unsorted"][start:stop] += (np.diff(d, axis=1) < 0).sum(axis=1)
-            # NaN must not vanish in the minimum
-            dmin = np.where(np.isfinite(d).all(axis=1), d.min(axis=1), np.nan)
-            min_dist[start:stop] = np.fmin(min_dist[start:stop], dmin) if r else dmin
-            min_dist[start:stop][np.isnan(dmin)] = np.nan
-    view = pd.DataFrame({"id": ids, "min_entry": lo, "max_entry": hi, **cols, "min_distance": min_dist})
+    n = len(ids)
+    view = pd.DataFrame({"id": ids, **{field: checks[field] for field in NEIGHBOUR_CHECKS.names}})
     return [Table(name, view, [
         E.ExpectTableRowCountToEqual(value=n),
         E.ExpectColumnValuesToBeBetween(column="min_entry", min_value=0),

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from clipscrub.arrays import RowReader, create_npy, write_rows
+from clipscrub.arrays import ChunkRows, RowReader, create_npy, write_rows
 from clipscrub.errors import DataError, ParamError
 from clipscrub.io import atomic_dir, read_json, require_file, scratch_work_dir, write_json, write_lineage
 from clipscrub.neighbours import (
@@ -44,7 +44,7 @@ from clipscrub.neighbours import (
 )
 from clipscrub.params import BaseSettings, IndexSettings
 from clipscrub.progress import track
-from clipscrub.validation import docs_dir_for, neighbour_tables, validate
+from clipscrub.validation import check_neighbours, docs_dir_for, neighbour_check_tables, validate
 
 
 def load_embeddings(emb_dir: Path, *, chunk_size: int = 65536, normalize: bool = False, check: bool = True
@@ -65,7 +65,9 @@ def load_embeddings(emb_dir: Path, *, chunk_size: int = 65536, normalize: bool =
             f"image {image.shape}, text {text.shape} and ids ({len(ids)},) embeddings disagree", param="--embeddings"
         )
     for name, reader in (("image", image), ("text", text)) if check else ():
-        bad = np.concatenate([~np.isfinite(rows).all(axis=1) for _, rows in reader.chunks(chunk_size)])
+        # a float64 row sum is finite exactly when every float32 in the row is (it cannot overflow),
+        # without a (chunk, d) mask
+        bad = np.concatenate([~np.isfinite(rows.sum(axis=1, dtype=np.float64)) for _, rows in reader.chunks(chunk_size)])
         if bad.any():
             raise DataError(
                 f"{int(bad.sum())} {name} embeddings are not finite, e.g. ids {ids[bad][:5].tolist()}",
@@ -173,6 +175,11 @@ def link_or_copy(src: Path, dst: Path) -> None:
         shutil.copyfile(src, dst)
 
 
+# queries searched and re-ranked per faiss call: faiss tiles its own work in 4,096-query blocks, so
+# larger calls gain nothing, while their (Q, candidates) temporaries cost page faults
+SEARCH_BATCH = 16384
+
+
 # ------------------------------------------------------------------ the index stage's pieces
 def uses_caption_set(settings: IndexSettings) -> bool:
     """Whether the index adds a caption set (``index.reference.caption_set``): random sets of image
@@ -184,8 +191,13 @@ def _index_params(settings: IndexSettings, base: BaseSettings) -> dict[str, Any]
     return {"base": base.model_dump(mode="json"), "index": settings.model_dump(mode="json")}
 
 
-def _stored(work: Path, name: str, method: str, r: int) -> Path | None:
-    return work / name / f"draw{r}.faiss" if method in STORED_METHODS else None
+def _stored(work: Path, name: str, method: str, r: int, mode: str) -> Path | None:
+    """Where prepare stores a draw's index for the chunks to read: an hnsw or ivf index (costly to
+    build), or a sampled set's exact index (its entries gathered once: a random gather of m rows
+    from the embeddings per chunk and draw cost more than the search of small sets). The whole
+    dataset's exact index is not stored: each chunk reads it from the embeddings."""
+    keep = method in STORED_METHODS or (method == "exact" and mode != "all")
+    return work / name / f"draw{r}.faiss" if keep else None
 
 
 def prepare_index(
@@ -232,12 +244,13 @@ def prepare_index(
             create_npy(work / rs.name / f"{name}.npy", dtype=dtype, shape=(draws, rows_n, settings.k))
         own = ref.mode != "all"
         for r, rows in enumerate(rs.rows):
-            if method not in STORED_METHODS and not own:
+            stored = _stored(work, rs.name, method, r, ref.mode)
+            if stored is None and not own:
                 continue  # an exact index over the whole dataset: each chunk builds its own
             index, owners = draw_index(image=image, text=text, rows=rows, modality=modality, method=method,
                                        search=settings.search, seed=base.seed + r)
-            if method in STORED_METHODS:
-                write_search_index(index, _stored(work, rs.name, method, r))
+            if stored is not None:
+                write_search_index(index, stored)
             if own:
                 found = find_neighbours(queries=index.refs, query_owners=owners, index=index, ref_owners=owners,
                                         k=settings.k, max_self=max_self, chunk_size=settings.chunk_size)
@@ -254,14 +267,15 @@ def prepare_index(
 
 def search_index_chunk(
     *, embeddings_dir: str | Path, work_dir: str | Path, settings: IndexSettings, base: BaseSettings,
-    start: int, stop: int,
+    start: int, stop: int, buffers: dict[str, np.ndarray] | None = None,
 ) -> None:
     """Every reference draw's k nearest entries of queries [start, stop), one of the plan's chunks,
     written as rows [:, start:stop] of the set's ``neighbours.npy`` (r, N, K) int64 and
     ``distances.npy`` float32 in ``work_dir`` (with mode all, of ``ref_neighbours`` /
     ``ref_distances`` too, and with image_text their caption entries' rows [:, N + start:N + stop]),
     then ``chunks/<start>-<stop>.json`` (the sha256 of what it wrote). Depends on no other chunk;
-    a rerun writes the same bytes."""
+    a rerun writes the same bytes. ``buffers``: the queries are read into these (a dict the caller
+    passes to every chunk it runs), not into fresh memory."""
     work = Path(work_dir)
     plan = read_plan(work, params=_index_params(settings, base), stage="index")
     check_chunk(plan, start, stop, param="index.chunk_size")
@@ -271,9 +285,14 @@ def search_index_chunk(
     every = settings.reference.mode == "all"
     captions = every and settings.modality == "image_text"
     hashes: dict[str, str] = {}
+    # each modality's queries of this chunk, read once for every set and draw (the whole
+    # dataset as references keeps reading from the files: its caption entries are queries too)
+    rows_of = ChunkRows(start, stop, buffers)
     for rec in plan["sets"]:
         modality = rec.get("modality", settings.modality)
         queries = query_embeddings(image, text, modality)
+        if not every:
+            queries = rows_of(queries)
         max_self = self_entries_per_query(modality)
         ref_rows = np.load(work / rec["name"] / "ref_rows.npy")
         names = ("neighbours", "distances") + (("captions_neighbours", "captions_distances") if captions else ())
@@ -282,18 +301,28 @@ def search_index_chunk(
         for r, rows in enumerate(ref_rows):
             index, owners = draw_index(image=image, text=text, rows=rows, modality=modality,
                                        method=rec["search"], search=settings.search, seed=base.seed + r,
-                                       stored=_stored(work, rec["name"], rec["search"], r))
+                                       stored=_stored(work, rec["name"], rec["search"], r, settings.reference.mode))
             common = dict(index=index, ref_owners=owners, k=settings.k, max_self=max_self,
-                          chunk_size=settings.chunk_size, start=start, stop=stop)
-            found = find_neighbours(queries=queries, query_owners=query_rows, **common)
+                          chunk_size=min(settings.chunk_size, SEARCH_BATCH))
+            if every:
+                found = find_neighbours(queries=queries, query_owners=query_rows, start=start, stop=stop, **common)
+            else:
+                found = find_neighbours(queries=queries, query_owners=query_rows[start:stop], **common)
             out["neighbours"][r], out["distances"][r] = found.entries, found.distances
             if captions:
                 # the whole dataset as references: the caption entries' own neighbours are
                 # searched with the queries of the same rows
-                found = find_neighbours(queries=index.refs[n:], query_owners=owners[n:], **common)
+                found = find_neighbours(queries=index.refs[n:], query_owners=owners[n:], start=start, stop=stop,
+                                        **common)
                 out["captions_neighbours"][r], out["captions_distances"][r] = found.entries, found.distances
             del index, found
         set_dir = work / rec["name"]
+        # the validation suite's figures for these rows, from the arrays in hand: the reduce
+        # validates without reading every neighbour list back
+        save_npy(chunk_file(work, start, stop, f"{rec['name']}.checks"), check_neighbours(
+            neighbours=out["neighbours"], distances=out["distances"],
+            owners=[entry_owners(rows, modality) for rows in ref_rows], entries=rec["entries"],
+            rows=np.arange(start, stop)))
         for name, arr in out.items():
             caption = name.startswith("captions_")
             a = name.removeprefix("captions_")
@@ -347,7 +376,7 @@ def reduce_index(
                 for r, rows in enumerate(ref_rows):
                     index, owners = draw_index(image=image, text=text, rows=rows, modality=modality,
                                                method=method, search=settings.search, seed=base.seed + r,
-                                               stored=_stored(work, name, method, r))
+                                               stored=_stored(work, name, method, r, ref.mode))
                     recalls[r] = measure_recall(
                         queries=queries, query_owners=query_rows,
                         found=Neighbours(out["neighbours"][r], out["distances"][r]), index=index, ref_owners=owners,
@@ -358,12 +387,8 @@ def reduce_index(
                             "entries": int(entries_n), "search": method,
                             "recall_at_k": round(float(np.mean(recalls)), 4),
                             "copy_distance": float(rec.get("copy_distance", 0.0)), "modality": modality})
-            tables += neighbour_tables(
-                ids=ids, neighbours=np.load(tmp / name / "neighbours.npy", mmap_mode="r"),
-                distances=np.load(tmp / name / "distances.npy", mmap_mode="r"),
-                owners=[entry_owners(rows, modality) for rows in ref_rows], entries=entries_n,
-                chunk_size=settings.chunk_size, name=f"neighbours_{name}",
-            )
+            checks = np.concatenate([load_chunk(work, a, b, f"{name}.checks", stage="index") for a, b in plan["chunks"]])
+            tables += neighbour_check_tables(ids=ids, checks=checks, entries=entries_n, name=f"neighbours_{name}")
         write_json(tmp / REFERENCES_FILE, {"sets": records})
         validated = validate("index", tables, docs_dir=docs_dir_for(out_dir, "index"))
         summary = {
@@ -398,7 +423,8 @@ def build_index(
         common = dict(embeddings_dir=embeddings_dir, work_dir=work, settings=settings, base=base)
         plan = prepare_index(**common)
         progress = track(plan["chunks"], desc="index", unit="chunks")
+        buffers: dict[str, np.ndarray] = {}
         for start, stop in progress:
-            search_index_chunk(**common, start=start, stop=stop)
+            search_index_chunk(**common, start=start, stop=stop, buffers=buffers)
             progress.count(stop - start, "queries", tick=False)  # shown with the chunk, as it ends
         return reduce_index(**common, out_dir=out_dir)

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from clipscrub.arrays import unit_rows
+from clipscrub.arrays import ChunkRows, unit_rows
 from clipscrub.detectors import (
     caption_mismatch, clip_score, density_scores, fit_iforest, fuse_scores, iforest_score, join_caption_view,
     mismatch_sample, query_scores, reference_density, vet_copies,
@@ -60,8 +60,9 @@ def score_samples(
                       index=index, base=base)
         plan = prepare_score(**common)
         progress = track(plan["chunks"], desc="score", unit="chunks")
+        buffers: dict[str, np.ndarray] = {}
         for start, stop in progress:
-            score_chunk(**common, start=start, stop=stop)
+            score_chunk(**common, start=start, stop=stop, buffers=buffers)
             progress.count(stop - start, "samples", tick=False)  # shown with the chunk, as it ends
         return reduce_score(**common, out_dir=out_dir)
 
@@ -116,12 +117,13 @@ def prepare_score(
 
 def score_chunk(
     *, embeddings_dir: str | Path, index_dir: str | Path, work_dir: str | Path, settings: ScoreSettings,
-    index: IndexSettings, base: BaseSettings, start: int, stop: int,
+    index: IndexSettings, base: BaseSettings, start: int, stop: int, buffers: dict[str, np.ndarray] | None = None,
 ) -> None:
     """Raw scores of samples [start, stop), one of the plan's chunks, in ``work_dir``'s
     ``chunks/<start>-<stop>/``: ``<set>.<detector>.npy`` (r, stop - start) per density detector
     (one row per draw), ``iforest.npy`` and ``clip.npy`` (stop - start,). Depends on no other
-    chunk; a rerun writes the same bytes."""
+    chunk; a rerun writes the same bytes. ``buffers``: the embeddings are read into these (a
+    dict the caller passes to every chunk it runs), not into fresh memory."""
     emb_dir, idx_dir, work = Path(embeddings_dir), Path(index_dir), Path(work_dir)
     plan = read_plan(work, params=_score_params(settings, index, base), stage="score")
     check_chunk(plan, start, stop, param="index.chunk_size")
@@ -140,16 +142,15 @@ def score_chunk(
         for d in density:
             save_npy(chunk_file(work, start, stop, f"{name}.{d}"), np.stack([p[d] for p in per_draw]))
         del arrays
-    # the chunk's caption rows, read once for whichever of the two below needs them
-    captions = text.read(start, stop) if plan.get("vet") or "clip" in wanted else None
+    rows = ChunkRows(start, stop, buffers)  # each file's rows of the chunk read once, for all below
     if plan.get("vet"):
-        _copies_chunk(idx_dir, work, text, captions, plan["vet"], start, stop, plan["samples"])
+        _copies_chunk(idx_dir, work, text, rows(text), plan["vet"], start, stop, plan["samples"])
     if "iforest" in wanted:
         queries = query_embeddings(image, text, index.modality)
         forest = _forest(work, queries, settings=settings, seed=base.seed)
-        save_npy(chunk_file(work, start, stop, "iforest"), iforest_score(forest, queries.read(start, stop)))
+        save_npy(chunk_file(work, start, stop, "iforest"), iforest_score(forest, rows(queries)))
     if "clip" in wanted:
-        save_npy(chunk_file(work, start, stop, "clip"), clip_score(image.read(start, stop), captions))
+        save_npy(chunk_file(work, start, stop, "clip"), clip_score(rows(image), rows(text)))
 
 
 def _vetting(records: list[dict[str, Any]], settings: ScoreSettings, index: IndexSettings) -> dict[str, Any] | None:
@@ -173,13 +174,12 @@ def _copies_chunk(idx_dir: Path, work: Path, text, chunk_captions: np.ndarray, v
     and the population sample (``mismatch_sample``)."""
     arrays = load_reference_set(idx_dir, vet["set"])
     ref_rows = np.asarray(arrays["ref_rows"])
-    captions = unit_rows(chunk_captions.astype(np.float64))
     wanted = mismatch_sample(start, stop, n)
     is_copy = np.zeros(stop - start, dtype=bool)
     mismatch = []
     for r, rows in enumerate(ref_rows):
         copy_r, mismatch_r = caption_mismatch(
-            captions=captions, ref_captions=unit_rows(text.take(rows).astype(np.float64)),
+            captions=chunk_captions, ref_captions=unit_rows(text.take(rows).astype(np.float64)),
             entries=np.asarray(arrays["neighbours"][r, start:stop]), distances=np.asarray(arrays["distances"][r, start:stop]),
             image_entries=len(rows), copy_distance=vet["copy_distance"], wanted=wanted)
         is_copy |= copy_r

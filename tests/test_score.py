@@ -373,7 +373,7 @@ def test_hnsw_build_is_reproducible(tmp_path):
 def test_several_reference_sizes_fuse_per_set_bruteforce(tmp_path, fusion, modality):
     """Each size's scores match the brute force on its own draws; the fused column is the
     fusion rule applied to them; sizes above the dataset are capped at it."""
-    from clipscrub.detectors import fuse_scores, join_caption_view, vet_copies
+    from clipscrub.detectors import fuse_scores, join_caption_view, robust_z, vet_copies
 
     image, text = make_data(7, 70, 6, "gauss")
     got, _, summary = run_stages(tmp_path, image, text, modality=modality, mode="random", size=None, sizes=[12, 30, 500],
@@ -396,6 +396,9 @@ def test_several_reference_sizes_fuse_per_set_bruteforce(tmp_path, fusion, modal
     for det in ("kdist", "slof", "lid", "dao"):
         fused = fuse_scores([by_set[f"{det}_{n}"].to_numpy() for n in ("m12", "m30", "m70")], fusion)
         vetted = vet_copies(fused, is_copy=is_copy, mismatch=mismatch)
+        judged = is_copy & np.isfinite(mismatch)
+        assert judged.any()
+        np.testing.assert_array_equal(vetted[judged], robust_z(mismatch)[judged])
         want = join_caption_view(vetted, by_set[f"{det}_t12"].to_numpy()) if captions else vetted
         np.testing.assert_array_equal(got[f"{det}_score"].to_numpy(), want)
         if not captions:
