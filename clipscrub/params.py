@@ -311,8 +311,8 @@ class ScoreSettings(_Section):
     # or abnormally dense), their maximum (max_z: sparse only) or their mean (mean_z). One set:
     # its scores as they are
     fusion: Literal["max_z", "max_abs_z", "mean_z"] = "max_z"
-    # several sets: a sample with a copy among the largest set's references (a re-posted image, a
-    # collapsed trigger, a copied target) is scored by how unlike its caption is to those of its
+    # several sets: a sample in a group of copies, as the largest set sees it (a re-posted image,
+    # a collapsed trigger, a copied target) is scored by how unlike its caption is to those of its
     # nearest look-alikes that are not copies, not by its density (clipscrub.detectors.vet_copies)
     vet_copies: bool = True
     iforest: IForestSettings = IForestSettings()

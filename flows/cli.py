@@ -124,7 +124,7 @@ def _score_words(s: dict[str, Any]) -> list[str]:
     bad = {d: c for d, c in (s.get("non_finite") or {}).items() if c}
     lines = [line]
     if s.get("copies") is not None:
-        lines.append(f"{_plural(s['copies'], 'sample')} with a copy in the reference data, judged by caption")
+        lines.append(f"{_plural(s['copies'], 'sample')} in groups of copies, judged by caption")
     if bad:
         lines.append("non-finite scores (flagged by threshold): " + ", ".join(f"{d} {_n(c)}" for d, c in bad.items()))
     return lines

@@ -4,8 +4,8 @@ Density-ratio scores (k-distance, SLOF, DAO) and LID come from the index stage's
 lists: per reference set, averaged over its draws; several sets (``index.reference.sizes``) are
 fused into one score by ``score.fusion`` (``clipscrub.detectors.fuse_scores``), and each set's
 own scores are kept in ``by_reference.parquet`` (``<detector>_<set>`` columns). With several
-sets, a sample with a copy among the largest set's references is scored by its caption mismatch
-instead (``score.vet_copies``: ``is_copy`` and ``caption_mismatch`` columns), and a caption set
+sets, a sample in a group of copies (a copy among the largest set's references, or a reference
+that another sample copies) is scored by its caption mismatch instead (``score.vet_copies``: ``is_copy`` and ``caption_mismatch`` columns), and a caption set
 (``t<m>``) is averaged in (``clipscrub.detectors.join_caption_view``).
 The isolation forest and the CLIP score come from the embeddings. Non-finite scores are kept as
 they are and counted, never dropped.
@@ -79,13 +79,14 @@ def prepare_score(
     """Check the embeddings and the index, and write what every chunk shares into ``work_dir``
     (emptied first): per reference set, ``kd_ref.npy`` and ``lid_ref.npy`` (r, R) float64, each
     entry's kd(o) and lid(o) within its draw; ``iforest_rows.npy``, the rows the isolation forest
-    is fitted on (every chunk fits the same forest: same rows, same seed).
+    is fitted on (every chunk fits the same forest: same rows, same seed); with copies vetted,
+    ``vet_captions.npy`` (r, m, d), the vetting set's captions at unit length.
 
     Returns the plan (also ``plan.json``): ``chunks`` [[start, stop], ...] (multiples of
     ``index.chunk_size``), ``sets``, ``samples``, ``params``.
     """
     emb_dir, idx_dir = Path(embeddings_dir), Path(index_dir)
-    _, _, ids = load_embeddings(emb_dir, chunk_size=index.chunk_size, normalize=index.normalize)
+    _, text, ids = load_embeddings(emb_dir, chunk_size=index.chunk_size, normalize=index.normalize)
     records = read_reference_sets(idx_dir)
     names = [rs["name"] for rs in records]
     density = any(d in DENSITY for d in settings.detectors)
@@ -108,9 +109,12 @@ def prepare_score(
         np.save(work / "iforest_rows.npy", np.unique(np.concatenate(ref_rows)))
     # the caption sets (t<size>) join the image sets' fused score as the mean of the two z-scores
     caption_sets = [r["name"] for r in records if r.get("modality") == "text" and index.modality == "image_text"]
+    vet = _vetting(records, settings, index)
+    if vet:  # the vetting set's captions, unit length (draws, m, d): gathered once, not per chunk
+        vet_rows = np.asarray(load_reference_set(idx_dir, vet["set"])["ref_rows"])
+        np.save(work / VET_CAPTIONS, np.stack([unit_rows(text.take(rows).astype(np.float64)) for rows in vet_rows]))
     plan = {"params": _score_params(settings, index, base), "samples": len(ids), "sets": names,
-            "caption_sets": caption_sets, "chunks": chunk_plan(len(ids), index.chunk_size),
-            "vet": _vetting(records, settings, index)}
+            "caption_sets": caption_sets, "chunks": chunk_plan(len(ids), index.chunk_size), "vet": vet}
     write_json(work / PLAN_FILE, plan)
     return plan
 
@@ -144,7 +148,7 @@ def score_chunk(
         del arrays
     rows = ChunkRows(start, stop, buffers)  # each file's rows of the chunk read once, for all below
     if plan.get("vet"):
-        _copies_chunk(idx_dir, work, text, rows(text), plan["vet"], start, stop, plan["samples"])
+        _copies_chunk(idx_dir, work, rows(text), plan["vet"], start, stop, plan["samples"])
     if "iforest" in wanted:
         queries = query_embeddings(image, text, index.modality)
         forest = _forest(work, queries, settings=settings, seed=base.seed)
@@ -166,25 +170,36 @@ def _vetting(records: list[dict[str, Any]], settings: ScoreSettings, index: Inde
     return {"set": largest["name"], "copy_distance": distance} if distance > 0 else None
 
 
-def _copies_chunk(idx_dir: Path, work: Path, text, chunk_captions: np.ndarray, vet: dict[str, Any], start: int,
+VET_CAPTIONS = "vet_captions.npy"
+
+
+def _copies_chunk(idx_dir: Path, work: Path, chunk_captions: np.ndarray, vet: dict[str, Any], start: int,
                   stop: int, n: int) -> None:
-    """``copies.npy`` (stop - start,) bool and ``caption_mismatch.npy`` (r, stop - start) of a chunk
-    whose caption embeddings are ``chunk_captions`` (stop - start, d), from the vetting set's
-    neighbours (``clipscrub.detectors.caption_mismatch``, per draw), the mismatch for the copies
-    and the population sample (``mismatch_sample``)."""
+    """``copies.npy`` (stop - start,) bool, ``copied_refs.npy`` (c,) int64 and
+    ``caption_mismatch.npy`` (r, stop - start) of a chunk whose caption embeddings are
+    ``chunk_captions`` (stop - start, d), from the vetting set's neighbours
+    (``clipscrub.detectors.caption_mismatch``, per draw): which queries have a copy among the
+    references, which reference samples are copied by one of the chunk's queries (a drawn copy
+    has no copy among the references itself: its copies were passed over), and the mismatch for
+    both, for the chunk's reference samples and for the population sample (``mismatch_sample``)."""
     arrays = load_reference_set(idx_dir, vet["set"])
     ref_rows = np.asarray(arrays["ref_rows"])
-    wanted = mismatch_sample(start, stop, n)
+    ref_captions = np.load(work / VET_CAPTIONS, mmap_mode="r")
+    wanted = mismatch_sample(start, stop, n) | np.isin(np.arange(start, stop), ref_rows)
     is_copy = np.zeros(stop - start, dtype=bool)
-    mismatch = []
+    mismatch, copied = [], []
     for r, rows in enumerate(ref_rows):
+        entries = np.asarray(arrays["neighbours"][r, start:stop])
+        distances = np.asarray(arrays["distances"][r, start:stop])
         copy_r, mismatch_r = caption_mismatch(
-            captions=chunk_captions, ref_captions=unit_rows(text.take(rows).astype(np.float64)),
-            entries=np.asarray(arrays["neighbours"][r, start:stop]), distances=np.asarray(arrays["distances"][r, start:stop]),
-            image_entries=len(rows), copy_distance=vet["copy_distance"], wanted=wanted)
+            captions=chunk_captions, ref_captions=np.asarray(ref_captions[r]),
+            entries=entries, distances=distances, image_entries=len(rows), copy_distance=vet["copy_distance"],
+            wanted=wanted)
         is_copy |= copy_r
         mismatch.append(mismatch_r)
+        copied.append(rows[entries[(entries < len(rows)) & (distances < vet["copy_distance"])]])
     save_npy(chunk_file(work, start, stop, "copies"), is_copy)
+    save_npy(chunk_file(work, start, stop, "copied_refs"), np.unique(np.concatenate(copied)).astype(np.int64))
     save_npy(chunk_file(work, start, stop, "caption_mismatch"), np.stack(mismatch))
     del arrays
 
@@ -233,6 +248,9 @@ def reduce_score(
         per_draw = gather("caption_mismatch")  # (r, N), NaN where a draw found no look-alike
         found = np.isfinite(per_draw)
         extra["is_copy"] = gather("copies").astype(bool)
+        # a reference sample another sample copies is a copy too (rows of the embeddings)
+        extra["is_copy"][np.concatenate([load_chunk(work, start, stop, "copied_refs", stage="score")
+                                         for start, stop in chunks])] = True
         extra["caption_mismatch"] = np.where(found.any(axis=0), np.where(found, per_draw, 0).sum(axis=0)
                                              / np.maximum(found.sum(axis=0), 1), np.nan)
     caption_sets = plan["caption_sets"]

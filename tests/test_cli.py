@@ -185,7 +185,7 @@ def _words(stage, summary, wrote):
     ("score", {"samples": 2000, "detectors": ["kdist"], "non_finite": {"kdist": 0}, "copies": 31,
                "reference_sets": ["m256", "m1024", "t256"], "fusion": "max_z"}, ["data/scores"],
      "score: 2,000 samples scored by kdist against reference sets m256, m1024, t256, fused by max_z\n"
-     "  31 samples with a copy in the reference data, judged by caption\n  wrote data/scores/"),
+     "  31 samples in groups of copies, judged by caption\n  wrote data/scores/"),
     ("threshold", {"samples": 2000, "detector": "kdist", "method": "top_fraction", "cut": 3.51234, "direction": "above",
                    "flagged": 20, "non_finite": 0}, ["data/flags"],
      "threshold: flagged 20 of 2,000 samples by kdist, top_fraction: kdist score above 3.512\n  wrote data/flags/"),

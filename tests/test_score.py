@@ -408,7 +408,8 @@ def test_several_reference_sizes_fuse_per_set_bruteforce(tmp_path, fusion, modal
 def bruteforce_copies(image, text, rows, modality, K, copy_distance):
     """is_copy and caption_mismatch by their definitions, one query and one draw at a time: the
     K nearest entries (own excluded, ties by entry index), image entries under copy_distance are
-    copies, the first 16 image entries at or beyond it are the look-alikes."""
+    copies (the query and the reference sample both), the first 16 image entries at or beyond it
+    are the look-alikes."""
     entries = np.concatenate([image[rows], text[rows]]) if modality == "image_text" else image[rows]
     unit = text / np.linalg.norm(text, axis=1, keepdims=True)
     n, m = len(image), len(rows)
@@ -418,7 +419,9 @@ def bruteforce_copies(image, text, rows, modality, K, copy_distance):
         d = np.sqrt(((entries.astype(np.float64) - image[q]) ** 2).sum(1))
         owners = np.concatenate([rows, rows]) if modality == "image_text" else rows
         order = [e for e in np.lexsort((np.arange(len(d)), d)) if owners[e] != q][:K]
-        is_copy[q] = any(e < m and d[e] < copy_distance for e in order)
+        hits = [e for e in order if e < m and d[e] < copy_distance]
+        is_copy[q] = bool(hits)
+        is_copy[rows[hits]] = True  # the reference sample it copies is a copy too
         look = [e for e in order if e < m and d[e] >= copy_distance][:16]
         if look:
             per_draw[q] = min(np.linalg.norm(unit[rows[e]] - unit[q]) for e in look)
