@@ -262,7 +262,7 @@ def fetch_urls(*, settings: UrlsSettings, shard_size: int, out_dir: Path) -> tup
         pl.col(ROW_COL).cast(pl.Int64),
         pl.col("key"),
         pl.when(ok).then(pl.col("shard")).alias("shard"),
-        pl.when(ok).then(pl.col("sha256")).alias("image_sha256"),
+        pl.when(ok).then(pl.col("sha256")).alias("fetched_sha256"),
         pl.when(ok).then(pl.col("width")).alias("width"),
         pl.when(ok).then(pl.col("height")).alias("height"),
         pl.when(ok).then(pl.lit("ok")).otherwise(pl.lit("failed")).alias("status"),
@@ -271,9 +271,17 @@ def fetch_urls(*, settings: UrlsSettings, shard_size: int, out_dir: Path) -> tup
             .str.replace_all(ADDRESS_PATTERN, "")  # as decode_image's: the same list, the same manifest
         ).alias("error"),
     )
-    lost = status.filter((pl.col("status") == "ok") & pl.col("image_sha256").is_null())
+    lost = status.filter((pl.col("status") == "ok") & pl.col("fetched_sha256").is_null())
     if lost.height:
         raise DataError(f"img2dataset reported {lost.height} successes without a sha256", param="download.urls.path")
+    # image_sha256 is of the bytes stored (img2dataset re-encodes what it fetched): what embed
+    # embeds and filter copies, checked against it
+    stored = _stored_image_hashes(shard_dir, status.filter(pl.col("status") == "ok")["shard"].unique().to_list())
+    status = status.join(stored, on=["shard", "key"], how="left")
+    lost = status.filter((pl.col("status") == "ok") & pl.col("image_sha256").is_null())
+    if lost.height:
+        raise DataError(f"{lost.height} samples img2dataset reported as downloaded are not in its shards, e.g. "
+                        f"{lost['key'][:3].to_list()}", param="download.urls.path")
     extras = [c for c in table.columns if c not in (ROW_COL, settings.caption_col) and c not in MANIFEST_SCHEMA]
     manifest = (
         table.with_columns(truth)
@@ -293,6 +301,18 @@ def fetch_urls(*, settings: UrlsSettings, shard_size: int, out_dir: Path) -> tup
     # rows img2dataset never saw (no url) still need a unique key
     manifest = manifest.with_columns(pl.col("key").fill_null(pl.format("row{}", pl.col("id"))))
     return finish_manifest(manifest), {"img2dataset_shards": len(status_files)}
+
+
+def _stored_image_hashes(shard_dir: Path, shards: list[str]) -> pl.DataFrame:
+    """shard, key, image_sha256: the sha256 of each sample's image as stored in ``shards``."""
+    rows = []
+    for shard in sorted(shards):
+        for sample in iter_shard(shard_dir / shard):
+            ext = image_field(sample)
+            if ext is not None:
+                rows.append({"shard": shard, "key": sample["__key__"], "image_sha256": hashlib.sha256(sample[ext]).hexdigest()})
+    return pl.DataFrame(rows, schema={"shard": pl.String, "key": pl.String, "image_sha256": pl.String}).unique(
+        ["shard", "key"], keep="first", maintain_order=True)
 
 
 def _json_truth(meta: dict[str, Any], key: str) -> dict[str, Any]:
@@ -404,7 +424,7 @@ def read_folder(*, settings: FolderSettings, shard_size: int, out_dir: Path) -> 
             except ValueError as exc:
                 rows.append({**row, "error": str(exc)})
                 continue
-            sha256 = hashlib.sha256(data).hexdigest()  # of the file as given, whatever is stored
+            given = hashlib.sha256(data).hexdigest()  # of the file as given
             if ext == "other":  # GIF, BMP, TIFF...: stored as PNG so every reader can open it
                 buf = io.BytesIO()
                 img.save(buf, format="PNG")
@@ -414,7 +434,9 @@ def read_folder(*, settings: FolderSettings, shard_size: int, out_dir: Path) -> 
                 continue
             meta = json.dumps({"key": key, "caption": caption, "file": name}, sort_keys=True)
             sink.write({"__key__": key, ext: data, "txt": caption, "json": meta.encode()})
-            rows.append({**row, "shard": shard_name(n_written, shard_size), "image_sha256": sha256,
+            # image_sha256: of the image as stored (a converted GIF's PNG), what embed embeds and filter copies
+            rows.append({**row, "shard": shard_name(n_written, shard_size), "file_sha256": given,
+                         "image_sha256": hashlib.sha256(data).hexdigest(),
                          "width": img.width, "height": img.height, "status": "ok", "error": None})
             n_written += 1
     extras = table.drop(settings.caption_col).rename({settings.file_col: "file"}) if settings.file_col != "file" else table.drop(settings.caption_col)

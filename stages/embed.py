@@ -53,14 +53,22 @@ def iter_shard_samples(raw_dir: Path, shard: str, captions: dict[str, str]) -> I
         yield key, _decode(data, key=key, shard=shard), caption
 
 
-def _iter_shard_members(raw_dir: Path, shard: str, captions: dict[str, str]) -> Iterator[tuple[str, bytes, str]]:
-    """(key, image bytes, caption) of the samples ``captions`` lists, in shard order, undecoded."""
+def _iter_shard_members(raw_dir: Path, shard: str, captions: dict[str, str],
+                        shas: dict[str, str | None] | None = None) -> Iterator[tuple[str, bytes, str]]:
+    """(key, image bytes, caption) of the samples ``captions`` lists, in shard order, undecoded.
+    With ``shas`` (key -> the image sha256 download recorded), an image with another sha256 is a
+    DataError: what is embedded is what download recorded, or nothing."""
     wanted = dict(captions)
     for sample in iter_shard(shard_path(raw_dir, shard)):
         key = sample["__key__"]
         ext = image_field(sample)
         if key not in wanted or ext is None:
             continue
+        recorded = (shas or {}).get(key)
+        if recorded is not None and (got := hashlib.sha256(sample[ext]).hexdigest()) != recorded:
+            raise DataError(f"sample {key!r} in {shard} has an image of sha256 {got[:12]}..., not the "
+                            f"{recorded[:12]}... download recorded: the shard changed after download; rerun the "
+                            "pipeline from download (dvc repro, or clipscrub run)", param="--raw")
         yield key, sample[ext], wanted.pop(key)  # popped: a later sample reusing the key is not this row
 
 
@@ -228,7 +236,8 @@ def _embed_shard(loaded: LoadedModel, *, raw_dir: Path, shard: str, rows: np.nda
         if progress is not None:
             progress.count(len(images), "images")
 
-    batches = _batched(_iter_shard_members(raw_dir, shard, dict(zip(keys, sub["caption"].to_list()))), batch_size)
+    batches = _batched(_iter_shard_members(raw_dir, shard, dict(zip(keys, sub["caption"].to_list())),
+                                           dict(zip(keys, sub["image_sha256"].to_list()))), batch_size)
     if workers == 0:
         for batch in batches:
             order.extend(position[key] for key, _, _ in batch)

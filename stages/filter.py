@@ -15,6 +15,7 @@ unsafe as tar member names, see ``_reshard``); ``ids`` writes no shards but ``ke
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from clipscrub.errors import DataError, ParamError
 from clipscrub.io import (atomic_dir, code_version, read_id_list, read_lineage, read_manifest, require_file,
                           sha256_file, sha256_path, write_json)
 from clipscrub.params import FilterSettings, Params
-from clipscrub.shards import iter_shard, safe_key, shard_name, shard_path, shard_writer
+from clipscrub.shards import caption_of, image_field, iter_shard, safe_key, shard_name, shard_path, shard_writer
 from clipscrub.validation import docs_dir_for, filter_tables, validate
 
 # sections that only describe a version, never change it (poison: `clipscrub poison`, outside the pipeline)
@@ -55,14 +56,15 @@ def _reshard(raw_dir: Path, ok: pl.DataFrame, kept: pl.DataFrame, shard_dir: Pat
     shard name). A key that would name a tar member outside the folder it unpacks into (``../x``,
     ``/abs/x``, ``a/b``: existing shards may hold any) is written as ``safe_key(key)``, its json
     recording the original as ``source_key``."""
-    keep = set(kept["key"].to_list())
+    recorded = {row["key"]: row for row in kept.select("key", "shard", "caption", "image_sha256").iter_rows(named=True)}
     written: dict[str, tuple[str, str]] = {}
     with shard_writer(shard_dir, shard_size) as sink:
         n = 0
         for sample in _iter_raw(raw_dir, ok["shard"].unique(maintain_order=True).to_list()):
             key = sample["__key__"]
-            if key not in keep or key in written:
+            if key not in recorded or key in written:
                 continue
+            check_recorded(sample, recorded[key])
             out = {k: v for k, v in sample.items() if not k.startswith("__") or k == "__key__"}
             name = safe_key(key)
             if name != key:
@@ -73,9 +75,25 @@ def _reshard(raw_dir: Path, ok: pl.DataFrame, kept: pl.DataFrame, shard_dir: Pat
             sink.write(out)
             written[key] = (name, shard_name(n, shard_size))
             n += 1
-    if n != len(keep):
-        raise DataError(f"{len(keep) - n} kept samples are missing from the raw shards", param="--raw")
+    if n != len(recorded):
+        raise DataError(f"{len(recorded) - n} kept samples are missing from the raw shards", param="--raw")
     return written
+
+
+def check_recorded(sample: dict[str, Any], row: dict[str, Any]) -> None:
+    """A shard sample is the one download recorded (``row``: the manifest's key, shard, caption,
+    image_sha256): its image bytes have the recorded sha256 and its caption is the recorded one
+    (the caption embed embedded). Raises DataError naming the sample, its shard and what to rerun."""
+    ext = image_field(sample)
+    got = hashlib.sha256(sample[ext]).hexdigest() if ext else None
+    if row.get("image_sha256") is not None and got != row["image_sha256"]:
+        what = "has no image" if got is None else f"has an image of sha256 {got[:12]}..., not the {row['image_sha256'][:12]}... download recorded"
+    elif (caption := caption_of(sample)) is not None and caption != row["caption"]:
+        what = f"is captioned {caption[:60]!r}, not {row['caption'][:60]!r} as download recorded"
+    else:
+        return
+    raise DataError(f"sample {row['key']!r} in {row['shard']} {what}: the shard changed after download; rerun the "
+                    "pipeline from download (dvc repro, or clipscrub run)", param="--raw")
 
 
 # removed.parquet's reason for a sample removed by the remove list alone (not flagged)

@@ -342,9 +342,12 @@ def test_loader_threads_write_the_same_bytes(tiny_run, tmp_path):
     assert hashes[0] == hashes[2]
 
 
-def test_a_bad_image_fails_alike_with_loader_threads(tiny_run, tmp_path):
-    """A sample that no longer decodes stops the shard with the same one-line error whether the
-    batches are decoded in loader threads or not, naming the first bad sample in shard order."""
+@pytest.mark.parametrize("recorded", [True, False])
+def test_a_bad_image_fails_alike_with_loader_threads(tiny_run, tmp_path, recorded):
+    """A sample whose image changed after download stops the shard with the same one-line error
+    whether the batches are decoded in loader threads or not, naming the first bad sample in
+    shard order: its sha256 is not the recorded one, or, where download recorded none, it no
+    longer decodes."""
     import io
     import shutil
     import tarfile
@@ -354,6 +357,8 @@ def test_a_bad_image_fails_alike_with_loader_threads(tiny_run, tmp_path):
     root, params = tiny_run
     shutil.copytree(root / "raw", tmp_path / "raw")
     ok = pl.read_parquet(tmp_path / "raw" / "manifest.parquet").filter(pl.col("status") == "ok")
+    if not recorded:
+        ok = ok.with_columns(pl.lit(None, dtype=pl.String).alias("image_sha256"))
     shard, rows = _shard_groups(ok)[0]
     keys = ok[rows]["key"].to_list()
     bad = {keys[20], keys[70]}  # batches 2 and 5 of 16: the first is named
@@ -372,5 +377,12 @@ def test_a_bad_image_fails_alike_with_loader_threads(tiny_run, tmp_path):
             _embed_shard(loaded, raw_dir=tmp_path / "raw", shard=shard, rows=rows, ok=ok, batch_size=16, workers=workers)
         assert info.value.param == "--raw"
         messages.add(info.value.message)
-    assert messages == {f"sample {keys[20]!r} in {shard}: cannot decode image: not a recognised image format "
-                        "(the shard changed since download)"}
+    if recorded:
+        want = ok[rows]["image_sha256"][20]
+        got = __import__("hashlib").sha256(b"not an image").hexdigest()
+        assert messages == {f"sample {keys[20]!r} in {shard} has an image of sha256 {got[:12]}..., not the "
+                            f"{want[:12]}... download recorded: the shard changed after download; rerun the "
+                            "pipeline from download (dvc repro, or clipscrub run)"}
+    else:
+        assert messages == {f"sample {keys[20]!r} in {shard}: cannot decode image: not a recognised image format "
+                            "(the shard changed since download)"}

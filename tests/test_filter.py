@@ -252,3 +252,48 @@ def test_ids_output_writes_the_kept_ids_and_no_shards(tiny_run, tmp_path):
     assert lineage["params"]["filter"]["output"] == "ids" and "review" not in lineage
     assert set(lineage["outputs"]) == {"manifest.parquet", "removed.parquet", "overruled.parquet",
                                        "kept_ids.npy", "kept.parquet"}
+
+
+def raw_with_sample(root, out, key: str, **members: bytes):
+    """A copy of ``root/raw`` whose shards hold other bytes for one sample's members (the
+    manifest unchanged: the shard rewritten in place after download)."""
+    shutil.copytree(root / "raw", out)
+    for shard in sorted((out / "shards").glob("*.tar")):
+        samples = list(iter_shard(shard))
+        with wds.TarWriter(str(shard), mtime=0) as sink:
+            for s in samples:
+                s = {k: v for k, v in s.items() if not k.startswith("__") or k == "__key__"}
+                sink.write(s | members if s["__key__"] == key else s)
+    return out
+
+
+def checkerboard_jpeg() -> bytes:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    board = (np.indices((32, 32)).sum(axis=0) // 4 % 2 * 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(np.stack([board] * 3, axis=-1)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("change", ["image and caption", "caption"])
+def test_a_shard_rewritten_after_download_publishes_nothing(tiny_run, tmp_path, change):
+    """Filter copies only the bytes download recorded: a kept sample whose image or caption
+    changed in its shard stops it with one line naming the sample, its shard and what to rerun."""
+    root, params = tiny_run
+    flags = pl.read_parquet(root / "flags" / "flags.parquet")
+    manifest = pl.read_parquet(root / "raw" / "manifest.parquet")
+    row = manifest.filter(pl.col("id").is_in(flags.filter(~pl.col("is_flagged"))["id"].implode())).row(5, named=True)
+    members = {"txt": b"a photo of a banana"} | ({"jpg": checkerboard_jpeg()} if change != "caption" else {})
+    raw = raw_with_sample(root, tmp_path / "raw", row["key"], **members)
+    with pytest.raises(DataError) as info:
+        filter_dataset(raw_dir=raw, scores_dir=root / "scores", flags_dir=root / "flags", out_dir=tmp_path / "clean",
+                       settings=params.filter, params=params)
+    message = str(info.value)
+    assert "\n" not in message and repr(row["key"]) in message and row["shard"] in message
+    assert "rerun the pipeline from download" in message
+    assert ("sha256" in message) == (change != "caption") and ("banana" in message) == (change == "caption")
+    assert not (tmp_path / "clean").exists() and not list(tmp_path.glob(".clean*"))  # nothing published

@@ -188,20 +188,22 @@ def test_url_list_end_to_end(server, tiny_model, tmp_path, fmt, resize_mode):
     summary = json.loads((lay.raw / "lineage.json").read_text())["stages"]["download"]["summary"]
     assert summary["ok"] + summary["failed"] == summary["samples"] == len(rows)
     assert summary["ok"] == sum(r["expect"] == "ok" for r in rows)
-    # image_sha256 is of the bytes as served; the stored image decodes at the recorded size
+    # fetched_sha256 is of the bytes as served, image_sha256 of the bytes stored (what embed
+    # embeds and filter copies); the stored image decodes at the recorded size
     samples = shard_samples(sorted((lay.raw / "shards").glob("*.tar")))
     ok = manifest.filter(pl.col("status") == "ok")
     for r in ok.iter_rows(named=True):
         s = samples[r["key"]]
         served = server.routes[r["url"].removeprefix(server.base_url)][1]
-        assert hashlib.sha256(served).hexdigest() == r["image_sha256"]
+        assert hashlib.sha256(served).hexdigest() == r["fetched_sha256"]
         data = s["jpg"]  # img2dataset re-encodes every image as JPEG
+        assert hashlib.sha256(data).hexdigest() == r["image_sha256"] != r["fetched_sha256"]
         assert Image.open(io.BytesIO(data)).size == (r["width"], r["height"])
         assert s["txt"].decode() == r["caption"]
     huge = ok.filter(pl.col("caption") == "a huge image").row(0, named=True)
     assert (huge["width"], huge["height"]) == ((6000, 4000) if resize_mode == "no" else (96, 64) if resize_mode == "keep_ratio" else (64, 64))
     dup = ok.filter(pl.col("url") == server.url("/img1.png"))
-    assert dup.height == 2 and dup["image_sha256"].n_unique() == 1
+    assert dup.height == 2 and dup["image_sha256"].n_unique() == 1 and dup["fetched_sha256"].n_unique() == 1
     assert (lay.raw / "img2dataset").is_dir() and list((lay.raw / "img2dataset").glob("*_stats.json"))
     # the cleaned shards hold exactly the kept samples, byte for byte
     clean = shard_samples(sorted((lay.clean / "shards").glob("*.tar")))
