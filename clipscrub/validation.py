@@ -224,12 +224,14 @@ def check_neighbours(*, neighbours: np.ndarray, distances: np.ndarray, owners: l
     validates without reading every neighbour list back."""
     out = np.empty(len(rows), dtype=NEIGHBOUR_CHECKS)
     nb = np.asarray(neighbours)
-    d = np.asarray(distances, dtype=np.float64)
+    d = np.asarray(distances)  # compared as stored: no float64 copy of (r, Q, K)
     out["min_entry"] = nb.min(axis=(0, 2)) if nb.size else np.iinfo(np.int64).max
     out["max_entry"] = nb.max(axis=(0, 2)) if nb.size else np.iinfo(np.int64).min
-    safe = np.clip(nb, 0, entries - 1)
-    out["self_hits"] = sum((owners[r][safe[r]] == rows[:, None]).sum(axis=1) for r in range(len(nb)))
-    out["unsorted"] = (np.diff(d, axis=2) < 0).sum(axis=(0, 2))
+    out["self_hits"] = 0
+    for r in range(len(nb)):
+        safe = np.where((nb[r] >= 0) & (nb[r] < entries), nb[r], 0)  # out of range: counted above, not here
+        out["self_hits"] += ((owners[r][safe] == rows[:, None]) & (nb[r] >= 0) & (nb[r] < entries)).sum(axis=1)
+    out["unsorted"] = (d[..., 1:] < d[..., :-1]).sum(axis=(0, 2))
     # NaN in any draw stays NaN (it must not vanish in the minimum)
     per_draw = np.where(np.isfinite(d).all(axis=2), d.min(axis=2, initial=np.inf), np.nan)
     out["min_distance"] = per_draw.min(axis=0)
