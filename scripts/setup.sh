@@ -6,7 +6,7 @@ if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
 stamp=.venv/.clipscrub-installed
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ scripts/constraints.txt -nt "$stamp" ]; then
     echo "installing clipscrub and its dependencies into .venv (a few minutes the first time)..." >&2
     # torch's CUDA build alone is 5.5 GB of the ~8.5 GB: say so before pip runs out of room midway
     free_kb=$(df -Pk .venv | awk 'NR == 2 {print $4}')
@@ -16,7 +16,8 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     fi
     # --no-cache-dir: a second copy of every downloaded wheel in ~/.cache/pip would only cost disk;
     # some machines list local package folders that do not exist: pip warns per package
-    .venv/bin/python -m pip install -q --disable-pip-version-check --no-cache-dir -e '.[dev]' 2>&1 \
+    # the exact torch builds of scripts/constraints.txt (pyproject.toml declares ranges)
+    .venv/bin/python -m pip install -q --disable-pip-version-check --no-cache-dir -c scripts/constraints.txt -e '.[dev]' 2>&1 \
         | { grep -v "^WARNING: Location 'file://" || true; } >&2
     # img2dataset requires the Python 3.6 'dataclasses' backport, dead weight on 3.10+: its
     # dataclasses.py in site-packages would shadow the standard library under `prefect server

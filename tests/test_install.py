@@ -77,3 +77,24 @@ with private_prefect() as url:
 """)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "health True" in res.stdout
+
+
+def test_the_package_declares_ranges_and_our_machines_pin_exact_builds():
+    """pyproject.toml must not force a user's torch: it declares ranges; the exact builds our
+    machines serve from local files are in scripts/constraints.txt, which setup.sh installs with."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    from packaging.requirements import Requirement
+
+    deps = {r.name: r for r in map(Requirement, tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"])}
+    pinned = {}
+    for line in (REPO / "scripts" / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            req = Requirement(line)
+            pinned[req.name] = req
+    assert set(pinned) == {"torch", "torchvision"}
+    for name, req in pinned.items():
+        assert [s.operator for s in req.specifier] == ["=="], req
+        assert all(s.operator != "==" for s in deps[name].specifier), deps[name]
+        version = next(iter(req.specifier)).version
+        assert deps[name].specifier.contains(version), (deps[name], version)  # the pin is within the range
+    assert "-c scripts/constraints.txt" in (REPO / "scripts" / "setup.sh").read_text()
