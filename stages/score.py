@@ -5,8 +5,9 @@ lists: per reference set, averaged over its draws; several sets (``index.referen
 fused into one score by ``score.fusion`` (``clipscrub.detectors.fuse_scores``), and each set's
 own scores are kept in ``by_reference.parquet`` (``<detector>_<set>`` columns). With several
 sets, a sample in a group of copies (a copy among the largest set's references, or a reference
-that another sample copies) is scored by its caption mismatch instead (``score.vet_copies``: ``is_copy`` and ``caption_mismatch`` columns), and a caption set
-(``t<m>``) is averaged in (``clipscrub.detectors.join_caption_view``).
+that another sample copies) is scored by its caption mismatch instead (``score.vet_copies``:
+``is_copy`` and ``caption_mismatch`` columns), and a caption set (``t<m>``) is averaged in
+(``clipscrub.detectors.join_caption_view``).
 The isolation forest and the CLIP score come from the embeddings. Non-finite scores are kept as
 they are and counted, never dropped.
 
