@@ -310,7 +310,8 @@ def _stored_image_hashes(shard_dir: Path, shards: list[str]) -> pl.DataFrame:
         for sample in iter_shard(shard_dir / shard):
             ext = image_field(sample)
             if ext is not None:
-                rows.append({"shard": shard, "key": sample["__key__"], "image_sha256": hashlib.sha256(sample[ext]).hexdigest()})
+                rows.append({"shard": shard, "key": sample["__key__"],
+                             "image_sha256": hashlib.sha256(sample[ext]).hexdigest()})
     return pl.DataFrame(rows, schema={"shard": pl.String, "key": pl.String, "image_sha256": pl.String}).unique(
         ["shard", "key"], keep="first", maintain_order=True)
 

@@ -87,7 +87,8 @@ def check_recorded(sample: dict[str, Any], row: dict[str, Any]) -> None:
     ext = image_field(sample)
     got = hashlib.sha256(sample[ext]).hexdigest() if ext else None
     if row.get("image_sha256") is not None and got != row["image_sha256"]:
-        what = "has no image" if got is None else f"has an image of sha256 {got[:12]}..., not the {row['image_sha256'][:12]}... download recorded"
+        what = ("has no image" if got is None else
+                f"has an image of sha256 {got[:12]}..., not the {row['image_sha256'][:12]}... download recorded")
     elif (caption := caption_of(sample)) is not None and caption != row["caption"]:
         what = f"is captioned {caption[:60]!r}, not {row['caption'][:60]!r} as download recorded"
     else:
