@@ -171,8 +171,9 @@ def caption_mismatch(*, captions: np.ndarray, ref_captions: np.ndarray, entries:
     of its nearest look-alikes that are not copies.
 
     captions (Q, d): the queries' caption embeddings (any scale: the rows compared are scaled to
-    unit length here); ref_captions (m, d): the reference samples' (unit length); entries, distances (Q, K): the queries' neighbours, image entries first
-    (indices < ``image_entries``, entry i belonging to reference sample i). Returns is_copy (Q,):
+    unit length here); ref_captions (m, d): the reference samples' (unit length); entries,
+    distances (Q, K): the queries' neighbours, image entries first (indices < ``image_entries``,
+    entry i belonging to reference sample i). Returns is_copy (Q,):
     an image entry closer than ``copy_distance``; and mismatch (Q,): the smallest Euclidean
     distance between the query's caption and the captions of its first ``LOOKALIKES`` image
     entries at ``copy_distance`` or beyond (NaN where it has none among its K neighbours, and

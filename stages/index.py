@@ -38,7 +38,7 @@ from clipscrub.arrays import ChunkRows, RowReader, create_npy, write_rows
 from clipscrub.errors import DataError, ParamError
 from clipscrub.io import atomic_dir, read_json, require_file, scratch_work_dir, write_json, write_lineage
 from clipscrub.neighbours import (
-    STORED_METHODS, Neighbours, caption_set, choose_method, draw_index, duplicate_distance, entry_owners, find_neighbours,
+    STORED_METHODS, Neighbours, caption_set, choose_method, draw_index, duplicate_distance, find_neighbours,
     gpu_count, measure_recall, query_embeddings, read_trusted_rows, reference_sets, self_entries_per_query,
     write_search_index,
 )
@@ -298,10 +298,12 @@ def search_index_chunk(
         names = ("neighbours", "distances") + (("captions_neighbours", "captions_distances") if captions else ())
         out = {name: np.empty((len(ref_rows), stop - start, settings.k),
                               np.int64 if "neighbours" in name else np.float32) for name in names}
+        draw_owners = []
         for r, rows in enumerate(ref_rows):
             index, owners = draw_index(image=image, text=text, rows=rows, modality=modality,
                                        method=rec["search"], search=settings.search, seed=base.seed + r,
                                        stored=_stored(work, rec["name"], rec["search"], r, settings.reference.mode))
+            draw_owners.append(owners)
             common = dict(index=index, ref_owners=owners, k=settings.k, max_self=max_self,
                           chunk_size=min(settings.chunk_size, SEARCH_BATCH))
             if every:
@@ -320,8 +322,7 @@ def search_index_chunk(
         # the validation suite's figures for these rows, from the arrays in hand: the reduce
         # validates without reading every neighbour list back
         save_npy(chunk_file(work, start, stop, f"{rec['name']}.checks"), check_neighbours(
-            neighbours=out["neighbours"], distances=out["distances"],
-            owners=[entry_owners(rows, modality) for rows in ref_rows], entries=rec["entries"],
+            neighbours=out["neighbours"], distances=out["distances"], owners=draw_owners, entries=rec["entries"],
             rows=np.arange(start, stop)))
         for name, arr in out.items():
             caption = name.startswith("captions_")

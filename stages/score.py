@@ -92,14 +92,14 @@ def prepare_score(
     names = [rs["name"] for rs in records]
     density = any(d in DENSITY for d in settings.detectors)
     work = fresh_work_dir(work_dir, param="score")
-    ref_rows: list[np.ndarray] = []
+    ref_rows: dict[str, np.ndarray] = {}  # per set (draws, m)
     for name in names:
         # one set mapped at a time: a set's (r, N, K) neighbour files are what dominates memory
         arrays = load_reference_set(idx_dir, name)
         if arrays["neighbours"].shape[1] != len(ids):
             raise DataError("index and embeddings disagree on the number of samples: rerun the index stage",
                             param="--index")
-        ref_rows.append(np.asarray(arrays["ref_rows"]).reshape(-1))
+        ref_rows[name] = np.asarray(arrays["ref_rows"])
         if density:
             own = [reference_density(arrays["ref_distances"][r], settings.k) for r in range(len(arrays["ref_rows"]))]
             (work / name).mkdir()
@@ -107,13 +107,13 @@ def prepare_score(
             np.save(work / name / "lid_ref.npy", np.stack([lid for _, lid in own]))
         del arrays
     if "iforest" in settings.detectors:
-        np.save(work / "iforest_rows.npy", np.unique(np.concatenate(ref_rows)))
+        np.save(work / "iforest_rows.npy", np.unique(np.concatenate([r.reshape(-1) for r in ref_rows.values()])))
     # the caption sets (t<size>) join the image sets' fused score as the mean of the two z-scores
     caption_sets = [r["name"] for r in records if r.get("modality") == "text" and index.modality == "image_text"]
     vet = _vetting(records, settings, index)
     if vet:  # the vetting set's captions, unit length (draws, m, d): gathered once, not per chunk
-        vet_rows = np.asarray(load_reference_set(idx_dir, vet["set"])["ref_rows"])
-        np.save(work / VET_CAPTIONS, np.stack([unit_rows(text.take(rows).astype(np.float64)) for rows in vet_rows]))
+        np.save(work / VET_CAPTIONS,
+                np.stack([unit_rows(text.take(rows).astype(np.float64)) for rows in ref_rows[vet["set"]]]))
     plan = {"params": _score_params(settings, index, base), "samples": len(ids), "sets": names,
             "caption_sets": caption_sets, "chunks": chunk_plan(len(ids), index.chunk_size), "vet": vet}
     write_json(work / PLAN_FILE, plan)
@@ -135,21 +135,24 @@ def score_chunk(
     image, text, _ = load_embeddings(emb_dir, normalize=index.normalize, check=False)
     wanted = set(settings.detectors)
     density = [d for d in settings.detectors if d in DENSITY]
-    for name in plan["sets"] if density else ():
+    vet = plan.get("vet")
+    vet_found: list[tuple[np.ndarray, np.ndarray]] = []  # the vetting set's (entries, distances) per draw
+    for name in plan["sets"] if density else ():  # (vetting needs a density detector: _vetting)
         arrays = load_reference_set(idx_dir, name)
         kd_ref, lid_ref = np.load(work / name / "kd_ref.npy"), np.load(work / name / "lid_ref.npy")
-        per_draw = [
-            query_scores(dist=np.asarray(arrays["distances"][r, start:stop]),
-                         entries=np.asarray(arrays["neighbours"][r, start:stop]), kd_ref=kd_ref[r],
-                         lid_ref=lid_ref[r], k=settings.k, lid_k=settings.lid_k if "lid" in wanted else None)
-            for r in range(len(kd_ref))
-        ]
+        found = [(np.asarray(arrays["neighbours"][r, start:stop]), np.asarray(arrays["distances"][r, start:stop]))
+                 for r in range(len(kd_ref))]
+        per_draw = [query_scores(dist=dist, entries=entries, kd_ref=kd_ref[r], lid_ref=lid_ref[r], k=settings.k,
+                                 lid_k=settings.lid_k if "lid" in wanted else None)
+                    for r, (entries, dist) in enumerate(found)]
         for d in density:
             save_npy(chunk_file(work, start, stop, f"{name}.{d}"), np.stack([p[d] for p in per_draw]))
+        if vet and name == vet["set"]:
+            vet_found = found
         del arrays
     rows = ChunkRows(start, stop, buffers)  # each file's rows of the chunk read once, for all below
-    if plan.get("vet"):
-        _copies_chunk(idx_dir, work, rows(text), plan["vet"], start, stop, plan["samples"])
+    if vet:
+        _copies_chunk(idx_dir, work, rows(text), vet_found, vet, start, stop, plan["samples"])
     if "iforest" in wanted:
         queries = query_embeddings(image, text, index.modality)
         forest = _forest(work, queries, settings=settings, seed=base.seed)
@@ -174,24 +177,22 @@ def _vetting(records: list[dict[str, Any]], settings: ScoreSettings, index: Inde
 VET_CAPTIONS = "vet_captions.npy"
 
 
-def _copies_chunk(idx_dir: Path, work: Path, chunk_captions: np.ndarray, vet: dict[str, Any], start: int,
-                  stop: int, n: int) -> None:
+def _copies_chunk(idx_dir: Path, work: Path, chunk_captions: np.ndarray, found: list[tuple[np.ndarray, np.ndarray]],
+                  vet: dict[str, Any], start: int, stop: int, n: int) -> None:
     """``copies.npy`` (stop - start,) bool, ``copied_refs.npy`` (c,) int64 and
     ``caption_mismatch.npy`` (r, stop - start) of a chunk whose caption embeddings are
-    ``chunk_captions`` (stop - start, d), from the vetting set's neighbours
-    (``clipscrub.detectors.caption_mismatch``, per draw): which queries have a copy among the
-    references, which reference samples are copied by one of the chunk's queries (a drawn copy
-    has no copy among the references itself: its copies were passed over), and the mismatch for
-    both, for the chunk's reference samples and for the population sample (``mismatch_sample``)."""
-    arrays = load_reference_set(idx_dir, vet["set"])
-    ref_rows = np.asarray(arrays["ref_rows"])
+    ``chunk_captions`` (stop - start, d), from the vetting set's neighbours ``found`` (per draw:
+    the chunk's entries and distances, (stop - start, K) each, as the density loop read them;
+    ``clipscrub.detectors.caption_mismatch``): which queries have a copy among the references,
+    which reference samples are copied by one of the chunk's queries (a drawn copy has no copy
+    among the references itself: its copies were passed over), and the mismatch for both, for
+    the chunk's reference samples and for the population sample (``mismatch_sample``)."""
+    ref_rows = np.asarray(load_reference_set(idx_dir, vet["set"])["ref_rows"])
     ref_captions = np.load(work / VET_CAPTIONS, mmap_mode="r")
     wanted = mismatch_sample(start, stop, n) | np.isin(np.arange(start, stop), ref_rows)
     is_copy = np.zeros(stop - start, dtype=bool)
     mismatch, copied = [], []
-    for r, rows in enumerate(ref_rows):
-        entries = np.asarray(arrays["neighbours"][r, start:stop])
-        distances = np.asarray(arrays["distances"][r, start:stop])
+    for r, (rows, (entries, distances)) in enumerate(zip(ref_rows, found, strict=True)):
         copy_r, mismatch_r = caption_mismatch(
             captions=chunk_captions, ref_captions=np.asarray(ref_captions[r]),
             entries=entries, distances=distances, image_entries=len(rows), copy_distance=vet["copy_distance"],
@@ -202,7 +203,6 @@ def _copies_chunk(idx_dir: Path, work: Path, chunk_captions: np.ndarray, vet: di
     save_npy(chunk_file(work, start, stop, "copies"), is_copy)
     save_npy(chunk_file(work, start, stop, "copied_refs"), np.unique(np.concatenate(copied)).astype(np.int64))
     save_npy(chunk_file(work, start, stop, "caption_mismatch"), np.stack(mismatch))
-    del arrays
 
 
 # the forest a process last fitted: one process running every chunk (score_samples) fits it once
@@ -250,8 +250,7 @@ def reduce_score(
         found = np.isfinite(per_draw)
         extra["is_copy"] = gather("copies").astype(bool)
         # a reference sample another sample copies is a copy too (rows of the embeddings)
-        extra["is_copy"][np.concatenate([load_chunk(work, start, stop, "copied_refs", stage="score")
-                                         for start, stop in chunks])] = True
+        extra["is_copy"][gather("copied_refs")] = True
         extra["caption_mismatch"] = np.where(found.any(axis=0), np.where(found, per_draw, 0).sum(axis=0)
                                              / np.maximum(found.sum(axis=0), 1), np.nan)
     caption_sets = plan["caption_sets"]
