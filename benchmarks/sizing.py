@@ -12,7 +12,7 @@ and one figure that is not ours, used only where no GPU was measured: the paper 
 = 917 pairs/s per A100 end to end (``--gpu-pairs-per-s`` replaces it).
 
 Storage and memory are computed from the array shapes the stages write (float32 embeddings,
-int64 + float32 neighbour lists, one float64 column per detector in the score reduce).
+int32 + float32 neighbour lists, one float64 column per detector in the score reduce).
 
     python benchmarks/sizing.py            # prints the markdown table, writes results/sizing.json
 """
@@ -58,12 +58,12 @@ def size(samples: float, workers: int, m: dict[str, Any], gpu_rate: float) -> di
         "embed_h": embed_h,  # GPU workers, at the (assumed) per-GPU rate
         "index_score_h": pieces_h + serial_h,  # one CPU core per worker, exact search, as measured
         "embeddings_gb": samples * 2 * m["d"] * 4 / 1e9,
-        "index_gb": samples * sets * m["draws"] * m["k"] * 12 / 1e9,
+        "index_gb": samples * sets * m["draws"] * m["k"] * 8 / 1e9,  # int32 entry + float32 distance
         # the score reduce holds a float64 column per detector and reference set, whole
         "score_reduce_ram_gb": samples * 8 * (m["detectors"] * sets + m["detectors"]) / 1e9,
         # an index piece: its queries, one draw's entries, its (chunk, k) results for every draw
         "index_piece_ram_gb": (m["chunk_size"] * m["d"] * 4 * 2 + max(m["sizes"]) * 2 * m["d"] * 4
-                               + m["chunk_size"] * m["k"] * 12 * m["draws"] * sets) / 1e9,
+                               + m["chunk_size"] * m["k"] * 8 * m["draws"] * sets) / 1e9,
     }
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import errno
 import os
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -168,10 +168,12 @@ def chunk_buffer(buffers: dict[str, np.ndarray] | None, name: str, rows: int, di
 
 class ChunkRows:
     """Rows [start, stop) of RowReaders, each file read once however often it is asked for: into
-    ``buffers``'s buffer for that file (``chunk_buffer``) when given, else into fresh memory."""
+    ``buffers``'s buffer for that file (``chunk_buffer``) when given, else into fresh memory.
+    ``on_read(reader, rows)`` sees each file's rows once, as they are read (e.g. to check them)."""
 
-    def __init__(self, start: int, stop: int, buffers: dict[str, np.ndarray] | None = None):
-        self.start, self.stop, self.buffers = start, stop, buffers
+    def __init__(self, start: int, stop: int, buffers: dict[str, np.ndarray] | None = None,
+                 on_read: Callable[[RowReader, np.ndarray], None] | None = None):
+        self.start, self.stop, self.buffers, self.on_read = start, stop, buffers, on_read
         self._read: dict[str, np.ndarray] = {}
 
     def __call__(self, reader: RowReader) -> np.ndarray:
@@ -180,4 +182,6 @@ class ChunkRows:
             rows = min(self.stop, len(reader)) - self.start
             self._read[key] = reader.read(self.start, self.stop,
                                           out=chunk_buffer(self.buffers, key, rows, reader.shape[1]))
+            if self.on_read is not None:
+                self.on_read(reader, self._read[key])
         return self._read[key]

@@ -34,22 +34,30 @@ def lid_mle(dist: np.ndarray, k: int) -> np.ndarray:
     return -k / np.minimum(s, -EPS)
 
 
-def slof(kd_x: np.ndarray, kd_ref: np.ndarray, entries: np.ndarray, k: int) -> np.ndarray:
+def density_ratios(kd_x: np.ndarray, kd_ref: np.ndarray, entries: np.ndarray, k: int) -> np.ndarray:
+    """kd(x) / kd(o) for each of the k nearest entries o of each query (EPS-shifted), the ratio
+    SLOF averages and DAO takes the log of. kd_x (N,), kd_ref (R,), entries (N, K) -> (N, k)."""
+    return (kd_x[:, None] + EPS) / (kd_ref[entries[:, :k]] + EPS)
+
+
+def slof(kd_x: np.ndarray, kd_ref: np.ndarray, entries: np.ndarray, k: int, *, ratios: np.ndarray | None = None
+         ) -> np.ndarray:
     """Simplified LOF: mean over o in N_k(x) of kd(x) / kd(o).
 
-    kd_x (N,), kd_ref (R,), entries (N, K) -> (N,).
+    kd_x (N,), kd_ref (R,), entries (N, K) -> (N,); ``ratios`` (N, k): ``density_ratios``'s, when
+    the caller has them.
     """
-    kd_o = kd_ref[entries[:, :k]]
-    return ((kd_x[:, None] + EPS) / (kd_o + EPS)).mean(axis=1)
+    return (density_ratios(kd_x, kd_ref, entries, k) if ratios is None else ratios).mean(axis=1)
 
 
-def dao(kd_x: np.ndarray, kd_ref: np.ndarray, lid_ref: np.ndarray, entries: np.ndarray, k: int) -> np.ndarray:
+def dao(kd_x: np.ndarray, kd_ref: np.ndarray, lid_ref: np.ndarray, entries: np.ndarray, k: int, *,
+        ratios: np.ndarray | None = None) -> np.ndarray:
     """Dimensionality-aware outlier score: mean over o in N_k(x) of lid(o) * ln(kd(x) / kd(o)).
 
-    kd_x (N,), kd_ref (R,), lid_ref (R,), entries (N, K) -> (N,).
+    kd_x (N,), kd_ref (R,), lid_ref (R,), entries (N, K) -> (N,); ``ratios`` as for ``slof``.
     """
-    nb = entries[:, :k]
-    return (lid_ref[nb] * np.log((kd_x[:, None] + EPS) / (kd_ref[nb] + EPS))).mean(axis=1)
+    ratios = density_ratios(kd_x, kd_ref, entries, k) if ratios is None else ratios
+    return (lid_ref[entries[:, :k]] * np.log(ratios)).mean(axis=1)
 
 
 def reference_density(ref_dist: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -71,10 +79,11 @@ def query_scores(
     neighbours dist, entries (Q, K) and ``reference_density``'s kd_ref, lid_ref (R,). Row by
     row: a query's scores do not depend on the other queries passed with it."""
     kd_x = k_distance(dist, k)
+    ratios = density_ratios(kd_x, kd_ref, entries, k)  # one gather of kd(o) for both scores
     out = {
         "kdist": kd_x,
-        "slof": slof(kd_x, kd_ref, entries, k),
-        "dao": dao(kd_x, kd_ref, lid_ref, entries, k),
+        "slof": slof(kd_x, kd_ref, entries, k, ratios=ratios),
+        "dao": dao(kd_x, kd_ref, lid_ref, entries, k, ratios=ratios),
     }
     if lid_k is not None:
         out["lid"] = lid_mle(dist, lid_k)

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
 # extra candidates fetched beyond k + self entries, so that the exact re-ranking below (which
 # repairs faiss's ||x||^2 + ||y||^2 - 2xy rounding near zero) sees every contender
-RERANK_MARGIN = 8
+RERANK_MARGIN = 4
 
 Rows = Union[np.ndarray, RowReader]
 
@@ -240,6 +240,12 @@ def entry_owners(rows: np.ndarray, modality: str) -> np.ndarray:
     return np.concatenate([rows, rows]) if modality == "image_text" else np.asarray(rows)
 
 
+def entry_dtype(entries: int) -> np.dtype:
+    """The dtype of stored neighbour entries for a draw of ``entries`` entries: int32 where it can
+    index them all (half the bytes of the (r, N, K) lists to write, hash and read back), else int64."""
+    return np.dtype(np.int32) if entries <= np.iinfo(np.int32).max else np.dtype(np.int64)
+
+
 def self_entries_per_query(modality: str) -> int:
     return 2 if modality == "image_text" else 1
 
@@ -373,11 +379,13 @@ def find_neighbours(
     chunk_size: int = 65536,
     start: int = 0,
     stop: int | None = None,
+    query_sq: np.ndarray | None = None,
 ) -> Neighbours:
     """k nearest reference entries of queries [start, stop) (default: all), excluding entries each owns.
 
     queries (Q, d) (an array or a RowReader, read ``chunk_size`` rows at a time from ``start``),
-    query_owners (Q,), ref_owners (R,). faiss proposes k + max_self + margin candidates; their
+    query_owners (Q,), ref_owners (R,); ``query_sq`` (Q,) the queries' squared norms, where the
+    caller searches the same queries against several indexes (computed here otherwise). faiss proposes k + max_self + margin candidates; their
     distances are recomputed directly from the differences (duplicates at exactly 0, no
     cancellation) and ties broken by entry index. With an exact or hnsw index a query's result
     depends only on the query and the index, not on which other queries share its call nor on the
@@ -399,7 +407,8 @@ def find_neighbours(
             q32 = _read(queries, first, min(hi, first + chunk_size))
             owners = query_owners[first : first + len(q32)]
             at = first - lo
-            slack = BLAS_ULPS * np.finfo(np.float32).eps * (np.einsum("ij,ij->i", q32, q32) + ref_sq_max)
+            sq_q = np.einsum("ij,ij->i", q32, q32) if query_sq is None else query_sq[first : first + len(q32)]
+            slack = BLAS_ULPS * np.finfo(np.float32).eps * (sq_q + ref_sq_max)
             rows = np.arange(len(q32))
             c = cand
             while len(rows):

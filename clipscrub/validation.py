@@ -225,12 +225,17 @@ def check_neighbours(*, neighbours: np.ndarray, distances: np.ndarray, owners: l
     out = np.empty(len(rows), dtype=NEIGHBOUR_CHECKS)
     nb = np.asarray(neighbours)
     d = np.asarray(distances)  # compared as stored: no float64 copy of (r, Q, K)
-    out["min_entry"] = nb.min(axis=(0, 2)) if nb.size else np.iinfo(np.int64).max
-    out["max_entry"] = nb.max(axis=(0, 2)) if nb.size else np.iinfo(np.int64).min
+    ints = np.iinfo(nb.dtype)  # int32 or int64 (clipscrub.neighbours.entry_dtype)
+    lo, hi = nb.min(axis=2, initial=ints.max), nb.max(axis=2, initial=ints.min)  # (r, Q)
+    out["min_entry"] = lo.min(axis=0, initial=ints.max)
+    out["max_entry"] = hi.max(axis=0, initial=ints.min)
     out["self_hits"] = 0
     for r in range(len(nb)):
-        safe = np.where((nb[r] >= 0) & (nb[r] < entries), nb[r], 0)  # out of range: counted above, not here
-        out["self_hits"] += ((owners[r][safe] == rows[:, None]) & (nb[r] >= 0) & (nb[r] < entries)).sum(axis=1)
+        if lo[r].min(initial=0) >= 0 and hi[r].max(initial=0) < entries:  # all in range (always, unless a bug)
+            out["self_hits"] += (owners[r][nb[r]] == rows[:, None]).sum(axis=1)
+            continue
+        inside = (nb[r] >= 0) & (nb[r] < entries)  # out of range: counted above, not here
+        out["self_hits"] += ((owners[r][np.where(inside, nb[r], 0)] == rows[:, None]) & inside).sum(axis=1)
     out["unsorted"] = (d[..., 1:] < d[..., :-1]).sum(axis=(0, 2))
     # NaN in any draw stays NaN (it must not vanish in the minimum)
     per_draw = np.where(np.isfinite(d).all(axis=2), d.min(axis=2, initial=np.inf), np.nan)

@@ -5,7 +5,8 @@ one per size m in random mode, each drawn r times; or the trusted samples; or th
 dataset). For each set, ``<out>/<set>/`` (``m256``, ``m4096``, ``trusted``, ``all``) holds, for its
 r draws, R reference entries per draw and K = ``index.k`` neighbours:
 - ``ref_rows.npy`` (r, m) int64: embedding rows of the reference samples;
-- ``neighbours.npy`` (r, N, K) int64 and ``distances.npy`` (r, N, K) float32: each sample's
+- ``neighbours.npy`` (r, N, K) int32 (int64 for a draw of 2^31 entries or more,
+  ``clipscrub.neighbours.entry_dtype``) and ``distances.npy`` (r, N, K) float32: each sample's
   nearest entries (indices into the draw's entries, laid out as ``reference_entries`` does);
 - ``ref_neighbours.npy`` / ``ref_distances.npy`` (r, R, K): the same for the entries themselves,
   within the reference set, from which kd(o) and lid(o) are computed.
@@ -30,7 +31,7 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -38,21 +39,20 @@ from clipscrub.arrays import ChunkRows, RowReader, create_npy, write_rows
 from clipscrub.errors import DataError, ParamError
 from clipscrub.io import atomic_dir, read_json, require_file, scratch_work_dir, write_json, write_lineage
 from clipscrub.neighbours import (
-    STORED_METHODS, Neighbours, caption_set, choose_method, draw_index, duplicate_distance, find_neighbours,
-    gpu_count, measure_recall, query_embeddings, read_trusted_rows, reference_sets, self_entries_per_query,
-    write_search_index,
+    STORED_METHODS, Neighbours, caption_set, choose_method, draw_index, duplicate_distance, entry_dtype,
+    find_neighbours, gpu_count, measure_recall, query_embeddings, read_trusted_rows, reference_sets,
+    self_entries_per_query, write_search_index,
 )
 from clipscrub.params import BaseSettings, IndexSettings
 from clipscrub.progress import track
 from clipscrub.validation import check_neighbours, docs_dir_for, neighbour_check_tables, validate
 
 
-def load_embeddings(emb_dir: Path, *, chunk_size: int = 65536, normalize: bool = False, check: bool = True
-                    ) -> tuple[RowReader, RowReader, np.ndarray]:
-    """(image (N, d), text (N, d), ids (N,)) of the embed stage's output, checked chunk by chunk:
-    equal shapes, finite values (unless ``check`` is false: a chunk of work whose prepare step
-    checked them, so N chunks do not read N x the embeddings). With ``normalize`` the readers
-    return unit rows."""
+def load_embeddings(emb_dir: Path, *, normalize: bool = False) -> tuple[RowReader, RowReader, np.ndarray]:
+    """(image (N, d), text (N, d), ids (N,)) of the embed stage's output, with equal shapes. The
+    values are checked finite by the chunks that read them (``require_finite``), not here: a
+    separate pass over N rows cost as much as reading them for the search. With ``normalize``
+    the readers return unit rows."""
     image, text = (
         RowReader(require_file(emb_dir / f"{name}.npy", param="--embeddings", what="embeddings"), normalize=normalize)
         for name in ("image", "text")
@@ -64,16 +64,23 @@ def load_embeddings(emb_dir: Path, *, chunk_size: int = 65536, normalize: bool =
         raise DataError(
             f"image {image.shape}, text {text.shape} and ids ({len(ids)},) embeddings disagree", param="--embeddings"
         )
-    for name, reader in (("image", image), ("text", text)) if check else ():
-        # a float64 row sum is finite exactly when every float32 in the row is (it cannot overflow),
-        # without a (chunk, d) mask
-        bad = np.concatenate([~np.isfinite(rows.sum(axis=1, dtype=np.float64)) for _, rows in reader.chunks(chunk_size)])
+    return image, text, ids
+
+
+def require_finite(ids: np.ndarray, start: int) -> Callable[[RowReader, np.ndarray], None]:
+    """A ``ChunkRows`` ``on_read`` check: raise unless every value of a file's rows (Q, d), rows
+    [start, start + Q) of the embeddings whose ids are ``ids``, is finite."""
+    def check(reader: RowReader, rows: np.ndarray) -> None:
+        # a float64 row sum is finite exactly when every float32 in the row is (it cannot
+        # overflow), without a (Q, d) mask
+        bad = ~np.isfinite(rows.sum(axis=1, dtype=np.float64))
         if bad.any():
             raise DataError(
-                f"{int(bad.sum())} {name} embeddings are not finite, e.g. ids {ids[bad][:5].tolist()}",
+                f"{int(bad.sum())} {reader.path.stem} embeddings of rows [{start}, {start + len(rows)}) are not "
+                f"finite, e.g. ids {ids[start:start + len(rows)][bad][:5].tolist()}",
                 param="--embeddings",
             )
-    return image, text, ids
+    return check
 
 
 REFERENCES_FILE = "references.json"
@@ -213,7 +220,7 @@ def prepare_index(
     ``index.chunk_size``), ``sets`` (name, draws, samples, entries, search), ``samples``, ``params``.
     """
     emb_dir = Path(embeddings_dir)
-    image, text, ids = load_embeddings(emb_dir, chunk_size=settings.chunk_size, normalize=settings.normalize)
+    image, text, ids = load_embeddings(emb_dir, normalize=settings.normalize)
     n = len(ids)
     ref = settings.reference
     trusted = read_trusted_rows(ref.path, ids) if ref.mode == "trusted" else None
@@ -239,8 +246,9 @@ def prepare_index(
         (work / rs.name).mkdir()
         np.save(work / rs.name / "ref_rows.npy", rs.rows)
         # every output array reserved now: a full disk stops here, before any chunk has run
-        for name, dtype, rows_n in (("neighbours", np.int64, n), ("distances", np.float32, n),
-                                    ("ref_neighbours", np.int64, entries_n), ("ref_distances", np.float32, entries_n)):
+        ints = entry_dtype(entries_n)
+        for name, dtype, rows_n in (("neighbours", ints, n), ("distances", np.float32, n),
+                                    ("ref_neighbours", ints, entries_n), ("ref_distances", np.float32, entries_n)):
             create_npy(work / rs.name / f"{name}.npy", dtype=dtype, shape=(draws, rows_n, settings.k))
         own = ref.mode != "all"
         for r, rows in enumerate(rs.rows):
@@ -254,7 +262,7 @@ def prepare_index(
             if own:
                 found = find_neighbours(queries=index.refs, query_owners=owners, index=index, ref_owners=owners,
                                         k=settings.k, max_self=max_self, chunk_size=settings.chunk_size)
-                write_rows(work / rs.name / "ref_neighbours.npy", row=r * entries_n, block=found.entries)
+                write_rows(work / rs.name / "ref_neighbours.npy", row=r * entries_n, block=found.entries.astype(ints))
                 write_rows(work / rs.name / "ref_distances.npy", row=r * entries_n, block=found.distances)
             del index
         records.append({"name": rs.name, "draws": int(draws), "samples": int(m), "entries": int(entries_n),
@@ -270,7 +278,7 @@ def search_index_chunk(
     start: int, stop: int, buffers: dict[str, np.ndarray] | None = None,
 ) -> None:
     """Every reference draw's k nearest entries of queries [start, stop), one of the plan's chunks,
-    written as rows [:, start:stop] of the set's ``neighbours.npy`` (r, N, K) int64 and
+    written as rows [:, start:stop] of the set's ``neighbours.npy`` (r, N, K) (``entry_dtype``) and
     ``distances.npy`` float32 in ``work_dir`` (with mode all, of ``ref_neighbours`` /
     ``ref_distances`` too, and with image_text their caption entries' rows [:, N + start:N + stop]),
     then ``chunks/<start>-<stop>.json`` (the sha256 of what it wrote). Depends on no other chunk;
@@ -279,7 +287,7 @@ def search_index_chunk(
     work = Path(work_dir)
     plan = read_plan(work, params=_index_params(settings, base), stage="index")
     check_chunk(plan, start, stop, param="index.chunk_size")
-    image, text, _ = load_embeddings(Path(embeddings_dir), normalize=settings.normalize, check=False)
+    image, text, ids = load_embeddings(Path(embeddings_dir), normalize=settings.normalize)
     n = plan["samples"]
     query_rows = np.arange(n, dtype=np.int64)
     every = settings.reference.mode == "all"
@@ -287,17 +295,24 @@ def search_index_chunk(
     hashes: dict[str, str] = {}
     # each modality's queries of this chunk, read once for every set and draw (the whole
     # dataset as references keeps reading from the files: its caption entries are queries too)
-    rows_of = ChunkRows(start, stop, buffers)
+    rows_of = ChunkRows(start, stop, buffers, on_read=require_finite(ids, start))
+    for reader in (image, text):  # every row of both checked finite here, whichever sets read them
+        rows_of(reader)
+    sq_norms: dict[str, np.ndarray] = {}
     for rec in plan["sets"]:
         modality = rec.get("modality", settings.modality)
         queries = query_embeddings(image, text, modality)
+        query_sq = None
         if not every:
             queries = rows_of(queries)
+            if modality not in sq_norms:  # the queries' norms, for every draw's rounding bound
+                sq_norms[modality] = np.einsum("ij,ij->i", queries, queries)
+            query_sq = sq_norms[modality]
         max_self = self_entries_per_query(modality)
         ref_rows = np.load(work / rec["name"] / "ref_rows.npy")
         names = ("neighbours", "distances") + (("captions_neighbours", "captions_distances") if captions else ())
         out = {name: np.empty((len(ref_rows), stop - start, settings.k),
-                              np.int64 if "neighbours" in name else np.float32) for name in names}
+                              entry_dtype(rec["entries"]) if "neighbours" in name else np.float32) for name in names}
         draw_owners = []
         for r, rows in enumerate(ref_rows):
             index, owners = draw_index(image=image, text=text, rows=rows, modality=modality,
@@ -309,7 +324,8 @@ def search_index_chunk(
             if every:
                 found = find_neighbours(queries=queries, query_owners=query_rows, start=start, stop=stop, **common)
             else:
-                found = find_neighbours(queries=queries, query_owners=query_rows[start:stop], **common)
+                found = find_neighbours(queries=queries, query_owners=query_rows[start:stop], query_sq=query_sq,
+                                        **common)
             out["neighbours"][r], out["distances"][r] = found.entries, found.distances
             if captions:
                 # the whole dataset as references: the caption entries' own neighbours are
@@ -347,7 +363,7 @@ def reduce_index(
     atomic swap. The arrays are hard-linked, not copied (copied where links fail)."""
     emb_dir, work = Path(embeddings_dir), Path(work_dir)
     plan = read_plan(work, params=_index_params(settings, base), stage="index")
-    image, text, ids = load_embeddings(emb_dir, normalize=settings.normalize, check=False)
+    image, text, ids = load_embeddings(emb_dir, normalize=settings.normalize)
     n = len(ids)
     if n != plan["samples"]:
         raise DataError(f"the embeddings changed since prepare_index ({plan['samples']} samples, now {n}): "

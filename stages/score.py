@@ -38,7 +38,7 @@ from clipscrub.progress import track
 from clipscrub.validation import docs_dir_for, score_tables, validate
 from stages.index import (
     PLAN_FILE, check_chunk, chunk_file, chunk_plan, fresh_work_dir, load_chunk, load_embeddings, load_reference_set,
-    read_plan, read_reference_sets, save_npy,
+    read_plan, read_reference_sets, require_finite, save_npy,
 )
 
 DENSITY = ("kdist", "slof", "dao", "lid")
@@ -77,7 +77,7 @@ def prepare_score(
     *, embeddings_dir: str | Path, index_dir: str | Path, work_dir: str | Path, settings: ScoreSettings,
     index: IndexSettings, base: BaseSettings,
 ) -> dict[str, Any]:
-    """Check the embeddings and the index, and write what every chunk shares into ``work_dir``
+    """Check the index against the embeddings, and write what every chunk shares into ``work_dir``
     (emptied first): per reference set, ``kd_ref.npy`` and ``lid_ref.npy`` (r, R) float64, each
     entry's kd(o) and lid(o) within its draw; ``iforest_rows.npy``, the rows the isolation forest
     is fitted on (every chunk fits the same forest: same rows, same seed); with copies vetted,
@@ -87,7 +87,7 @@ def prepare_score(
     ``index.chunk_size``), ``sets``, ``samples``, ``params``.
     """
     emb_dir, idx_dir = Path(embeddings_dir), Path(index_dir)
-    _, text, ids = load_embeddings(emb_dir, chunk_size=index.chunk_size, normalize=index.normalize)
+    _, text, ids = load_embeddings(emb_dir, normalize=index.normalize)
     records = read_reference_sets(idx_dir)
     names = [rs["name"] for rs in records]
     density = any(d in DENSITY for d in settings.detectors)
@@ -132,7 +132,7 @@ def score_chunk(
     emb_dir, idx_dir, work = Path(embeddings_dir), Path(index_dir), Path(work_dir)
     plan = read_plan(work, params=_score_params(settings, index, base), stage="score")
     check_chunk(plan, start, stop, param="index.chunk_size")
-    image, text, _ = load_embeddings(emb_dir, normalize=index.normalize, check=False)
+    image, text, ids = load_embeddings(emb_dir, normalize=index.normalize)
     wanted = set(settings.detectors)
     density = [d for d in settings.detectors if d in DENSITY]
     vet = plan.get("vet")
@@ -150,7 +150,8 @@ def score_chunk(
         if vet and name == vet["set"]:
             vet_found = found
         del arrays
-    rows = ChunkRows(start, stop, buffers)  # each file's rows of the chunk read once, for all below
+    # each file's rows of the chunk read once, for all below, and checked finite (as the index's chunks did)
+    rows = ChunkRows(start, stop, buffers, on_read=require_finite(ids, start))
     if vet:
         _copies_chunk(idx_dir, work, rows(text), vet_found, vet, start, stop, plan["samples"])
     if "iforest" in wanted:
@@ -231,7 +232,7 @@ def reduce_score(
     over the whole dataset), written with validation and lineage in one atomic swap."""
     emb_dir, idx_dir, work = Path(embeddings_dir), Path(index_dir), Path(work_dir)
     plan = read_plan(work, params=_score_params(settings, index, base), stage="score")
-    _, _, ids = load_embeddings(emb_dir, normalize=index.normalize, check=False)
+    _, _, ids = load_embeddings(emb_dir, normalize=index.normalize)
     if len(ids) != plan["samples"]:
         raise DataError(f"the embeddings changed since prepare_score ({plan['samples']} samples, now {len(ids)}): "
                         f"prepare again", param="--embeddings")

@@ -204,3 +204,31 @@ def test_write_rows_fills_rows_of_the_last_axes_and_refuses_what_does_not_fit(tm
         write_rows(path, row=0, block=want[0, :2].astype(np.float32))
     with pytest.raises(DataError, match="cannot write rows of int64 \\(2, 4\\)"):
         write_rows(path, row=0, block=np.zeros((2, 4), np.int64))
+
+
+@pytest.mark.parametrize("name, row", [("image", 1500), ("text", 2999)])
+def test_the_chunk_holding_a_non_finite_embedding_stops_the_stage(emb, tmp_path, name, row):
+    """Values are checked by the chunks that read them (no separate pass over N rows): the chunk
+    holding the row stops, naming the file, its rows and the id; the others pass."""
+    work = write_embeddings(tmp_path / "emb", np.load(emb / "image.npy"), np.load(emb / "text.npy"),
+                            np.load(emb / "ids.npy"))
+    arr = np.load(work / f"{name}.npy")
+    arr[row, 7] = np.inf if name == "image" else np.nan
+    np.save(work / f"{name}.npy", arr)
+    p = parse_params(PARAMS)
+    common = dict(embeddings_dir=work, work_dir=tmp_path / "work", settings=p.index, base=p.base)
+    plan = prepare_index(**common)
+    bad = next(c for c in plan["chunks"] if c[0] <= row < c[1])
+    search_index_chunk(**common, start=0, stop=700)
+    with pytest.raises(DataError, match=rf"1 {name} embeddings of rows \[{bad[0]}, {bad[1]}\) are not finite, "
+                                        rf"e.g. ids \[{row * 3 + 1}\]"):
+        search_index_chunk(**common, start=bad[0], stop=bad[1])
+    with pytest.raises(DataError, match=rf"{name} embeddings of rows .* are not finite"):
+        build_index(embeddings_dir=work, out_dir=tmp_path / "index", settings=p.index, base=p.base)
+    assert not (tmp_path / "index").exists()
+    # score checks the rows it reads too (an index made from other embeddings of the same size)
+    build_index(embeddings_dir=emb, out_dir=tmp_path / "index", settings=p.index, base=p.base)
+    with pytest.raises(DataError, match=rf"{name} embeddings of rows .* are not finite"):
+        score_samples(embeddings_dir=work, index_dir=tmp_path / "index", out_dir=tmp_path / "scores",
+                      settings=p.score, index=p.index, base=p.base)
+    assert not (tmp_path / "scores").exists()
