@@ -40,7 +40,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from clipscrub.params import Params, apply_overrides, load_params, parse_params, read_params_file  # noqa: E402
-from flows.pipeline import Layout, run_stage  # noqa: E402
+from clipscrub.flows.pipeline import Layout, run_stage  # noqa: E402
 
 RATES = (0.001, 0.005, 0.02)
 # the attack of each cell: a list of download.synthetic.attacks entries, {rate} filled in
@@ -145,8 +145,8 @@ def stage_scores(emb: Path, params: Params) -> "pl.DataFrame":
 
     import polars as pl
 
-    from stages.index import build_index
-    from stages.score import score_samples
+    from clipscrub.stages.index import build_index
+    from clipscrub.stages.score import score_samples
 
     tmp = Path(tempfile.mkdtemp(prefix="matrix-"))
     try:
@@ -194,7 +194,7 @@ def apply_rules(*, values: np.ndarray, ids: np.ndarray, y: np.ndarray, params: P
                 clusters: np.ndarray | None = None) -> dict:
     """Each rule of ``rule_grid`` on the scores (N,): removed fraction, recall and precision
     against y (N,), and how many removed samples lie in the natural clusters (rows (C,))."""
-    from stages.threshold import flag_outliers
+    from clipscrub.stages.threshold import flag_outliers
 
     det = params.threshold.detector
     out = {}
@@ -222,7 +222,7 @@ def run_default(root: Path, *, params: Params, y: np.ndarray, clusters: np.ndarr
 
     import polars as pl
 
-    from stages.threshold import threshold_scores
+    from clipscrub.stages.threshold import threshold_scores
 
     t = time.perf_counter()
     scores = stage_scores(root, params)
@@ -272,7 +272,7 @@ def remeasure_victim(attack: str, rate: float, *, cache: Path, params: Params, b
     import torch
 
     from clipscrub.model import load_model
-    from stages.train import measure_victim
+    from clipscrub.stages.train import measure_victim
 
     root = cell_dir(cache, attack, rate)
     cell = cell_params(attack, rate, base_params=base_params, seed=params.base.seed)

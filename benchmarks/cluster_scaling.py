@@ -68,7 +68,7 @@ OUTPUTS = {"embed": "embeddings", "index": "index", "score": "scores"}
 
 def _pipeline():
     """clipscrub's stage graph module (imported late: from the code snapshot on sys.path)."""
-    from flows import pipeline
+    from clipscrub.flows import pipeline
 
     return pipeline
 
@@ -225,9 +225,9 @@ def warm_imports() -> float:
     import sklearn.ensemble  # noqa: F401
     import torch  # noqa: F401
 
-    import stages.embed
-    import stages.index
-    import stages.score  # noqa: F401
+    import clipscrub.stages.embed
+    import clipscrub.stages.index
+    import clipscrub.stages.score  # noqa: F401
     _pipeline()
     return time.perf_counter() - t0
 
@@ -269,7 +269,7 @@ def run_cluster(part: str, params: dict[str, Any], root: Path, workers: int) -> 
 
     from clipscrub.io import root_lock
     from clipscrub.params import parse_params
-    from flows.cluster import local_cluster
+    from clipscrub.flows.cluster import local_cluster
 
     p = parse_params(params)
     t0 = time.perf_counter()
@@ -376,8 +376,8 @@ def prefect_overhead(tasks: int = 20) -> dict[str, Any]:
     from distributed import Client
     from prefect import flow, task
 
-    from flows.clean import private_prefect, task_runner_for
-    from flows.cluster import local_cluster
+    from clipscrub.flows.clean import private_prefect, task_runner_for
+    from clipscrub.flows.cluster import local_cluster
 
     def noop(i: int) -> int:
         return i

@@ -95,8 +95,8 @@ def part_clipscrub(emb: Path, work: Path, *, k: int, m: int | None = None, mode:
     import polars as pl
 
     from clipscrub.params import parse_params
-    from stages.index import build_index
-    from stages.score import score_samples
+    from clipscrub.stages.index import build_index
+    from clipscrub.stages.score import score_samples
 
     params = parse_params({
         "index": {"k": k, "modality": modality, "chunk_size": CHUNK,

@@ -57,7 +57,7 @@ def run_img2dataset(url_list: Path, out: Path, args) -> float:
 
 def run_clipscrub(url_list: Path, out: Path, args) -> tuple[float, dict]:
     from clipscrub.params import parse_params
-    from stages.download import download_dataset
+    from clipscrub.stages.download import download_dataset
 
     params = parse_params({"train": {"enabled": False}, "download": {
         "source": "urls", "shard_size": 1000,

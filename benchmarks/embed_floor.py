@@ -44,7 +44,7 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 def dataset(params, root: Path) -> Path:
     """``root/raw``: the synthetic download of ``params``, made once and reused."""
-    from flows.pipeline import run_stage
+    from clipscrub.flows.pipeline import run_stage
 
     raw = root / "raw"
     if not (raw / "manifest.parquet").is_file():
@@ -152,7 +152,7 @@ def measure(name: str, *, raw: Path, loaded, stage_fns: dict, batch_size: int, r
 
 def stage_runner(*, raw: Path, settings, base, model_dir: Path | None, model_name: str | None, workers: int):
     """``embed_dataset`` into a fresh directory, with ``workers`` loader threads."""
-    import stages.embed as embed
+    import clipscrub.stages.embed as embed
 
     threaded = settings.model_copy(update={"loader_workers": workers})
 

@@ -15,7 +15,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from clipscrub.errors import DataError
-from clipscrub.io import disk_full_error, fmt_bytes
+from clipscrub.io import disk_full_error, fmt_bytes, require_file
 
 EMBEDDING_DTYPES = ("float32", "float16")
 
@@ -185,3 +185,39 @@ class ChunkRows:
             if self.on_read is not None:
                 self.on_read(reader, self._read[key])
         return self._read[key]
+
+
+# ------------------------------------------------------------------ the embed stage's output
+def load_embeddings(emb_dir: Path, *, normalize: bool = False) -> tuple[RowReader, RowReader, np.ndarray]:
+    """(image (N, d), text (N, d), ids (N,)) of the embed stage's output, with equal shapes. The
+    values are checked finite by the chunks that read them (``require_finite``), not here: a
+    separate pass over N rows cost as much as reading them for the search. With ``normalize``
+    the readers return unit rows."""
+    image, text = (
+        RowReader(require_file(emb_dir / f"{name}.npy", param="--embeddings", what="embeddings"), normalize=normalize)
+        for name in ("image", "text")
+    )
+    ids = np.load(require_file(emb_dir / "ids.npy", param="--embeddings", what="embeddings"))
+    if len(ids) == 0:
+        raise DataError("the embeddings are empty", param="--embeddings")
+    if image.shape != text.shape or len(image) != len(ids):
+        raise DataError(
+            f"image {image.shape}, text {text.shape} and ids ({len(ids)},) embeddings disagree", param="--embeddings"
+        )
+    return image, text, ids
+
+
+def require_finite(ids: np.ndarray, start: int) -> Callable[[RowReader, np.ndarray], None]:
+    """A ``ChunkRows`` ``on_read`` check: raise unless every value of a file's rows (Q, d), rows
+    [start, start + Q) of the embeddings whose ids are ``ids``, is finite."""
+    def check(reader: RowReader, rows: np.ndarray) -> None:
+        # a float64 row sum is finite exactly when every float32 in the row is (it cannot
+        # overflow), without a (Q, d) mask
+        bad = ~np.isfinite(rows.sum(axis=1, dtype=np.float64))
+        if bad.any():
+            raise DataError(
+                f"{int(bad.sum())} {reader.path.stem} embeddings of rows [{start}, {start + len(rows)}) are not "
+                f"finite, e.g. ids {ids[start:start + len(rows)][bad][:5].tolist()}",
+                param="--embeddings",
+            )
+    return check

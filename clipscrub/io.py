@@ -22,8 +22,7 @@ import polars as pl
 from clipscrub.errors import ClipscrubError, DataError, ParamError
 
 LINEAGE_FILE = "lineage.json"
-_PACKAGE_ROOT = Path(__file__).resolve().parent.parent
-_CODE_DIRS = ("clipscrub", "stages", "flows")
+_CODE_PACKAGES = ("clipscrub", "clipscrub.stages", "clipscrub.flows")
 
 
 # A stage checks its inputs against their lineage and then records their hashes in its own:
@@ -103,14 +102,25 @@ def sha256_path(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def code_version() -> str:
-    """Hash of the package's own source files: what changes when the stage code changes."""
-    h = hashlib.sha256()
-    for d in _CODE_DIRS:
-        for p in sorted((_PACKAGE_ROOT / d).rglob("*.py")):
-            h.update(p.relative_to(_PACKAGE_ROOT).as_posix().encode() + b"\0" + p.read_bytes())
+def code_version(module: str | None = None) -> str:
+    """``<version>+<hash>`` of the code: of ``module`` and the package modules it imports (a
+    stage's code, ``clipscrub.dag.code_version``), or without ``module`` of every module of the
+    package (what made a cleaned version). Modules are named, not located, so a clone and an
+    installed wheel of the same code agree."""
+    if module is not None:
+        from clipscrub.dag import code_version as imported_code_version
+
+        return imported_code_version(module)
+    import importlib.util
+
     from clipscrub import __version__
 
+    h = hashlib.sha256()
+    for package in _CODE_PACKAGES:
+        spec = importlib.util.find_spec(package)
+        for folder in spec.submodule_search_locations or []:
+            for p in sorted(Path(folder).glob("*.py")):
+                h.update(f"{package}.{p.stem}".encode() + b"\0" + p.read_bytes())
     return f"{__version__}+{h.hexdigest()[:12]}"
 
 
@@ -418,15 +428,17 @@ def write_lineage(
     upstream: list[str | Path],
     summary: dict[str, Any],
     extra: dict[str, Any] | None = None,
+    module: str | None = None,
 ) -> dict[str, Any]:
-    """Write ``lineage.json``: this stage's record added to those of its upstream stages.
+    """Write ``lineage.json``: this stage's record added to those of its upstream stages, with
+    the code version of ``module`` (the stage's, with what it imports).
 
     No timestamps, so two runs with the same inputs and params write identical bytes.
     """
     stages = read_lineage(*upstream)
     record = {
         "params": params,
-        "code_version": code_version(),
+        "code_version": code_version(module),
         "inputs": {name: sha256_path(p) for name, p in sorted(inputs.items())},
         "summary": summary,
     }

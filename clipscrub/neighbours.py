@@ -20,14 +20,14 @@ import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING, Any, Union
 
 import faiss
 import numpy as np
 
 from clipscrub.arrays import RowReader
 from clipscrub.errors import DataError, ParamError
-from clipscrub.io import read_id_list
+from clipscrub.io import read_id_list, read_json, require_file
 
 if TYPE_CHECKING:
     from clipscrub.params import SearchSettings
@@ -568,3 +568,19 @@ def search_draw(
         captions = find_neighbours(queries=index.refs[n:], query_owners=owners[n:], **common)
         ref = Neighbours(np.concatenate([q.entries, captions.entries]), np.concatenate([q.distances, captions.distances]))
     return DrawNeighbours(q, ref, method, recall)
+
+
+# ------------------------------------------------------------------ the index stage's output
+REFERENCES_FILE = "references.json"
+ARRAYS = ("ref_rows", "neighbours", "distances", "ref_neighbours", "ref_distances")
+
+
+def read_reference_sets(index_dir: Path) -> list[dict[str, Any]]:
+    """The index stage's reference sets, in order: name, draws, samples, entries, search."""
+    return read_json(require_file(index_dir / REFERENCES_FILE, param="--index", what="index"))["sets"]
+
+
+def load_reference_set(index_dir: Path, name: str) -> dict[str, np.ndarray]:
+    """One set's arrays (``ARRAYS``), memory-mapped."""
+    return {a: np.load(require_file(index_dir / name / f"{a}.npy", param="--index", what="index"), mmap_mode="r")
+            for a in ARRAYS}

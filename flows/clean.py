@@ -38,8 +38,8 @@ from clipscrub.io import root_lock, sha256_path
 from clipscrub.metrics import APPLIED_KEYS, applied_sentence, read_applied
 from clipscrub.params import Params, parse_params
 from clipscrub.errors import ParamError
-from flows.pipeline import (SPECS, STAGES, Layout, active_stages, param_value, plan_pieces, producer, run_piece,
-                                run_stage, stage_code_version, stage_inputs)
+from clipscrub.flows.pipeline import (STAGES, Layout, active_stages, param_value, plan_pieces, producer, run_piece,
+                                      run_stage, stage_code_version, stage_inputs)
 
 STATE_FILE = Path(".clipscrub") / "state.json"
 
@@ -49,7 +49,7 @@ def stage_cache_key(stage: str, params: Params, root: str | Path) -> str:
     lay = Layout(Path(root))
     h = hashlib.sha256()
     h.update(f"{stage}\0{stage_code_version(stage)}\0".encode())
-    for key in SPECS[stage].params:
+    for key in STAGES[stage].params:
         h.update(key.encode() + b"=" + json.dumps(param_value(params, key), sort_keys=True).encode() + b"\0")
     for name, path in sorted(stage_inputs(stage, params, lay).items()):
         h.update(name.encode() + b":" + sha256_path(path).encode() + b"\0")
@@ -63,7 +63,7 @@ def _task_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
 def output_hashes(stage: str, root: str | Path) -> dict[str, str] | None:
     """Content hash of each output of ``stage`` under ``root``; None if any is missing."""
     lay = Layout(Path(root))
-    paths = {name: getattr(lay, name) for name in SPECS[stage].outputs}
+    paths = {name: getattr(lay, name) for name in STAGES[stage].outputs}
     if not all(p.exists() for p in paths.values()):
         return None
     return {name: sha256_path(p) for name, p in paths.items()}
@@ -182,7 +182,7 @@ def task_runner_for(cluster: str | None) -> Any:
     local = re.fullmatch(r"local:(\d+)", cluster)
     if local and int(local.group(1)) >= 1:
         # one thread per worker, on loopback, and one GPU per worker where there are GPUs
-        return DaskTaskRunner(cluster_class="flows.cluster.local_cluster",
+        return DaskTaskRunner(cluster_class="clipscrub.flows.cluster.local_cluster",
                               cluster_kwargs={"n_workers": int(local.group(1))})
     if re.fullmatch(r"(tcp|tls)://[^/\s]+:\d+", cluster):
         return DaskTaskRunner(address=cluster)
@@ -191,8 +191,8 @@ def task_runner_for(cluster: str | None) -> Any:
 
 
 def upstream_stages(stage: str, active: list[str]) -> list[str]:
-    """The active stages whose outputs ``stage`` reads (SPECS inputs): its edges in the flow graph."""
-    return [s for s in active if s in {producer(name) for name in SPECS[stage].inputs}]
+    """The active stages whose outputs ``stage`` reads (its declared inputs): its edges in the flow graph."""
+    return [s for s in active if s in {producer(name) for name in STAGES[stage].inputs}]
 
 
 def run_tags(params: Params) -> list[str]:

@@ -5,61 +5,37 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
 from clipscrub.errors import ClipscrubError
 from clipscrub.params import load_params, packaged_model_names
-from flows.pipeline import STAGES, run_stage
-
-STAGE_HELP = {
-    "download": "materialise the dataset as webdataset shards + manifest.parquet",
-    "train": "train the demo's tiny victim CLIP (demo only; a no-op record when train.enabled is false)",
-    "embed": "image and caption embeddings with an open_clip model",
-    "index": "draw reference sets and find each sample's k nearest references (faiss)",
-    "score": "k-distance, SLOF, DAO, LID, isolation forest and CLIP score per sample",
-    "threshold": "flag samples from one detector's scores",
-    "filter": "write the cleaned dataset, removed.parquet and lineage.json",
-    "evaluate": "AUROC / PR-AUC / FPR@TPR per detector against known poison (DVC metrics and plots)",
-    "report": "one self-contained HTML page: histograms, ROC/PR, top flagged samples, clusters, lineage",
-}
-
-
-# an override worth knowing for each stage, shown in its --help example
-STAGE_EXAMPLE = {
-    "download": "-S download.synthetic.num_samples=2000",
-    "train": "-S train.epochs=5",
-    "embed": "-S embed.batch_size=128",
-    "index": "-S index.reference.draws=3",
-    "score": "-S \"score.detectors=[kdist, dao]\"",
-    "threshold": "-S threshold.tail_fdr=0.05",
-    "filter": "-S filter.shard_size=5000",
-    "evaluate": "-S evaluate.tpr=0.9",
-    "report": "-S report.top_n=96",
-}
+from clipscrub.flows.pipeline import STAGES, run_stage
 
 
 def stage_description(name: str) -> str:
     """A stage's --help text: what it does, what it reads and writes under --root, the params
     sections it depends on, and an example; from the stage graph, so it cannot drift."""
-    from flows.pipeline import SPECS, Layout
+    from clipscrub.flows.pipeline import Layout
 
     lay = Layout(Path("ROOT"))
-    spec = SPECS[name]
+    spec = STAGES[name]
 
     def paths(attrs: tuple[str, ...]) -> str:
         return ", ".join(f"{getattr(lay, a).as_posix()}{'' if '.' in getattr(lay, a).name else '/'}" for a in attrs)
 
     return "\n".join([
-        STAGE_HELP[name] + ".",
+        spec.help + ".",
         "",
         f"reads:   {paths(spec.inputs) or 'your source (download.source)'}",
         f"writes:  {paths(spec.outputs)}",
         f"params:  {', '.join(spec.params)} (sections or keys of the params file)",
+        *([f"files:   those {', '.join(spec.files)} name (dependencies too)"] if spec.files else []),
         "",
         "example:",
-        f"  clipscrub {name} -p params.yaml --root data {STAGE_EXAMPLE[name]}",
+        f"  clipscrub {name} -p params.yaml --root data {spec.example}",
         "",
         "A missing input names the stage to run first; a changed input stops with the stage to rerun.",
     ])
@@ -206,12 +182,12 @@ def summary_text(stage: str, summary: dict[str, Any], *, wrote: list[Path]) -> s
 
 def stage_outputs(stage: str, root: str) -> list[Path]:
     """What a stage wrote under ``root``; the report's page itself, the one file to open."""
-    from flows.pipeline import SPECS, Layout
+    from clipscrub.flows.pipeline import Layout
 
     lay = Layout(Path(root))
     if stage == "report":
         return [lay.report / "index.html"]
-    return [getattr(lay, a) for a in SPECS[stage].outputs]
+    return [getattr(lay, a) for a in STAGES[stage].outputs]
 
 
 def run_text(result: dict[str, Any], out: str) -> str:
@@ -246,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"clipscrub {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="<stage>")
     for name in STAGES:
-        sp = sub.add_parser(name, help=STAGE_HELP[name], description=stage_description(name),
+        sp = sub.add_parser(name, help=STAGES[name].help, description=stage_description(name),
                             formatter_class=argparse.RawDescriptionHelpFormatter)
         sp.add_argument("-p", "--params", default="params.yaml", help="params file (default: params.yaml)")
         sp.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -306,6 +282,25 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--root", default="data",
                     help="data directory of the run: a data root or a `clipscrub run` OUTDIR (default: data)")
     add_init_parser(sub)
+    sp = sub.add_parser("dvc-yaml", help="write dvc.yaml for a params file: every stage, with the files its params name",
+                        description=_fill(
+                            "Write the DVC pipeline for a params file (dvc.yaml beside it): one stage per stage "
+                            "that runs for these params, each `clipscrub <stage>` with its upstream outputs, the "
+                            "files its params name (source data, review lists, checkpoint, truth) and its code as "
+                            "dependencies. Run it again after changing a path in the params: a stage run by DVC "
+                            "stops when dvc.yaml lacks a file its params name."),
+                        epilog="examples:\n  clipscrub dvc-yaml                  dvc.yaml for params.yaml, here\n"
+                        "  clipscrub dvc-yaml --check          exit 1 if dvc.yaml is not what it would write",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    sp.add_argument("-p", "--params", default="params.yaml", help="params file (default: params.yaml)")
+    sp.add_argument("--root", default="data", help="data directory, relative to the project (default: data)")
+    sp.add_argument("-o", "--out", default=None, help="the file to write (default: dvc.yaml beside the params file)")
+    sp.add_argument("--check", action="store_true", help="write nothing; exit 1 if the file differs")
+    sp = sub.add_parser("code", help="write the installed clipscrub's code version per stage (dvc.yaml's clipscrub-code stage)",
+                        description="Write OUT/<stage>.txt: the code version of each stage (clipscrub's version and a "
+                        "hash of the modules the stage imports). dvc.yaml's stages depend on these files, so "
+                        "upgrading clipscrub reruns the stages whose code changed.")
+    sp.add_argument("--out", default=".clipscrub/code", help="folder to write (default: .clipscrub/code)")
     return parser
 
 
@@ -313,7 +308,7 @@ def show_run(root: str) -> str:
     """A compact text summary of a finished run under ``root``."""
     from pathlib import Path
 
-    from flows.pipeline import Layout
+    from clipscrub.flows.pipeline import Layout
 
     lay = Layout(Path(root))
     lines = []
@@ -469,6 +464,31 @@ def run_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_dvc_yaml(args: argparse.Namespace) -> int:
+    import os
+
+    from clipscrub.flows.pipeline import dvc_yaml_text
+    from clipscrub.io import atomic_file
+
+    params_path = Path(args.params)
+    out = Path(args.out) if args.out else params_path.parent / "dvc.yaml"
+    try:
+        params = load_params(params_path)
+        rel = Path(os.path.relpath(params_path.absolute(), out.parent.absolute())).as_posix()
+        text = dvc_yaml_text(params, folder=out.parent, params_file=rel, root=args.root)
+        if args.check:
+            same = out.is_file() and out.read_text() == text
+            print(f"dvc-yaml: {out} {'is up to date' if same else 'differs from what clipscrub dvc-yaml writes'}")
+            return 0 if same else 1
+        with atomic_file(out, param="--out") as tmp:
+            Path(tmp).write_text(text)
+    except ClipscrubError as exc:
+        print(f"clipscrub: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"dvc-yaml: wrote {out} for {params_path} (data under {args.root}/); run `dvc repro` there")
+    return 0
+
+
 def check_writable_dir(path: str, param: str) -> None:
     """Prove that ``path`` (or its nearest existing parent) takes new files, creating nothing."""
     import os
@@ -495,7 +515,7 @@ def run_flow(args: argparse.Namespace) -> int:
     except ClipscrubError as exc:
         print(f"clipscrub: error: {exc}", file=sys.stderr)
         return 2
-    from flows.clean import clean_dataset, private_prefect, task_runner_for
+    from clipscrub.flows.clean import clean_dataset, private_prefect, task_runner_for
 
     try:
         runner = task_runner_for(args.cluster)
@@ -540,8 +560,8 @@ def run_diff(args: argparse.Namespace) -> int:
 
 
 def run_poison(args: argparse.Namespace) -> int:
-    from flows.pipeline import Layout
-    from stages.poison import poison_dataset
+    from clipscrub.flows.pipeline import Layout
+    from clipscrub.stages.poison import poison_dataset
 
     try:
         params = load_params(args.params, args.overrides)
@@ -575,8 +595,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_poison(args)
     if args.command == "init":
         return run_init(args)
+    if args.command == "dvc-yaml":
+        return run_dvc_yaml(args)
+    if args.command == "code":
+        from clipscrub.flows.pipeline import write_code_stamps
+
+        versions = write_code_stamps(Path(args.out))
+        print(f"code: {len(versions)} stages' code versions in {args.out}/ (clipscrub {next(iter(versions.values()))})")
+        return 0
     try:
         params = load_params(args.params, args.overrides)
+        if os.environ.get("DVC_STAGE", "").rpartition(":")[2] == args.command:
+            from clipscrub.flows.pipeline import check_dvc_deps
+
+            check_dvc_deps(args.command, params, Path("dvc.yaml"))
         summary = run_stage(args.command, params, args.root)
     except ClipscrubError as exc:
         print(f"clipscrub: error: {exc}", file=sys.stderr)

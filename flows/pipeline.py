@@ -1,4 +1,5 @@
-"""The stage graph: which function each stage runs, on which paths, with which params.
+"""The stage graph: which function each stage runs, on which paths, with which params, as the
+declarations in ``clipscrub.stages`` state it.
 
 The CLI (``clipscrub <stage>``), dvc.yaml and the Prefect flow all go through ``run_stage``, so
 no stage is wired twice.
@@ -9,236 +10,80 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
+from clipscrub.dag import Stage, code_version, file_keys, is_active, params_value, settings_value
 from clipscrub.params import Params
+from clipscrub.stages import OUTPUTS
+from clipscrub.stages import STAGES as DECLARED
+
+STAGES: dict[str, Stage] = {s.name: s for s in DECLARED}
 
 
 @dataclass(frozen=True)
 class Layout:
-    """Where each stage's outputs live under one data root (``data/`` for the DVC pipeline)."""
+    """Where each stage's outputs live under one data root (``data/`` for the DVC pipeline):
+    ``layout.<output>`` is ``root / OUTPUTS[output].path``."""
 
     root: Path
 
-    @property
-    def raw(self) -> Path: return self.root / "raw"
-    @property
-    def model(self) -> Path: return self.root / "model"
-    @property
-    def embeddings(self) -> Path: return self.root / "embeddings"
-    @property
-    def index(self) -> Path: return self.root / "index"
-    @property
-    def scores(self) -> Path: return self.root / "scores"
-    @property
-    def flags(self) -> Path: return self.root / "flags"
-    @property
-    def clean(self) -> Path: return self.root / "clean"
-    @property
-    def train_metrics(self) -> Path: return self.root / "metrics" / "train.json"
-    @property
-    def detection_metrics(self) -> Path: return self.root / "metrics" / "detection.json"
-    @property
-    def applied_metrics(self) -> Path: return self.root / "metrics" / "applied.json"
-    @property
-    def plots(self) -> Path: return self.root / "plots"
-    @property
-    def report(self) -> Path: return self.root / "report"
+    def __getattr__(self, name: str) -> Path:
+        if name not in OUTPUTS:
+            raise AttributeError(name)
+        return self.root / OUTPUTS[name].path
 
 
-def _download(p: Params, lay: Layout) -> dict[str, Any]:
-    from stages.download import download_dataset
-
-    return download_dataset(out_dir=lay.raw, settings=p.download, base=p.base)
-
-
-def _train(p: Params, lay: Layout) -> dict[str, Any]:
-    from stages.train import train_model
-
-    return train_model(
-        raw_dir=lay.raw, out_dir=lay.model, metrics_path=lay.train_metrics,
-        settings=p.train, download=p.download, base=p.base,
-    )
-
-
-def _embed(p: Params, lay: Layout) -> dict[str, Any]:
-    from stages.embed import embed_dataset
-
-    # the demo embeds with the victim the train stage wrote; otherwise the model `embed` names
-    return embed_dataset(**_embed_args(p, lay))
-
-
-def _index(p: Params, lay: Layout) -> dict[str, Any]:
-    from stages.index import build_index
-
-    return build_index(embeddings_dir=lay.embeddings, out_dir=lay.index, settings=p.index, base=p.base)
-
-
-def _score(p: Params, lay: Layout) -> dict[str, Any]:
-    from stages.score import score_samples
-
-    return score_samples(
-        embeddings_dir=lay.embeddings, index_dir=lay.index, out_dir=lay.scores,
-        settings=p.score, index=p.index, base=p.base,
-    )
-
-
-def _threshold(p: Params, lay: Layout) -> dict[str, Any]:
-    from stages.threshold import threshold_scores
-
-    return threshold_scores(scores_dir=lay.scores, out_dir=lay.flags, settings=p.threshold, base=p.base)
-
-
-def _filter(p: Params, lay: Layout) -> dict[str, Any]:
-    from stages.filter import filter_dataset
-
-    return filter_dataset(
-        raw_dir=lay.raw, scores_dir=lay.scores, flags_dir=lay.flags, out_dir=lay.clean,
-        settings=p.filter, params=p,
-    )
-
-
-def _evaluate(p: Params, lay: Layout) -> dict[str, Any]:
-    from stages.evaluate import evaluate_detectors
-
-    return evaluate_detectors(
-        raw_dir=lay.raw, scores_dir=lay.scores, metrics_path=lay.detection_metrics, plots_dir=lay.plots,
-        settings=p.evaluate, threshold=p.threshold, base=p.base,
-        flags_dir=lay.flags, applied_path=lay.applied_metrics, clean_dir=lay.clean,
-    )
-
-
-def _report(p: Params, lay: Layout) -> dict[str, Any]:
-    from stages.report import write_report
-
-    return write_report(
-        raw_dir=lay.raw, embeddings_dir=lay.embeddings, scores_dir=lay.scores, flags_dir=lay.flags,
-        clean_dir=lay.clean, out_dir=lay.report, settings=p.report, threshold=p.threshold, base=p.base,
-        truth_path=p.evaluate.truth, index_dir=lay.index,
-    )
-
-
-@dataclass(frozen=True)
-class StageSpec:
-    """What a stage reads, writes and depends on; dvc.yaml states the same (a test checks)."""
-
-    inputs: tuple[str, ...]  # Layout attributes
-    outputs: tuple[str, ...]  # Layout attributes
-    params: tuple[str, ...]  # params sections or dotted keys
-    code: tuple[str, ...]  # source files, relative to the repository root
-
-
-SPECS: dict[str, StageSpec] = {
-    "download": StageSpec((), ("raw",), ("base", "download"),
-                          ("stages/download.py", "clipscrub/sources.py", "clipscrub/shards.py",
-                           "clipscrub/synthetic.py", "clipscrub/attacks.py", "clipscrub/io.py")),
-    "train": StageSpec(("raw",), ("model", "train_metrics"), ("base", "download", "train"),
-                       ("stages/train.py", "clipscrub/model.py", "clipscrub/synthetic.py", "clipscrub/attacks.py",
-                        "clipscrub/io.py")),
-    "embed": StageSpec(("raw", "model"), ("embeddings",), ("base", "embed", "train.enabled", "train.model_name"),
-                       ("stages/embed.py", "clipscrub/model.py", "clipscrub/shards.py", "clipscrub/sources.py",
-                        "clipscrub/arrays.py", "clipscrub/io.py")),
-    "index": StageSpec(("embeddings",), ("index",), ("base", "index"),
-                       ("stages/index.py", "clipscrub/neighbours.py", "clipscrub/arrays.py", "clipscrub/io.py")),
-    "score": StageSpec(("embeddings", "index"), ("scores",), ("base", "index", "score"),
-                       ("stages/score.py", "clipscrub/detectors.py", "stages/index.py", "clipscrub/neighbours.py",
-                        "clipscrub/arrays.py", "clipscrub/io.py")),
-    "threshold": StageSpec(("scores",), ("flags",), ("base", "threshold"), ("stages/threshold.py", "clipscrub/io.py")),
-    "filter": StageSpec(("raw", "scores", "flags"), ("clean",),
-                        ("base", "download", "train", "embed", "index", "score", "threshold", "filter"),
-                        ("stages/filter.py", "clipscrub/shards.py", "clipscrub/io.py")),
-    # evaluate and report count what filter removed: the flags after a person's review lists
-    "evaluate": StageSpec(("raw", "scores", "flags", "clean"), ("detection_metrics", "applied_metrics", "plots"),
-                          ("base", "threshold", "evaluate"),
-                          ("stages/evaluate.py", "stages/threshold.py", "stages/filter.py", "clipscrub/detectors.py",
-                           "clipscrub/metrics.py", "clipscrub/sources.py", "clipscrub/io.py")),
-    "report": StageSpec(("raw", "embeddings", "index", "scores", "flags", "clean"), ("report",),
-                        ("base", "threshold", "report", "evaluate.truth"),
-                        ("stages/report.py", "stages/threshold.py", "stages/filter.py", "clipscrub/gallery.py",
-                         "clipscrub/detectors.py", "clipscrub/shards.py", "clipscrub/metrics.py",
-                         "clipscrub/sources.py", "clipscrub/arrays.py", "clipscrub/io.py")),
-}
+def stage_kwargs(stage: str, params: Params, layout: Layout) -> dict[str, Any]:
+    """The keyword arguments ``stage``'s function is called with: its paths under ``layout``
+    (an output of a stage that does not run for these params: None) and its settings."""
+    decl = STAGES[stage]
+    inactive = {o for s in STAGES.values() if not is_active(s, params) for o in s.outputs} - set(decl.outputs)
+    kwargs: dict[str, Any] = {kw: None if out in inactive else getattr(layout, out) for kw, out in decl.paths.items()}
+    kwargs.update({kw: settings_value(params, key) for kw, key in decl.settings.items()})
+    return kwargs
 
 
 def param_value(params: Params, dotted: str) -> Any:
     """The JSON value of a section (``index``) or a key in one (``train.enabled``)."""
-    section, _, key = dotted.partition(".")
-    data = params.section(section)
-    for part in key.split(".") if key else ():
-        data = data[part]
-    return data
+    return params_value(params, dotted)
 
 
 def stage_code_version(stage: str) -> str:
-    """Hash of the source files a stage runs (its SPECS code list)."""
-    import hashlib
+    """``<version>+<hash>`` of the modules the stage imports (``clipscrub.dag.code_version``)."""
+    return code_version(STAGES[stage].module)
 
-    root = Path(__file__).resolve().parent.parent
-    h = hashlib.sha256()
-    for rel in SPECS[stage].code:
-        h.update(rel.encode() + b"\0" + (root / rel).read_bytes())
-    return h.hexdigest()[:16]
+
+def stage_files(stage: str, params: Params) -> dict[str, Path]:
+    """The files ``stage`` reads that its params name, by params key (a shards pattern: each
+    shard it expands to, keyed ``download.shards.path:<file>``)."""
+    found: dict[str, Path] = {}
+    for key in file_keys(STAGES[stage], params):
+        value = str(params_value(params, key))
+        if key == "download.shards.path":
+            from clipscrub.shards import expand_shards
+
+            found.update({f"{key}:{p}": Path(p) for p in expand_shards(value, param=key)})
+        else:
+            found[key] = Path(value).expanduser()
+    return found
 
 
 def stage_inputs(stage: str, params: Params, layout: Layout) -> dict[str, Path]:
-    """The files a stage's output depends on, by name: upstream outputs; for ``download`` the
-    user's source files; for ``embed`` the model files (the victim train wrote, or an external
-    checkpoint and config) or the precomputed embeddings; for ``index`` a trusted reference list;
-    for ``filter`` the review's keep and remove lists."""
-    inputs = {name: getattr(layout, name) for name in SPECS[stage].inputs}
-    dl = params.download
-    if stage == "download" and dl.source != "synthetic":
-        sub = getattr(dl, dl.source)
-        if dl.source == "shards":
-            from clipscrub.shards import expand_shards
-
-            inputs.update({f"shard:{p}": p for p in expand_shards(sub.path, param="download.shards.path")})
-        elif dl.source == "embeddings":
-            inputs["metadata"] = Path(sub.path).expanduser() / "metadata"
-        else:
-            inputs["source"] = Path(sub.path).expanduser()
-            if dl.source == "folder":
-                inputs["captions"] = Path(dl.folder.captions).expanduser()
-    if stage == "embed" and dl.source == "embeddings":
-        root = Path(dl.embeddings.path).expanduser()
-        inputs.update({"img_emb": root / "img_emb", "text_emb": root / "text_emb"})
-    if stage == "index" and params.index.reference.mode == "trusted":
-        inputs["trusted"] = Path(params.index.reference.path).expanduser()
-    if stage == "filter":
-        # a person's review lists: the version depends on their content, not just their paths
-        inputs.update({name: Path(path).expanduser() for name, path in
-                       (("keep_ids", params.filter.keep_ids), ("remove_ids", params.filter.remove_ids)) if path})
-    if stage in ("evaluate", "report") and params.evaluate.truth:
-        inputs["truth"] = Path(params.evaluate.truth).expanduser()
-    if stage == "embed" and not params.train.enabled:
-        del inputs["model"]
-        for name, path in (("checkpoint", params.embed.checkpoint), ("model_config", params.embed.model_config_path)):
-            if path:
-                inputs[name] = Path(path)
-    return inputs
+    """Every file ``stage``'s outputs depend on, by name: the upstream outputs it reads (of stages
+    that run for these params) and the files its params name (``stage_files``)."""
+    inactive = {o for s in STAGES.values() if not is_active(s, params) for o in s.outputs}
+    inputs = {name: getattr(layout, name) for name in STAGES[stage].inputs if name not in inactive}
+    return {**inputs, **stage_files(stage, params)}
 
 
 def active_stages(params: Params) -> list[str]:
-    """Stages in run order; ``train`` only when the params ask for the demo victim."""
-    return [s for s in STAGES if s != "train" or params.train.enabled]
-
-
-STAGES: dict[str, Callable[[Params, Layout], dict[str, Any]]] = {
-    "download": _download,
-    "train": _train,
-    "embed": _embed,
-    "index": _index,
-    "score": _score,
-    "threshold": _threshold,
-    "filter": _filter,
-    "evaluate": _evaluate,
-    "report": _report,
-}
+    """Stages in run order; those with a ``when`` key only where it holds (train: the demo victim)."""
+    return [name for name, decl in STAGES.items() if is_active(decl, params)]
 
 
 def producer(output: str) -> str:
     """The stage that writes the Layout attribute ``output``."""
-    return next(stage for stage, spec in SPECS.items() if output in spec.outputs)
+    return next(stage for stage, decl in STAGES.items() if output in decl.outputs)
 
 
 def check_upstream(name: str, params: Params, root: str | Path) -> None:
@@ -246,10 +91,9 @@ def check_upstream(name: str, params: Params, root: str | Path) -> None:
     from clipscrub.io import check_outputs
 
     layout = Layout(Path(root))
-    for inp in SPECS[name].inputs:
-        if name == "embed" and inp == "model" and not params.train.enabled:
-            continue
-        check_outputs(getattr(layout, inp), stage=producer(inp), root=root)
+    for inp in STAGES[name].inputs:
+        if is_active(STAGES[producer(inp)], params):
+            check_outputs(getattr(layout, inp), stage=producer(inp), root=root)
 
 
 def run_stage(name: str, params: Params, root: str | Path = "data", *, hold_root: bool = True,
@@ -267,23 +111,14 @@ def run_stage(name: str, params: Params, root: str | Path = "data", *, hold_root
         check_upstream(name, params, root)
         if assemble and name in ("index", "score"):
             return _assemble(name, params, Layout(Path(root)))
-        return STAGES[name](params, Layout(Path(root)))
-
-
-def _embed_args(p: Params, lay: Layout) -> dict[str, Any]:
-    trained = p.train.enabled
-    return {"raw_dir": lay.raw, "out_dir": lay.embeddings, "settings": p.embed, "base": p.base,
-            "model_dir": lay.model if trained else None, "model_name": p.train.model_name if trained else None}
+        return STAGES[name].function()(**stage_kwargs(name, params, Layout(Path(root))))
 
 
 def _piece_args(name: str, p: Params, lay: Layout) -> dict[str, Any]:
-    """What every piece of index or score shares: its inputs, params and work directory (under the
-    root, so on the filesystem every worker reaches)."""
-    work = lay.root / f".{name}.pieces"
-    if name == "index":
-        return {"embeddings_dir": lay.embeddings, "work_dir": work, "settings": p.index, "base": p.base}
-    return {"embeddings_dir": lay.embeddings, "index_dir": lay.index, "work_dir": work, "settings": p.score,
-            "index": p.index, "base": p.base}
+    """What every piece of index or score shares: the stage's arguments, with a work directory
+    (under the root, so on the filesystem every worker reaches) in place of its output."""
+    args = {k: v for k, v in stage_kwargs(name, p, lay).items() if k != "out_dir"}
+    return {**args, "work_dir": lay.root / f".{name}.pieces"}
 
 
 def plan_pieces(name: str, params: Params, root: str | Path) -> list[dict[str, Any]]:
@@ -299,13 +134,13 @@ def plan_pieces(name: str, params: Params, root: str | Path) -> list[dict[str, A
         return []
     check_upstream(name, params, root)
     if name == "embed":
-        from stages.embed import plan_embed_parts
+        from clipscrub.stages.embed import plan_embed_parts
 
-        return [{"groups": [i]} for i in range(plan_embed_parts(**_embed_args(params, lay)))]
+        return [{"groups": [i]} for i in range(plan_embed_parts(**stage_kwargs("embed", params, lay)))]
     if name == "index":
-        from stages.index import prepare_index as prepare
+        from clipscrub.stages.index import prepare_index as prepare
     else:
-        from stages.score import prepare_score as prepare
+        from clipscrub.stages.score import prepare_score as prepare
     plan = prepare(**_piece_args(name, params, lay))
     return [{"start": start, "stop": stop} for start, stop in plan["chunks"]]
 
@@ -314,13 +149,13 @@ def run_piece(name: str, params: Params, root: str | Path, piece: dict[str, Any]
     """Run one piece ``plan_pieces`` planned, on whichever worker it lands on."""
     lay = Layout(Path(root))
     if name == "embed":
-        from stages.embed import embed_parts
+        from clipscrub.stages.embed import embed_parts
 
-        return embed_parts(**_embed_args(params, lay), groups=piece["groups"])
+        return embed_parts(**stage_kwargs("embed", params, lay), groups=piece["groups"])
     if name == "index":
-        from stages.index import search_index_chunk as run
+        from clipscrub.stages.index import search_index_chunk as run
     elif name == "score":
-        from stages.score import score_chunk as run
+        from clipscrub.stages.score import score_chunk as run
     else:
         raise ValueError(f"stage {name} has no pieces")
     run(**_piece_args(name, params, lay), start=piece["start"], stop=piece["stop"])
@@ -333,12 +168,126 @@ def _assemble(name: str, p: Params, lay: Layout) -> dict[str, Any]:
 
     args = _piece_args(name, p, lay)
     if name == "index":
-        from stages.index import reduce_index
+        from clipscrub.stages.index import reduce_index
 
         summary = reduce_index(**args, out_dir=lay.index)
     else:
-        from stages.score import reduce_score
+        from clipscrub.stages.score import reduce_score
 
         summary = reduce_score(**args, out_dir=lay.scores)
     shutil.rmtree(args["work_dir"], ignore_errors=True)
     return summary
+
+
+# ------------------------------------------------------------------ dvc.yaml, from the declarations
+CODE_STAMPS = ".clipscrub/code"  # the installed clipscrub's code version per stage, in a user's project
+DVC_HEADER = (
+    "The clipscrub pipeline, written by `clipscrub dvc-yaml` from the stage declarations (clipscrub.stages) and "
+    "the params file: regenerate it when you change a path in the params (a stage run by DVC stops if this file "
+    "lacks a dependency its params name). Each stage is `clipscrub <stage>`, over the same function the Prefect "
+    "flow runs; it depends on its upstream outputs, the files its params name, and {code}."
+)
+
+
+def code_files(stage: str) -> list[Path]:
+    """The source files of the modules ``stage`` imports (``clipscrub.dag.imported_modules``)."""
+    from clipscrub.dag import imported_modules
+
+    return [path for _, path in imported_modules(STAGES[stage].module)]
+
+
+def dvc_file_deps(stage: str, params: Params, folder: Path) -> list[str]:
+    """The files ``stage``'s params name, as dvc.yaml at ``folder`` lists them: a shards folder or
+    file as given, a brace pattern as the shards it expands to."""
+    from clipscrub.dag import relative_dep
+
+    deps = []
+    for key in file_keys(STAGES[stage], params):
+        value = str(params_value(params, key))
+        if key == "download.shards.path" and "{" in value:
+            deps += [relative_dep(p, folder) for p in stage_files(stage, params).values()]
+        else:
+            deps.append(relative_dep(value, folder))
+    return list(dict.fromkeys(deps))
+
+
+def in_project(folder: Path) -> bool:
+    """Whether clipscrub's own source lies under ``folder`` (the repository's DVC project, where
+    stages depend on the source files; elsewhere on the installed version's stamps)."""
+    import os
+
+    base = os.path.abspath(folder)
+    return all(os.path.abspath(p).startswith(base + os.sep) for p in code_files("download"))
+
+
+def dvc_yaml_text(params: Params, *, folder: Path, params_file: str = "params.yaml", root: str = "data") -> str:
+    """dvc.yaml for ``params`` in the DVC project at ``folder``: one stage per active stage (see
+    ``clipscrub.dag.dvc_stages``). Inside clipscrub's repository a stage depends on the source
+    files it imports; in any other project on ``.clipscrub/code/<stage>.txt``, which the
+    always-run ``clipscrub-code`` stage rewrites from the installed clipscrub, so an upgrade reruns
+    the stages whose code it changed and no other."""
+    import os
+    import textwrap
+
+    import yaml
+
+    from clipscrub.dag import dvc_stages
+
+    source = in_project(folder)
+
+    def code(stage) -> list[str]:
+        if source:
+            return sorted(Path(os.path.relpath(p, folder)).as_posix() for p in code_files(stage.name))
+        return [f"{CODE_STAMPS}/{stage.name}.txt"]
+
+    stages = dvc_stages(tuple(STAGES.values()), OUTPUTS, params, root=root, params_file=params_file, code=code,
+                        files=lambda stage: dvc_file_deps(stage.name, params, folder))
+    if not source:
+        stamps = {"cmd": f"clipscrub code --out {CODE_STAMPS}", "always_changed": True,
+                  "outs": [{f"{CODE_STAMPS}/{name}.txt": {"cache": False}} for name in stages]}
+        stages = {"clipscrub-code": stamps, **stages}
+    what = ("the source files it imports" if source else
+            f"the installed clipscrub's code for it ({CODE_STAMPS}/<stage>.txt, rewritten by the always-run "
+            "clipscrub-code stage: an upgrade reruns only the stages whose code changed)")
+    body = yaml.safe_dump({"stages": stages}, sort_keys=False, default_flow_style=False, width=100)
+    return "".join(f"# {line}\n" for line in textwrap.wrap(DVC_HEADER.format(code=what), 96)) + body
+
+
+def write_code_stamps(out: Path) -> dict[str, str]:
+    """``<out>/<stage>.txt`` for every stage: the installed clipscrub's code version for it and the
+    modules it is made of. Files whose content is unchanged are left as they are."""
+    from clipscrub.dag import imported_modules
+
+    out.mkdir(parents=True, exist_ok=True)
+    versions = {}
+    for name, decl in STAGES.items():
+        versions[name] = code_version(decl.module)
+        text = f"{versions[name]}\n" + "".join(f"{m}\n" for m, _ in imported_modules(decl.module))
+        path = out / f"{name}.txt"
+        if not path.is_file() or path.read_text() != text:
+            path.write_text(text)
+    return versions
+
+
+def check_dvc_deps(stage: str, params: Params, dvc_yaml: Path) -> None:
+    """Under ``dvc repro`` (``DVC_STAGE`` names the stage): raise unless ``dvc_yaml`` lists every
+    file the stage's params name among its deps. Otherwise DVC would not rerun the stage when
+    that file changes, and the cleaned version would go stale without a word."""
+    import yaml
+
+    from clipscrub.errors import ParamError
+
+    if not dvc_yaml.is_file():
+        return
+    entry = ((yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages") or {}).get(stage)
+    if not isinstance(entry, dict):
+        return
+    folder = dvc_yaml.parent
+    listed = {Path(folder, d).resolve() if not Path(d).is_absolute() else Path(d) for d in entry.get("deps") or []}
+    for dep in dvc_file_deps(stage, params, folder):
+        path = Path(folder, dep).resolve()
+        if path not in listed and not any(parent in listed for parent in path.parents):
+            raise ParamError(
+                f"{dvc_yaml} does not list {dep} as a dependency of stage {stage}, so DVC would not rerun it when "
+                f"that file changes: regenerate dvc.yaml with `clipscrub dvc-yaml` (and commit it), then rerun",
+                param=stage)

@@ -1,6 +1,6 @@
 """Serve ``clean-dataset`` as a Prefect deployment whose parameters are a params file's values.
 
-    python -m flows.serve -p params.yaml -o runs/nightly --name nightly [--cron "0 3 * * *"]
+    python -m clipscrub.flows.serve -p params.yaml -o runs/nightly --name nightly [--cron "0 3 * * *"]
 
 Runs are then started from the Prefect UI (or `prefect deployment run clean-dataset/nightly`),
 with any parameter editable there. Needs PREFECT_API_URL pointing at a running server.
@@ -17,7 +17,7 @@ from clipscrub.params import load_params
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m flows.serve", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m clipscrub.flows.serve", description=__doc__.split("\n\n")[0])
     ap.add_argument("-p", "--params", default="params.yaml")
     ap.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     ap.add_argument("-o", "--out", required=True, help="run directory each deployment run writes into")
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     except ClipscrubError as exc:
         print(f"clipscrub: error: {exc}", file=sys.stderr)
         return 2
-    from flows.clean import clean_dataset, private_prefect
+    from clipscrub.flows.clean import clean_dataset, private_prefect
 
     with private_prefect():  # no analytics from this client either
         clean_dataset.serve(

@@ -118,6 +118,7 @@ def download_dataset(*, out_dir: str | Path, settings: DownloadSettings, base: B
         summary["shards"] = int(shards)
         write_lineage(
             tmp,
+            module=__name__,
             stage="download",
             params={"base": base.model_dump(mode="json"), "download": settings.model_dump(mode="json")},
             inputs=source_inputs,

@@ -144,7 +144,7 @@ def run_fingerprint(*, raw_dir: Path, loaded: LoadedModel, settings: EmbedSettin
         "model": loaded.info,
         "embed": settings.model_dump(mode="json", by_alias=True),
         "device": loaded.device.type,
-        "code_version": code_version(),
+        "code_version": code_version(__name__),
     }
 
 
@@ -488,6 +488,7 @@ def _record_model(tmp: Path, *, info: dict[str, Any], summary: dict[str, Any], r
     write_json(tmp / "model.json", info)
     write_lineage(
         tmp,
+        module=__name__,
         stage="embed",
         params={"base": base.model_dump(mode="json"), "embed": settings.model_dump(mode="json", by_alias=True)},
         inputs=dict(zip(("raw", "model"), upstream)),  # the train stage's model dir, when it made the model

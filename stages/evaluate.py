@@ -26,7 +26,7 @@ from clipscrub.io import atomic_dir, atomic_file, read_json, read_manifest, requ
 from clipscrub.metrics import applied_metrics, removed_as_flags
 from clipscrub.params import DENSITY_RATIO_DETECTORS, BaseSettings, EvaluateSettings, ThresholdSettings
 from clipscrub.sources import read_truth
-from stages.threshold import flag_outliers
+from clipscrub.flagging import flag_outliers
 
 
 def _ranked(values: np.ndarray, detector: str) -> np.ndarray:
@@ -61,7 +61,7 @@ def applied_removal(*, flags: pl.DataFrame, clean_dir: Path, truth: pl.Series, s
     the block adds ``flagged`` (the detector's flags), ``removed_by_review`` (unflagged samples the
     remove list removed: reason ``review``) and ``kept_by_review`` (flagged samples the keep list
     kept: ``overruled.parquet``)."""
-    from stages.filter import REVIEW_REASON
+    from clipscrub.flagging import REVIEW_REASON
 
     removed = pl.read_parquet(require_file(clean_dir / "removed.parquet", param="--clean", what="cleaned version"))
     lineage = read_json(require_file(clean_dir / "lineage.json", param="--clean", what="cleaned version"))

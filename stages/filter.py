@@ -24,6 +24,7 @@ import numpy as np
 import polars as pl
 
 from clipscrub.errors import DataError, ParamError
+from clipscrub.flagging import REVIEW_REASON
 from clipscrub.io import (atomic_dir, code_version, read_id_list, read_lineage, read_manifest, require_file,
                           sha256_file, sha256_path, write_json)
 from clipscrub.params import FilterSettings, Params
@@ -98,7 +99,6 @@ def check_recorded(sample: dict[str, Any], row: dict[str, Any]) -> None:
 
 
 # removed.parquet's reason for a sample removed by the remove list alone (not flagged)
-REVIEW_REASON = "review"
 
 
 def _review(settings: FilterSettings, scored: pl.Series) -> tuple[np.ndarray, np.ndarray]:
@@ -210,7 +210,7 @@ def filter_dataset(
             required += ["kept_ids.npy", "kept.parquet"]
         inputs = {name: d for name, d in (("flags", flags_dir), ("raw", raw_dir), ("scores", scores_dir))}
         inputs |= {name: Path(path).expanduser() for name, path in lists.items()}
-        stages["filter"] = {"params": {"filter": settings.model_dump(mode="json")}, "code_version": code_version(),
+        stages["filter"] = {"params": {"filter": settings.model_dump(mode="json")}, "code_version": code_version(__name__),
                             "inputs": {name: sha256_path(d) for name, d in sorted(inputs.items())},
                             "summary": counts}
         lineage = {

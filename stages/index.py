@@ -27,159 +27,26 @@ plan of query chunks, and the output arrays, allocated whole), ``search_index_ch
 from __future__ import annotations
 
 import hashlib
-import os
-import shutil
-import uuid
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
-from clipscrub.arrays import ChunkRows, RowReader, create_npy, write_rows
-from clipscrub.errors import DataError, ParamError
-from clipscrub.io import atomic_dir, read_json, require_file, scratch_work_dir, write_json, write_lineage
+from clipscrub.arrays import ChunkRows, create_npy, load_embeddings, require_finite, write_rows
+from clipscrub.errors import DataError
+from clipscrub.io import atomic_dir, scratch_work_dir, write_json, write_lineage
 from clipscrub.neighbours import (
-    STORED_METHODS, Neighbours, caption_set, choose_method, draw_index, duplicate_distance, entry_dtype,
+    REFERENCES_FILE, STORED_METHODS, Neighbours, caption_set, choose_method, draw_index, duplicate_distance, entry_dtype,
     find_neighbours, gpu_count, measure_recall, query_embeddings, read_trusted_rows, reference_sets,
     self_entries_per_query, write_search_index,
 )
 from clipscrub.params import BaseSettings, IndexSettings
+from clipscrub.pieces import (
+    PLAN_FILE, check_chunk, chunk_file, chunk_mark, chunk_plan, fresh_work_dir, link_or_copy, load_chunk, read_plan,
+    require_chunk, save_npy,
+)
 from clipscrub.progress import track
 from clipscrub.validation import check_neighbours, docs_dir_for, neighbour_check_tables, validate
-
-
-def load_embeddings(emb_dir: Path, *, normalize: bool = False) -> tuple[RowReader, RowReader, np.ndarray]:
-    """(image (N, d), text (N, d), ids (N,)) of the embed stage's output, with equal shapes. The
-    values are checked finite by the chunks that read them (``require_finite``), not here: a
-    separate pass over N rows cost as much as reading them for the search. With ``normalize``
-    the readers return unit rows."""
-    image, text = (
-        RowReader(require_file(emb_dir / f"{name}.npy", param="--embeddings", what="embeddings"), normalize=normalize)
-        for name in ("image", "text")
-    )
-    ids = np.load(require_file(emb_dir / "ids.npy", param="--embeddings", what="embeddings"))
-    if len(ids) == 0:
-        raise DataError("the embeddings are empty", param="--embeddings")
-    if image.shape != text.shape or len(image) != len(ids):
-        raise DataError(
-            f"image {image.shape}, text {text.shape} and ids ({len(ids)},) embeddings disagree", param="--embeddings"
-        )
-    return image, text, ids
-
-
-def require_finite(ids: np.ndarray, start: int) -> Callable[[RowReader, np.ndarray], None]:
-    """A ``ChunkRows`` ``on_read`` check: raise unless every value of a file's rows (Q, d), rows
-    [start, start + Q) of the embeddings whose ids are ``ids``, is finite."""
-    def check(reader: RowReader, rows: np.ndarray) -> None:
-        # a float64 row sum is finite exactly when every float32 in the row is (it cannot
-        # overflow), without a (Q, d) mask
-        bad = ~np.isfinite(rows.sum(axis=1, dtype=np.float64))
-        if bad.any():
-            raise DataError(
-                f"{int(bad.sum())} {reader.path.stem} embeddings of rows [{start}, {start + len(rows)}) are not "
-                f"finite, e.g. ids {ids[start:start + len(rows)][bad][:5].tolist()}",
-                param="--embeddings",
-            )
-    return check
-
-
-REFERENCES_FILE = "references.json"
-ARRAYS = ("ref_rows", "neighbours", "distances", "ref_neighbours", "ref_distances")
-
-
-def read_reference_sets(index_dir: Path) -> list[dict[str, Any]]:
-    """The index stage's reference sets, in order: name, draws, samples, entries, search."""
-    return read_json(require_file(index_dir / REFERENCES_FILE, param="--index", what="index"))["sets"]
-
-
-def load_reference_set(index_dir: Path, name: str) -> dict[str, np.ndarray]:
-    """One set's arrays (``ARRAYS``), memory-mapped."""
-    return {a: np.load(require_file(index_dir / name / f"{a}.npy", param="--index", what="index"), mmap_mode="r")
-            for a in ARRAYS}
-
-
-
-# ------------------------------------------------------------------ work directories shared by the pieces
-PLAN_FILE = "plan.json"
-WORK_MARK = ".clipscrub-work"  # a directory a prepare step may empty: never a user's own folder
-
-
-def fresh_work_dir(work_dir: str | Path, *, param: str) -> Path:
-    """``work_dir`` emptied (a stale chunk of another run must never reach a reduce) and marked.
-    Refuses a non-empty directory that no prepare step made."""
-    work = Path(work_dir)
-    if work.is_dir() and any(work.iterdir()) and not (work / WORK_MARK).is_file():
-        raise ParamError(f"work directory {work} is not empty and was not made by clipscrub: give an empty or new one",
-                         param=param)
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    (work / WORK_MARK).touch()
-    return work
-
-
-def read_plan(work_dir: str | Path, *, params: dict[str, Any], stage: str) -> dict[str, Any]:
-    """The plan a prepare step wrote, checked to be for these params."""
-    path = Path(work_dir) / PLAN_FILE
-    if not path.is_file():
-        raise DataError(f"{path} not found: run prepare_{stage} first", param=stage)
-    plan = read_json(path)
-    if plan["params"] != params:
-        raise ParamError(f"the plan in {work_dir} was prepared with other params: rerun prepare_{stage}", param=stage)
-    return plan
-
-
-def chunk_plan(n: int, chunk_size: int) -> list[list[int]]:
-    """[start, stop) of each chunk of queries: the chunks a single search of all n would use."""
-    return [[start, min(n, start + chunk_size)] for start in range(0, n, chunk_size)]
-
-
-def check_chunk(plan: dict[str, Any], start: int, stop: int, *, param: str) -> None:
-    if [start, stop] not in plan["chunks"]:
-        raise ParamError(f"[{start}, {stop}) is not one of the plan's chunks (each starts at a multiple of "
-                         f"{param}, {plan['chunks'][0][1]})", param=param)
-
-
-def chunk_file(work: Path, start: int, stop: int, name: str) -> Path:
-    return work / "chunks" / f"{start}-{stop}" / f"{name}.npy"
-
-
-def chunk_mark(work: Path, start: int, stop: int) -> Path:
-    """Written last by an index chunk: its rows of the shared arrays are complete."""
-    return work / "chunks" / f"{start}-{stop}.json"
-
-
-def save_npy(path: Path, arr: np.ndarray) -> None:
-    """np.save under a temporary name, then renamed: a reader sees the whole file or none, and a
-    chunk run twice replaces its files with the same bytes."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "wb") as f:
-            np.save(f, arr)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def require_chunk(path: Path, start: int, stop: int, *, stage: str) -> Path:
-    """``path``, a file chunk [start, stop) writes, or the error naming the chunk to run."""
-    if not path.is_file():
-        raise DataError(f"chunk [{start}, {stop}) has not been computed ({path} is missing): run its "
-                        f"{stage} chunk, then reduce again", param=stage)
-    return path
-
-
-def load_chunk(work: Path, start: int, stop: int, name: str, *, stage: str) -> np.ndarray:
-    return np.load(require_chunk(chunk_file(work, start, stop, name), start, stop, stage=stage))
-
-
-def link_or_copy(src: Path, dst: Path) -> None:
-    """``dst`` with ``src``'s bytes: a hard link (no copy of gigabytes) where the filesystem has
-    them, else a copy."""
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copyfile(src, dst)
 
 
 # queries searched and re-ranked per faiss call: faiss tiles its own work in 4,096-query blocks, so
@@ -421,6 +288,7 @@ def reduce_index(
         }
         write_lineage(
             tmp,
+            module=__name__,
             stage="index",
             params=_index_params(settings, base),
             inputs={"embeddings": emb_dir, **({"trusted": Path(ref.path)} if trusted else {})},

@@ -168,7 +168,7 @@ def poison_dataset(
                    "poisoned": int(poisoned["is_poison"].sum()), "attacks": counts,
                    "shards": (n + shard_size - 1) // shard_size}
         write_lineage(
-            tmp, stage="poison",
+            tmp, stage="poison", module=__name__,
             params={"base": {"seed": seed}, "poison": {"attacks": [a.model_dump(mode="json") for a in attacks]},
                     "download": {"shard_size": shard_size}},
             inputs={"manifest": raw_dir / "manifest.parquet"}, upstream=[raw_dir], summary=summary,

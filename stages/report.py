@@ -37,8 +37,8 @@ from clipscrub.metrics import applied_metrics, applied_sentence, fmt_ratio, remo
 from clipscrub.params import BaseSettings, ReportSettings, ThresholdSettings
 from clipscrub.shards import decode_image, image_field, iter_shard, shard_path
 from clipscrub.sources import read_truth
-from stages.filter import REVIEW_REASON
-from stages.threshold import flag_outliers
+from clipscrub.flagging import REVIEW_REASON
+from clipscrub.flagging import flag_outliers
 
 CSS = """
 body{font:14px/1.45 system-ui,sans-serif;margin:2rem auto;max-width:1200px;padding:0 1rem;color:#222}
@@ -611,7 +611,7 @@ def write_report(
             (tmp / "flagged" / name).write_text(text, encoding="utf-8")
         clusters.write_parquet(tmp / "clusters.parquet", statistics=False)
         write_lineage(
-            tmp, stage="report",
+            tmp, stage="report", module=__name__,
             params={"base": base.model_dump(mode="json"), "threshold": threshold.model_dump(mode="json"),
                     "report": settings.model_dump(mode="json"), "evaluate.truth": None if truth_path is None else str(truth_path)},
             inputs={"raw": raw_dir, "embeddings": emb_dir, "scores": scores_dir, "flags": flags_dir, "clean": clean_dir,

@@ -25,21 +25,20 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from clipscrub.arrays import ChunkRows, unit_rows
+from clipscrub.arrays import ChunkRows, load_embeddings, require_finite, unit_rows
 from clipscrub.detectors import (
     caption_mismatch, clip_score, density_scores, fit_iforest, fuse_scores, iforest_score, join_caption_view,
     mismatch_sample, query_scores, reference_density, vet_copies,
 )
 from clipscrub.errors import DataError
 from clipscrub.io import atomic_dir, scratch_work_dir, write_json, write_lineage
-from clipscrub.neighbours import query_embeddings
+from clipscrub.neighbours import load_reference_set, query_embeddings, read_reference_sets
 from clipscrub.params import BaseSettings, IndexSettings, ScoreSettings
+from clipscrub.pieces import (
+    PLAN_FILE, check_chunk, chunk_file, chunk_plan, fresh_work_dir, load_chunk, read_plan, save_npy,
+)
 from clipscrub.progress import track
 from clipscrub.validation import docs_dir_for, score_tables, validate
-from stages.index import (
-    PLAN_FILE, check_chunk, chunk_file, chunk_plan, fresh_work_dir, load_chunk, load_embeddings, load_reference_set,
-    read_plan, read_reference_sets, require_finite, save_npy,
-)
 
 DENSITY = ("kdist", "slof", "dao", "lid")
 
@@ -289,6 +288,7 @@ def reduce_score(
                                                    detectors=order), docs_dir=docs_dir_for(out_dir, "score"))
         write_lineage(
             tmp,
+            module=__name__,
             stage="score",
             params={"base": base.model_dump(mode="json"), "score": settings.model_dump(mode="json")},
             inputs={"embeddings": emb_dir, "index": idx_dir},

@@ -4,7 +4,7 @@ Rules (``threshold.method``):
 - ``tail`` (the default): as many samples as stand out of the bulk. The bulk's scores are taken
   as a normal (median, upper-half robust scale), and the cut is the lowest at which at most
   ``tail_fdr`` of the flagged samples are what that bulk's own upper tail accounts for
-  (``tail_cut``). It removes few samples from clean data and follows the poison's size: 0.1% or
+  (``clipscrub.flagging.tail_cut``). It removes few samples from clean data and follows the poison's size: 0.1% or
   3% alike, where a fixed share removes too few of one or too many of the other;
 - ``top_fraction``: the ``fraction`` most suspicious samples (1% in the paper),
   ties at the cut broken by id;
@@ -30,69 +30,13 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from clipscrub.detectors import LOW_IS_SUSPICIOUS, robust_scales, suspicion
 from clipscrub.errors import DataError
+from clipscrub.detectors import suspicion
+from clipscrub.flagging import direction, flag_outliers
 from clipscrub.io import atomic_dir, require_file, write_json, write_lineage
 from clipscrub.params import BaseSettings, ThresholdSettings
 
 log = logging.getLogger("clipscrub.threshold")
-
-
-def direction(detector: str) -> str:
-    """Which side of the cut a detector's flagged samples lie on: ``below`` (score <= cut) or ``above``."""
-    return "below" if detector in LOW_IS_SUSPICIOUS else "above"
-
-
-def flag_outliers(*, values: np.ndarray, ids: np.ndarray, detector: str, settings: ThresholdSettings) -> tuple[np.ndarray, float]:
-    """Boolean (N,) mask of finite scores past the cut, and the cut in the detector's own units
-    (flagged: score >= cut, or score <= cut where low is suspicious; NaN without finite scores)."""
-    s = suspicion(values, detector)
-    finite = np.isfinite(s)
-    mask = np.zeros(len(s), dtype=bool)
-    if not finite.any():
-        return mask, float("nan")
-    if settings.method == "top_fraction":
-        n_flag = max(1, int(round(settings.fraction * len(s))))
-        fin_idx = np.flatnonzero(finite)
-        # most suspicious first; ties broken by id so the cut is deterministic
-        order = fin_idx[np.lexsort((ids[fin_idx], -s[fin_idx]))][:n_flag]
-        mask[order] = True
-        cut = float(s[order[-1]])
-    elif settings.method == "tail":
-        cut = tail_cut(s[finite], fdr=settings.tail_fdr)
-        mask[finite] = s[finite] >= cut
-    else:
-        if settings.method == "score":
-            cut = float(suspicion(np.array([settings.score]), detector)[0])
-        else:
-            med = np.median(s[finite])
-            mad = 1.4826 * np.median(np.abs(s[finite] - med))
-            # no spread: only values strictly above the common value are outliers, so the cut is
-            # the next float above it (the written cut then flags the same samples as a score rule)
-            cut = float(med + settings.auto_z * mad) if mad > 0 else float(np.nextafter(med, np.inf))
-        mask[finite] = s[finite] >= cut
-    # back from "higher = more suspicious" to the detector's own units (negation is exact)
-    return mask, float(suspicion(np.array([cut]), detector)[0])
-
-
-def tail_cut(values: np.ndarray, *, fdr: float) -> float:
-    """The lowest cut on finite oriented scores (N,) (higher = more suspicious) above which at most
-    ``fdr`` of the samples are what the bulk's own upper tail accounts for.
-
-    The bulk is modelled as a normal with the scores' median and the scale of their upper half
-    (1.4826 x the median deviation above the median: robust to the flagged tail itself); at each
-    candidate cut t, the bulk accounts for N x P(Z >= z(t)) samples above it (Benjamini-Hochberg
-    with an empirical null, as in Efron's local false discovery rate). The flagged count thus
-    follows how many samples stand out: none on clean data, all of a large poisoned group. With
-    no such cut, the cut lies above the largest score (nothing flagged).
-    """
-    from scipy.stats import norm
-
-    v = np.sort(np.asarray(values, dtype=np.float64))[::-1]
-    med, _, scale = robust_scales(v)  # the upper half's scale, as robust_z takes it
-    expected = len(v) * norm.sf((v - med) / scale)
-    ok = np.flatnonzero(expected <= fdr * np.arange(1, len(v) + 1))
-    return float(v[ok.max()]) if ok.size else float(np.nextafter(v[0], np.inf))
 
 
 def _flags_nothing(*, values: np.ndarray, column: str, cut: float, detector: str) -> str:
@@ -156,6 +100,7 @@ def threshold_scores(
         write_json(tmp / "threshold.json", summary)
         write_lineage(
             tmp,
+            module=__name__,
             stage="threshold",
             params={"base": base.model_dump(mode="json"), "threshold": settings.model_dump(mode="json")},
             inputs={"scores": scores_dir},

@@ -136,7 +136,7 @@ def train_model(
     if not settings.enabled:
         summary = {"trained": False}
         with atomic_dir(out_dir) as tmp:
-            write_lineage(tmp, stage="train", params=params, inputs={}, upstream=[], summary=summary)
+            write_lineage(tmp, stage="train", params=params, inputs={}, upstream=[], summary=summary, module=__name__)
         with atomic_file(metrics_path) as tmp_metrics:
             write_json(tmp_metrics, summary)
         return summary
@@ -198,7 +198,8 @@ def train_model(
             torch.save({"epoch": settings.epochs, "name": settings.model_name, "state_dict": model.state_dict()}, tmp / "checkpoint.pt")
             write_json(tmp / "model_config.json", config)
             write_lineage(
-                tmp, stage="train", params=params, inputs={"raw": raw_dir}, upstream=[raw_dir], summary=metrics
+                tmp, stage="train", params=params, inputs={"raw": raw_dir}, upstream=[raw_dir], summary=metrics,
+                module=__name__,
             )
         with atomic_file(metrics_path) as tmp_metrics:
             write_json(tmp_metrics, metrics)

@@ -69,7 +69,7 @@ def tiny_params(extra: list[str] | None = None) -> Params:
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory) -> tuple[Path, Params]:
     """The whole pipeline run once on the tiny demo: (data root, params)."""
-    from flows.pipeline import STAGES, run_stage
+    from clipscrub.flows.pipeline import STAGES, run_stage
 
     root = tmp_path_factory.mktemp("tiny-run") / "data"
     params = tiny_params()
@@ -98,7 +98,7 @@ def planted_run(tmp_path_factory) -> tuple[Path, Params, np.ndarray]:
     params, each sample's group (N,) by id)."""
     import polars as pl
 
-    from flows.pipeline import STAGES, run_stage
+    from clipscrub.flows.pipeline import STAGES, run_stage
     from tests.planted import write_planted
 
     base = tmp_path_factory.mktemp("planted-run")

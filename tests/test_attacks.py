@@ -27,7 +27,7 @@ from clipscrub.attacks import (
 from clipscrub.errors import DataError
 from clipscrub.params import AttackSettings, parse_params
 from clipscrub.synthetic import generate_samples
-from stages.download import download_dataset, encode_jpeg
+from clipscrub.stages.download import download_dataset, encode_jpeg
 
 N = 300
 SIZE = 32

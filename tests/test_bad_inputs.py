@@ -15,10 +15,10 @@ import polars as pl
 import pytest
 import yaml
 
-from flows.cli import main
+from clipscrub.flows.cli import main
 from clipscrub.io import LOCK_FILE, seal_outputs
 from clipscrub.params import parse_params
-from flows.pipeline import run_stage
+from clipscrub.flows.pipeline import run_stage
 from tests.conftest import tiny_params_dict
 from tests.test_sources import tiny_model, write_clip_retrieval  # noqa: F401 (fixture)
 

@@ -17,8 +17,8 @@ import pytest
 from clipscrub.arrays import create_npy, write_rows
 from clipscrub.errors import DataError, ParamError
 from clipscrub.params import parse_params
-from stages.index import build_index, prepare_index, reduce_index, search_index_chunk
-from stages.score import prepare_score, reduce_score, score_chunk, score_samples
+from clipscrub.stages.index import build_index, prepare_index, reduce_index, search_index_chunk
+from clipscrub.stages.score import prepare_score, reduce_score, score_chunk, score_samples
 from tests.conftest import write_embeddings
 
 REPO = Path(__file__).resolve().parent.parent
@@ -103,8 +103,8 @@ import json, sys
 import faiss
 faiss.omp_set_num_threads(1)
 from clipscrub.params import parse_params
-from stages.index import search_index_chunk
-from stages.score import score_chunk
+from clipscrub.stages.index import search_index_chunk
+from clipscrub.stages.score import score_chunk
 emb, work, raw, start, stop = sys.argv[1:]
 p = parse_params(json.loads(raw))
 common = dict(embeddings_dir=emb, base=p.base, start=int(start), stop=int(stop))

@@ -12,7 +12,7 @@ import yaml
 
 from tests.conftest import tiny_params_dict
 
-CLI = [sys.executable, "-m", "flows.cli"]
+CLI = [sys.executable, "-m", "clipscrub.flows.cli"]
 
 
 def clipscrub(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -97,14 +97,14 @@ def test_stage_help_states_inputs_outputs_params_and_a_working_example(stage, ca
     import yaml
 
     from clipscrub.params import apply_overrides, parse_params
-    from flows.cli import main
-    from flows.pipeline import SPECS
+    from clipscrub.flows.cli import main
+    from clipscrub.flows.pipeline import STAGES
     from tests.conftest import REPO
 
     with pytest.raises(SystemExit):
         main([stage, "--help"])
     text = capsys.readouterr().out
-    spec = SPECS[stage]
+    spec = STAGES[stage]
     reads = next(line for line in text.splitlines() if line.startswith("reads:"))
     assert all(f"ROOT/{name}/" in reads for name in spec.inputs if name not in ("train_metrics",)), reads
     assert f"params:  {', '.join(spec.params)} " in text
@@ -117,7 +117,7 @@ def test_stage_help_states_inputs_outputs_params_and_a_working_example(stage, ca
 
 def test_version(capsys):
     from clipscrub import __version__
-    from flows.cli import main
+    from clipscrub.flows.cli import main
 
     with pytest.raises(SystemExit) as exit_:
         main(["--version"])
@@ -138,8 +138,8 @@ def test_every_stage_prints_words_or_one_json_object(tmp_path, monkeypatch, caps
     wrote; with --json exactly one JSON object on stdout and nothing else."""
     import json
 
-    from flows.cli import main
-    from flows.pipeline import STAGES
+    from clipscrub.flows.cli import main
+    from clipscrub.flows.pipeline import STAGES
 
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params_dict()))
     monkeypatch.chdir(tmp_path)
@@ -157,7 +157,7 @@ def test_every_stage_prints_words_or_one_json_object(tmp_path, monkeypatch, caps
 
 
 def _words(stage, summary, wrote):
-    from flows.cli import summary_text
+    from clipscrub.flows.cli import summary_text
 
     return summary_text(stage, summary, wrote=[Path(p) for p in wrote])
 
@@ -212,7 +212,7 @@ def test_summary_words(stage, summary, wrote, expected):
 
 
 def test_run_words(tmp_path):
-    from flows.cli import run_text
+    from clipscrub.flows.cli import run_text
 
     states = {s: "Cached" for s in ("download", "embed", "index")} | {"score": "Completed"}
     text = run_text({"states": states, "pieces": {"score": 4}}, str(tmp_path))
@@ -223,7 +223,7 @@ def test_run_words(tmp_path):
 
 @pytest.mark.parametrize("command", ["show", "diff", "init"])
 def test_every_argument_of_show_diff_and_init_is_documented(command, capsys):
-    from flows.cli import build_parser
+    from clipscrub.flows.cli import build_parser
 
     sub = next(a for a in build_parser()._subparsers._group_actions if a.dest == "command").choices[command]
     undocumented = [a.dest for a in sub._actions if a.dest != "help" and not a.help]
@@ -242,7 +242,7 @@ def test_a_params_file_elsewhere_reads_its_relative_paths_from_its_folder(tmp_pa
 
     from PIL import Image
 
-    from flows.cli import main
+    from clipscrub.flows.cli import main
 
     proj = tmp_path / "proj"
     (proj / "images").mkdir(parents=True)
@@ -288,7 +288,7 @@ def _keys(node, prefix=""):
 ])
 def test_init_writes_a_params_file_that_loads(tmp_path, monkeypatch, capsys, source, path, extra):
     from clipscrub.params import load_params
-    from flows.cli import main
+    from clipscrub.flows.cli import main
     from tests.conftest import REPO
 
     monkeypatch.chdir(tmp_path)
@@ -317,7 +317,7 @@ def test_init_writes_a_params_file_that_loads(tmp_path, monkeypatch, capsys, sou
 
 
 def test_init_refuses_to_overwrite_and_checks_what_it_writes(tmp_path, monkeypatch, capsys):
-    from flows.cli import main
+    from clipscrub.flows.cli import main
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "params.yaml").write_text("# mine\n")

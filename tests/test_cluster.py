@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows.cli import main
+from clipscrub.flows.cli import main
 from clipscrub.errors import ParamError
 from tests.conftest import output_hashes, tiny_params_dict
 
@@ -87,7 +87,7 @@ def test_a_worker_killed_mid_run_costs_only_its_piece(project, in_process, capsy
 
 @pytest.mark.parametrize("value", ["local:0", "local", "8786", "http://host:8786", "tcp://host"])
 def test_a_bad_cluster_value_is_one_line(value, tmp_path):
-    from flows.clean import task_runner_for
+    from clipscrub.flows.clean import task_runner_for
 
     with pytest.raises(ParamError, match=r"expected local:N \(N >= 1\) or a scheduler address tcp://host:port"):
         task_runner_for(value)
@@ -96,7 +96,7 @@ def test_a_bad_cluster_value_is_one_line(value, tmp_path):
 def worker_gpus(n_workers: int, gpus: list[str]) -> list[str | None]:
     from distributed import Client
 
-    from flows.cluster import local_cluster
+    from clipscrub.flows.cluster import local_cluster
 
     with local_cluster(n_workers=n_workers, gpus=gpus) as cluster, Client(cluster) as client:
         seen = client.run(lambda: os.environ.get("CUDA_VISIBLE_DEVICES"))
@@ -119,7 +119,7 @@ def test_a_local_cluster_gives_each_worker_one_gpu(n_workers, gpus, expected, mo
 
 @pytest.mark.parametrize("value,expected", [("2,3", ["2", "3"]), ("", []), ("-1", [])])
 def test_visible_gpus_follow_cuda_visible_devices(value, expected, monkeypatch):
-    from flows.cluster import visible_gpus
+    from clipscrub.flows.cluster import visible_gpus
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", value)
     assert visible_gpus() == expected

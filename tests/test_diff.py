@@ -9,8 +9,8 @@ import shutil
 import polars as pl
 import pytest
 
-from flows.cli import main
-from flows.pipeline import run_stage
+from clipscrub.flows.cli import main
+from clipscrub.flows.pipeline import run_stage
 from tests.conftest import tiny_params
 
 
@@ -84,7 +84,7 @@ def test_diff_of_something_that_is_no_version(tmp_path, capsys):
 def test_diff_shows_the_review_beside_the_detector(tiny_run, tmp_path, capsys):
     """A version reviewed with keep and remove lists against the unreviewed one: the review's
     counts of each, and the ids it changed with their reasons."""
-    from stages.filter import filter_dataset
+    from clipscrub.stages.filter import filter_dataset
 
     root, _ = tiny_run
     flags = pl.read_parquet(root / "flags" / "flags.parquet").sort("id")

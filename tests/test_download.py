@@ -12,7 +12,7 @@ from PIL import Image
 
 from clipscrub.errors import DataError, ParamError
 from clipscrub.params import parse_params
-from stages.download import MANIFEST_SCHEMA, download_dataset
+from clipscrub.stages.download import MANIFEST_SCHEMA, download_dataset
 from tests.imageserver import ImageServer, image_bytes
 
 

@@ -11,7 +11,7 @@ from clipscrub.errors import DataError, ParamError
 from clipscrub.io import sha256_file
 from clipscrub.model import load_model
 from clipscrub.params import parse_params
-from stages.embed import embed_dataset
+from clipscrub.stages.embed import embed_dataset
 
 
 def test_embeddings_follow_manifest_order(tiny_run):
@@ -148,7 +148,7 @@ def many_shards(tiny_run, tmp_path_factory):
 
     import yaml
 
-    from flows.pipeline import run_stage
+    from clipscrub.flows.pipeline import run_stage
     from tests.conftest import tiny_params_dict
 
     root, _ = tiny_run
@@ -176,8 +176,8 @@ def test_killed_embed_resumes_with_the_missing_shards(many_shards, tmp_path, kil
     import sys
     import time
 
-    from flows.pipeline import run_stage
-    from stages.embed import parts_dir_for
+    from clipscrub.flows.pipeline import run_stage
+    from clipscrub.stages.embed import parts_dir_for
 
     proj, params = many_shards
     reference = tmp_path / "reference"
@@ -188,7 +188,7 @@ def test_killed_embed_resumes_with_the_missing_shards(many_shards, tmp_path, kil
     work = tmp_path / "work"
     shutil.copytree(proj, work)
     parts = parts_dir_for(work / "data" / "embeddings")
-    cmd = [sys.executable, "-m", "flows.cli", "embed", "-p", "params.yaml", "--root", "data"]
+    cmd = [sys.executable, "-m", "clipscrub.flows.cli", "embed", "-p", "params.yaml", "--root", "data"]
     proc = subprocess.Popen(cmd, cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
@@ -256,7 +256,7 @@ def test_a_part_another_run_stamped_is_not_used(tiny_run, tmp_path):
     parts directory (two runs on one root) is embedded again: the output equals an uninterrupted run's."""
     import shutil
 
-    from stages.embed import _shard_groups, part_stamp, parts_dir_for, run_fingerprint
+    from clipscrub.stages.embed import _shard_groups, part_stamp, parts_dir_for, run_fingerprint
 
     root, params = tiny_run
     shutil.copytree(root / "raw", tmp_path / "raw")
@@ -285,7 +285,7 @@ def test_a_part_another_run_stamped_is_not_used(tiny_run, tmp_path):
 def test_parts_from_another_manifest_are_not_reused(tiny_run, tmp_path):
     import shutil
 
-    from stages.embed import _shard_groups, part_stamp, parts_dir_for, run_fingerprint
+    from clipscrub.stages.embed import _shard_groups, part_stamp, parts_dir_for, run_fingerprint
 
     root, params = tiny_run
     shutil.copytree(root / "raw", tmp_path / "raw")
@@ -307,7 +307,7 @@ def test_parts_are_deleted_after_a_data_error(tiny_run, tmp_path):
     """Shards finished before a data error are not kept: the next run must not resume them."""
     import shutil
 
-    from stages.embed import parts_dir_for
+    from clipscrub.stages.embed import parts_dir_for
 
     root, params = tiny_run
     shutil.copytree(root / "raw", tmp_path / "raw")
@@ -352,7 +352,7 @@ def test_a_bad_image_fails_alike_with_loader_threads(tiny_run, tmp_path, recorde
     import shutil
     import tarfile
 
-    from stages.embed import _embed_shard, _shard_groups
+    from clipscrub.stages.embed import _embed_shard, _shard_groups
 
     root, params = tiny_run
     shutil.copytree(root / "raw", tmp_path / "raw")

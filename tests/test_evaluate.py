@@ -8,7 +8,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from clipscrub.params import BaseSettings, EvaluateSettings, ThresholdSettings
-from stages.evaluate import detection_metrics, evaluate_detectors
+from clipscrub.stages.evaluate import detection_metrics, evaluate_detectors
 
 
 def test_perfect_and_inverted_detectors():
@@ -197,7 +197,7 @@ def test_truth_reaches_evaluate_and_report_through_the_pipeline(tiny_run, tmp_pa
     key covers its content, and the report's lineage records it."""
     import shutil
 
-    from flows.pipeline import Layout, run_stage, stage_inputs
+    from clipscrub.flows.pipeline import Layout, run_stage, stage_inputs
     from tests.conftest import tiny_params
 
     root, _ = tiny_run
@@ -210,8 +210,8 @@ def test_truth_reaches_evaluate_and_report_through_the_pipeline(tiny_run, tmp_pa
     pl.DataFrame({"id": ids[:7], "is_poison": [True] * 7}).write_parquet(path)
     params = tiny_params([f"evaluate.truth={path}"])
     for stage in ("evaluate", "report"):
-        assert stage_inputs(stage, params, Layout(data))["truth"] == path
-    assert "truth" not in stage_inputs("report", tiny_params(), Layout(data))
+        assert stage_inputs(stage, params, Layout(data))["evaluate.truth"] == path
+    assert "evaluate.truth" not in stage_inputs("report", tiny_params(), Layout(data))
     ev = run_stage("evaluate", params, data)
     assert ev["ground_truth"] is True and ev["poisoned"] == 7
     report = run_stage("report", params, data)
@@ -228,7 +228,7 @@ def test_truth_reaches_evaluate_and_report_through_the_pipeline(tiny_run, tmp_pa
 def reviewed_clean(root, out, *, keep: list[int], remove: list[int]):
     """The tiny run's flags filtered again with a keep list and a remove list (ids output: no
     shards); returns the params used."""
-    from stages.filter import filter_dataset
+    from clipscrub.stages.filter import filter_dataset
     from tests.conftest import tiny_params
 
     out.parent.mkdir(parents=True, exist_ok=True)

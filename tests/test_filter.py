@@ -11,7 +11,7 @@ import webdataset as wds
 from clipscrub.errors import DataError, ParamError
 from clipscrub.io import sha256_file
 from clipscrub.shards import iter_shard
-from stages.filter import filter_dataset
+from clipscrub.stages.filter import filter_dataset
 from tests.conftest import tiny_params
 
 
@@ -140,7 +140,7 @@ def reviewed(root, out, keep_path, remove_path, extra=()):
 
 def test_review_lists_overrule_and_add_to_the_flags(tiny_run, tmp_path):
     """removed = (flagged or in remove_ids) and not in keep_ids; the review is recorded."""
-    from flows.pipeline import Layout, stage_inputs
+    from clipscrub.flows.pipeline import Layout, stage_inputs
 
     root, _ = tiny_run
     flags = pl.read_parquet(root / "flags" / "flags.parquet").sort("id")
@@ -175,8 +175,8 @@ def test_review_lists_overrule_and_add_to_the_flags(tiny_run, tmp_path):
     assert record["keep_ids"] == sha256_file(keep_path) and record["remove_ids"] == sha256_file(remove_path)
     # the flow's cache key covers the lists' content, as the lineage does
     inputs = stage_inputs("filter", params, Layout(root))
-    assert (inputs["keep_ids"], inputs["remove_ids"]) == (keep_path, remove_path)
-    assert "keep_ids" not in stage_inputs("filter", tiny_params(), Layout(root))
+    assert (inputs["filter.keep_ids"], inputs["filter.remove_ids"]) == (keep_path, remove_path)
+    assert "filter.keep_ids" not in stage_inputs("filter", tiny_params(), Layout(root))
 
 
 def test_an_id_in_both_review_lists_is_refused(tiny_run, tmp_path):

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from clipscrub.io import sha256_path
-from flows.pipeline import SPECS, Layout
+from clipscrub.flows.pipeline import STAGES, Layout
 from tests.conftest import REPO, free_port, make_dvc_project, tiny_params, tiny_params_dict
 from tests.imageserver import image_bytes
 from tests.test_sources import tiny_model  # noqa: F401 (fixture)
@@ -34,7 +34,7 @@ def harness():
 
 
 def run_flow(out: Path, extra: list[str] | None = None, result_storage: str | None = None) -> dict[str, str]:
-    from flows.clean import clean_dataset
+    from clipscrub.flows.clean import clean_dataset
 
     result = clean_dataset(params=tiny_params_dict(extra), out_dir=str(out), result_storage=result_storage)
     return result["states"]
@@ -178,7 +178,7 @@ def test_result_storage_reads_only_plain_json(tmp_path, kind):
     import cloudpickle
     from prefect.results import ResultRecord
 
-    from flows.clean import RESULT_SERIALIZER, JsonResultStorage
+    from clipscrub.flows.clean import RESULT_SERIALIZER, JsonResultStorage
 
     storage, marker = JsonResultStorage(basepath=str(tmp_path / "results")), tmp_path / "pwned"
     storage.write_path("good", ResultRecord(metadata={"storage_key": "good", "serializer": RESULT_SERIALIZER},
@@ -213,7 +213,7 @@ def recorded_run(flow_dir):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    from flows.clean import clean_dataset
+    from clipscrub.flows.clean import clean_dataset
 
     state = clean_dataset(params=tiny_params_dict(), out_dir=str(flow_dir), return_state=True)
     run_id = state.state_details.flow_run_id
@@ -229,9 +229,9 @@ def test_task_runs_record_the_stage_graph(recorded_run):
     stage_of = {tr.id: stage for stage, tr in runs.items()}
     edges = {(stage_of[i.id], stage) for stage, tr in runs.items()
              for inputs in tr.task_inputs.values() for i in inputs if getattr(i, "id", None) in stage_of}
-    from flows.pipeline import producer
+    from clipscrub.flows.pipeline import producer
 
-    assert edges == {(producer(name), stage) for stage in ALL for name in SPECS[stage].inputs}
+    assert edges == {(producer(name), stage) for stage in ALL for name in STAGES[stage].inputs}
     assert {("download", "train"), ("train", "embed"), ("embed", "index"), ("index", "score"), ("score", "threshold"),
             ("threshold", "filter"), ("threshold", "evaluate"), ("filter", "report")} <= edges
     assert ("download", "index") not in edges
@@ -263,7 +263,7 @@ def test_a_changed_source_file_reruns_download(harness, tiny_model, tmp_path):  
     """download.source folder: an edited image or captions file is new input: download reruns."""
     import polars as pl
 
-    from flows.clean import clean_dataset
+    from clipscrub.flows.clean import clean_dataset
 
     folder, captions = tmp_path / "images", tmp_path / "captions.csv"
     folder.mkdir()
@@ -309,14 +309,14 @@ def test_flow_outputs_equal_dvc_repro(flow_dir, tmp_path):
     # the flow fixture may have been rerun with other params by now: rerun it on the defaults
     run_flow(flow_dir)
     for stage in ALL:
-        for name in SPECS[stage].outputs:
+        for name in STAGES[stage].outputs:
             assert sha256_path(getattr(flow_lay, name)) == sha256_path(getattr(dvc_lay, name)), (stage, name)
 
 
 def test_summary_markdown_shows_the_applied_block(tiny_run):
     """The artifact's text (the real-server test reads it back through the API)."""
     from clipscrub.metrics import APPLIED_KEYS, applied_sentence
-    from flows.clean import summary_markdown
+    from clipscrub.flows.clean import summary_markdown
 
     root, params = tiny_run
     applied = json.loads((root / "metrics" / "applied.json").read_text())
@@ -426,7 +426,7 @@ def test_temporary_server_gets_analytics_off(tmp_path):
         import json, httpx
         from prefect.settings import Settings
         from prefect._internal.analytics.enabled import is_telemetry_enabled
-        from flows.clean import private_prefect
+        from clipscrub.flows.clean import private_prefect
         before = (Settings().server.analytics_enabled, is_telemetry_enabled())
         with private_prefect() as url:
             server = httpx.get(url + "/admin/settings", timeout=30).json()["server"]
@@ -493,7 +493,7 @@ def test_against_a_real_prefect_server(tmp_path):
 
         # serving the flow registers a deployment carrying the params as its parameters
         served = subprocess.Popen(
-            [sys.executable, "-m", "flows.serve", "-p", "params.yaml", "-o", "served", "--name", "nightly"],
+            [sys.executable, "-m", "clipscrub.flows.serve", "-p", "params.yaml", "-o", "served", "--name", "nightly"],
             cwd=tmp_path, env=dict(env, PREFECT_API_URL=api, PYTHONPATH=str(REPO)),
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         )

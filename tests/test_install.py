@@ -70,7 +70,7 @@ def test_the_temporary_server_starts_with_the_backport_installed(backport_venv):
     res = run_in(backport_venv, """
 import dataclasses, httpx, prefect
 from pathlib import Path
-from flows.clean import private_prefect
+from clipscrub.flows.clean import private_prefect
 assert (Path(prefect.__file__).parent.parent / 'dataclasses.py').is_file()
 with private_prefect() as url:
     print('health', httpx.get(url + '/health').json())

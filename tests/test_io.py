@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from clipscrub.arrays import create_npy
-from flows.cli import main
+from clipscrub.flows.cli import main
 from clipscrub.errors import DataError, ParamError
 from clipscrub.io import LINEAGE_FILE, LOCK_FILE, atomic_dir, check_outputs, root_lock, sha256_file, write_json
 from tests.conftest import REPO, tiny_params_dict

@@ -6,52 +6,79 @@ import json
 
 import yaml
 
-from flows.pipeline import SPECS, STAGES, Layout
+from clipscrub.flows.pipeline import STAGES, Layout
 from tests.conftest import REPO, output_hashes
 
 
-def _paths(entries) -> list[str]:
-    return [next(iter(e)) if isinstance(e, dict) else e for e in entries or []]
+def test_dvc_yaml_is_what_clipscrub_dvc_yaml_writes():
+    """dvc.yaml is generated from the stage declarations: a stage changed in one place and not
+    regenerated fails here (`clipscrub dvc-yaml` rewrites it)."""
+    from clipscrub.flows.pipeline import dvc_yaml_text
+    from clipscrub.params import load_params
+
+    assert (REPO / "dvc.yaml").read_text() == dvc_yaml_text(load_params(REPO / "params.yaml"), folder=REPO)
 
 
-def test_dvc_yaml_matches_the_stage_specs():
+def test_code_dependencies_are_the_modules_a_stage_really_imports():
+    """Every project module a stage imports, directly, inside a function or through another
+    module, is a dependency of that stage in dvc.yaml and in its code version; no other stage's
+    module is."""
+    import ast
+
+    from clipscrub.dag import imported_modules
+
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    assert list(stages) == list(STAGES)
-    lay = Layout(REPO.joinpath("data").relative_to(REPO))
-    for name, spec in SPECS.items():
-        st = stages[name]
-        assert st["cmd"] == f"clipscrub {name} --params params.yaml --root data"
-        inputs = [getattr(lay, i).as_posix() for i in spec.inputs]
-        assert sorted(st["deps"]) == sorted(inputs + list(spec.code)), name
-        assert st["params"] == list(spec.params), name
-        outputs = _paths(st.get("outs")) + _paths(st.get("metrics")) + _paths(st.get("plots"))
-        expected = []
-        for o in spec.outputs:
-            path = getattr(lay, o).as_posix()
-            expected += [f"{path}/roc", f"{path}/hist", f"{path}/pr"] if o == "plots" else [path]
-        assert sorted(outputs) == sorted(expected), name
+    for name, decl in STAGES.items():
+        modules = dict(imported_modules(decl.module))
+        src = modules[decl.module]
+        direct = {n.module for n in ast.walk(ast.parse(src.read_text())) if isinstance(n, ast.ImportFrom)
+                  and (n.module or "").startswith("clipscrub.")}
+        assert direct <= set(modules), name
+        assert [m for m in modules if m.startswith("clipscrub.stages.")] == [decl.module], name
+        files = sorted(p.relative_to(REPO).as_posix() for p in modules.values())
+        assert [d for d in stages[name]["deps"] if d.endswith(".py")] == files, name
+    assert "clipscrub.validation" in dict(imported_modules("clipscrub.stages.index"))  # listed by none before
+    assert "clipscrub.pieces" in dict(imported_modules("clipscrub.stages.score"))
 
 
-def test_code_files_exist():
-    for spec in SPECS.values():
-        for rel in spec.code:
-            assert (REPO / rel).is_file(), rel
+def test_a_module_change_moves_the_code_version_of_the_stages_that_import_it(tmp_path, monkeypatch):
+    """The code version (the Prefect cache key's, the lineage's) follows the imported modules."""
+    import shutil
+    import sys
+
+    from clipscrub import dag
+
+    pkg = tmp_path / "clipscrub"
+    shutil.copytree(REPO / "clipscrub", pkg)
+    shutil.copytree(REPO / "stages", pkg / "stages")
+    monkeypatch.setattr(sys, "path", [str(tmp_path), *sys.path])
+    for mod in [m for m in sys.modules if m == "clipscrub" or m.startswith("clipscrub.")]:
+        monkeypatch.delitem(sys.modules, mod)
+    dag.imported_modules.cache_clear()
+    before = {s: dag.code_version(f"clipscrub.stages.{s}") for s in ("index", "score", "threshold")}
+    with open(pkg / "pieces.py", "a") as f:
+        f.write("\n# a change\n")
+    dag.imported_modules.cache_clear()
+    after = {s: dag.code_version(f"clipscrub.stages.{s}") for s in before}
+    assert (after["index"] != before["index"], after["score"] != before["score"],
+            after["threshold"] == before["threshold"]) == (True, True, True)
+    dag.imported_modules.cache_clear()
 
 
 def test_trusted_reference_file_is_an_index_input(tmp_path):
     """The flow's cache key for index covers the trusted list's content, not just its path."""
     from clipscrub.params import parse_params
-    from flows.pipeline import Layout, stage_inputs
+    from clipscrub.flows.pipeline import Layout, stage_inputs
 
     ids = tmp_path / "clean_ids.txt"
     params = parse_params({"index": {"reference": {"mode": "trusted", "path": str(ids)}}})
-    assert stage_inputs("index", params, Layout(tmp_path))["trusted"] == ids
-    assert "trusted" not in stage_inputs("index", parse_params({}), Layout(tmp_path))
+    assert stage_inputs("index", params, Layout(tmp_path))["index.reference.path"] == ids
+    assert "index.reference.path" not in stage_inputs("index", parse_params({}), Layout(tmp_path))
 
 
 def test_two_runs_write_identical_bytes(tiny_run, tmp_path):
     """Same params, fresh directory: every output file of every stage has the same sha256."""
-    from flows.pipeline import STAGES, run_stage
+    from clipscrub.flows.pipeline import STAGES, run_stage
 
     first, params = tiny_run
     second = tmp_path / "data"
@@ -67,9 +94,9 @@ def test_every_stage_records_its_lineage(tiny_run):
     """Each stage's lineage.json: the params it was given, the sha256 of each upstream output it
     read (as they are now: nothing downstream rewrites them), this code's version, and its upstream
     stages' records unchanged. Filter's record is the version's: params, hash, input manifest."""
+    from clipscrub.flows.pipeline import Layout, param_value, stage_code_version, stage_inputs
     from clipscrub.io import code_version, sha256_file, sha256_path
-    from flows.pipeline import Layout, param_value, stage_inputs
-    from stages.filter import REPORTING
+    from clipscrub.stages.filter import REPORTING
 
     root, params = tiny_run
     lay = Layout(root)
@@ -81,9 +108,9 @@ def test_every_stage_records_its_lineage(tiny_run):
     for stage, out in out_dirs.items():
         stages = json.loads((out / "lineage.json").read_text())["stages"]
         record = records[stage] = stages[stage]
-        assert record["code_version"] == version, stage
+        assert record["code_version"] == stage_code_version(stage), stage
         assert record["params"] == {k: param_value(params, k) for k in record["params"]}, stage
-        assert set(record["params"]) <= set(SPECS[stage].params) | {"base"}, stage
+        assert set(record["params"]) <= set(STAGES[stage].params) | {"base"}, stage
         inputs = stage_inputs(stage, params, lay)
         assert set(record["inputs"]) <= set(inputs), stage
         assert record["inputs"] == {name: sha256_path(inputs[name]) for name in record["inputs"]}, stage
@@ -93,7 +120,7 @@ def test_every_stage_records_its_lineage(tiny_run):
     assert set(records["download"]["params"]) == {"base", "download"}
     assert set(records["report"]["inputs"]) == {"raw", "embeddings", "scores", "flags", "clean"}
     for stage in ("train", "embed", "index", "score", "threshold"):
-        assert set(records[stage]["inputs"]) >= set(SPECS[stage].inputs), stage
+        assert set(records[stage]["inputs"]) >= set(STAGES[stage].inputs), stage
     # embed names the model it embedded with by the checkpoint's hash
     assert records["embed"]["model"]["checkpoint_sha256"] == sha256_file(lay.model / "checkpoint.pt")
 
@@ -102,8 +129,8 @@ def test_every_stage_records_its_lineage(tiny_run):
     assert clean["params_hash"] == params.hash(*versioned) and clean["code_version"] == version
     assert clean["input_manifest_sha256"] == sha256_file(lay.raw / "manifest.parquet")
     assert clean["stages"]["filter"]["params"] == {"filter": params.section("filter")}
-    assert clean["stages"]["filter"]["code_version"] == version
-    assert clean["stages"]["filter"]["inputs"] == {n: sha256_path(getattr(lay, n)) for n in SPECS["filter"].inputs}
+    assert clean["stages"]["filter"]["code_version"] == stage_code_version("filter")
+    assert clean["stages"]["filter"]["inputs"] == {n: sha256_path(getattr(lay, n)) for n in STAGES["filter"].inputs}
     assert clean["stages"] == {s: r for s, r in records.items() if s != "report"}
 
 
@@ -183,7 +210,7 @@ def test_detection_works_end_to_end_on_a_small_demo(tmp_path):
     import torch
 
     from clipscrub.params import apply_overrides, parse_params
-    from flows.pipeline import run_stage
+    from clipscrub.flows.pipeline import run_stage
 
     data = yaml.safe_load((REPO / "params.yaml").read_text())
     params = parse_params(apply_overrides(data, SMALL_DEMO_OVERRIDES))

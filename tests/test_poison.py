@@ -19,10 +19,10 @@ from PIL import Image
 from clipscrub.attacks import attack_name, attack_seed, make_trigger, names_target, plan_poison, poison_sample
 from clipscrub.errors import DataError, ParamError
 from clipscrub.params import parse_params
-from flows.pipeline import run_stage
+from clipscrub.flows.pipeline import run_stage
 from clipscrub.shards import decode_image
-from stages.download import download_dataset
-from stages.poison import _sample_rng, encode_like, poison_dataset
+from clipscrub.stages.download import download_dataset
+from clipscrub.stages.poison import _sample_rng, encode_like, poison_dataset
 from tests.conftest import tiny_params, tiny_params_dict
 
 ATTACKS = [
@@ -119,7 +119,7 @@ def test_the_command_matches_the_function(tiny_raw, tmp_path):
     params["poison"]["attacks"] = ATTACKS[:1]
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     res = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "poison", "--params", "params.yaml", "--root", str(tiny_raw), "--out", "cli", "--json",
+        [sys.executable, "-m", "clipscrub.flows.cli", "poison", "--params", "params.yaml", "--root", str(tiny_raw), "--out", "cli", "--json",
          "-S", "poison.attacks=[{kind: sig, rate: 0.02, target: apple}, {kind: targeted, rate: 0.01, target: car}]"],
         cwd=tmp_path, capture_output=True, text=True, timeout=300,
     )
@@ -183,7 +183,7 @@ def test_poison_errors(tiny_raw, tmp_path):
     assert not (tmp_path / "o").exists() and (raw / "manifest.parquet").is_file()
     with pytest.raises(ParamError, match="add up to 1"):
         attack_list([{"kind": "blend", "rate": 0.6}, {"kind": "sig", "rate": 0.5}])
-    res = subprocess.run([sys.executable, "-m", "flows.cli", "poison", "--root", str(tiny_raw), "--out", str(tmp_path / "o")],
+    res = subprocess.run([sys.executable, "-m", "clipscrub.flows.cli", "poison", "--root", str(tiny_raw), "--out", str(tmp_path / "o")],
                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and res.stderr.strip().count("\n") == 0
     assert "--params: params file not found" in res.stderr

@@ -155,7 +155,7 @@ def test_inside_a_prefect_task_the_lines_are_its_run_logs(harness):
 
 
 def test_download_counts_the_samples_it_writes(tmp_path, monkeypatch, capsys):
-    from stages.download import download_dataset
+    from clipscrub.stages.download import download_dataset
 
     monkeypatch.setenv(EVERY_ENV, "0")
     params = parse_params({"download": {"shard_size": 10, "synthetic": {"num_samples": 30, "attacks": []}}})
@@ -167,8 +167,8 @@ def test_download_counts_the_samples_it_writes(tmp_path, monkeypatch, capsys):
 
 
 def test_embed_counts_images_within_shards(tiny_model, tmp_path, monkeypatch, capsys):  # noqa: F811
-    from stages.download import download_dataset
-    from stages.embed import embed_dataset
+    from clipscrub.stages.download import download_dataset
+    from clipscrub.stages.embed import embed_dataset
 
     data = tiny_params_dict(["download.synthetic.num_samples=20", "download.shard_size=10",
                              "download.synthetic.attacks=[]", "embed.batch_size=4"])
@@ -188,8 +188,8 @@ def test_embed_counts_images_within_shards(tiny_model, tmp_path, monkeypatch, ca
 
 
 def test_training_says_each_epoch_with_its_loss(tmp_path, monkeypatch, capsys, caplog):
-    from stages.download import download_dataset
-    from stages.train import train_model
+    from clipscrub.stages.download import download_dataset
+    from clipscrub.stages.train import train_model
 
     monkeypatch.setenv(EVERY_ENV, "3600")  # train's epoch lines do not wait for it
     params = parse_params(tiny_params_dict(["download.synthetic.num_samples=80", "download.shard_size=40",
@@ -212,8 +212,8 @@ def test_training_says_each_epoch_with_its_loss(tmp_path, monkeypatch, capsys, c
 
 
 def test_index_and_score_count_their_chunks(tmp_path, monkeypatch, capsys):
-    from stages.index import build_index
-    from stages.score import score_samples
+    from clipscrub.stages.index import build_index
+    from clipscrub.stages.score import score_samples
     from tests.conftest import write_embeddings
 
     rng = np.random.default_rng(0)

@@ -14,8 +14,8 @@ import polars as pl
 import pytest
 
 from clipscrub.arrays import RowReader
-from stages.report import find_clusters
-from stages.threshold import flag_outliers
+from clipscrub.stages.report import find_clusters
+from clipscrub.flagging import flag_outliers
 from tests.conftest import REPO
 
 ARTIFACTS = Path(os.environ.get("CLIPSCRUB_TEST_ARTIFACTS", REPO / "test-artifacts"))
@@ -67,7 +67,7 @@ def test_report_is_self_contained(tiny_run):
         for target in re.findall(r'href="([^"#][^"]*?)(?:#[^"]*)?"', text):
             assert (src.parent / target).is_file(), (src, target)
     # the version's params hash (the sections that change a version), its value on the page
-    from stages.filter import REPORTING
+    from clipscrub.stages.filter import REPORTING
 
     lineage = json.loads((root / "clean" / "lineage.json").read_text())
     want = params.hash(*(n for n in type(params).model_fields if n not in REPORTING))
@@ -172,7 +172,7 @@ def test_gallery_marks_the_known_poison_and_counts_captions(tiny_run, tmp_path):
     banana." flagged too, and a truth table naming 5 gallery samples and 2 others: the gallery
     shows the flagged samples by rank and marks exactly the 5; the banana cluster's note counts
     the caption in the whole manifest (3), not among the flagged (2)."""
-    from stages.report import write_report
+    from clipscrub.stages.report import write_report
 
     root, params = tiny_run
     manifest = pl.read_parquet(root / "raw" / "manifest.parquet")
@@ -358,7 +358,7 @@ def test_every_flagged_sample_has_a_page(tiny_run, tmp_path, monkeypatch):
     """With 7 cards a page, the 20 flagged samples are on 3 pages in rank order, each card with
     its anchor; the report links every page, and each cluster member not drawn in its cluster
     links to its card's page and anchor."""
-    import stages.report as report
+    import clipscrub.stages.report as report
 
     root, params = tiny_run
     monkeypatch.setattr(report, "PER_PAGE", 7)
@@ -411,7 +411,7 @@ def test_missed_poison_and_samples_under_the_cut(tiny_run):
 
 
 def test_summary_line_with_and_without_ground_truth(tiny_run, tmp_path):
-    from stages.report import write_report
+    from clipscrub.stages.report import write_report
     from tests.test_evaluate import copy_raw_without_truth
 
     root, params = tiny_run
@@ -468,7 +468,7 @@ def test_review_verdicts_on_the_page(tiny_run, tmp_path):
     """After a review (2 flagged kept, 3 unflagged removed): the summary counts what filter removed,
     the gallery marks the kept cards, the review section shows all five with their verdicts, and
     missed poison leaves out the poison the review removed."""
-    from stages.report import write_report
+    from clipscrub.stages.report import write_report
     from tests.test_evaluate import review_choice, reviewed_clean
 
     root, params = tiny_run

@@ -12,8 +12,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from clipscrub.params import parse_params
-from stages.index import build_index, read_reference_sets
-from stages.score import score_samples
+from clipscrub.neighbours import read_reference_sets
+from clipscrub.stages.index import build_index
+from clipscrub.stages.score import score_samples
 from tests import bruteforce
 from tests.conftest import write_embeddings
 

@@ -18,10 +18,10 @@ from PIL import Image
 
 from clipscrub.errors import ClipscrubError, DataError, ParamError
 from clipscrub.params import parse_params
-from flows.pipeline import Layout, run_stage
+from clipscrub.flows.pipeline import Layout, run_stage
 from clipscrub.shards import decode_image, image_field
 from clipscrub.sources import MANIFEST_SCHEMA
-from stages.filter import filter_dataset
+from clipscrub.stages.filter import filter_dataset
 from tests.conftest import tiny_params_dict
 from tests.imageserver import ImageServer, image_bytes
 

@@ -7,7 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from clipscrub.params import BaseSettings, ThresholdSettings
-from stages.threshold import flag_outliers, tail_cut, threshold_scores
+from clipscrub.flagging import flag_outliers, tail_cut
+from clipscrub.stages.threshold import threshold_scores
 
 
 def write_scores(directory, **columns):

@@ -10,7 +10,7 @@ import torch
 
 from clipscrub.model import load_model
 from clipscrub.synthetic import SHAPES, as_stored, make_clean_sample
-from stages.train import HELDOUT_SEED_OFFSET, ZERO_SHOT_TEMPLATES, load_shards, train_model
+from clipscrub.stages.train import HELDOUT_SEED_OFFSET, ZERO_SHOT_TEMPLATES, load_shards, train_model
 from tests.conftest import tiny_params
 
 

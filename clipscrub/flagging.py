@@ -1,0 +1,71 @@
+"""Where a detector's scores are cut: the threshold rules (``threshold.method``), shared by the
+threshold stage, which applies the rule, and by evaluate and the report, which apply each rule
+to each detector for comparison; and the reasons a sample leaves the cleaned dataset.
+The threshold stage's documentation says what each rule does and why."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from clipscrub.detectors import LOW_IS_SUSPICIOUS, robust_scales, suspicion
+from clipscrub.params import ThresholdSettings
+
+# the reason filter gives a sample removed by a person's review list (filter.remove_ids) only
+REVIEW_REASON = "review"
+
+
+def direction(detector: str) -> str:
+    """Which side of the cut a detector's flagged samples lie on: ``below`` (score <= cut) or ``above``."""
+    return "below" if detector in LOW_IS_SUSPICIOUS else "above"
+
+
+def flag_outliers(*, values: np.ndarray, ids: np.ndarray, detector: str, settings: ThresholdSettings) -> tuple[np.ndarray, float]:
+    """Boolean (N,) mask of finite scores past the cut, and the cut in the detector's own units
+    (flagged: score >= cut, or score <= cut where low is suspicious; NaN without finite scores)."""
+    s = suspicion(values, detector)
+    finite = np.isfinite(s)
+    mask = np.zeros(len(s), dtype=bool)
+    if not finite.any():
+        return mask, float("nan")
+    if settings.method == "top_fraction":
+        n_flag = max(1, int(round(settings.fraction * len(s))))
+        fin_idx = np.flatnonzero(finite)
+        # most suspicious first; ties broken by id so the cut is deterministic
+        order = fin_idx[np.lexsort((ids[fin_idx], -s[fin_idx]))][:n_flag]
+        mask[order] = True
+        cut = float(s[order[-1]])
+    elif settings.method == "tail":
+        cut = tail_cut(s[finite], fdr=settings.tail_fdr)
+        mask[finite] = s[finite] >= cut
+    else:
+        if settings.method == "score":
+            cut = float(suspicion(np.array([settings.score]), detector)[0])
+        else:
+            med = np.median(s[finite])
+            mad = 1.4826 * np.median(np.abs(s[finite] - med))
+            # no spread: only values strictly above the common value are outliers, so the cut is
+            # the next float above it (the written cut then flags the same samples as a score rule)
+            cut = float(med + settings.auto_z * mad) if mad > 0 else float(np.nextafter(med, np.inf))
+        mask[finite] = s[finite] >= cut
+    # back from "higher = more suspicious" to the detector's own units (negation is exact)
+    return mask, float(suspicion(np.array([cut]), detector)[0])
+
+
+def tail_cut(values: np.ndarray, *, fdr: float) -> float:
+    """The lowest cut on finite oriented scores (N,) (higher = more suspicious) above which at most
+    ``fdr`` of the samples are what the bulk's own upper tail accounts for.
+
+    The bulk is modelled as a normal with the scores' median and the scale of their upper half
+    (1.4826 x the median deviation above the median: robust to the flagged tail itself); at each
+    candidate cut t, the bulk accounts for N x P(Z >= z(t)) samples above it (Benjamini-Hochberg
+    with an empirical null, as in Efron's local false discovery rate). The flagged count thus
+    follows how many samples stand out: none on clean data, all of a large poisoned group. With
+    no such cut, the cut lies above the largest score (nothing flagged).
+    """
+    from scipy.stats import norm
+
+    v = np.sort(np.asarray(values, dtype=np.float64))[::-1]
+    med, _, scale = robust_scales(v)  # the upper half's scale, as robust_z takes it
+    expected = len(v) * norm.sf((v - med) / scale)
+    ok = np.flatnonzero(expected <= fdr * np.arange(1, len(v) + 1))
+    return float(v[ok.max()]) if ok.size else float(np.nextafter(v[0], np.inf))
