@@ -86,13 +86,15 @@ def is_active(stage: Stage, params: Any) -> bool:
 
 
 def settings_value(params: Any, key: str) -> Any:
-    """What a ``settings`` keyword receives: a section's typed settings, a key's plain value, or
-    the whole ``Params``."""
+    """What a ``settings`` keyword receives: a section's typed settings, a key's typed value (a
+    path usable from here, not as written), or the whole ``Params``."""
     if key == "*":
         return params
-    if "." not in key:
-        return getattr(params, key)
-    return params_value(params, key)
+    node = params
+    for part in key.split("."):
+        fields = type(node).model_fields
+        node = getattr(node, next((name for name, f in fields.items() if (f.alias or name) == part), part))
+    return node
 
 
 def file_keys(stage: Stage, params: Any) -> list[str]:

@@ -379,7 +379,8 @@ def require_file(path: str | Path, *, param: str, what: str = "input") -> Path:
 def read_id_list(path: str | Path, *, param: str, what: str) -> np.ndarray:
     """The sorted, distinct sample ids (n,) int64 a file names: a parquet or csv table with an
     ``id`` column (e.g. a manifest, or an edited removed.parquet; rows whose ``status`` is not ok
-    are skipped), else a text file with one id per line. ``what`` names the file in errors."""
+    are skipped), else a text file with one id per line (``#`` starts a comment). ``what`` names
+    the file in errors."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise DataError(f"{what} not found: {p}", param=param)
@@ -392,7 +393,8 @@ def read_id_list(path: str | Path, *, param: str, what: str) -> np.ndarray:
                 table = table.filter(pl.col("status") == "ok")
             ids = table["id"].cast(pl.Int64).to_numpy()
         else:
-            ids = np.array([int(line) for line in p.read_text().split() if line.strip()], dtype=np.int64)
+            ids = np.array([int(line) for line in (raw.split("#", 1)[0].strip() for raw in p.read_text().splitlines())
+                            if line], dtype=np.int64)
     except (ValueError, pl.exceptions.PolarsError) as exc:
         raise DataError(f"cannot read ids from {p}: {str(exc).splitlines()[0]}", param=param) from None
     return np.unique(ids)

@@ -10,12 +10,14 @@ import difflib
 import functools
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, SerializationInfo, ValidationError, ValidationInfo,
+                      model_serializer, model_validator)
 
 from clipscrub.errors import ParamError
 
@@ -29,8 +31,53 @@ class _CrossError(ValueError):
         super().__init__(message)
 
 
+def canonical_path(value: str) -> str:
+    """A path as a params file means it: normalised (``./a/`` is ``a``), relative paths still
+    relative to the file's folder, absolute and ``~`` paths as they are."""
+    return value if value.startswith("~") else os.path.normpath(value)
+
+
+def _is_anchored(value: str) -> bool:
+    """Whether a path means the same from anywhere: absolute, ``~``, or a URL."""
+    return "://" in value or value.startswith("~") or os.path.isabs(value)
+
+
 class _Section(BaseModel):
+    """A params section. Fields naming files (``_PATH_FIELDS``) hold, after ``load_params``, paths
+    that work from the working directory (joined to the params file's folder), while the
+    section is written out (``model_dump``: the params hash, the lineage, the flow's parameters)
+    with the paths as the file means them (``canonical_path``): the same file named from another
+    folder, or by an absolute path, gives the same params and the same hash."""
+
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    _PATH_FIELDS: ClassVar[tuple[str, ...]] = ()
+    _written: dict[str, tuple[str, str]] = PrivateAttr(default_factory=dict)  # field -> (canonical, usable)
+
+    @model_validator(mode="after")
+    def _anchor_paths(self, info: ValidationInfo) -> "_Section":
+        base = (info.context or {}).get("base") if info is not None else None
+        if base is None or not self._PATH_FIELDS:
+            return self
+        written = {}
+        for name in self._PATH_FIELDS:
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value or "://" in value:
+                continue
+            canonical = canonical_path(value)
+            usable = canonical if _is_anchored(canonical) or base == "." else os.path.join(base, canonical)
+            object.__setattr__(self, name, usable)  # a frozen model's field, set once while it is built
+            written[name] = (canonical, usable)
+        self._written = written
+        return self
+
+    @model_serializer(mode="wrap")
+    def _as_written(self, handler: Any, info: SerializationInfo) -> Any:
+        data = handler(self)
+        for name, (canonical, usable) in self._written.items():
+            if isinstance(data, dict) and getattr(self, name) == usable:  # not replaced since (model_copy)
+                field = type(self).model_fields[name]
+                data[field.alias if info.by_alias and field.alias else name] = canonical
+        return data
 
 
 class BaseSettings(_Section):
@@ -119,6 +166,8 @@ class SyntheticSettings(_Section):
 class UrlsSettings(_Section):
     """A url list fetched with img2dataset (its options, under the same names)."""
 
+    _PATH_FIELDS = ("path",)
+
     path: str | None = None
     input_format: Literal["auto", "parquet", "csv", "tsv"] = "auto"
     url_col: str = "url"
@@ -145,12 +194,16 @@ class UrlsSettings(_Section):
 class ShardsSettings(_Section):
     """Existing webdataset shards: a file, a directory of .tar files or a brace pattern."""
 
+    _PATH_FIELDS = ("path",)
+
     path: str | None = None
     workers: int = Field(2, ge=1)
 
 
 class FolderSettings(_Section):
     """A folder of images plus a csv/jsonl captions file mapping file names to captions."""
+
+    _PATH_FIELDS = ("path", "captions")
 
     path: str | None = None
     captions: str | None = None
@@ -160,6 +213,8 @@ class FolderSettings(_Section):
 
 class PrecomputedSettings(_Section):
     """clip-retrieval's output layout: img_emb/*.npy, text_emb/*.npy, metadata/*.parquet."""
+
+    _PATH_FIELDS = ("path",)
 
     path: str | None = None
     caption_col: str = "caption"
@@ -217,6 +272,8 @@ class TrainSettings(_Section):
 class EmbedSettings(_Section):
     """The model to embed with when ``train.enabled`` is false (else: the trained victim)."""
 
+    _PATH_FIELDS = ("checkpoint", "model_config_path")
+
     model_name: str = "ViT-B-32"
     pretrained: str | None = "laion2b_s34b_b79k"
     checkpoint: str | None = None
@@ -231,6 +288,7 @@ class EmbedSettings(_Section):
 
 
 class ReferenceSettings(_Section):
+    _PATH_FIELDS = ("path",)
     mode: Literal["random", "trusted", "all"] = "random"
     # random: one reference set per size m, each drawn `draws` times; sizes above the dataset's
     # are capped at it. Several sizes are fused by score.fusion (no single m suits every rate)
@@ -346,6 +404,7 @@ class ThresholdSettings(_Section):
 
 
 class FilterSettings(_Section):
+    _PATH_FIELDS = ("keep_ids", "remove_ids")
     shard_size: int = Field(1000, ge=1)
     # reshard: copy the kept samples into new shards; ids: no shards, only the kept ids (for
     # shards that stay where they are, selected by id downstream)
@@ -363,6 +422,7 @@ class FilterSettings(_Section):
 
 
 class EvaluateSettings(_Section):
+    _PATH_FIELDS = ("truth",)
     tpr: float = Field(0.95, gt=0.0, lt=1.0)
     hist_bins: int = Field(40, ge=2)
     # ground truth from a table (parquet/csv/tsv/jsonl: is_poison and id or key); wins over the manifest's
@@ -430,6 +490,19 @@ class Params(_Section):
             if known and e.model_name not in known:
                 raise _CrossError("embed.model_name", unknown_model_message(e.model_name, known))
         return self
+
+    _base: str | None = PrivateAttr(None)
+
+    @model_validator(mode="after")
+    def _remember_base(self, info: ValidationInfo) -> "Params":
+        self._base = (info.context or {}).get("base") if info is not None else None
+        return self
+
+    @property
+    def params_dir(self) -> str | None:
+        """The absolute folder of the params file these were read from (None: not read from a file),
+        which a process elsewhere passes to ``parse_params`` to resolve the same paths."""
+        return None if self._base is None else os.path.abspath(self._base)
 
     def section(self, name: str) -> dict[str, Any]:
         """The section as plain JSON-able data (aliases applied), as written in params.yaml."""
@@ -513,10 +586,12 @@ def _format_validation_error(exc: ValidationError) -> ParamError:
     return ParamError(msg, param=loc or "params")
 
 
-def parse_params(data: dict[str, Any] | None) -> Params:
-    """Validate a params mapping into typed settings; raise ParamError naming the bad key."""
+def parse_params(data: dict[str, Any] | None, *, base: str | Path | None = None) -> Params:
+    """Validate a params mapping into typed settings; raise ParamError naming the bad key.
+    ``base``: the folder relative paths in ``data`` are relative to (a params file's); the
+    settings then hold paths usable from here, and write themselves out as the file means them."""
     try:
-        return Params.model_validate(data or {})
+        return Params.model_validate(data or {}, context=None if base is None else {"base": str(base)})
     except ValidationError as exc:
         raise _format_validation_error(exc) from None
 
@@ -581,8 +656,11 @@ def _coerce_override(dotted: str, text: str) -> Any:
         raise ParamError(f"cannot read the value {text!r}: {first}", param=dotted) from None
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``section.key=value`` overrides; every key must already exist (as with dvc exp -S)."""
+def apply_overrides(data: dict[str, Any], overrides: list[str], *, path_base: str | Path | None = None
+                    ) -> dict[str, Any]:
+    """Apply ``section.key=value`` overrides; every key must already exist (as with dvc exp -S).
+    With ``path_base`` (the params file's folder), a relative path typed for a ``PATH_KEYS`` key,
+    relative to the working directory, is rewritten relative to that folder, as the file's own are."""
     data = json.loads(json.dumps(data))
     for item in overrides:
         if "=" not in item:
@@ -596,36 +674,21 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
                 raise ParamError(f"unknown key in override{hint}", param=dotted)
             if i < len(parts) - 1:
                 node = node[part]
-        node[parts[-1]] = _coerce_override(dotted, raw)
+        value = _coerce_override(dotted, raw)
+        if (path_base is not None and dotted.strip() in PATH_KEYS and isinstance(value, str) and value
+                and not _is_anchored(value)):
+            value = os.path.relpath(os.path.abspath(value), os.path.abspath(path_base))
+        node[parts[-1]] = value
     return data
 
 
 # every key that names a file or folder: relative values in a params file are relative to the
-# file's own folder (``resolve_paths``)
+# file's own folder (the sections' ``_PATH_FIELDS``)
 PATH_KEYS = (
     "download.urls.path", "download.shards.path", "download.folder.path", "download.folder.captions",
     "download.embeddings.path", "embed.checkpoint", "embed.model_config", "index.reference.path",
     "filter.keep_ids", "filter.remove_ids", "evaluate.truth",
 )
-
-
-def resolve_paths(data: dict[str, Any], base: str | Path) -> dict[str, Any]:
-    """``data`` with each relative path under ``PATH_KEYS`` joined to ``base`` (the params file's
-    folder, as given): the file means the same files from any working directory. Absolute, ``~``
-    and URL values stay; with ``base`` '.' (dvc.yaml's ``-p params.yaml``) nothing changes."""
-    base = Path(base)
-    if base == Path("."):
-        return data
-    data = json.loads(json.dumps(data))
-    for dotted in PATH_KEYS:
-        *parents, key = dotted.split(".")
-        node = data
-        for part in parents:
-            node = node.get(part) if isinstance(node, dict) else None
-        value = node.get(key) if isinstance(node, dict) else None
-        if isinstance(value, str) and value and "://" not in value and not Path(value).expanduser().is_absolute():
-            node[key] = str(base / value)
-    return data
 
 
 def read_params_file(path: str | Path) -> dict[str, Any]:
@@ -643,6 +706,8 @@ def read_params_file(path: str | Path) -> dict[str, Any]:
 
 def load_params(path: str | Path, overrides: list[str] | None = None) -> Params:
     """Read, override and validate params.yaml. Relative paths in the file are relative to its
-    folder; those in ``overrides`` (typed on a command line) to the working directory."""
-    data = resolve_paths(read_params_file(path), Path(path).parent)
-    return parse_params(apply_overrides(data, overrides or []))
+    folder; those in ``overrides`` (typed on a command line) to the working directory. Written
+    out (the hash, the lineage), the paths are as the file means them, however it was named."""
+    folder = os.path.normpath(Path(path).parent)
+    data = apply_overrides(read_params_file(path), overrides or [], path_base=folder)
+    return parse_params(data, base=folder)

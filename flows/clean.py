@@ -57,7 +57,8 @@ def stage_cache_key(stage: str, params: Params, root: str | Path) -> str:
 
 
 def _task_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
-    return stage_cache_key(parameters["stage"], parse_params(parameters["params"]), parameters["root"])
+    params = parse_params(json.loads(parameters["params"]), base=parameters.get("params_dir"))
+    return stage_cache_key(parameters["stage"], params, parameters["root"])
 
 
 def output_hashes(stage: str, root: str | Path) -> dict[str, str] | None:
@@ -150,19 +151,21 @@ class JsonResultStorage(WritableFileSystem):
         return self._files().write_path(path, content, _sync=True)
 
 
-def _run_stage_task(stage: str, params: dict[str, Any], root: str, hold_root: bool = True,
-                    assemble: bool = False) -> dict[str, Any]:
+def _run_stage_task(stage: str, params: str, root: str, params_dir: str | None = None,
+                    hold_root: bool = True, assemble: bool = False) -> dict[str, Any]:
     logger = get_run_logger()
     logger.info("running stage %s into %s", stage, root)
     # as plain JSON: a fresh run returns what a cached one reads back
-    summary = run_stage(stage, parse_params(params), root, hold_root=hold_root, assemble=assemble)
+    summary = run_stage(stage, parse_params(json.loads(params), base=params_dir), root, hold_root=hold_root,
+                        assemble=assemble)
     summary = json.loads(json.dumps(summary, sort_keys=True, default=str))
     logger.info("stage %s done: %s", stage, json.dumps(summary, sort_keys=True))
     return summary
 
 
-def _run_piece_task(stage: str, params: dict[str, Any], root: str, piece: dict[str, Any]) -> dict[str, Any]:
-    summary = run_piece(stage, parse_params(params), root, piece)
+def _run_piece_task(stage: str, params: str, root: str, piece: dict[str, Any],
+                    params_dir: str | None = None) -> dict[str, Any]:
+    summary = run_piece(stage, parse_params(json.loads(params), base=params_dir), root, piece)
     get_run_logger().info("%s piece %s done: %s", stage, json.dumps(piece), json.dumps(summary, sort_keys=True))
     return summary
 
@@ -366,8 +369,10 @@ def summary_markdown(params: Params, root: Path, summaries: dict[str, Any], stat
 
 @flow(name="clean-dataset", flow_run_name=_flow_run_name, log_prints=True)
 def clean_dataset(params: dict[str, Any], out_dir: str, result_storage: str | None = None,
-                  cluster: str | None = None) -> dict[str, Any]:
+                  cluster: str | None = None, params_dir: str | None = None) -> dict[str, Any]:
     """Run every stage on ``params`` (a params.yaml mapping) into ``out_dir``.
+    ``params_dir``: the folder its relative paths are relative to (the params file's; default:
+    the working directory).
 
     With ``cluster`` (run the flow with ``task_runner_for(cluster)``), each stage's task runs on
     the cluster's workers and a stage that has pieces (``plan_pieces``) first maps them over
@@ -375,7 +380,7 @@ def clean_dataset(params: dict[str, Any], out_dir: str, result_storage: str | No
     Returns ``{"states": {stage: "Completed" | "Cached"}, "summaries": {stage: summary}}`` (and
     with a cluster ``"pieces": {stage: count}``, the pieces it mapped).
     """
-    settings = parse_params(params)
+    settings = parse_params(params, base=params_dir)
     root = Path(out_dir)
     storage = result_storage_for(root, result_storage)
     state = _read_state(root)
@@ -386,6 +391,10 @@ def clean_dataset(params: dict[str, Any], out_dir: str, result_storage: str | No
     done: dict[str, Any] = {}  # each stage's final state
     names = run_tags(settings)
     _tag_flow_run(names)
+    # the params as the file means them (with its folder, every worker resolves the same paths),
+    # as one JSON string made before any task: Prefect links a task's inputs to earlier results
+    # by id(), and the many objects of a dict could reuse the address of a finished stage's summary
+    payload = json.dumps(settings.model_dump(mode="json", by_alias=True), sort_keys=True)
     # held for the whole run, so no other clipscrub process writes the root between two stages
     with root_lock(root), tags(*names):
         for stage in active:
@@ -396,7 +405,7 @@ def clean_dataset(params: dict[str, Any], out_dir: str, result_storage: str | No
             recorded = state.get(stage, {})
             intact = recorded.get("key") == key and recorded.get("outputs") == output_hashes(stage, root)
             t = STAGE_TASKS[stage].with_options(result_storage=storage, refresh_cache=not intact)
-            args = {"stage": stage, "params": settings.model_dump(mode="json", by_alias=True), "root": str(root)}
+            args = {"stage": stage, "params": payload, "root": str(root), "params_dir": params_dir}
             if cluster:
                 pieces = []
                 if not intact:

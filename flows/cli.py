@@ -352,6 +352,14 @@ def show_run(root: str) -> str:
 
 
 INIT_TEMPLATE = Path(__file__).with_name("init_template.yaml")
+# the review lists clipscrub init writes (empty) beside the params file, so that dvc.yaml lists them from the start
+REVIEW_LISTS = {"keep_ids": "review/keep_ids.txt", "remove_ids": "review/remove_ids.txt"}
+REVIEW_HEADER = {
+    "keep_ids": "# Sample ids to keep although a detector flagged them, one per line (clipscrub show, the\n"
+                "# report and data/clean/removed.parquet name them). Edit, then dvc repro: filter onward reruns.\n",
+    "remove_ids": "# Sample ids to remove although no detector flagged them, one per line. Edit, then\n"
+                  "# dvc repro: filter onward reruns.\n",
+}
 INIT_SOURCES = ("shards", "urls", "folder", "embeddings")
 
 
@@ -431,6 +439,7 @@ def init_params_text(args: argparse.Namespace) -> str:
         captions=_yaml_value(_relative_to(args.captions, folder)), model_name=_yaml_value(args.model),
         pretrained=_yaml_value(pretrained), checkpoint=_yaml_value(_relative_to(args.checkpoint, folder)),
         model_config=_yaml_value(_relative_to(args.model_config, folder)),
+        keep_ids=_yaml_value(REVIEW_LISTS["keep_ids"]), remove_ids=_yaml_value(REVIEW_LISTS["remove_ids"]),
     )
     return string.Template(INIT_TEMPLATE.read_text()).substitute(values)
 
@@ -438,18 +447,30 @@ def init_params_text(args: argparse.Namespace) -> str:
 def run_init(args: argparse.Namespace) -> int:
     from clipscrub.io import atomic_file
 
+    from clipscrub.flows.pipeline import dvc_yaml_text
+
     out = Path(args.out)
+    dvc_yaml = out.parent / "dvc.yaml"
     try:
         if out.is_dir():
             raise ClipscrubError(f"{out} is a directory: name the params file to write", param="--out")
-        if out.exists() and not args.force:
-            raise ClipscrubError(f"{out} exists: pass --force to overwrite it", param="--out")
+        for path in (out, dvc_yaml):
+            if path.exists() and not args.force:
+                raise ClipscrubError(f"{path} exists: pass --force to overwrite it", param="--out")
         text = init_params_text(args)
         out.parent.mkdir(parents=True, exist_ok=True)
+        for key, rel in REVIEW_LISTS.items():  # empty lists, so that dvc.yaml depends on them from the start
+            path = out.parent / rel
+            if not path.exists():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(REVIEW_HEADER[key])
         with atomic_file(out, param="--out") as tmp:
             Path(tmp).write_text(text)
             # read back as every command will read it (its folder resolves the relative paths)
             params = load_params(Path(tmp))
+            pipeline = dvc_yaml_text(params, folder=out.parent, params_file=out.name)
+        with atomic_file(dvc_yaml, param="--out") as tmp:
+            Path(tmp).write_text(pipeline)
     except ClipscrubError as exc:
         print(f"clipscrub: error: {exc}", file=sys.stderr)
         return 2
@@ -460,7 +481,8 @@ def run_init(args: argparse.Namespace) -> int:
     print(f"init: wrote {out}: source {params.download.source} at {args.path}, model {e.model_name!r} {weights}")
     if not Path(where.split("{")[0]).expanduser().exists():
         print(f"  note: {args.path} does not exist yet")
-    print(f"  next: clipscrub download -p {out} --root data   (then embed ... report), or clipscrub run -p {out} -o run")
+    print(f"  wrote {dvc_yaml} (the DVC pipeline) and the empty review lists {', '.join(REVIEW_LISTS.values())}")
+    print(f"  next: cd {out.parent} && git init && dvc init && dvc repro   (or without DVC: clipscrub run -p {out} -o run)")
     return 0
 
 
@@ -527,6 +549,7 @@ def run_flow(args: argparse.Namespace) -> int:
                 out_dir=str(Path(args.out).resolve()),
                 result_storage=args.result_storage,
                 cluster=args.cluster,
+                params_dir=params.params_dir,
             )
     except ClipscrubError as exc:
         print(f"clipscrub: error: {exc}", file=sys.stderr)

@@ -58,7 +58,7 @@ def stage_files(stage: str, params: Params) -> dict[str, Path]:
     shard it expands to, keyed ``download.shards.path:<file>``)."""
     found: dict[str, Path] = {}
     for key in file_keys(STAGES[stage], params):
-        value = str(params_value(params, key))
+        value = str(settings_value(params, key))  # usable from here, not as written
         if key == "download.shards.path":
             from clipscrub.shards import expand_shards
 
@@ -198,16 +198,18 @@ def code_files(stage: str) -> list[Path]:
 
 def dvc_file_deps(stage: str, params: Params, folder: Path) -> list[str]:
     """The files ``stage``'s params name, as dvc.yaml at ``folder`` lists them: a shards folder or
-    file as given, a brace pattern as the shards it expands to."""
+    file as given, a brace pattern as the folder it names shards in (a shard added there reruns
+    download too)."""
+    import os
+
     from clipscrub.dag import relative_dep
 
     deps = []
     for key in file_keys(STAGES[stage], params):
-        value = str(params_value(params, key))
-        if key == "download.shards.path" and "{" in value:
-            deps += [relative_dep(p, folder) for p in stage_files(stage, params).values()]
-        else:
-            deps.append(relative_dep(value, folder))
+        value = str(settings_value(params, key))
+        if key == "download.shards.path" and "{" in value:  # a brace pattern: the folder it names shards in
+            value = os.path.dirname(value.split("{", 1)[0]) or "."
+        deps.append(relative_dep(value, folder))
     return list(dict.fromkeys(deps))
 
 
@@ -262,7 +264,8 @@ def write_code_stamps(out: Path) -> dict[str, str]:
     versions = {}
     for name, decl in STAGES.items():
         versions[name] = code_version(decl.module)
-        text = f"{versions[name]}\n" + "".join(f"{m}\n" for m, _ in imported_modules(decl.module))
+        # the code's hash, not clipscrub's version: a release that leaves a stage's code alone does not rerun it
+        text = f"{versions[name].partition('+')[2]}\n" + "".join(f"{m}\n" for m, _ in imported_modules(decl.module))
         path = out / f"{name}.txt"
         if not path.is_file() or path.read_text() != text:
             path.write_text(text)

@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
                 "params": params.model_dump(mode="json", by_alias=True),
                 "out_dir": str(Path(args.out).resolve()),
                 "result_storage": args.result_storage,
+                "params_dir": params.params_dir,
             },
             cron=args.cron,
         )

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from clipscrub.errors import ParamError
@@ -9,7 +11,7 @@ from tests.conftest import REPO
 
 def test_params_yaml_holds_every_default():
     """params.yaml spells out every key, so `dvc exp run -S` can set any of them."""
-    assert load_params(REPO / "params.yaml") == Params()
+    assert load_params(REPO / "params.yaml").model_dump() == Params().model_dump()
     import yaml
 
     data = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -183,22 +185,68 @@ def test_relative_paths_are_relative_to_the_params_file(tmp_path, monkeypatch):
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
     p = load_params("../project/conf/params.yaml", ["download.folder.captions=typed/caps.csv"])
-    dump = p.model_dump(mode="json", by_alias=True)
+    dump = p.model_dump(mode="json", by_alias=True)  # as the file means them: the params hash, the lineage
 
-    def value(key):
-        node = dump
+    def value(key, node=dump):
         for part in key.split("."):
             node = node[part]
         return node
 
-    assert value("download.folder.path") == "../project/conf/../images"
-    assert (tmp_path / "elsewhere" / value("download.folder.path")).resolve() == tmp_path / "project" / "images"
-    assert value("embed.checkpoint") == "../project/conf/rel/embed_checkpoint"
-    assert value("download.folder.captions") == "typed/caps.csv"  # -S: as typed, from the working directory
-    assert value("filter.remove_ids") == "/abs/remove.txt" and value("evaluate.truth") == "~/truth.csv"
+    def usable(key):  # what the stages open, from the working directory
+        from clipscrub.dag import settings_value
+
+        return settings_value(p, key)
+
+    assert usable("download.folder.path") == "../project/conf/../images"
+    assert (tmp_path / "elsewhere" / usable("download.folder.path")).resolve() == tmp_path / "project" / "images"
+    assert usable("embed.checkpoint") == "../project/conf/rel/embed_checkpoint"
+    # -S: typed from the working directory, recorded relative to the file's folder
+    assert (tmp_path / "elsewhere" / usable("download.folder.captions")).resolve() == \
+        tmp_path / "elsewhere" / "typed" / "caps.csv"
+    assert value("download.folder.captions") == "../../elsewhere/typed/caps.csv"
+    assert value("download.folder.path") == "../images" and value("embed.checkpoint") == "rel/embed_checkpoint"
+    assert usable("filter.remove_ids") == value("filter.remove_ids") == "/abs/remove.txt"
+    assert usable("evaluate.truth") == value("evaluate.truth") == "~/truth.csv"
     for key in set(PATH_KEYS) - {"download.folder.path", "download.folder.captions", "filter.remove_ids",
                                  "evaluate.truth"}:
-        assert value(key) == f"../project/conf/rel/{key.replace('.', '_')}", key
+        assert usable(key) == f"../project/conf/rel/{key.replace('.', '_')}", key
+        assert value(key) == f"rel/{key.replace('.', '_')}", key
     # dvc.yaml's `-p params.yaml` from the file's own folder: the values exactly as written
     monkeypatch.chdir(conf)
     assert load_params("params.yaml").embed.checkpoint == "rel/embed_checkpoint"
+
+
+def test_the_params_mean_the_same_however_the_file_is_named(tmp_path, monkeypatch):
+    """The same params file named by a relative or an absolute path, or read from another working
+    directory: the same params hash, sections (what every stage records in its lineage) and
+    files; a -S path typed from elsewhere that names the same file too; and a worker that gets
+    the written-out params and the file's folder resolves the same files."""
+    import json
+
+    import yaml
+
+    proj = tmp_path / "proj"
+    (proj / "review").mkdir(parents=True)
+    (proj / "review" / "keep.txt").write_text("")
+    (tmp_path / "other").mkdir()
+    data = yaml.safe_load((REPO / "params.yaml").read_text())
+    data["filter"]["keep_ids"] = "./review//keep.txt"
+    data["evaluate"]["truth"] = str(tmp_path / "truth.csv")
+    (proj / "params.yaml").write_text(yaml.safe_dump(data))
+    seen = set()
+    for cwd, name in [(proj, "params.yaml"), (proj, "./params.yaml"), (tmp_path, "proj/params.yaml"),
+                      (tmp_path / "other", "../proj/params.yaml"), (tmp_path / "other", str(proj / "params.yaml"))]:
+        monkeypatch.chdir(cwd)
+        p = load_params(name)
+        assert Path(p.filter.keep_ids).resolve() == proj / "review" / "keep.txt", name
+        seen.add((p.hash(), json.dumps([p.section(s) for s in type(p).model_fields], sort_keys=True),
+                  json.dumps(p.filter.model_dump(mode="json"), sort_keys=True)))
+    assert len(seen) == 1
+    p = load_params(str(proj / "params.yaml"))
+    assert p.section("filter")["keep_ids"] == "review/keep.txt"  # as the file means it
+    assert p.section("evaluate")["truth"] == str(tmp_path / "truth.csv")  # absolute stays absolute
+    monkeypatch.chdir(tmp_path / "other")
+    typed = load_params("../proj/params.yaml", ["filter.keep_ids=../proj/review/keep.txt"])
+    assert typed.hash() == p.hash()
+    worker = parse_params(typed.model_dump(mode="json", by_alias=True), base=typed.params_dir)
+    assert worker.hash() == p.hash() and Path(worker.filter.keep_ids).resolve() == proj / "review" / "keep.txt"

@@ -231,3 +231,12 @@ def test_detection_works_end_to_end_on_a_small_demo(tmp_path):
     poisoned, removed, before, after = _poison_removed(root)
     assert (poisoned, removed) == (20, applied["poison_removed"])
     assert after < before
+
+
+def test_the_readme_pipeline_table_names_each_declared_stage():
+    """The README's stage table (the one place besides the declarations a stage is described) names
+    every declared stage's function, in order."""
+    readme = (REPO / "README.md").read_text()
+    rows = [line for line in readme.splitlines() if line.startswith("| ") and "`clipscrub.stages." in line]
+    named = [line.split("`")[1] for line in rows]
+    assert named == [decl.run.replace(":", ".") for decl in STAGES.values()]
