@@ -382,6 +382,8 @@ def read_id_list(path: str | Path, *, param: str, what: str) -> np.ndarray:
     are skipped), else a text file with one id per line (``#`` starts a comment). ``what`` names
     the file in errors."""
     p = Path(path).expanduser()
+    if p.is_dir():
+        raise DataError(f"{what} {p} is a directory, not a file of ids", param=param)
     if not p.is_file():
         raise DataError(f"{what} not found: {p}", param=param)
     try:
@@ -395,6 +397,12 @@ def read_id_list(path: str | Path, *, param: str, what: str) -> np.ndarray:
         else:
             ids = np.array([int(line) for line in (raw.split("#", 1)[0].strip() for raw in p.read_text().splitlines())
                             if line], dtype=np.int64)
+    except OverflowError:
+        raise DataError(f"cannot read ids from {p}: an id is out of range (ids are 64-bit integers)",
+                        param=param) from None
+    except UnicodeDecodeError:
+        raise DataError(f"cannot read ids from {p}: not a text file (one id per line), a .parquet or a .csv",
+                        param=param) from None
     except (ValueError, pl.exceptions.PolarsError) as exc:
         raise DataError(f"cannot read ids from {p}: {str(exc).splitlines()[0]}", param=param) from None
     return np.unique(ids)

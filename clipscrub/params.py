@@ -49,7 +49,8 @@ class _Section(BaseModel):
     with the paths as the file means them (``canonical_path``): the same file named from another
     folder, or by an absolute path, gives the same params and the same hash."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    # no NaN or infinite value means anything in params (and JSON, the lineage's format, has none)
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
     _PATH_FIELDS: ClassVar[tuple[str, ...]] = ()
     _written: dict[str, tuple[str, str]] = PrivateAttr(default_factory=dict)  # field -> (canonical, usable)
 
@@ -82,7 +83,8 @@ class _Section(BaseModel):
 
 class BaseSettings(_Section):
     name: str = "demo"
-    seed: int = 0
+    # numpy, torch and faiss take it (and seed + draw): a non-negative int well inside int32
+    seed: int = Field(0, ge=0, le=2**31 - 2**16)
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
@@ -619,6 +621,10 @@ class _ParamsLoader(yaml.SafeLoader):
 
 _ParamsLoader.add_implicit_resolver(
     "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+# YAML 1.2's floats too (PyYAML's 1.1 pattern wants a dot: 1e-9 would be a string); ints resolve first
+_ParamsLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?$"),
+    list("-+.0123456789"))
 
 
 def _expanded_size(node: yaml.Node, sizes: dict[int, int], open_: set[int]) -> int:
@@ -693,10 +699,14 @@ PATH_KEYS = (
 
 def read_params_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
+    if path.is_dir():
+        raise ParamError(f"{path} is a directory, not a params file", param="--params")
     if not path.is_file():
         raise ParamError(f"params file not found: {path}", param="--params")
     try:
-        data = load_yaml(path.read_text())
+        data = load_yaml(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ParamError(f"{path} is not a text file (not UTF-8): a params file is YAML", param="--params") from None
     except yaml.YAMLError as exc:
         raise ParamError(f"{path} is not valid YAML: {exc}".replace("\n", " "), param="--params") from None
     if data is not None and not isinstance(data, dict):

@@ -100,6 +100,23 @@ def caption_of(sample: dict[str, Any]) -> str | None:
     return None
 
 
+def caption_problem(sample: dict[str, Any]) -> str | None:
+    """Why ``caption_of`` finds no caption in a sample whose ``json`` member should hold one (not
+    valid JSON, not an object, a caption that is not text); None where that is not the reason."""
+    if sample.get("txt") is not None or sample.get("json") is None:
+        return None
+    try:
+        meta = json.loads(sample["json"])
+    except (ValueError, UnicodeDecodeError):
+        return "no txt caption, and the json member is not valid JSON"
+    if not isinstance(meta, dict):
+        return f"no txt caption, and the json member is not an object: {json.dumps(meta)[:40]}"
+    cap = meta.get("caption")
+    if cap is not None and not isinstance(cap, str):
+        return f"the json caption is not text: {json.dumps(cap)[:40]}"
+    return None
+
+
 def safe_key(key: str) -> str:
     """``key`` as a tar member name that stays in the folder a shard unpacks into: ``%``, ``/``,
     ``\\`` and ``.`` are percent-encoded (``../x`` -> ``%2E%2E%2Fx``), so no separator, ``..``

@@ -29,7 +29,7 @@ from clipscrub.errors import DataError
 from clipscrub.params import FolderSettings, PrecomputedSettings, ShardsSettings, UrlsSettings
 from clipscrub.progress import track
 from clipscrub.shards import (
-    ADDRESS_PATTERN, MAX_ASPECT_RATIO, caption_of, decode_image, expand_shards, image_field, iter_shard, shard_name,
+    ADDRESS_PATTERN, MAX_ASPECT_RATIO, caption_of, caption_problem, decode_image, expand_shards, image_field, iter_shard, shard_name,
     shard_writer, stable_message,
 )
 
@@ -344,6 +344,8 @@ def _check_sample(sample: dict[str, Any]) -> dict[str, Any]:
             pass
     row: dict[str, Any] = {"key": sample["__key__"], "caption": caption_of(sample), "status": "ok", "error": None,
                            "url": url if isinstance(url, str) else None, **truth}
+    if row["caption"] is None and (problem := caption_problem(sample)):
+        return {**row, "status": "failed", "error": problem}
     ext = image_field(sample)
     if ext is None:
         return {**row, "status": "failed", "error": "no image in the sample (jpg, jpeg, png or webp)"}

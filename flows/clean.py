@@ -336,6 +336,8 @@ def private_prefect() -> Iterator[str]:
 
 def summary_markdown(params: Params, root: Path, summaries: dict[str, Any], states: dict[str, str]) -> str:
     lines = [f"# clipscrub run `{params.base.name}` (params {params.hash()[:8]})", ""]
+    if summaries.get("threshold", {}).get("warning"):
+        lines += [f"**Warning (threshold):** {summaries['threshold']['warning']}", ""]
     filt = summaries.get("filter", {})
     if filt:
         frac = filt["removed"] / max(1, filt["scored"])

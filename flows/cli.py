@@ -331,6 +331,8 @@ def show_run(root: str) -> str:
         from clipscrub.metrics import applied_sentence, read_applied
 
         lines.append(f"applied: {applied_sentence(read_applied(lay.applied_metrics))}")
+    if (warning := threshold_warning(lay.flags)) is not None:
+        lines.append(f"warning: {warning}")
     if lay.detection_metrics.is_file():
         m = json.loads(lay.detection_metrics.read_text())
         if m.get("ground_truth"):
@@ -349,6 +351,16 @@ def show_run(root: str) -> str:
     if not lines:
         raise ClipscrubError(f"no finished run under {root}", param="--root")
     return "\n".join(lines)
+
+
+def threshold_warning(flags_dir: Path) -> str | None:
+    """What the threshold stage warned of (a rule that flags nothing, or more than half), if it did."""
+    path = Path(flags_dir) / "threshold.json"
+    if not path.is_file():
+        return None
+    with contextlib.suppress(ValueError, OSError):
+        return json.loads(path.read_text()).get("warning")
+    return None
 
 
 INIT_TEMPLATE = Path(__file__).with_name("init_template.yaml")

@@ -94,6 +94,12 @@ def threshold_scores(
     }
     if np.isfinite(cut) and not is_outlier.any():
         summary["warning"] = _flags_nothing(values=values, column=column, cut=cut, detector=settings.detector)
+    elif summary["flagged"] > flags.height / 2:
+        # no rule's cut is meant to take the bulk: a score rule's cut on the wrong side, a fraction
+        # too large, or a set too small to have a bulk
+        summary["warning"] = (f"the rule flags {summary['flagged']} of {flags.height} samples, more than half: it is "
+                              f"not cutting off a tail (check threshold.method and its cut)")
+    if "warning" in summary:
         log.warning("threshold: %s", summary["warning"])
     with atomic_dir(out_dir) as tmp:
         flags.write_parquet(tmp / "flags.parquet", statistics=False)

@@ -252,6 +252,41 @@ def stale_upstream_params(p):
     return ["filter", "-S", "index.reference.draws=5"]
 
 
+def nan_score_cut(p):
+    p.copy("scores")
+    p.params()
+    return ["threshold", "-S", "threshold.method=score", "-S", "threshold.score=.nan"]
+
+
+def negative_seed(p):
+    p.params()
+    return ["download", "-S", "base.seed=-1"]
+
+
+def review_id_out_of_range(p):
+    p.copy("raw", "scores", "flags")
+    (p.dir / "remove.txt").write_text("1180591620717411303424\n")
+    p.params(filter={"remove_ids": "remove.txt"})
+    return ["filter"]
+
+
+def review_list_is_a_directory(p):
+    p.copy("raw", "scores", "flags")
+    (p.dir / "review").mkdir()
+    p.params(filter={"keep_ids": "review"})
+    return ["filter"]
+
+
+def binary_params_file(p):
+    (p.dir / "params.yaml").write_bytes(bytes(range(128, 256)) * 4)
+    return ["download"]
+
+
+def params_file_is_a_directory(p):
+    (p.dir / "conf").mkdir()
+    return ["download", "-p", "conf"]
+
+
 # (case, stage output that must not exist, fragments of the message)
 CASES: list[tuple[Callable[[Project], list[str]], str, list[str]]] = [
     (nan_embedding, "embeddings",
@@ -290,6 +325,13 @@ CASES: list[tuple[Callable[[Project], list[str]], str, list[str]]] = [
      ["embed: validation failed: embed.embeddings: expect_column_values_to_be_unique(id): 2 of 400 rows, e.g. ids [6, 6]"]),
     (trusted_ids_not_in_dataset, "index", ["index.reference.path: 1 trusted ids are not embedded samples of this dataset, e.g. [99999]"]),
     (stale_upstream_params, "clean", ["index: the index stage's output was made with other 'index' params than the ones given"]),
+    (nan_score_cut, "flags", ["threshold.score: Input should be a finite number"]),
+    (negative_seed, "raw", ["base.seed: Input should be greater than or equal to 0"]),
+    (review_id_out_of_range, "clean", ["filter.remove_ids: cannot read ids from remove.txt: an id is out of range "
+                                       "(ids are 64-bit integers)"]),
+    (review_list_is_a_directory, "clean", ["filter.keep_ids: review list review is a directory, not a file of ids"]),
+    (binary_params_file, "raw", ["--params: params.yaml is not a text file (not UTF-8): a params file is YAML"]),
+    (params_file_is_a_directory, "raw", ["--params: conf is a directory, not a params file"]),
 ]
 
 

@@ -250,3 +250,19 @@ def test_the_params_mean_the_same_however_the_file_is_named(tmp_path, monkeypatc
     assert typed.hash() == p.hash()
     worker = parse_params(typed.model_dump(mode="json", by_alias=True), base=typed.params_dir)
     assert worker.hash() == p.hash() and Path(worker.filter.keep_ids).resolve() == proj / "review" / "keep.txt"
+
+
+@pytest.mark.parametrize(("text", "value"), [("1e-9", 1e-9), ("2.5E3", 2500.0), ("-1e-2", -0.01), ("7", 7), ("1e9x", "1e9x")])
+def test_numbers_in_yaml_1_2_notation_are_numbers(text, value):
+    """`-S threshold.fraction=1e-9` (and the same in a params file) is a float, as DVC reads it."""
+    from clipscrub.params import load_yaml
+
+    got = load_yaml(text)
+    assert got == value and type(got) is type(value)
+    assert parse_params(apply_overrides({"threshold": {"fraction": 0.01}}, ["threshold.fraction=1e-9"])).threshold.fraction == 1e-9
+
+
+@pytest.mark.parametrize("bad", [".nan", ".inf", "-.inf"])
+def test_no_param_is_nan_or_infinite(bad):
+    with pytest.raises(ParamError, match="threshold.score: Input should be a finite number"):
+        parse_params(apply_overrides({"threshold": {"score": None}}, [f"threshold.score={bad}"]))

@@ -576,3 +576,21 @@ def test_an_undecodable_image_gives_the_same_manifest_twice(tiny_model, tmp_path
     # PIL's own message names the BytesIO object at its memory address
     assert manifest["error"].to_list() == ["cannot decode image: not a recognised image format", None]
     assert (tmp_path / "one" / "raw" / "manifest.parquet").read_bytes() == (tmp_path / "two" / "raw" / "manifest.parquet").read_bytes()
+
+
+def test_a_json_caption_that_is_not_text_says_what_it_is(tiny_model, tmp_path):
+    """No txt member and a json caption that is a number, or json that is not JSON: a failed row
+    saying so, not 'empty caption'."""
+    d = tmp_path / "src"
+    d.mkdir()
+    with wds.TarWriter(str(d / "00000.tar")) as sink:
+        for key, meta in (("n", b'{"caption": 12}'), ("bad", b"{not json"), ("list", b"[1, 2]"), ("ok", b'{"caption": "fine"}')):
+            sink.write({"__key__": key, "jpg": image_bytes("JPEG", colour=COLOURS[0]), "json": meta})
+    from clipscrub.sources import read_shards
+
+    manifest, _ = read_shards(settings=source_params(tiny_model, "shards", {"path": str(d / "00000.tar")}).download.shards)
+    errors = dict(zip(manifest["key"], manifest["error"]))
+    assert errors["n"] == "the json caption is not text: 12"
+    assert errors["bad"] == "no txt caption, and the json member is not valid JSON"
+    assert errors["list"] == "no txt caption, and the json member is not an object: [1, 2]"
+    assert errors["ok"] is None

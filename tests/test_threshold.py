@@ -202,3 +202,25 @@ def test_tail_on_constant_scores_flags_nothing():
     mask, cut = flag_outliers(values=np.full(50, 2.0), ids=np.arange(50), detector="kdist",
                               settings=ThresholdSettings(method="tail"))
     assert not mask.any() and cut > 2.0
+
+
+def test_a_rule_that_flags_more_than_half_says_so_where_a_person_looks(tmp_path):
+    """The warning reaches the stage's words, `clipscrub show` and the Prefect artifact, not only
+    a log line: a cut that takes the bulk (here 4 of 5) is no tail cut."""
+    from clipscrub.flows.clean import summary_markdown
+    from clipscrub.flows.cli import show_run, summary_text
+    from clipscrub.params import parse_params
+
+    scores = write_scores(tmp_path / "scores", clip=np.array([0.81, 0.9, 0.95, 0.97, 0.85]))
+    summary = threshold_scores(scores_dir=scores, out_dir=tmp_path / "flags",
+                               settings=ThresholdSettings(detector="clip", method="score", score=0.96),
+                               base=BaseSettings())
+    want = "the rule flags 4 of 5 samples, more than half: it is not cutting off a tail (check threshold.method and its cut)"
+    assert summary["warning"] == want
+    assert f"  warning: {want}" in summary_text("threshold", summary, wrote=[tmp_path / "flags"])
+    root = tmp_path / "root"
+    root.mkdir()
+    (tmp_path / "flags").rename(root / "flags")
+    assert f"warning: {want}" in show_run(str(root)).splitlines()
+    md = summary_markdown(parse_params({}), root, {"threshold": summary}, {"threshold": "Completed"})
+    assert f"**Warning (threshold):** {want}" in md
