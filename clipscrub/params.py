@@ -493,18 +493,19 @@ class Params(_Section):
                 raise _CrossError("embed.model_name", unknown_model_message(e.model_name, known))
         return self
 
-    _base: str | None = PrivateAttr(None)
+    _base: str | None = PrivateAttr(None)  # absolute, taken when read: the working directory may change
 
     @model_validator(mode="after")
     def _remember_base(self, info: ValidationInfo) -> "Params":
-        self._base = (info.context or {}).get("base") if info is not None else None
+        base = (info.context or {}).get("base") if info is not None else None
+        self._base = None if base is None else os.path.abspath(base)
         return self
 
     @property
     def params_dir(self) -> str | None:
         """The absolute folder of the params file these were read from (None: not read from a file),
         which a process elsewhere passes to ``parse_params`` to resolve the same paths."""
-        return None if self._base is None else os.path.abspath(self._base)
+        return self._base
 
     def section(self, name: str) -> dict[str, Any]:
         """The section as plain JSON-able data (aliases applied), as written in params.yaml."""

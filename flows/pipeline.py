@@ -246,7 +246,8 @@ def dvc_yaml_text(params: Params, *, folder: Path, params_file: str = "params.ya
                         files=lambda stage: dvc_file_deps(stage.name, params, folder))
     if not source:
         stamps = {"cmd": f"clipscrub code --out {CODE_STAMPS}", "always_changed": True,
-                  "outs": [{f"{CODE_STAMPS}/{name}.txt": {"cache": False}} for name in stages]}
+                  # every stage's file, as `clipscrub code` writes them all: none is left untracked
+                  "outs": [{f"{CODE_STAMPS}/{name}.txt": {"cache": False}} for name in STAGES]}
         stages = {"clipscrub-code": stamps, **stages}
     what = ("the source files it imports" if source else
             f"the installed clipscrub's code for it ({CODE_STAMPS}/<stage>.txt, rewritten by the always-run "
