@@ -165,9 +165,11 @@ def test_init_and_repro_then_rerun_only_what_changed(fresh_venv, project, tmp_pa
 
     # an upgrade that changes the threshold stage's code (and clipscrub's version): threshold
     # reruns, and what reads its flags (they record the new code version); nothing before it
-    src = tmp_path / "clipscrub-next"
-    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(".git", ".venv", "data", "dist", "build", "*.egg-info",
-                                                            "__pycache__", ".dvc"))
+    src = tmp_path / "clipscrub-next"  # what the wheel is built from, nothing else of the clone
+    for name in ("clipscrub", "stages", "flows"):
+        shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, src / name)
     with open(src / "stages" / "threshold.py", "a") as f:
         f.write("\n# the next version\n")
     init = src / "clipscrub" / "__init__.py"
