@@ -471,11 +471,6 @@ def run_init(args: argparse.Namespace) -> int:
                 raise ClipscrubError(f"{path} exists: pass --force to overwrite it", param="--out")
         text = init_params_text(args)
         out.parent.mkdir(parents=True, exist_ok=True)
-        for key, rel in REVIEW_LISTS.items():  # empty lists, so that dvc.yaml depends on them from the start
-            path = out.parent / rel
-            if not path.exists():
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(REVIEW_HEADER[key])
         with atomic_file(out, param="--out") as tmp:
             Path(tmp).write_text(text)
             # read back as every command will read it (its folder resolves the relative paths)
@@ -483,6 +478,11 @@ def run_init(args: argparse.Namespace) -> int:
             pipeline = dvc_yaml_text(params, folder=out.parent, params_file=out.name)
         with atomic_file(dvc_yaml, param="--out") as tmp:
             Path(tmp).write_text(pipeline)
+        for key, rel in REVIEW_LISTS.items():  # empty lists, so that dvc.yaml depends on them from the start
+            path = out.parent / rel
+            if not path.exists():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(REVIEW_HEADER[key])
     except ClipscrubError as exc:
         print(f"clipscrub: error: {exc}", file=sys.stderr)
         return 2

@@ -338,3 +338,20 @@ def test_init_refuses_to_overwrite_and_checks_what_it_writes(tmp_path, monkeypat
         "(open_clip.list_pretrained_tags_by_model('ViT-L-14')) or --checkpoint FILE")
     assert main(["init", "--source", "shards", "--path", "shards", "--force"]) == 0
     assert "source: shards" in (tmp_path / "params.yaml").read_text()
+
+
+def test_init_writes_a_dvc_project_and_overwrites_nothing(tmp_path, monkeypatch, capsys):
+    """params.yaml, dvc.yaml and the empty review lists, or (an existing dvc.yaml) nothing at all."""
+    from clipscrub.flows.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    assert main(["init", "--source", "shards", "--path", "shards", "--checkpoint", "w.pt"]) == 2
+    assert "--out: dvc.yaml exists: pass --force to overwrite it" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dvc.yaml"]
+    (tmp_path / "dvc.yaml").unlink()
+    assert main(["init", "--source", "shards", "--path", "shards", "--checkpoint", "w.pt"]) == 0
+    stages = yaml.safe_load((tmp_path / "dvc.yaml").read_text())["stages"]
+    assert "shards" in stages["download"]["deps"] and "w.pt" in stages["embed"]["deps"]
+    assert {"review/keep_ids.txt", "review/remove_ids.txt"} <= set(stages["filter"]["deps"])
+    assert (tmp_path / "review" / "keep_ids.txt").read_text().startswith("# Sample ids to keep")
