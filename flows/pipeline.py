@@ -33,11 +33,16 @@ class Layout:
         return self.root / OUTPUTS[name].path
 
 
+def inactive_outputs(params: Params) -> set[str]:
+    """The outputs of stages that do not run for these params (train's, unless train.enabled)."""
+    return {o for s in STAGES.values() if not is_active(s, params) for o in s.outputs}
+
+
 def stage_kwargs(stage: str, params: Params, layout: Layout) -> dict[str, Any]:
     """The keyword arguments ``stage``'s function is called with: its paths under ``layout``
     (an output of a stage that does not run for these params: None) and its settings."""
     decl = STAGES[stage]
-    inactive = {o for s in STAGES.values() if not is_active(s, params) for o in s.outputs} - set(decl.outputs)
+    inactive = inactive_outputs(params) - set(decl.outputs)
     kwargs: dict[str, Any] = {kw: None if out in inactive else getattr(layout, out) for kw, out in decl.paths.items()}
     kwargs.update({kw: settings_value(params, key) for kw, key in decl.settings.items()})
     return kwargs
@@ -71,7 +76,7 @@ def stage_files(stage: str, params: Params) -> dict[str, Path]:
 def stage_inputs(stage: str, params: Params, layout: Layout) -> dict[str, Path]:
     """Every file ``stage``'s outputs depend on, by name: the upstream outputs it reads (of stages
     that run for these params) and the files its params name (``stage_files``)."""
-    inactive = {o for s in STAGES.values() if not is_active(s, params) for o in s.outputs}
+    inactive = inactive_outputs(params)
     inputs = {name: getattr(layout, name) for name in STAGES[stage].inputs if name not in inactive}
     return {**inputs, **stage_files(stage, params)}
 
