@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import socket
+import tempfile
 import threading
 import uuid
 from pathlib import Path
@@ -131,6 +132,22 @@ def _check_writable(parent: Path, param: str) -> None:
         raise ParamError(f"cannot create output directory {parent}: {exc.strerror}", param=param) from None
     if not os.access(parent, os.W_OK):
         raise ParamError(f"output directory {parent} is not writable", param=param)
+
+
+def check_writable_dir(path: str | Path, *, param: str) -> None:
+    """Prove that ``path`` (or its nearest existing parent) takes new files, creating nothing."""
+    target = Path(path)
+    existing = target
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ParamError(f"{path} is not writable ({existing} does not accept new files)", param=param)
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        raise ParamError(f"{path} is not writable ({existing} does not accept new files: {exc.strerror})",
+                         param=param) from None
 
 
 def _scratch_suffix() -> str:

@@ -34,14 +34,18 @@ from prefect.runtime import flow_run
 from prefect.serializers import JSONSerializer
 from prefect.tasks import exponential_backoff
 
-from clipscrub.io import root_lock, sha256_path
+from clipscrub.io import check_writable_dir, root_lock, sha256_path
 from clipscrub.metrics import APPLIED_KEYS, applied_sentence, read_applied
 from clipscrub.params import Params, parse_params
-from clipscrub.errors import ParamError
+from clipscrub.errors import ClipscrubError, ParamError
 from clipscrub.flows.pipeline import (STAGES, Layout, active_stages, param_value, plan_pieces, producer, run_piece,
                                       run_stage, stage_code_version, stage_inputs)
 
 STATE_FILE = Path(".clipscrub") / "state.json"
+
+# What each run in this process has done so far, by run directory: {"finished": [stages], "running":
+# stage or None}. `clipscrub run` reads it when a signal stops the run, to say where it stopped.
+PROGRESS: dict[str, dict[str, Any]] = {}
 
 
 def stage_cache_key(stage: str, params: Params, root: str | Path) -> str:
@@ -175,6 +179,20 @@ def _run_piece_task(stage: str, params: str, root: str, piece: dict[str, Any],
 PIECE_TASK = task(_run_piece_task, name="piece", cache_policy=NO_CACHE, persist_result=False, retries=2)
 
 
+def check_scheduler(address: str, *, timeout: float = 5.0) -> None:
+    """Stop at once, on one line, when nothing listens at a scheduler ``address`` (tcp://host:port):
+    dask's client would retry for its connect timeout (30 s) and end in a page of tracebacks."""
+    import socket
+
+    host, _, port = address.split("://", 1)[1].rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        why = exc.strerror or str(exc) or type(exc).__name__
+        raise ParamError(f"no Dask scheduler answers at {address} ({why}): start one there (`dask scheduler`), "
+                         "or run on this machine with local:N", param="--cluster") from None
+
+
 def task_runner_for(cluster: str | None) -> Any:
     """The flow's task runner for ``--cluster``: ``local:N`` (a LocalCluster of N worker
     processes, one thread each) or a scheduler's address (``tcp://host:8786``); None: in-process."""
@@ -188,6 +206,7 @@ def task_runner_for(cluster: str | None) -> Any:
         return DaskTaskRunner(cluster_class="clipscrub.flows.cluster.local_cluster",
                               cluster_kwargs={"n_workers": int(local.group(1))})
     if re.fullmatch(r"(tcp|tls)://[^/\s]+:\d+", cluster):
+        check_scheduler(cluster)
         return DaskTaskRunner(address=cluster)
     raise ParamError(f"expected local:N (N >= 1) or a scheduler address tcp://host:port, got {cluster!r}",
                      param="--cluster")
@@ -262,33 +281,41 @@ TEMPORARY_SERVER_SETTINGS = {
 }
 
 
-def stdlib_first_server(app_dir: Path) -> Any:
-    """Prefect's temporary server (``SubprocessASGIServer``), started with ``app_dir`` (an empty
-    folder) as uvicorn's ``--app-dir`` instead of prefect's own parent folder.
+def tethered_server(app_dir: Path) -> Any:
+    """Prefect's temporary server (``SubprocessASGIServer``), run the way ``clipscrub run`` needs it.
 
-    uvicorn inserts ``--app-dir`` at the head of ``sys.path`` before it imports the app; prefect
-    passes its parent, site-packages, so every top-level module there shadows the standard
-    library in the server. img2dataset requires the Python 3.6 ``dataclasses`` backport (PyPI
-    ``dataclasses`` 0.6, the last without ``python_requires<3.7``), whose ``dataclasses.py``
-    lands in site-packages: pydantic then imports it instead of the standard library's and the
-    server dies at import. Nothing is needed from ``--app-dir``: prefect is importable anyway.
+    - In a session of its own, tethered to this process (``clipscrub.flows.tether``): a Ctrl-C at
+      the terminal does not kill it under the run (which would then retry every state report for
+      minutes), and it stops by itself when this process dies without stopping it.
+    - With ``app_dir`` (an empty folder) as uvicorn's ``--app-dir`` instead of prefect's own
+      parent folder. uvicorn inserts ``--app-dir`` at the head of ``sys.path`` before it imports
+      the app; prefect passes its parent, site-packages, so every top-level module there shadows
+      the standard library in the server. img2dataset requires the Python 3.6 ``dataclasses``
+      backport (PyPI ``dataclasses`` 0.6, the last without ``python_requires<3.7``), whose
+      ``dataclasses.py`` lands in site-packages: pydantic then imports it instead of the standard
+      library's and the server dies at import.
     """
-    import prefect
-    from prefect.server.api.server import SubprocessASGIServer
+    import subprocess
+    import sys
 
-    class StdlibFirstServer(SubprocessASGIServer):
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import get_current_settings
+
+    class TetheredServer(SubprocessASGIServer):
         _instances: ClassVar[dict[int | None, SubprocessASGIServer]] = {}  # not shared with prefect's own servers
 
-        def _run_uvicorn_command(self) -> Any:
-            # prefect builds --app-dir from prefect.__module_path__.parent when it builds the command
-            saved = prefect.__module_path__
-            prefect.__module_path__ = app_dir / "prefect"
-            try:
-                return super()._run_uvicorn_command()
-            finally:
-                prefect.__module_path__ = saved
+        def _run_uvicorn_command(self) -> subprocess.Popen[Any]:
+            # prefect's own command and environment (server/api/server.py), run through the tether
+            env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
+                   "PREFECT__SERVER_FINAL": "1", **get_current_settings().to_environment_variables(exclude_unset=True)}
+            return subprocess.Popen(
+                [sys.executable, "-m", "clipscrub.flows.tether", str(os.getpid()), "uvicorn",
+                 "--app-dir", str(app_dir), "--factory", "prefect.server.api.server:create_app",
+                 "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "error", "--lifespan", "on"],
+                env=env, start_new_session=True,
+            )
 
-    return StdlibFirstServer()
+    return TetheredServer()
 
 
 @contextmanager
@@ -299,7 +326,7 @@ def private_prefect() -> Iterator[str]:
     and failed loudly offline) and in the client (DO_NOT_TRACK). Prefect's own temporary
     server stops at interpreter exit, racing the event and log workers still sending to it:
     this one stops only after they have drained. It imports the standard library first, even
-    with the ``dataclasses`` backport installed (``stdlib_first_server``).
+    with the ``dataclasses`` backport installed, and it dies with this process (``tethered_server``).
     """
     import prefect.settings as ps
     from prefect.events.worker import EventsWorker
@@ -314,11 +341,25 @@ def private_prefect() -> Iterator[str]:
                 yield url
                 return
             # the server process inherits these: it is started with the current settings
+            home = ps.PREFECT_HOME.value()
+            try:  # the server keeps its database there: unwritable, it retries for minutes, then fails
+                check_writable_dir(home, param="PREFECT_HOME")
+            except ClipscrubError as exc:
+                raise ClipscrubError(f"{exc.message}; the temporary Prefect server keeps its database there: set "
+                                     "PREFECT_HOME to a writable folder, or PREFECT_API_URL to a running Prefect "
+                                     "server", param="PREFECT_HOME") from None
             with (ps.temporary_settings(updates={getattr(ps, k): v for k, v in TEMPORARY_SERVER_SETTINGS.items()}),
                   tempfile.TemporaryDirectory(prefix="clipscrub-app-dir-") as app_dir):
-                server = stdlib_first_server(Path(app_dir))
-                server.start(timeout=max(120, ps.PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()))
+                server = tethered_server(Path(app_dir))
+                timeout = max(120, ps.PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value())
                 try:
+                    try:
+                        server.start(timeout=timeout)
+                    except RuntimeError as exc:  # prefect's: the server never answered
+                        why = (str(exc).splitlines() or [""])[0][:200]
+                        raise ClipscrubError(f"the temporary Prefect server did not start ({why}); its output is "
+                                             "above: fix what it names, or set PREFECT_API_URL to a running Prefect "
+                                             "server") from None
                     with ps.temporary_settings(updates={ps.PREFECT_API_URL: server.api_url}):
                         try:
                             yield server.api_url
@@ -398,8 +439,10 @@ def clean_dataset(params: dict[str, Any], out_dir: str, result_storage: str | No
     # by id(), and the many objects of a dict could reuse the address of a finished stage's summary
     payload = json.dumps(settings.model_dump(mode="json", by_alias=True), sort_keys=True)
     # held for the whole run, so no other clipscrub process writes the root between two stages
+    progress = PROGRESS[str(root.resolve())] = {"finished": [], "running": None}
     with root_lock(root), tags(*names):
         for stage in active:
+            progress["running"] = stage
             # the stages it reads from, as final states: the edges of the UI's graph. States, not
             # futures: a Dask runner swaps futures for their results, which name no task run
             after = [done[s] for s in upstream_stages(stage, active)]
@@ -428,6 +471,8 @@ def clean_dataset(params: dict[str, Any], out_dir: str, result_storage: str | No
             states[stage] = run_state.name
             state[stage] = {"key": key, "outputs": output_hashes(stage, root)}
             _write_state(root, state)
+            progress["finished"].append(stage)
+            progress["running"] = None
     create_markdown_artifact(
         summary_markdown(settings, root, summaries, states),
         key="clipscrub-" + re.sub(r"[^a-z0-9-]+", "-", settings.base.name.lower()).strip("-"),

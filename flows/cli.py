@@ -6,11 +6,13 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from clipscrub.errors import ClipscrubError
+from clipscrub.io import check_writable_dir
 from clipscrub.params import load_params, packaged_model_names
 from clipscrub.flows.pipeline import STAGES, run_stage
 
@@ -523,49 +525,97 @@ def run_dvc_yaml(args: argparse.Namespace) -> int:
     return 0
 
 
-def check_writable_dir(path: str, param: str) -> None:
-    """Prove that ``path`` (or its nearest existing parent) takes new files, creating nothing."""
-    import os
-    import tempfile
-    from pathlib import Path
+def interrupted_text(out: str, signum: int, *, command: Sequence[str]) -> str:
+    """One line: which stages the interrupted run finished, and how to resume it."""
+    from clipscrub.flows.clean import PROGRESS
 
-    target = Path(path)
-    existing = target
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise ClipscrubError(f"{path} is not writable ({existing} does not accept new files)", param=param)
+    progress = PROGRESS.get(str(Path(out).resolve()), {})
+    finished, running = progress.get("finished", []), progress.get("running")
+    done = f"{', '.join(finished)} finished" if finished else "no stage finished"
+    if running:
+        done += f", {running} did not"
+    import shlex
+
+    again = "rerun to resume" + (f" from {running}" if running else "")
+    return (f"clipscrub: interrupted ({signal.Signals(signum).name}): {done}; {again} "
+            f"(finished stages are reused): clipscrub {shlex.join(command)}")
+
+
+@contextlib.contextmanager
+def stop_on_signals(message: Any, *, grace: float = 5.0) -> Iterator[dict[str, int]]:
+    """SIGINT (Ctrl-C) and SIGTERM stop the run: the first raises KeyboardInterrupt where the run
+    is, so that it unwinds (Prefect records the run as crashed, the root lock and the temporary
+    server are released); if the process has not ended ``grace`` seconds later (a library that
+    swallowed the interrupt, a cluster slow to close), or at a second signal, it prints
+    ``message(signum)`` (unless the caller set "said") and exits at once: the kernel drops the
+    lock, and the server and the cluster's workers follow their parent. Yields {"signal": the
+    first signal's number or 0, "said": 0}.
+    """
+    import signal
+    import threading
+
+    caught = {"signal": 0, "said": 0}
+
+    def leave(signum: int) -> None:
+        if not caught["said"]:
+            sys.stderr.write(message(signum) + "\n")
+            sys.stderr.flush()
+        os._exit(128 + signum)
+
+    def handle(signum: int, frame: Any) -> None:
+        if caught["signal"]:
+            leave(caught["signal"])
+        caught["signal"] = signum
+        timer = threading.Timer(grace, leave, args=(signum,))
+        timer.daemon = True
+        timer.start()
+        raise KeyboardInterrupt
+
+    saved = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as exc:
-        raise ClipscrubError(f"{path} is not writable: {exc.strerror}", param=param) from None
+        yield caught
+    finally:
+        for sig, old in saved.items():
+            signal.signal(sig, old)
 
 
 def run_flow(args: argparse.Namespace) -> int:
     try:
         params = load_params(args.params, args.overrides)
-        check_writable_dir(args.out, "--out")
+        check_writable_dir(args.out, param="--out")
     except ClipscrubError as exc:
         print(f"clipscrub: error: {exc}", file=sys.stderr)
         return 2
+    import warnings
+
+    # prefect warns at import when it cannot create PREFECT_HOME; private_prefect says it in one line
+    warnings.filterwarnings("ignore", message="Failed to create the Prefect home directory")
     from clipscrub.flows.clean import clean_dataset, private_prefect, task_runner_for
 
-    try:
-        runner = task_runner_for(args.cluster)
-        flow = clean_dataset.with_options(task_runner=runner) if runner is not None else clean_dataset
-        # analytics off, and a temporary server that outlives the run's events and logs
-        with private_prefect():
-            result = flow(
-                params=params.model_dump(mode="json", by_alias=True),
-                out_dir=str(Path(args.out).resolve()),
-                result_storage=args.result_storage,
-                cluster=args.cluster,
-                params_dir=params.params_dir,
-            )
-    except ClipscrubError as exc:
-        print(f"clipscrub: error: {exc}", file=sys.stderr)
-        return 2
+    def stopped(signum: int) -> str:
+        return interrupted_text(args.out, signum, command=args.argv)
+
+    with stop_on_signals(stopped) as caught:
+        try:
+            runner = task_runner_for(args.cluster)
+            flow = clean_dataset.with_options(task_runner=runner) if runner is not None else clean_dataset
+            # analytics off, and a temporary server that outlives the run's events and logs
+            with private_prefect():
+                result = flow(
+                    params=params.model_dump(mode="json", by_alias=True),
+                    out_dir=str(Path(args.out).resolve()),
+                    result_storage=args.result_storage,
+                    cluster=args.cluster,
+                    params_dir=params.params_dir,
+                )
+        except ClipscrubError as exc:
+            print(f"clipscrub: error: {exc}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            signum = caught["signal"] or signal.SIGINT
+            print(stopped(signum), file=sys.stderr)
+            caught["said"] = 1
+            return 128 + signum
     if args.json:
         print(json.dumps({"run": str(Path(args.out).resolve()), "states": result["states"],
                           **({"pieces": result["pieces"]} if "pieces" in result else {})}, sort_keys=True))

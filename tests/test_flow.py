@@ -522,3 +522,108 @@ def test_against_a_real_prefect_server(tmp_path):
         log.close()
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"{api}/health", timeout=2)
+
+
+def local_env(tmp_path: Path) -> dict[str, str]:
+    """The environment of a `clipscrub run` on its own temporary server, its database under tmp_path."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
+    return env
+
+
+def start_run(tmp_path: Path, *extra: str) -> subprocess.Popen:
+    """`clipscrub run` on the tiny demo in a session (process group) of its own, as a terminal starts it."""
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params_dict()))
+    return subprocess.Popen([str(BIN / "clipscrub"), "run", "-p", "params.yaml", "-o", "run", *extra],
+                            cwd=tmp_path, env=local_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+
+
+def wait_for_stage(proc: subprocess.Popen, state: Path, stage: str) -> list:
+    """Wait until the run records ``stage`` finished; return its temporary server's processes."""
+    import psutil
+
+    deadline = time.monotonic() + 600
+    while not (state.is_file() and stage in json.loads(state.read_text() or "{}")):
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, f"{stage} did not finish in 600 s"
+        time.sleep(0.2)
+    servers = [p for p in psutil.Process(proc.pid).children(recursive=True)
+               if "clipscrub.flows.tether" in " ".join(p.cmdline())]
+    assert len(servers) == 1  # the temporary server, run through its tether
+    return servers
+
+
+@pytest.mark.parametrize(("signum", "target", "cluster"), [
+    (2, "group", []),  # Ctrl-C at a terminal: SIGINT to the whole process group
+    (2, "group", ["--cluster", "local:2"]),
+    (2, "process", []),
+    (15, "process", []),  # SIGTERM, e.g. from a scheduler's timeout
+])
+def test_an_interrupted_run_stops_says_where_and_resumes(tmp_path, signum, target, cluster):
+    """The run stops (it hung for minutes, holding the root), says which stages finished on one
+    line, leaves no server behind, and a rerun reuses what finished."""
+    import psutil
+
+    proc = start_run(tmp_path, *cluster)
+    servers = wait_for_stage(proc, tmp_path / "run" / ".clipscrub" / "state.json", "download")
+    if target == "group":
+        os.killpg(proc.pid, signum)
+    else:
+        os.kill(proc.pid, signum)
+    try:
+        _, err = proc.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        pytest.fail(f"the run did not stop within 90 s of signal {signum}: {proc.communicate()[1][-3000:]}")
+    assert proc.returncode == 128 + signum, err[-3000:]
+    # the last line, but for a cluster's multiprocessing resource tracker that may warn after it
+    (last,) = [line for line in err.splitlines() if line.startswith("clipscrub: interrupted")]
+    name = "SIGINT" if signum == 2 else "SIGTERM"
+    assert last.startswith(f"clipscrub: interrupted ({name}): download"), err[-3000:]
+    assert "did not; rerun to resume from" in last and last.endswith(f"clipscrub run -p params.yaml -o run{''.join(' ' + a for a in cluster)}")
+    # the server lived until the run had said its last: no report to a dead API
+    assert "ConnectError" not in err and "ConcurrencySlotAcquisitionError" not in err, err[-3000:]
+    gone, alive = psutil.wait_procs(servers, timeout=15)
+    assert not alive
+    res = subprocess.run([str(BIN / "clipscrub"), "run", "-p", "params.yaml", "-o", "run", "--json"],
+                         cwd=tmp_path, env=local_env(tmp_path), capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]  # the root lock was released
+    states = json.loads(res.stdout.splitlines()[-1])["states"]
+    assert states["download"] == "Cached" and states["report"] == "Completed"
+
+
+def test_a_killed_run_leaves_no_server(tmp_path):
+    """SIGKILL runs no cleanup: the temporary server notices its parent is gone and stops."""
+    import psutil
+
+    proc = start_run(tmp_path)
+    servers = wait_for_stage(proc, tmp_path / "run" / ".clipscrub" / "state.json", "download")
+    port = next(c.laddr.port for c in servers[0].net_connections() if c.status == psutil.CONN_LISTEN)
+    proc.kill()
+    proc.communicate(timeout=60)
+    gone, alive = psutil.wait_procs(servers, timeout=15)
+    assert not alive, "the temporary server outlived its run"
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+
+
+@pytest.mark.parametrize(("env", "args", "expected"), [
+    ({"HOME": "/proc/clipscrub-home"}, [],
+     "PREFECT_HOME: /proc/clipscrub-home/.prefect is not writable (/proc does not accept new files"),
+    ({}, ["--cluster", "tcp://127.0.0.1:{port}"], "--cluster: no Dask scheduler answers at tcp://127.0.0.1:{port}"),
+])
+def test_a_run_that_cannot_start_says_so_at_once(tmp_path, env, args, expected):
+    """An unwritable Prefect home (HOME read-only, PREFECT_HOME unset) or a scheduler address where
+    nothing listens: one line, before any stage (they were minutes of retries and pages of logs)."""
+    port = free_port()
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params_dict()))
+    full = {**{k: v for k, v in local_env(tmp_path).items() if k != "PREFECT_HOME"}, **env}
+    if not env:
+        full["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    res = clipscrub("run", "-p", "params.yaml", "-o", "run", *[a.format(port=port) for a in args], cwd=tmp_path,
+                    env=full)
+    assert res.returncode == 2, res.stdout[-3000:] + res.stderr[-3000:]
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"clipscrub: error: {expected.format(port=port)}"), res.stderr[-3000:]
+    assert not (tmp_path / "run").exists()
