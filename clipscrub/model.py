@@ -280,7 +280,8 @@ def load_model(
             model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=None, **dev_kwargs)
         try:
             open_clip.load_checkpoint(model, str(ckpt))
-        except RuntimeError as exc:
+        # load_state_dict's size mismatch is a RuntimeError; open_clip asserts on a text width first
+        except (RuntimeError, AssertionError, ValueError, KeyError) as exc:
             raise ParamError(
                 f"checkpoint {ckpt} does not fit model {model_name!r}: {_first_line(exc)}", param="embed.checkpoint"
             ) from None

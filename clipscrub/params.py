@@ -228,6 +228,9 @@ SOURCES = ("synthetic", "urls", "shards", "folder", "embeddings")
 class DownloadSettings(_Section):
     source: Literal["synthetic", "urls", "shards", "folder", "embeddings"] = "synthetic"
     shard_size: int = Field(1000, ge=1)
+    # bounds on one sample: past them it fails with its reason, unread, instead of filling memory
+    max_caption_bytes: int = Field(65536, ge=1)
+    max_file_bytes: int = Field(64 * 2**20, ge=1)
     synthetic: SyntheticSettings = SyntheticSettings()
     urls: UrlsSettings = UrlsSettings()
     shards: ShardsSettings = ShardsSettings()

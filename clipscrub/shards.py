@@ -11,9 +11,10 @@ from __future__ import annotations
 import io
 import json
 import re
+import tarfile
 import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Container, Iterator
 
 import braceexpand
 import numpy as np
@@ -21,6 +22,7 @@ import webdataset as wds
 from PIL import Image, UnidentifiedImageError
 
 from clipscrub.errors import DataError
+from clipscrub.io import fmt_bytes
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 PIL_FORMAT_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
@@ -34,6 +36,9 @@ _UNSAFE_KEY_CHARS = frozenset("%/\\.")
 # a memory address in an error message: "<_io.BytesIO object at 0x7f...>"
 ADDRESS_PATTERN = r"\s*<[^<>]* at 0x[0-9a-fA-F]+>|\s+at 0x[0-9a-fA-F]+"
 _ADDRESS = re.compile(ADDRESS_PATTERN)
+# webdataset's member names: key = path up to the first dot of the base name, then the extension
+_MEMBER_NAME = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+_META_MEMBER = re.compile(r"__[^/]*__($|/)")
 
 
 def shard_writer(shard_dir: Path, shard_size: int) -> wds.ShardWriter:
@@ -73,10 +78,55 @@ def expand_shards(pattern: str, *, param: str) -> list[Path]:
     return [q.resolve() for q in paths]
 
 
-def iter_shard(path: str | Path) -> Iterator[dict[str, Any]]:
-    """The raw samples of one tar shard: ``__key__`` plus bytes per extension, undecoded."""
-    ds = wds.WebDataset(str(path), shardshuffle=False, empty_check=False)
-    yield from ds
+def _key_and_ext(name: str) -> tuple[str | None, str]:
+    """webdataset's split of a member name: the key is all before the first dot of the base name."""
+    match = _MEMBER_NAME.match(name)
+    return (match.group(1), match.group(2).lower()) if match else (None, "")
+
+
+def iter_shard(path: str | Path, *, keys: Container[str] | None = None,
+               max_member_bytes: int | None = None) -> Iterator[dict[str, Any]]:
+    """The raw samples of one tar shard (plain or compressed): ``__key__`` plus the undecoded
+    bytes of each member under its lower-cased extension, grouped as webdataset groups them
+    (consecutive members sharing a key; ``__*__`` metadata members skipped).
+
+    Unlike webdataset, one bad sample does not end the shard: a sample with a member written
+    twice, or a member over ``max_member_bytes`` (left unread), carries ``__error__`` saying so,
+    and the samples after it follow. ``keys``: only the samples with these keys are read and
+    yielded (the others' members are skipped unread). A file that is not a tar, or one cut
+    short, raises ``tarfile.TarError`` or ``OSError`` after the samples before the damage.
+    """
+    with tarfile.open(str(path), mode="r|*") as tar:
+        sample: dict[str, Any] | None = None
+        current: str | None = None  # the key of the member group being read (wanted or not)
+        seen: set[str] = set()  # the extensions of its members, read or not
+        for info in tar:
+            tar.members = []  # a stream keeps every member's header otherwise
+            name = info.name
+            if not info.isreg() or _META_MEMBER.match(name):
+                continue
+            key, ext = _key_and_ext(name)
+            if key is None:
+                continue
+            if key != current:
+                if sample is not None:
+                    yield sample
+                current, seen = key, set()
+                sample = {"__key__": key} if keys is None or key in keys else None
+            if sample is None:
+                continue
+            if ext in seen:
+                sample.setdefault("__error__", f"tar member {name} appears more than once")
+                continue
+            seen.add(ext)
+            if max_member_bytes is not None and info.size > max_member_bytes:
+                sample.setdefault("__error__", f"tar member {name} is {fmt_bytes(info.size)}, over the "
+                                               f"{fmt_bytes(max_member_bytes)} limit (download.max_file_bytes)")
+                continue
+            data = tar.extractfile(info)
+            sample[ext] = data.read() if data is not None else b""
+        if sample is not None:
+            yield sample
 
 
 def image_field(sample: dict[str, Any]) -> str | None:

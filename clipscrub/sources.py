@@ -12,6 +12,7 @@ sample recorded as ``status == "failed"`` with its ``error`` rather than stoppin
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -26,6 +27,7 @@ import numpy as np
 import polars as pl
 
 from clipscrub.errors import DataError
+from clipscrub.io import fmt_bytes
 from clipscrub.params import FolderSettings, PrecomputedSettings, ShardsSettings, UrlsSettings
 from clipscrub.progress import track
 from clipscrub.shards import (
@@ -63,6 +65,43 @@ def finish_manifest(frame: pl.DataFrame) -> pl.DataFrame:
         pl.when(blank).then(pl.lit("failed")).otherwise(pl.col("status")).alias("status"),
         pl.when(blank).then(pl.lit("empty caption")).otherwise(pl.col("error")).alias("error"),
     ).sort("id")
+
+
+LONG_CAPTION = "caption of {} bytes, over the limit of {} (download.max_caption_bytes)"
+LONG_CAPTION_KEPT = 1000  # characters of a too-long caption its failed row keeps
+
+
+def fail_long_captions(frame: pl.DataFrame, *, max_bytes: int) -> pl.DataFrame:
+    """Mark ok rows whose caption is longer than ``max_bytes`` (UTF-8) failed, keeping only the
+    caption's first ``LONG_CAPTION_KEPT`` characters in the row: one 10 MB caption otherwise
+    rides through every later table and every page that shows it."""
+    size = pl.col("caption").str.len_bytes()
+    long = (pl.col("status") == "ok") & (size > max_bytes)
+    return frame.with_columns(
+        pl.when(long).then(pl.lit("failed")).otherwise(pl.col("status")).alias("status"),
+        pl.when(long).then(pl.format(LONG_CAPTION, size, pl.lit(max_bytes))).otherwise(pl.col("error")).alias("error"),
+        pl.when(long).then(pl.col("caption").str.slice(0, LONG_CAPTION_KEPT)).otherwise(pl.col("caption")).alias("caption"),
+    )
+
+
+def failure_counts(manifest: pl.DataFrame, *, top: int = 10) -> list[tuple[str, int, str]]:
+    """The commonest failure reasons of a manifest: (reason, count, an example sample: its file
+    where the source names files, else its key), most frequent first."""
+    failed = manifest.filter(pl.col("status") == "failed")
+    if failed.height == 0:
+        return []
+    example = "file" if "file" in failed.columns else "key"
+    counts = failed.group_by(pl.col("error").fill_null("unknown").alias("reason"), maintain_order=True).agg(
+        pl.len().alias("n"), pl.col(example).cast(pl.String).drop_nulls().first().alias("example"))
+    counts = counts.sort(["n", "reason"], descending=[True, False]).head(top)
+    return [(r, n, e or "") for r, n, e in counts.iter_rows()]
+
+
+def failure_text(manifest: pl.DataFrame, *, top: int = 3) -> str:
+    """The ``top`` commonest failure reasons on one line: ``file not found x401 (e.g. a.jpg), ...``."""
+    counts = failure_counts(manifest, top=top + 1)
+    text = ", ".join(f"{reason} x{n:,}" + (f" (e.g. {example})" if example else "") for reason, n, example in counts[:top])
+    return text + (", and other reasons" if len(counts) > top else "")
 
 
 def _read_table(path: Path, fmt: str, *, param: str) -> pl.DataFrame:
@@ -333,6 +372,8 @@ def _json_truth(meta: dict[str, Any], key: str) -> dict[str, Any]:
 
 
 def _check_sample(sample: dict[str, Any]) -> dict[str, Any]:
+    if "__error__" in sample:  # a member written twice, or one too large to read
+        return {"key": sample["__key__"], "caption": None, "status": "failed", "error": sample["__error__"]}
     url = None
     truth: dict[str, Any] = {"is_poison": None, "attack": None}
     if sample.get("json") is not None:
@@ -357,10 +398,10 @@ def _check_sample(sample: dict[str, Any]) -> dict[str, Any]:
     return {**row, "image_sha256": hashlib.sha256(data).hexdigest(), "width": img.width, "height": img.height}
 
 
-def _scan_shard(path: Path) -> list[dict[str, Any]]:
+def _scan_shard(path: Path, *, max_member_bytes: int) -> list[dict[str, Any]]:
     rows = []
     try:
-        for sample in iter_shard(path):
+        for sample in iter_shard(path, max_member_bytes=max_member_bytes):
             rows.append({**_check_sample(sample), "shard": str(path)})
     except Exception as exc:  # a truncated or non-tar file: its readable samples stay
         rows.append({"key": f"{path.name}:unreadable", "shard": None, "caption": None, "status": "failed",
@@ -368,11 +409,13 @@ def _scan_shard(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def read_shards(*, settings: ShardsSettings) -> tuple[pl.DataFrame, dict[str, Any]]:
-    """Index existing shards in place: decode every image once so only decodable ones are ok."""
+def read_shards(*, settings: ShardsSettings, max_file_bytes: int) -> tuple[pl.DataFrame, dict[str, Any]]:
+    """Index existing shards in place: decode every image once so only decodable ones are ok; a
+    member over ``max_file_bytes`` fails its sample unread."""
     paths = expand_shards(settings.path, param="download.shards.path")
+    scan = functools.partial(_scan_shard, max_member_bytes=max_file_bytes)
     with ThreadPoolExecutor(max_workers=settings.workers) as pool:  # PIL decodes without the GIL
-        per_shard = list(track(pool.map(_scan_shard, paths), desc="download", total=len(paths), unit="shards"))
+        per_shard = list(track(pool.map(scan, paths), desc="download", total=len(paths), unit="shards"))
     rows = [r for shard_rows in per_shard for r in shard_rows]
     if not rows:
         raise DataError(f"the shards {settings.path} hold no samples", param="download.shards.path")
@@ -393,8 +436,11 @@ def read_shards(*, settings: ShardsSettings) -> tuple[pl.DataFrame, dict[str, An
     return finish_manifest(frame), {"source_shards": len(paths)}
 
 
-def read_folder(*, settings: FolderSettings, shard_size: int, out_dir: Path) -> tuple[pl.DataFrame, dict[str, Any]]:
-    """Write the captioned images of a folder as shards; ids are the captions file's rows."""
+def read_folder(*, settings: FolderSettings, shard_size: int, out_dir: Path, max_file_bytes: int,
+                max_caption_bytes: int) -> tuple[pl.DataFrame, dict[str, Any]]:
+    """Write the captioned images of a folder as shards; ids are the captions file's rows (the
+    manifest's ``file`` column names each row's file). A file over ``max_file_bytes`` fails its
+    row unread; a caption over ``max_caption_bytes`` is not written."""
     folder = Path(settings.path).expanduser()
     if not folder.is_dir():
         raise DataError(f"image folder not found: {folder}", param="download.folder.path")
@@ -415,11 +461,19 @@ def read_folder(*, settings: FolderSettings, shard_size: int, out_dir: Path) -> 
             key = f"{i:09d}"
             row: dict[str, Any] = {"id": i, "key": key, "caption": caption, "status": "failed"}
             path = folder / name if name else None
+            # the file is in the row's `file` column: one reason for many rows groups into one count
             if path is not None and not _inside(path, root):  # "../x.jpg", "/etc/x.jpg", a link out
-                rows.append({**row, "error": f"path outside the folder: {name}"})
+                rows.append({**row, "error": "path outside the folder"})
                 continue
             if path is None or not path.is_file():
-                rows.append({**row, "error": f"file not found: {name}"})
+                rows.append({**row, "error": "file not found"})
+                continue
+            if (size := path.stat().st_size) > max_file_bytes:
+                rows.append({**row, "error": f"file is {fmt_bytes(size)}, over the {fmt_bytes(max_file_bytes)} limit "
+                                             "(download.max_file_bytes)"})
+                continue
+            if caption is not None and (n := len(caption.encode())) > max_caption_bytes:
+                rows.append({**row, "caption": caption[:LONG_CAPTION_KEPT], "error": LONG_CAPTION.format(n, max_caption_bytes)})
                 continue
             data = path.read_bytes()
             try:

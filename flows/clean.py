@@ -174,9 +174,20 @@ def _run_piece_task(stage: str, params: str, root: str, piece: dict[str, Any],
     return summary
 
 
+def retry_unless_input_error(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry what may pass a second time (a lost worker, a flaky host), never a ClipscrubError:
+    the same input fails the same way, after a backoff and another page of logs."""
+    try:
+        exc = state.result(raise_on_failure=False)
+    except Exception:  # noqa: BLE001 (no result to read: retry as Prefect would)
+        return True
+    return not isinstance(exc, ClipscrubError)
+
+
 # A piece writes a file its stage then assembles; the stage's own task is what is cached. A
 # piece lost with its worker is run again on another (Dask reschedules it; this retries it).
-PIECE_TASK = task(_run_piece_task, name="piece", cache_policy=NO_CACHE, persist_result=False, retries=2)
+PIECE_TASK = task(_run_piece_task, name="piece", cache_policy=NO_CACHE, persist_result=False, retries=2,
+                  retry_condition_fn=retry_unless_input_error)
 
 
 def check_scheduler(address: str, *, timeout: float = 5.0) -> None:
@@ -241,6 +252,7 @@ STAGE_TASKS = {
         # a URL list fetch can fail transiently; the other stages are deterministic
         retries=3 if name == "download" else 0,
         retry_delay_seconds=exponential_backoff(backoff_factor=5) if name == "download" else 0,
+        retry_condition_fn=retry_unless_input_error,
     )
     for name in STAGES
 }
@@ -377,8 +389,9 @@ def private_prefect() -> Iterator[str]:
 
 def summary_markdown(params: Params, root: Path, summaries: dict[str, Any], states: dict[str, str]) -> str:
     lines = [f"# clipscrub run `{params.base.name}` (params {params.hash()[:8]})", ""]
-    if summaries.get("threshold", {}).get("warning"):
-        lines += [f"**Warning (threshold):** {summaries['threshold']['warning']}", ""]
+    for stage, summary in summaries.items():
+        if isinstance(summary, dict) and summary.get("warning"):
+            lines += [f"**Warning ({stage}):** {summary['warning']}", ""]
     filt = summaries.get("filter", {})
     if filt:
         frac = filt["removed"] / max(1, filt["scored"])

@@ -63,6 +63,8 @@ def _download_words(s: dict[str, Any]) -> list[str]:
     lines = [line + f", {_plural(s.get('shards', 0), 'shard')}"]
     if s.get("errors"):
         lines.append("failures: " + ", ".join(f"{reason} x{_n(c)}" for reason, c in s["errors"].items()))
+    if s.get("warning"):
+        lines.append(f"warning: {s['warning']}")
     return lines
 
 
@@ -333,6 +335,8 @@ def show_run(root: str) -> str:
         from clipscrub.metrics import applied_sentence, read_applied
 
         lines.append(f"applied: {applied_sentence(read_applied(lay.applied_metrics))}")
+    if (warning := download_warning(lay.raw)) is not None:
+        lines.append(f"warning (download): {warning}")
     if (warning := threshold_warning(lay.flags)) is not None:
         lines.append(f"warning: {warning}")
     if lay.detection_metrics.is_file():
@@ -353,6 +357,16 @@ def show_run(root: str) -> str:
     if not lines:
         raise ClipscrubError(f"no finished run under {root}", param="--root")
     return "\n".join(lines)
+
+
+def download_warning(raw_dir: Path) -> str | None:
+    """What the download stage warned of (most samples failed), if it did."""
+    path = Path(raw_dir) / "lineage.json"
+    if not path.is_file():
+        return None
+    with contextlib.suppress(ValueError, OSError, KeyError, TypeError, AttributeError):
+        return json.loads(path.read_text())["stages"]["download"]["summary"].get("warning")
+    return None
 
 
 def threshold_warning(flags_dir: Path) -> str | None:
@@ -458,6 +472,17 @@ def init_params_text(args: argparse.Namespace) -> str:
     return string.Template(INIT_TEMPLATE.read_text()).substitute(values)
 
 
+def check_init_checkpoint(params: Any) -> None:
+    """Load the checkpoint params name into their model, as embed will, so that weights of another
+    architecture are refused by init rather than by embed (a file not there yet is left to embed)."""
+    e = params.embed
+    if e.checkpoint and Path(e.checkpoint).expanduser().is_file():
+        from clipscrub.model import load_model
+
+        load_model(model_name=e.model_name, pretrained=None, checkpoint=str(Path(e.checkpoint).expanduser()),
+                   model_config=e.model_config_path, device="cpu")
+
+
 def run_init(args: argparse.Namespace) -> int:
     from clipscrub.io import atomic_file
 
@@ -477,6 +502,7 @@ def run_init(args: argparse.Namespace) -> int:
             Path(tmp).write_text(text)
             # read back as every command will read it (its folder resolves the relative paths)
             params = load_params(Path(tmp))
+            check_init_checkpoint(params)
             pipeline = dvc_yaml_text(params, folder=out.parent, params_file=out.name)
         with atomic_file(dvc_yaml, param="--out") as tmp:
             Path(tmp).write_text(pipeline)

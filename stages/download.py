@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -23,11 +24,17 @@ from clipscrub.io import atomic_dir, write_lineage
 from clipscrub.params import BaseSettings, DownloadSettings
 from clipscrub.progress import track
 from clipscrub.shards import shard_name, shard_writer
-from clipscrub.sources import MANIFEST_SCHEMA, fetch_urls, finish_manifest, read_folder, read_precomputed, read_shards
+from clipscrub.sources import (MANIFEST_SCHEMA, fail_long_captions, failure_counts, failure_text, fetch_urls,
+                               finish_manifest, read_folder, read_precomputed, read_shards)
 from clipscrub.synthetic import encode_jpeg, generate_samples
 from clipscrub.validation import docs_dir_for, manifest_tables, validate
 
 __all__ = ["MANIFEST_SCHEMA", "download_dataset", "encode_jpeg"]
+
+log = logging.getLogger("clipscrub.download")
+# the params that name each source's input: where a download with no usable sample points
+SOURCE_PARAM = {"synthetic": "download.synthetic", "urls": "download.urls.path", "shards": "download.shards.path",
+                "folder": "download.folder.captions", "embeddings": "download.embeddings.path"}
 
 def write_shards(
     *, records: Iterable[dict[str, Any]], shard_dir: Path, shard_size: int
@@ -95,23 +102,33 @@ def download_dataset(*, out_dir: str | Path, settings: DownloadSettings, base: B
             manifest, extra = fetch_urls(settings=settings.urls, shard_size=settings.shard_size, out_dir=tmp)
             source_inputs["url_list"] = Path(settings.urls.path).expanduser()
         elif settings.source == "shards":
-            manifest, extra = read_shards(settings=settings.shards)
+            manifest, extra = read_shards(settings=settings.shards, max_file_bytes=settings.max_file_bytes)
         elif settings.source == "folder":
-            manifest, extra = read_folder(settings=settings.folder, shard_size=settings.shard_size, out_dir=tmp)
+            manifest, extra = read_folder(settings=settings.folder, shard_size=settings.shard_size, out_dir=tmp,
+                                          max_file_bytes=settings.max_file_bytes,
+                                          max_caption_bytes=settings.max_caption_bytes)
             source_inputs["captions"] = Path(settings.folder.captions).expanduser()
         else:
             manifest, extra = read_precomputed(settings=settings.embeddings, out_dir=tmp)
+        manifest = fail_long_captions(manifest, max_bytes=settings.max_caption_bytes)
+        ok = int((manifest["status"] == "ok").sum())
+        if ok == 0:  # the manifest would only move the error to embed
+            raise DataError(f"all {manifest.height:,} samples failed ({failure_text(manifest)}): nothing to embed",
+                            param=SOURCE_PARAM[settings.source])
         manifest.write_parquet(tmp / "manifest.parquet", statistics=False)
         validated = validate("download", manifest_tables(manifest), docs_dir=docs_dir_for(out_dir, "download"))
-        ok = int((manifest["status"] == "ok").sum())
         summary = {
             "source": settings.source,
             "samples": manifest.height,
             "ok": ok,
             "failed": manifest.height - ok,
-            "errors": _error_counts(manifest),
+            "errors": {reason: n for reason, n, _ in failure_counts(manifest)},
             **extra,
         }
+        if summary["failed"] > manifest.height / 2:
+            summary["warning"] = (f"{summary['failed']:,} of {manifest.height:,} samples failed "
+                                  f"({failure_text(manifest)}): check the source before trusting the rest")
+            log.warning("download: %s", summary["warning"])
         if manifest["is_poison"].null_count() == 0:
             summary["poisoned"] = int(manifest["is_poison"].sum())
         shards = manifest["shard"].drop_nulls().n_unique()
@@ -128,12 +145,3 @@ def download_dataset(*, out_dir: str | Path, settings: DownloadSettings, base: B
         )
     return summary
 
-
-def _error_counts(manifest: pl.DataFrame, top: int = 10) -> dict[str, int]:
-    """The most frequent failure reasons, with their counts."""
-    failed = manifest.filter(pl.col("status") == "failed")
-    if failed.height == 0:
-        return {}
-    reasons = failed.select(pl.col("error").fill_null("unknown").alias("reason"))
-    counts = reasons.group_by("reason").len().sort(["len", "reason"], descending=[True, False]).head(top)
-    return dict(zip(counts["reason"].to_list(), counts["len"].to_list()))

@@ -38,7 +38,7 @@ from clipscrub.model import LoadedModel, describe_model, load_model
 from clipscrub.params import BaseSettings, EmbedSettings
 from clipscrub.progress import Progress, track
 from clipscrub.shards import decode_image, image_field, iter_shard, shard_path
-from clipscrub.sources import PRECOMPUTED_FILE
+from clipscrub.sources import PRECOMPUTED_FILE, failure_text
 from clipscrub.validation import docs_dir_for, embedding_tables, validate
 
 
@@ -59,7 +59,7 @@ def _iter_shard_members(raw_dir: Path, shard: str, captions: dict[str, str],
     With ``shas`` (key -> the image sha256 download recorded), an image with another sha256 is a
     DataError: what is embedded is what download recorded, or nothing."""
     wanted = dict(captions)
-    for sample in iter_shard(shard_path(raw_dir, shard)):
+    for sample in iter_shard(shard_path(raw_dir, shard), keys=wanted):  # others unread (failed, or too large)
         key = sample["__key__"]
         ext = image_field(sample)
         if key not in wanted or ext is None:
@@ -403,8 +403,8 @@ def embed_dataset(
     manifest = read_manifest(raw_dir)
     ok = manifest.filter(pl.col("status") == "ok")
     if ok.height == 0:
-        reasons = ", ".join(f"{r}: {n}" for r, n in _failure_counts(manifest))
-        raise DataError(f"all {manifest.height} samples failed to download ({reasons}): nothing to embed", param="--raw")
+        raise DataError(f"all {manifest.height:,} samples failed to download ({failure_text(manifest)}): nothing to embed",
+                        param="--raw")
     if (raw_dir / PRECOMPUTED_FILE).is_file():
         return _write_precomputed(raw_dir=raw_dir, ok=ok, out_dir=out_dir, settings=settings, base=base)
     model_dir = Path(model_dir) if model_dir is not None else None
@@ -467,11 +467,6 @@ def _embed_shards(loaded: LoadedModel, *, raw_dir: Path, ok: pl.DataFrame, group
         _record_model(tmp, info=loaded.info, summary=summary, raw_dir=raw_dir, validated=validated,
                       upstream=[raw_dir] + ([model_dir] if model_dir is not None else []), settings=settings, base=base)
     return summary
-
-
-def _failure_counts(manifest: pl.DataFrame, top: int = 3) -> list[tuple[str, int]]:
-    reasons = manifest.select(pl.col("error").fill_null("unknown")).group_by("error").len()
-    return reasons.sort(["len", "error"], descending=[True, False]).head(top).rows()
 
 
 def _validate(tmp: Path, *, ids: np.ndarray, dim: int | None, out_dir: str | Path) -> dict[str, Any]:

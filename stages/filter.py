@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Container
 
 import numpy as np
 import polars as pl
@@ -35,9 +35,9 @@ from clipscrub.validation import docs_dir_for, filter_tables, validate
 REPORTING = ("evaluate", "report", "poison")
 
 
-def _iter_raw(raw_dir: Path, shards: list[str]):
+def _iter_raw(raw_dir: Path, shards: list[str], keys: Container[str]):
     for shard in shards:
-        yield from iter_shard(shard_path(raw_dir, shard))
+        yield from iter_shard(shard_path(raw_dir, shard), keys=keys)
 
 
 def _with_source_key(meta: bytes | None, key: str) -> bytes | None:
@@ -61,7 +61,7 @@ def _reshard(raw_dir: Path, ok: pl.DataFrame, kept: pl.DataFrame, shard_dir: Pat
     written: dict[str, tuple[str, str]] = {}
     with shard_writer(shard_dir, shard_size) as sink:
         n = 0
-        for sample in _iter_raw(raw_dir, ok["shard"].unique(maintain_order=True).to_list()):
+        for sample in _iter_raw(raw_dir, ok["shard"].unique(maintain_order=True).to_list(), recorded):
             key = sample["__key__"]
             if key not in recorded or key in written:
                 continue

@@ -60,7 +60,7 @@ def _read_images(raw_dir: Path, rows: pl.DataFrame) -> dict[int, tuple[Image.Ima
     want = {(r["shard"], r["key"]): r["id"] for r in rows.iter_rows(named=True)}
     out: dict[int, tuple[Image.Image, str]] = {}
     for shard in rows["shard"].unique(maintain_order=True).to_list():
-        for sample in iter_shard(shard_path(raw_dir, shard)):
+        for sample in iter_shard(shard_path(raw_dir, shard), keys={key for s, key in want if s == shard}):
             row_id = want.get((shard, sample["__key__"]))
             if row_id is not None and row_id not in out:
                 ext = image_field(sample)
@@ -108,8 +108,9 @@ def poison_dataset(
     with atomic_dir(out_dir, param="--out") as tmp:
         with shard_writer(tmp / "shards", shard_size) as sink:
             n = 0
+            keys_of = {shard: set(keys) for shard, keys in ok.group_by("shard").agg("key").iter_rows()}
             for shard in ok["shard"].unique(maintain_order=True).to_list():
-                for sample in iter_shard(shard_path(raw_dir, shard)):
+                for sample in iter_shard(shard_path(raw_dir, shard), keys=keys_of[shard]):
                     row = row_of.get((shard, sample["__key__"]))
                     if row is None or row["id"] in updates:  # a failed sample, or a later one under the same key
                         continue

@@ -49,7 +49,7 @@ th:first-child,td:first-child{text-align:left}
 .gallery{display:grid;grid-template-columns:repeat(auto-fill,minmax(170px,1fr));gap:.8rem}
 .card{border:1px solid #ddd;border-radius:6px;padding:.4rem;font-size:12px;background:#fafafa}
 .card img{display:block;margin:0 auto .3rem;image-rendering:pixelated}
-.card .cap{font-style:italic;overflow-wrap:anywhere}.card .sc{color:#555}
+.card .cap{font-style:italic;overflow-wrap:anywhere}.cut{color:#777;font-style:normal}.card .sc{color:#555}
 .poison{border-color:#c0392b;background:#fdf0ee}.tag{color:#c0392b;font-weight:600}
 .noimg{height:64px;display:flex;align-items:center;justify-content:center;color:#999}
 .cluster{border:1px solid #ccc;border-radius:6px;padding:.6rem;margin:.8rem 0}
@@ -144,7 +144,7 @@ def _thumbnails(raw_dir: Path, rows: pl.DataFrame, sizes: dict[str, set[int]]) -
     out: dict[tuple[str, int], str] = {}
     for shard, group in wanted.group_by("shard", maintain_order=True):
         keys = set(group["key"].to_list())
-        for sample in iter_shard(shard_path(raw_dir, shard[0])):
+        for sample in iter_shard(shard_path(raw_dir, shard[0]), keys=keys):
             key = sample["__key__"]
             ext = image_field(sample)
             if key not in keys or ext is None:
@@ -163,6 +163,24 @@ def _thumbnails(raw_dir: Path, rows: pl.DataFrame, sizes: dict[str, set[int]]) -
             if not keys:
                 break
     return out
+
+
+# a caption is drawn on every card and every tooltip that shows its sample: past this it is cut short
+CAPTION_CHARS = 300
+
+
+def cut_caption(caption: str | None, *, limit: int = CAPTION_CHARS) -> tuple[str, int]:
+    """(the caption's first ``limit`` characters, how many it has): text, not HTML."""
+    caption = caption or ""
+    return caption[:limit], len(caption)
+
+
+def caption_html(caption: str | None) -> str:
+    """A caption as escaped HTML, cut short past ``CAPTION_CHARS`` with its full length said."""
+    text, n = cut_caption(caption)
+    if n <= CAPTION_CHARS:
+        return html.escape(text)
+    return f'{html.escape(text)}&hellip; <span class="cut">({n:,} characters, cut short)</span>'
 
 
 def _normalise(caption: str) -> str:
@@ -263,7 +281,7 @@ class _Cards:
         ident = f' id="sample-{sample_id}"' if anchor else ""
         return (f'<div class="{classes}"{ident}>{self._img(row["key"], self.size, f"sample {sample_id}")}'
                 f'<div>{rank}<a href="#sample-{sample_id}">id {sample_id}</a>{tags}</div>'
-                f'<div class="cap">{html.escape(row["caption"] or "")}</div><div class="sc">{scores}</div>'
+                f'<div class="cap">{caption_html(row["caption"])}</div><div class="sc">{scores}</div>'
                 f"{self._nearest(sample_id)}</div>")
 
     def _nearest(self, sample_id: int) -> str:
@@ -274,7 +292,8 @@ class _Cards:
         for owner, caption, dist in found:
             row = self.table.get(owner)
             kind = "caption" if caption else "image"
-            title = html.escape(f"id {owner} ({kind}): {(row or {}).get('caption') or ''}")
+            text, n = cut_caption((row or {}).get("caption"))
+            title = html.escape(f"id {owner} ({kind}): {text}" + ("..." if n > len(text) else ""))
             img = self._img(row["key"] if row else None, self.mini, f"reference {owner}")
             cells.append(f'<div class="nn" title="{title}">{img}<span>{dist:.3f}</span><span>{owner}'
                          f'{" txt" if caption else ""}</span></div>')
@@ -575,7 +594,7 @@ def write_report(
         first = by_id.get(members["id"][0]) or table.filter(pl.col("id") == members["id"][0]).row(0, named=True)
         norm = _normalise(first["caption"] or "")
         in_data = caption_counts.filter(pl.col("norm") == norm)["len"]
-        caption_note = (f" The caption &ldquo;{html.escape(first['caption'] or '')}&rdquo; occurs {int(in_data[0])} times in the dataset."
+        caption_note = (f" The caption &ldquo;{caption_html(first['caption'])}&rdquo; occurs {int(in_data[0])} times in the dataset."
                         if "caption" in members["kind"][0] and len(in_data) else "")
         shown = shown_in_clusters.filter(pl.col("cluster") == cluster[0])["id"].to_list()
         rest = [i for i in members["id"].to_list() if i not in set(shown)]

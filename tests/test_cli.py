@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from tests.conftest import tiny_params_dict
+from tests.test_sources import tiny_model  # noqa: F401 (fixture)
 
 CLI = [sys.executable, "-m", "clipscrub.flows.cli"]
 
@@ -355,3 +356,20 @@ def test_init_writes_a_dvc_project_and_overwrites_nothing(tmp_path, monkeypatch,
     assert "shards" in stages["download"]["deps"] and "w.pt" in stages["embed"]["deps"]
     assert {"review/keep_ids.txt", "review/remove_ids.txt"} <= set(stages["filter"]["deps"])
     assert (tmp_path / "review" / "keep_ids.txt").read_text().startswith("# Sample ids to keep")
+
+
+def test_init_checks_a_checkpoint_against_its_model(tmp_path, monkeypatch, capsys, tiny_model):  # noqa: F811
+    """A small model's weights named as ViT-B-32's: init refuses them on one line (embed used to end
+    in 228 lines and `AssertionError: text pos_embed width changed!`), writing nothing; the
+    weights with their own model are accepted."""
+    from clipscrub.flows.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    ckpt = str(tiny_model / "tiny.pt")
+    assert main(["init", "--source", "shards", "--path", "shards", "--model", "ViT-B-32", "--checkpoint", ckpt]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"clipscrub: error: embed.checkpoint: checkpoint {ckpt} does not fit model 'ViT-B-32': "
+                   "text pos_embed width changed!"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    assert main(["init", "--source", "shards", "--path", "shards", "--model", "tiny", "--checkpoint", ckpt,
+                 "--model-config", str(tiny_model / "tiny.json")]) == 0

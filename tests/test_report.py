@@ -519,3 +519,17 @@ def test_report_of_a_run_where_detection_works(planted_run):
                         r"<td>([\d.]+)</td><td>([\d.]+)</td><td>the rule applied", section(page, "what-if"))
     assert applied and int(applied.group(2)) == 40 and float(applied.group(4)) == 1.0
     assert int(applied.group(1)) == len(removed)
+
+
+@pytest.mark.parametrize(("length", "cut"), [(300, False), (301, True), (10_000_000, True)])
+def test_long_captions_are_drawn_cut_short(length, cut):
+    """A 10 MB caption was drawn whole on every card and tooltip (a 525 MB report)."""
+    from clipscrub.stages.report import caption_html
+
+    drawn = caption_html("<" + "a" * (length - 1))
+    assert drawn.startswith("&lt;aaa")
+    if cut:
+        assert drawn.endswith(f'&hellip; <span class="cut">({length:,} characters, cut short)</span>')
+        assert len(drawn) < 400
+    else:
+        assert drawn == "&lt;" + "a" * (length - 1)
