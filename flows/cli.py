@@ -383,10 +383,12 @@ INIT_TEMPLATE = Path(__file__).with_name("init_template.yaml")
 # the review lists clipscrub init writes (empty) beside the params file, so that dvc.yaml lists them from the start
 REVIEW_LISTS = {"keep_ids": "review/keep_ids.txt", "remove_ids": "review/remove_ids.txt"}
 REVIEW_HEADER = {
-    "keep_ids": "# Sample ids to keep although a detector flagged them, one per line (clipscrub show, the\n"
-                "# report and data/clean/removed.parquet name them). Edit, then dvc repro: filter onward reruns.\n",
-    "remove_ids": "# Sample ids to remove although no detector flagged them, one per line. Edit, then\n"
-                  "# dvc repro: filter onward reruns.\n",
+    "keep_ids": "# Samples to keep although a detector flagged them, one per line: a key, file name, url or id,\n"
+                "# as the report's cards show them (its review-keep.txt lists every flagged sample). Edit, then\n"
+                "# dvc repro: filter onward reruns.\n",
+    "remove_ids": "# Samples to remove although no detector flagged them, one per line: a key, file name, url or id\n"
+                  "# (the report's review-remove.txt lists those just under the cut). Edit, then dvc repro: filter\n"
+                  "# onward reruns.\n",
 }
 INIT_SOURCES = ("shards", "urls", "folder", "embeddings")
 

@@ -25,9 +25,10 @@ import polars as pl
 
 from clipscrub.errors import DataError, ParamError
 from clipscrub.flagging import REVIEW_REASON
-from clipscrub.io import (atomic_dir, code_version, read_id_list, read_lineage, read_manifest, require_file,
+from clipscrub.io import (atomic_dir, code_version, read_lineage, read_manifest, require_file,
                           sha256_file, sha256_path, write_json)
 from clipscrub.params import FilterSettings, Params
+from clipscrub.review import read_review_list
 from clipscrub.shards import caption_of, image_field, iter_shard, safe_key, shard_name, shard_path, shard_writer
 from clipscrub.validation import docs_dir_for, filter_tables, validate
 
@@ -101,21 +102,16 @@ def check_recorded(sample: dict[str, Any], row: dict[str, Any]) -> None:
 # removed.parquet's reason for a sample removed by the remove list alone (not flagged)
 
 
-def _review(settings: FilterSettings, scored: pl.Series) -> tuple[np.ndarray, np.ndarray]:
-    """The keep and remove lists' ids, checked: none in both, every one a scored sample."""
-    keep, remove = (read_id_list(path, param=f"filter.{name}", what="review list") if path
+def _review(settings: FilterSettings, manifest: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """The ids the keep and remove lists name (by id, key, file or url: ``clipscrub.review``),
+    checked: each entry one scored sample, no sample in both."""
+    keep, remove = (read_review_list(path, manifest=manifest, param=f"filter.{name}") if path
                     else np.array([], dtype=np.int64)
                     for name, path in (("keep_ids", settings.keep_ids), ("remove_ids", settings.remove_ids)))
     both = np.intersect1d(keep, remove)
     if len(both):
         raise ParamError(f"{len(both)} ids are in both filter.keep_ids and filter.remove_ids, e.g. "
                          f"{both[:5].tolist()}: a sample is either kept or removed", param="filter.keep_ids")
-    known = scored.to_numpy()
-    for name, ids in (("keep_ids", keep), ("remove_ids", remove)):
-        missing = ids[~np.isin(ids, known)]
-        if len(missing):
-            raise DataError(f"{len(missing)} ids are not scored samples of this dataset (unknown, or failed to "
-                            f"download), e.g. {missing[:5].tolist()}", param=f"filter.{name}")
     return keep, remove
 
 
@@ -148,7 +144,7 @@ def filter_dataset(
     ok = manifest.filter(pl.col("status") == "ok")
     if set(flags["id"].to_list()) != set(ok["id"].to_list()):
         raise DataError("flags and manifest disagree on the sample ids: rerun score and threshold", param="--flags")
-    keep, remove = _review(settings, ok["id"])
+    keep, remove = _review(settings, manifest)
     verdicts = flags.select(
         "id", "is_flagged", "reason",
         pl.col("id").is_in(pl.Series(keep.tolist(), dtype=flags.schema["id"]).implode()).alias("in_keep"),
@@ -159,8 +155,11 @@ def filter_dataset(
         "id", pl.when(pl.col("is_flagged")).then(pl.col("reason")).otherwise(pl.lit(REVIEW_REASON)).alias("reason"))
     kept_ids = ok.filter(~pl.col("id").is_in(gone["id"].implode()))
 
+    # the source's own names beside clipscrub's id: what a person reviews by
+    names = ["id", "key", *(c for c in ("file", "url") if c in manifest.columns)]
+
     def described(frame: pl.DataFrame) -> pl.DataFrame:
-        return (manifest.select("id", "key", "caption").join(frame, on="id", how="inner")
+        return (manifest.select(*names, "caption").join(frame, on="id", how="inner")
                 .join(scores, on="id", how="left").sort("id"))
 
     removed = described(gone)
@@ -206,7 +205,7 @@ def filter_dataset(
             # the subset as a sorted id array (as DataComp's resharder takes a subset), and the
             # map back from id to key and shard
             np.save(tmp / "kept_ids.npy", kept["id"].cast(pl.Int64).to_numpy())
-            kept.select("id", "key", "shard").write_parquet(tmp / "kept.parquet", statistics=False)
+            kept.select(*names, "shard").write_parquet(tmp / "kept.parquet", statistics=False)
             required += ["kept_ids.npy", "kept.parquet"]
         inputs = {name: d for name, d in (("flags", flags_dir), ("raw", raw_dir), ("scores", scores_dir))}
         inputs |= {name: Path(path).expanduser() for name, path in lists.items()}

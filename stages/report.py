@@ -49,7 +49,7 @@ th:first-child,td:first-child{text-align:left}
 .gallery{display:grid;grid-template-columns:repeat(auto-fill,minmax(170px,1fr));gap:.8rem}
 .card{border:1px solid #ddd;border-radius:6px;padding:.4rem;font-size:12px;background:#fafafa}
 .card img{display:block;margin:0 auto .3rem;image-rendering:pixelated}
-.card .cap{font-style:italic;overflow-wrap:anywhere}.cut{color:#777;font-style:normal}.card .sc{color:#555}
+.card .who{font-size:85%;color:#444;overflow-wrap:anywhere}.card .cap{font-style:italic;overflow-wrap:anywhere}.cut{color:#777;font-style:normal}.card .sc{color:#555}
 .poison{border-color:#c0392b;background:#fdf0ee}.tag{color:#c0392b;font-weight:600}
 .noimg{height:64px;display:flex;align-items:center;justify-content:center;color:#999}
 .cluster{border:1px solid #ccc;border-radius:6px;padding:.6rem;margin:.8rem 0}
@@ -183,6 +183,36 @@ def caption_html(caption: str | None) -> str:
     return f'{html.escape(text)}&hellip; <span class="cut">({n:,} characters, cut short)</span>'
 
 
+def names_html(row: dict[str, Any]) -> str:
+    """The source's own names of a sample (key, file, url): what its reviewer knows it by, and
+    what a review list may name it by."""
+    cells = [f"{label} <code>{html.escape(str(row[label]))}</code>" for label in ("key", "file") if row.get(label)]
+    url = row.get("url")
+    if url:
+        shown = html.escape(url if len(url) <= 60 else url[:57] + "...")
+        # a link only to the web: a url list may hold any scheme
+        cells.append(f'url <a href="{html.escape(url)}" rel="noreferrer nofollow">{shown}</a>'
+                     if url.lower().startswith(("http://", "https://")) else f"url <code>{shown}</code>")
+    return f'<div class="who">{" · ".join(cells)}</div>' if cells else ""
+
+
+def review_template(rows: pl.DataFrame, *, name: str, detector: str, verdict: str, title: str) -> str:
+    """A review list ready to edit: one commented-out line per sample of ``rows`` (its ``name``
+    column's value, then rank, score and caption), in the text format filter reads. Uncommenting
+    a line makes it a verdict."""
+    lines = [f"# clipscrub review list: {title}.",
+             f"# Remove the leading '# ' of the samples to {verdict}, save the file where filter.{verdict}_ids points "
+             "(clipscrub init made review/",
+             f"# {verdict}_ids.txt), then rerun filter onward (dvc repro, or clipscrub run). Entries may be ids, "
+             "keys, file names or urls.",
+             ""]
+    for row in rows.iter_rows(named=True):
+        text, n = cut_caption(row["caption"], limit=80)
+        caption = text.replace("\n", " ") + ("..." if n > len(text) else "")
+        lines.append(f"# {row[name]}  # rank {row['rank']}, {detector} {row[f'{detector}_score']:.4g}: {caption}")
+    return "\n".join(lines) + "\n"
+
+
 def _normalise(caption: str) -> str:
     return re.sub(r"\s+", " ", caption.strip().lower())
 
@@ -280,7 +310,7 @@ class _Cards:
                                                             or sample_id in self.removed_by_review else "")
         ident = f' id="sample-{sample_id}"' if anchor else ""
         return (f'<div class="{classes}"{ident}>{self._img(row["key"], self.size, f"sample {sample_id}")}'
-                f'<div>{rank}<a href="#sample-{sample_id}">id {sample_id}</a>{tags}</div>'
+                f'<div>{rank}<a href="#sample-{sample_id}">id {sample_id}</a>{tags}</div>{names_html(row)}'
                 f'<div class="cap">{caption_html(row["caption"])}</div><div class="sc">{scores}</div>'
                 f"{self._nearest(sample_id)}</div>")
 
@@ -431,7 +461,8 @@ def write_report(
     kept_by_review = set(overruled_df["id"].to_list())
     detectors = [c.removesuffix("_score") for c in scores.columns if c.endswith("_score")]
     table = (scores.join(flags.select("id", "rank", "is_flagged", "reason"), on="id", how="left")
-             .join(manifest.select("id", "key", "shard", "caption", "image_sha256", "is_poison"), on="id", how="left"))
+             .join(manifest.select("id", "key", "shard", "caption", "image_sha256", "is_poison",
+                                   *(c for c in ("file", "url") if c in manifest.columns)), on="id", how="left"))
     # what filter actually removed: the flags, less the review's keep list, plus its remove list
     applied_flags = removed_as_flags(flags=flags, removed=removed_ids, scored=table["id"])
     truth = table["is_poison"]
@@ -514,6 +545,10 @@ def write_report(
         anchored.add(sample_id)
         return cards.card(sample_id, anchor=first)
 
+    # the name review lists use: the one the source's user knows (a url may hold ' #', a key may not exist)
+    review_name = ("file" if "file" in table.columns else
+                   "url" if "url" in table.columns and table["url"].drop_nulls().len() == table.height
+                   and not table["url"].str.contains(r"\s").any() else "key")
     counts = lineage.get("counts", {})
     summary_rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{v}</td></tr>" for k, v in counts.items())
     model = lineage.get("model", {})
@@ -580,10 +615,21 @@ def write_report(
               f"<p>The {near_cut.height} unflagged samples ranked right after the flagged ones on "
               f"{html.escape(threshold.detector)}.</p>",
               "<div class=gallery id=near-cut-gallery>" + "".join(card(i) for i in near_cut["id"]) + "</div>"]
+    reviewed = "review" in lineage
     parts += [f"<h2 id=review>Review verdicts ({len(kept_by_review)} kept, {len(removed_by_review)} removed)</h2>",
               "<p>Flagged samples <b>kept by review</b> (filter.keep_ids) and unflagged samples "
               "<b>removed by review</b> (filter.remove_ids), as filter applied them"
-              + (f"; the first {2 * cap} shown" if review_rows.height > 2 * cap else "") + ".</p>",
+              + (f"; the first {2 * cap} shown" if review_rows.height > 2 * cap else "") + "."
+              + ("" if reviewed else " No review list was applied to this version.") + "</p>",
+              f"<p class=how id=review-how>To keep a flagged sample, or to remove one the detectors missed, name it in "
+              f"the file <code>filter.keep_ids</code> or <code>filter.remove_ids</code> points to (clipscrub init made "
+              f"<code>review/keep_ids.txt</code> and <code>review/remove_ids.txt</code>): one entry per line, by "
+              f"{review_name} (or id, key, file name or url), <code># </code> starting a comment; or a .csv / .parquet "
+              f"with an <code>{review_name}</code> column. Then rerun filter onward (<code>dvc repro</code>, or "
+              f"<code>clipscrub run</code>). Ready-made lists, every line commented out: "
+              f'<a href="review-keep.txt" download>review-keep.txt</a> (the {flagged.height:,} flagged samples: '
+              f'uncomment those to keep) and <a href="review-remove.txt" download>review-remove.txt</a> (the '
+              f"{near_cut.height:,} just under the cut: uncomment those to remove).</p>",
               "<div class=gallery id=review-gallery>" + "".join(card(i) for i in review_rows["id"].head(2 * cap)) + "</div>"]
     n_clusters = clusters["cluster"].n_unique() if clusters.height else 0
     parts.append(f"<h2 id=clusters>Clusters among flagged samples ({n_clusters})</h2>")
@@ -625,6 +671,11 @@ def write_report(
                "near_cut": near_cut.height, "nearest_references": neighbour_note or None}
     with atomic_dir(out_dir) as tmp:
         (tmp / "index.html").write_text(page, encoding="utf-8")
+        for file_name, rows, verdict, title in (
+                ("review-keep.txt", flagged, "keep", f"the {flagged.height:,} samples {threshold.detector} flagged, by rank"),
+                ("review-remove.txt", near_cut, "remove", f"the {near_cut.height:,} unflagged samples ranked just under the cut")):
+            (tmp / file_name).write_text(review_template(rows, name=review_name, detector=threshold.detector,
+                                                         verdict=verdict, title=title), encoding="utf-8")
         (tmp / "flagged").mkdir()
         for name, text in gallery_pages.items():
             (tmp / "flagged" / name).write_text(text, encoding="utf-8")

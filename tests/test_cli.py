@@ -355,7 +355,7 @@ def test_init_writes_a_dvc_project_and_overwrites_nothing(tmp_path, monkeypatch,
     stages = yaml.safe_load((tmp_path / "dvc.yaml").read_text())["stages"]
     assert "shards" in stages["download"]["deps"] and "w.pt" in stages["embed"]["deps"]
     assert {"review/keep_ids.txt", "review/remove_ids.txt"} <= set(stages["filter"]["deps"])
-    assert (tmp_path / "review" / "keep_ids.txt").read_text().startswith("# Sample ids to keep")
+    assert (tmp_path / "review" / "keep_ids.txt").read_text().startswith("# Samples to keep")
 
 
 def test_init_checks_a_checkpoint_against_its_model(tmp_path, monkeypatch, capsys, tiny_model):  # noqa: F811

@@ -213,12 +213,19 @@ def test_unreadable_review_lists_are_refused(tiny_run, tmp_path):
     empty.write_text("")
     with pytest.raises(DataError) as info:
         reviewed(root, tmp_path / "clean", bad, empty)
-    assert info.value.param == "filter.keep_ids" and info.value.message.startswith(f"cannot read ids from {bad}")
+    assert info.value.param == "filter.keep_ids" and info.value.message == (
+        "1 entries name no scored sample of this dataset (unknown, or failed to download), e.g. ['seven']")
     table = tmp_path / "ids.csv"
     table.write_text("uid\n5\n")
     with pytest.raises(DataError) as info:
         reviewed(root, tmp_path / "clean", empty, table)
-    assert info.value.param == "filter.remove_ids" and info.value.message == f"{table} has no 'id' column (columns: uid)"
+    assert info.value.param == "filter.remove_ids"
+    assert info.value.message == f"{table} has no id, key, file or url column (columns: uid)"
+    binary = tmp_path / "ids.bin"
+    binary.write_bytes(bytes(range(128, 256)))
+    with pytest.raises(DataError) as info:
+        reviewed(root, tmp_path / "clean", binary, empty)
+    assert info.value.message == f"cannot read {binary}: not a text file (one entry per line), a .parquet, .csv or .tsv"
     with pytest.raises(DataError) as info:
         reviewed(root, tmp_path / "clean", tmp_path / "missing.txt", empty)
     assert info.value.message == f"review list not found: {tmp_path / 'missing.txt'}"

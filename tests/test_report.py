@@ -533,3 +533,52 @@ def test_long_captions_are_drawn_cut_short(length, cut):
         assert len(drawn) < 400
     else:
         assert drawn == "&lt;" + "a" * (length - 1)
+
+
+def test_cards_name_samples_by_key_and_ready_made_review_lists_work(tiny_run, tmp_path):
+    """Every card names its sample the source's way (the key here); the review section says how to
+    write a list and links two ready-made ones, which filter reads once lines are uncommented."""
+    from clipscrub.stages.filter import filter_dataset
+    from clipscrub.stages.report import write_report
+    from tests.conftest import tiny_params
+
+    root, params = tiny_run
+    write_report(raw_dir=root / "raw", embeddings_dir=root / "embeddings", scores_dir=root / "scores",
+                 flags_dir=root / "flags", clean_dir=root / "clean", out_dir=tmp_path / "report",
+                 settings=params.report, threshold=params.threshold, base=params.base)
+    page = (tmp_path / "report" / "index.html").read_text()
+    key_of = dict(pl.read_parquet(root / "raw" / "manifest.parquet").select("id", "key").iter_rows())
+    cards = re.findall(r'<a href="#sample-(\d+)">id \1</a>.*?</div>(<div class="who">.*?</div>)', page)
+    assert len(cards) >= 20
+    assert all(who == f'<div class="who">key <code>{key_of[int(i)]}</code></div>' for i, who in cards)
+    how = section(page, "review")
+    assert "No review list was applied to this version." in how and "one entry per line, by key" in how
+    assert '<a href="review-keep.txt" download>' in how and '<a href="review-remove.txt" download>' in how
+    flags = pl.read_parquet(root / "flags" / "flags.parquet").filter(pl.col("is_flagged")).sort("rank")
+    lines = (tmp_path / "report" / "review-keep.txt").read_text().splitlines()
+    entries = [line for line in lines if re.match(r"# \d{9}  # rank", line)]
+    assert [e.split()[1] for e in entries] == [key_of[i] for i in flags["id"]]
+    # uncomment the first two: a keep list filter applies
+    keep = tmp_path / "keep.txt"
+    keep.write_text("\n".join([*lines[:4], entries[0][2:], entries[1][2:], *entries[2:]]) + "\n")
+    (tmp_path / "empty.txt").write_text("")
+    run = tiny_params([f"filter.keep_ids={keep}", f"filter.remove_ids={tmp_path / 'empty.txt'}"])
+    filter_dataset(raw_dir=root / "raw", scores_dir=root / "scores", flags_dir=root / "flags",
+                   out_dir=tmp_path / "clean", settings=run.filter, params=run)
+    assert pl.read_parquet(tmp_path / "clean" / "overruled.parquet")["id"].to_list() == sorted(flags["id"][:2].to_list())
+    remove = (tmp_path / "report" / "review-remove.txt").read_text().splitlines()
+    assert sum(1 for line in remove if re.match(r"# \d{9}  # rank", line)) == params.report.top_n
+
+
+@pytest.mark.parametrize(("row", "drawn"), [
+    ({"key": "s01", "file": "a <b>.jpg"}, '<div class="who">key <code>s01</code> · file <code>a &lt;b&gt;.jpg</code></div>'),
+    ({"key": "s01", "url": "https://h/x.jpg?a=1&b=2"},
+     '<div class="who">key <code>s01</code> · url <a href="https://h/x.jpg?a=1&amp;b=2" rel="noreferrer nofollow">'
+     'https://h/x.jpg?a=1&amp;b=2</a></div>'),
+    ({"key": "s01", "url": "javascript:alert(1)"}, '<div class="who">key <code>s01</code> · url <code>javascript:alert(1)</code></div>'),
+    ({"key": None}, ""),
+])
+def test_a_cards_names_are_escaped_and_link_only_to_the_web(row, drawn):
+    from clipscrub.stages.report import names_html
+
+    assert names_html(row) == drawn

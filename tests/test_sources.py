@@ -734,3 +734,19 @@ def test_a_mostly_failed_download_warns_with_grouped_reasons(tiny_model, tmp_pat
     assert f"warning (download): {warning}" in show_run(str(tmp_path / "data"))
     md = summary_markdown(parse_params({}), tmp_path / "data", {"download": summary}, {"download": "Completed"})
     assert f"**Warning (download):** {warning}" in md
+
+
+def test_review_lists_name_samples_by_file_and_the_outputs_carry_it(tiny_model, tmp_path):
+    """A folder source's user knows file names: the remove list names one, removed.parquet and
+    kept.parquet carry each sample's file beside its id and key."""
+    images = [(k, image_bytes("PNG", colour=COLOURS[i])) for i, k in enumerate("abcd")]
+    sub = write_image_source(tmp_path / "src", "folder", images)
+    (tmp_path / "remove.txt").write_text("# the second picture\nb.png   # a comment after a space\n")
+    params = source_params(tiny_model, "folder", sub, [f"filter.remove_ids={tmp_path / 'remove.txt'}",
+                                                       "threshold.method=score", "threshold.score=1e9",
+                                                       "filter.output=ids"])
+    lay = run_through_filter(params, tmp_path / "data")
+    removed = pl.read_parquet(lay.clean / "removed.parquet")
+    assert removed.select("id", "key", "file", "reason").rows() == [(1, "000000001", "b.png", "review")]
+    kept = pl.read_parquet(lay.clean / "kept.parquet")
+    assert kept.columns == ["id", "key", "file", "shard"] and kept["file"].to_list() == ["a.png", "c.png", "d.png"]
