@@ -8,7 +8,10 @@ Flat keys only, so ``dvc metrics show`` / ``dvc exp show`` list every key withou
 
 - ``detector``, ``rule``: the detector thresholded and the rule (``top_fraction 0.01``,
   ``score >= 1.3`` (``<=`` for ``clip``), ``auto z 3.5``);
-- ``samples`` (scored), ``removed``, ``removed_fraction``, ``removed_non_finite``;
+- ``samples`` (scored), ``removed`` (in total), ``removed_fraction``, ``removed_non_finite``;
+- ``flagged`` (by the rule), ``kept_by_review`` (flagged, kept by ``filter.keep_ids``) and
+  ``removed_by_review`` (not flagged, removed by ``filter.remove_ids``): removed = flagged -
+  kept_by_review + removed_by_review, so the review is never credited to the detectors;
 - ``poison_known``: whether every scored sample's ``is_poison`` is known (true or false);
 - ``poison``, ``poison_removed``, ``poison_missed``, ``precision`` (poison_removed / removed),
   ``recall`` (poison_removed / poison): null without ground truth, and precision / recall also
@@ -27,8 +30,8 @@ from clipscrub.errors import DataError
 from clipscrub.params import ThresholdSettings
 
 APPLIED_KEYS = (
-    "detector", "rule", "samples", "removed", "removed_fraction", "removed_non_finite",
-    "poison_known", "poison", "poison_removed", "poison_missed", "precision", "recall",
+    "detector", "rule", "samples", "flagged", "kept_by_review", "removed_by_review", "removed", "removed_fraction",
+    "removed_non_finite", "poison_known", "poison", "poison_removed", "poison_missed", "precision", "recall",
 )
 
 
@@ -71,6 +74,10 @@ def applied_metrics(*, flags: pl.DataFrame, truth: pl.DataFrame | None, threshol
         "detector": threshold.detector,
         "rule": rule_text(threshold),
         "samples": samples,
+        # the flags as applied, with no review: applied_removal sets the review's share
+        "flagged": removed,
+        "kept_by_review": 0,
+        "removed_by_review": 0,
         "removed": removed,
         "removed_fraction": _ratio(removed, samples) if samples else 0.0,
         "removed_non_finite": non_finite,
@@ -120,12 +127,24 @@ def fmt_ratio(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.3f}"
 
 
+def removal_words(counts: dict[str, Any]) -> str:
+    """Who removed what, e.g. ``4 flagged by the detectors, 4 of them kept by review, 2 others
+    removed by review`` or ``all flagged by the detectors``: the review's share said apart."""
+    kept, added = counts.get("kept_by_review") or 0, counts.get("removed_by_review") or 0
+    if not kept and not added:
+        return "all flagged by the detectors"
+    flagged = counts.get("flagged", counts.get("removed", 0) + kept - added)
+    return (f"{flagged:,} flagged by the detectors, {kept:,} of them kept by review, "
+            f"{added:,} {'others ' if flagged else ''}removed by review")
+
+
 def applied_sentence(block: dict[str, Any]) -> str:
     """One line about the applied threshold, e.g. ``kdist, top_fraction 0.01: removed 60 of 6000
-    (1.00%). 52 of the 60 removed are known poison (precision 0.867, recall 0.867; 8 known poison
-    missed)``."""
+    (1.00%), all flagged by the detectors. 52 of the 60 removed are known poison (precision 0.867,
+    recall 0.867; 8 known poison missed)``."""
     frac = block.get("removed_fraction") or 0.0
-    head = f"{block['detector']}, {block['rule']}: removed {block['removed']} of {block['samples']} ({frac:.2%})"
+    head = (f"{block['detector']}, {block['rule']}: removed {block['removed']} of {block['samples']} ({frac:.2%}), "
+            f"{removal_words(block)}")
     if block.get("removed_non_finite"):
         head += f", {block['removed_non_finite']} of them for a non-finite score"
     if not block.get("poison_known"):

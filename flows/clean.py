@@ -396,9 +396,11 @@ def summary_markdown(params: Params, root: Path, summaries: dict[str, Any], stat
     if filt:
         frac = filt["removed"] / max(1, filt["scored"])
         lines += [
-            "| input | failed | scored | kept | removed | removed fraction |",
-            "| --- | --- | --- | --- | --- | --- |",
-            f"| {filt['input']} | {filt['failed']} | {filt['scored']} | {filt['kept']} | {filt['removed']} | {frac:.4f} |",
+            "| input | failed | scored | flagged | kept by review | removed by review | removed | removed fraction | kept |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+            f"| {filt['input']} | {filt['failed']} | {filt['scored']} | {filt.get('flagged', filt['removed'])} | "
+            f"{filt.get('kept_by_review', 0)} | {filt.get('removed_by_review', 0)} | {filt['removed']} | {frac:.4f} | "
+            f"{filt['kept']} |",
             "",
         ]
     applied = read_applied(Layout(root).applied_metrics)  # the evaluate stage's flat block

@@ -122,12 +122,11 @@ def _threshold_words(s: dict[str, Any]) -> list[str]:
 
 
 def _filter_words(s: dict[str, Any]) -> list[str]:
-    lines = [f"kept {_n(s['kept'])} of {_plural(s['input'], 'input sample')}: {_n(s['removed'])} removed, "
-             f"{_n(s['failed'])} failed at download"]
-    if "flagged" in s:
-        lines.append(f"review: {_n(s['flagged'])} flagged, {_n(s.get('removed_by_review', 0))} removed by "
-                     f"filter.remove_ids only, {_n(s.get('kept_by_review', 0))} flagged kept by filter.keep_ids")
-    return lines
+    from clipscrub.metrics import removal_words
+
+    return [f"kept {_n(s['kept'])} of {_plural(s['input'], 'input sample')}: {_n(s['removed'])} removed, "
+            f"{_n(s['failed'])} failed at download",
+            f"removed: {removal_words(s)}"]
 
 
 def _evaluate_words(s: dict[str, Any]) -> list[str]:
@@ -324,17 +323,21 @@ def show_run(root: str) -> str:
                 f"victim: zero-shot accuracy {t['zero_shot_accuracy']:.3f}, "
                 f"attack success rate {rates or 'n/a (no attack)'} ({t['train_samples']} samples)"
             )
-    lineage = lay.clean / "lineage.json"
-    if lineage.is_file():
-        c = json.loads(lineage.read_text())["counts"]
-        lines.append(
-            f"cleaned: kept {c['kept']} of {c['input']} input samples; {c['failed']} failed at download, "
-            f"{c['removed']} removed by the detectors ({lay.clean})"
-        )
-    if lay.applied_metrics.is_file():
-        from clipscrub.metrics import applied_sentence, read_applied
+    from clipscrub.metrics import applied_sentence, read_applied, removal_words
 
-        lines.append(f"applied: {applied_sentence(read_applied(lay.applied_metrics))}")
+    lineage = lay.clean / "lineage.json"
+    counts = json.loads(lineage.read_text())["counts"] if lineage.is_file() else None
+    if counts:
+        lines.append(
+            f"cleaned: kept {counts['kept']} of {counts['input']} input samples; {counts['failed']} failed at "
+            f"download; {counts['removed']} removed: {removal_words(counts)} ({lay.clean})"
+        )
+    applied = read_applied(lay.applied_metrics)
+    if applied:
+        lines.append(f"applied: {applied_sentence(applied)}")
+        if counts and (stale := applied_mismatch(applied, counts)):
+            lines.append(f"warning: {lay.applied_metrics} does not describe {lay.clean} ({stale}): they come from "
+                         "different runs; rerun evaluate (clipscrub evaluate, or dvc repro)")
     if (warning := download_warning(lay.raw)) is not None:
         lines.append(f"warning (download): {warning}")
     if (warning := threshold_warning(lay.flags)) is not None:
@@ -357,6 +360,16 @@ def show_run(root: str) -> str:
     if not lines:
         raise ClipscrubError(f"no finished run under {root}", param="--root")
     return "\n".join(lines)
+
+
+def applied_mismatch(applied: dict[str, Any], counts: dict[str, Any]) -> str | None:
+    """Where the evaluate stage's applied block and the cleaned version's counts disagree (one
+    was rerun without the other), the first count that differs, in words; else None."""
+    for key in ("removed", "flagged", "kept_by_review", "removed_by_review"):
+        mine, theirs = applied.get(key), counts.get(key, 0 if key != "flagged" else counts.get("removed"))
+        if mine is not None and theirs is not None and mine != theirs:
+            return f"{key.replace('_', ' ')} {mine} there, {theirs} in the cleaned version"
+    return None
 
 
 def download_warning(raw_dir: Path) -> str | None:

@@ -57,20 +57,20 @@ def detection_metrics(*, y: np.ndarray, values: np.ndarray, detector: str, tpr_t
 def applied_removal(*, flags: pl.DataFrame, clean_dir: Path, truth: pl.Series, scored: pl.Series,
                     threshold: ThresholdSettings) -> dict[str, Any]:
     """The applied block of what filter removed (``removed.parquet``): the flags less the review's
-    keep list, plus its remove list. Where filter applied review lists (its lineage's ``review``),
-    the block adds ``flagged`` (the detector's flags), ``removed_by_review`` (unflagged samples the
-    remove list removed: reason ``review``) and ``kept_by_review`` (flagged samples the keep list
-    kept: ``overruled.parquet``)."""
+    keep list, plus its remove list: ``flagged`` is the detector's flags, and where filter applied
+    review lists (its lineage's ``review``) ``removed_by_review`` counts the unflagged samples the
+    remove list removed (reason ``review``) and ``kept_by_review`` the flagged samples the keep list
+    kept (``overruled.parquet``)."""
     from clipscrub.flagging import REVIEW_REASON
 
     removed = pl.read_parquet(require_file(clean_dir / "removed.parquet", param="--clean", what="cleaned version"))
     lineage = read_json(require_file(clean_dir / "lineage.json", param="--clean", what="cleaned version"))
     actual = removed_as_flags(flags=flags, removed=removed["id"].to_list(), scored=scored)
     block = applied_metrics(flags=actual, truth=pl.DataFrame({"id": scored, "is_poison": truth}), threshold=threshold)
+    block["flagged"] = int(flags["is_flagged"].sum())
     if "review" in lineage:
         overruled = pl.read_parquet(require_file(clean_dir / "overruled.parquet", param="--clean", what="cleaned version"))
-        block |= {"flagged": int(flags["is_flagged"].sum()),
-                  "removed_by_review": int((removed["reason"] == REVIEW_REASON).sum()),
+        block |= {"removed_by_review": int((removed["reason"] == REVIEW_REASON).sum()),
                   "kept_by_review": overruled.height}
     return block
 

@@ -172,11 +172,12 @@ def filter_dataset(
         "removed": removed.height,
     }
     lists = {name: path for name, path in (("keep_ids", settings.keep_ids), ("remove_ids", settings.remove_ids)) if path}
+    # removed = flagged - kept_by_review + removed_by_review: the review is never the detectors' credit
+    counts |= {"flagged": int(verdicts["is_flagged"].sum()),
+               "removed_by_review": int((verdicts["in_remove"] & ~verdicts["is_flagged"]).sum()),
+               "kept_by_review": overruled.height}
     review = None
     if lists:
-        counts |= {"flagged": int(verdicts["is_flagged"].sum()),
-                   "removed_by_review": int((verdicts["in_remove"] & ~verdicts["is_flagged"]).sum()),
-                   "kept_by_review": overruled.height}
         review = {
             **{name: {"path": path, "sha256": sha256_file(Path(path).expanduser()), "ids": len(ids)}
                for name, ids in (("keep_ids", keep), ("remove_ids", remove)) if (path := lists.get(name))},

@@ -469,6 +469,8 @@ def write_report(
     y = truth.to_numpy().astype(bool) if truth.null_count() == 0 and 0 < int(truth.sum()) < len(truth) else None
     applied = applied_metrics(flags=applied_flags, truth=pl.DataFrame({"id": table["id"], "is_poison": truth}),
                               threshold=threshold)
+    applied |= {"flagged": int(flags["is_flagged"].sum()), "kept_by_review": len(kept_by_review),
+                "removed_by_review": len(removed_by_review)}
 
     ids = table["id"].to_numpy()
     cuts: dict[str, float | None] = {}

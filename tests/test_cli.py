@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import polars as pl
 import pytest
 import yaml
 
@@ -193,7 +195,7 @@ def _words(stage, summary, wrote):
     ("filter", {"input": 2000, "failed": 0, "scored": 2000, "kept": 1975, "removed": 25, "flagged": 20,
                 "removed_by_review": 5, "kept_by_review": 0}, ["data/clean"],
      "filter: kept 1,975 of 2,000 input samples: 25 removed, 0 failed at download\n"
-     "  review: 20 flagged, 5 removed by filter.remove_ids only, 0 flagged kept by filter.keep_ids\n"
+     "  removed: 20 flagged by the detectors, 0 of them kept by review, 5 others removed by review\n"
      "  wrote data/clean/"),
     ("evaluate", {"ground_truth": False, "samples": 2000}, ["data/metrics/detection.json"],
      "evaluate: 2,000 samples, no ground truth (no is_poison in the manifest, no evaluate.truth): no detection "
@@ -373,3 +375,39 @@ def test_init_checks_a_checkpoint_against_its_model(tmp_path, monkeypatch, capsy
     assert sorted(p.name for p in tmp_path.iterdir()) == []
     assert main(["init", "--source", "shards", "--path", "shards", "--model", "tiny", "--checkpoint", ckpt,
                  "--model-config", str(tiny_model / "tiny.json")]) == 0
+
+
+def test_the_review_is_never_credited_to_the_detectors(tiny_run, tmp_path):
+    """4 flagged samples kept and 2 others removed by review: show, the filter's words and the
+    applied sentence say flagged, kept by review, removed by review and removed in total; show
+    warns once clean/ and metrics/applied.json come from different runs."""
+    from clipscrub.flows.cli import show_run, summary_text
+    from clipscrub.metrics import applied_sentence
+    from clipscrub.stages.evaluate import evaluate_detectors
+    from tests.test_evaluate import reviewed_clean
+
+    root, params = tiny_run
+    data = tmp_path / "data"
+    for name in ("raw", "scores", "flags"):
+        shutil.copytree(root / name, data / name)
+    flags = pl.read_parquet(root / "flags" / "flags.parquet").sort("rank")
+    keep = flags.filter(pl.col("is_flagged"))["id"].head(4).to_list()
+    remove = flags.filter(~pl.col("is_flagged"))["id"].head(2).to_list()
+    run = reviewed_clean(data, data / "clean", keep=keep, remove=remove)
+    evaluate_detectors(raw_dir=data / "raw", scores_dir=data / "scores", metrics_path=data / "metrics" / "detection.json",
+                       plots_dir=data / "plots", settings=run.evaluate, threshold=run.threshold, base=run.base,
+                       flags_dir=data / "flags", applied_path=data / "metrics" / "applied.json", clean_dir=data / "clean")
+    words = "18 removed: 20 flagged by the detectors, 4 of them kept by review, 2 others removed by review"
+    shown = show_run(str(data))
+    assert f"cleaned: kept 382 of 400 input samples; 0 failed at download; {words}" in shown
+    applied = json.loads((data / "metrics" / "applied.json").read_text())
+    assert (applied["flagged"], applied["kept_by_review"], applied["removed_by_review"], applied["removed"]) == (20, 4, 2, 18)
+    assert applied_sentence(applied).startswith(
+        "kdist, top_fraction 0.05: removed 18 of 400 (4.50%), 20 flagged by the detectors, 4 of them kept by review, "
+        "2 others removed by review.")
+    counts = json.loads((data / "clean" / "lineage.json").read_text())["counts"]
+    assert "removed: 20 flagged by the detectors, 4 of them kept by review" in summary_text("filter", counts, wrote=[])
+    assert "warning" not in shown
+    reviewed_clean(data, data / "clean", keep=[], remove=[])  # filter again, evaluate not rerun
+    assert (f"warning: {data / 'metrics' / 'applied.json'} does not describe {data / 'clean'} (removed 18 there, 20 in "
+            "the cleaned version): they come from different runs; rerun evaluate") in show_run(str(data))
