@@ -79,13 +79,17 @@ def _train_words(s: dict[str, Any]) -> list[str]:
 
 
 def _embed_words(s: dict[str, Any]) -> list[str]:
+    a = s.get("alignment")
+    extra = ([f"image-caption alignment: a sample's own caption outranks {a['percentile']:.1%} of the others "
+              f"(chance 50%, {_n(a['samples'])} samples)"] if a else []) + \
+        ([f"warning: {s['warning']}"] if s.get("warning") else [])
     if s.get("device") == "none":
-        return [f"{_plural(s['samples'], 'sample')}, dimension {s['dim']}: precomputed embeddings copied"]
+        return [f"{_plural(s['samples'], 'sample')}, dimension {s['dim']}: precomputed embeddings copied", *extra]
     resumed = s.get("shards_resumed") or 0
     line = f"{_plural(s['samples'], 'sample')}, dimension {s['dim']}, on {s.get('device', '?')}"
     if "shards" in s:
         line += f", {_plural(s['shards'], 'shard')}" + (f" ({_n(resumed)} resumed from an interrupted run)" if resumed else "")
-    return [line] + ([str(s["model"])] if s.get("model") else [])
+    return [line] + ([str(s["model"])] if s.get("model") else []) + extra
 
 
 def _index_words(s: dict[str, Any]) -> list[str]:
@@ -338,8 +342,9 @@ def show_run(root: str) -> str:
         if counts and (stale := applied_mismatch(applied, counts)):
             lines.append(f"warning: {lay.applied_metrics} does not describe {lay.clean} ({stale}): they come from "
                          "different runs; rerun evaluate (clipscrub evaluate, or dvc repro)")
-    if (warning := download_warning(lay.raw)) is not None:
-        lines.append(f"warning (download): {warning}")
+    for stage, folder in (("download", lay.raw), ("embed", lay.embeddings)):
+        if (warning := stage_warning(folder, stage)) is not None:
+            lines.append(f"warning ({stage}): {warning}")
     if (warning := threshold_warning(lay.flags)) is not None:
         lines.append(f"warning: {warning}")
     if lay.detection_metrics.is_file():
@@ -372,13 +377,14 @@ def applied_mismatch(applied: dict[str, Any], counts: dict[str, Any]) -> str | N
     return None
 
 
-def download_warning(raw_dir: Path) -> str | None:
-    """What the download stage warned of (most samples failed), if it did."""
-    path = Path(raw_dir) / "lineage.json"
+def stage_warning(folder: Path, stage: str) -> str | None:
+    """What ``stage`` warned of in its output ``folder`` (its lineage's summary), if it did:
+    download, that most samples failed; embed, that the model does not look trained on the data."""
+    path = Path(folder) / "lineage.json"
     if not path.is_file():
         return None
     with contextlib.suppress(ValueError, OSError, KeyError, TypeError, AttributeError):
-        return json.loads(path.read_text())["stages"]["download"]["summary"].get("warning")
+        return json.loads(path.read_text())["stages"][stage]["summary"].get("warning")
     return None
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 import sys
 import threading
@@ -31,6 +32,7 @@ import polars as pl
 import torch
 
 from clipscrub.arrays import RowReader, create_npy
+from clipscrub.detectors import ALIGNED_PERCENTILE, caption_alignment
 from clipscrub.errors import ClipscrubError, DataError
 from clipscrub.io import (atomic_dir, atomic_file, code_version, read_json, read_manifest, sha256_file, write_json,
                           write_lineage)
@@ -40,6 +42,8 @@ from clipscrub.progress import Progress, track
 from clipscrub.shards import decode_image, image_field, iter_shard, shard_path
 from clipscrub.sources import PRECOMPUTED_FILE, failure_text
 from clipscrub.validation import docs_dir_for, embedding_tables, validate
+
+log = logging.getLogger("clipscrub.embed")
 
 
 def iter_shard_samples(raw_dir: Path, shard: str, captions: dict[str, str]) -> Iterator[tuple[str, Any, str]]:
@@ -477,9 +481,27 @@ def _validate(tmp: Path, *, ids: np.ndarray, dim: int | None, out_dir: str | Pat
     return validate("embed", tables, docs_dir=docs_dir_for(out_dir, "embed"))
 
 
+def check_alignment(tmp: Path, *, seed: int) -> dict[str, Any]:
+    """``alignment`` (``caption_alignment`` of the arrays in ``tmp``) and, where a sample's own
+    caption barely outranks the others, a ``warning``: the model does not look trained on this data."""
+    alignment = caption_alignment(np.load(tmp / "image.npy", mmap_mode="r"), np.load(tmp / "text.npy", mmap_mode="r"),
+                                  seed=seed)
+    out: dict[str, Any] = {"alignment": alignment}
+    if alignment["samples"] >= 20 and alignment["percentile"] < ALIGNED_PERCENTILE:
+        out["warning"] = (f"the model pairs this data's images and captions barely better than chance (a sample's "
+                          f"own caption outranks {alignment['percentile']:.0%} of {alignment['samples']:,} others' on "
+                          f"average, chance 50%): it does not look trained on this data, and the method needs the "
+                          "model trained on it (only that model has learnt the poison's trigger): embed with that "
+                          "model's weights (embed.checkpoint); see the README's 'Your data'")
+        log.warning("embed: %s", out["warning"])
+    return out
+
+
 def _record_model(tmp: Path, *, info: dict[str, Any], summary: dict[str, Any], raw_dir: Path, upstream: list[Path],
                   settings: EmbedSettings, base: BaseSettings, validated: dict[str, Any]) -> None:
-    """model.json and the embed lineage, beside the arrays in ``tmp``."""
+    """model.json and the embed lineage, beside the arrays in ``tmp``; adds ``check_alignment``'s
+    figures (and warning) to ``summary``."""
+    summary.update(check_alignment(tmp, seed=base.seed))
     write_json(tmp / "model.json", info)
     write_lineage(
         tmp,

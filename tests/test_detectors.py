@@ -142,3 +142,17 @@ def test_iforest_scores_rows_in_threads_bit_for_bit(threads):
     got = iforest_score(forest, rows, threads=threads)
     np.testing.assert_array_equal(got, one)
     assert got[:5].min() > np.median(got[5:])
+
+
+@pytest.mark.parametrize(("noise", "low", "high"), [(0.05, 0.99, 1.0), (None, 0.4, 0.6)])
+def test_caption_alignment_tells_a_trained_pairing_from_chance(noise, low, high):
+    """Captions near their own images: a sample's own caption outranks nearly all others; captions
+    unrelated to the images: about half (chance)."""
+    from clipscrub.detectors import caption_alignment
+
+    rng = np.random.default_rng(0)
+    image = rng.normal(size=(3000, 32))
+    text = image + noise * rng.normal(size=image.shape) if noise else rng.normal(size=image.shape)
+    got = caption_alignment(image, text, seed=0)
+    assert got["samples"] == 1000 and low <= got["percentile"] <= high
+    assert got == caption_alignment(image, text, seed=0)  # seeded

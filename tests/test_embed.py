@@ -12,6 +12,7 @@ from clipscrub.io import sha256_file
 from clipscrub.model import load_model
 from clipscrub.params import parse_params
 from clipscrub.stages.embed import embed_dataset
+from tests.test_sources import tiny_model  # noqa: F401 (fixture)
 
 
 def test_embeddings_follow_manifest_order(tiny_run):
@@ -386,3 +387,22 @@ def test_a_bad_image_fails_alike_with_loader_threads(tiny_run, tmp_path, recorde
     else:
         assert messages == {f"sample {keys[20]!r} in {shard}: cannot decode image: not a recognised image format "
                             "(the shard changed since download)"}
+
+
+def test_a_model_not_trained_on_the_data_is_warned_of(tiny_model, tmp_path):  # noqa: F811 (fixture)
+    """A randomly initialised model pairs images and captions at chance: embed says so where a
+    person looks (its words, clipscrub show), with what to do."""
+    from clipscrub.flows.cli import show_run, summary_text
+    from clipscrub.flows.pipeline import run_stage
+    from tests.imageserver import image_bytes
+    from tests.test_sources import COLOURS, source_params, write_image_source
+
+    images = [(f"k{i:03d}", image_bytes("PNG", colour=COLOURS[i % len(COLOURS)])) for i in range(40)]
+    params = source_params(tiny_model, "folder", write_image_source(tmp_path / "src", "folder", images))
+    run_stage("download", params, tmp_path / "data")
+    summary = run_stage("embed", params, tmp_path / "data")
+    assert summary["alignment"]["samples"] == 40 and summary["alignment"]["percentile"] < 0.75
+    assert summary["warning"].startswith("the model pairs this data's images and captions barely better than chance")
+    assert "embed with that model's weights (embed.checkpoint)" in summary["warning"]
+    assert f"warning: {summary['warning']}" in summary_text("embed", summary, wrote=[])
+    assert f"warning (embed): {summary['warning']}" in show_run(str(tmp_path / "data"))
