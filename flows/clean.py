@@ -79,6 +79,43 @@ def _read_state(root: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def reuse_outputs(stage: str, key: str, *, source: Path, root: Path) -> dict[str, Any] | None:
+    """Put ``stage``'s outputs from the run directory ``source`` into ``root`` when ``source``
+    computed them under the same cache ``key`` (the same code, params and input contents) and
+    they are still the bytes it recorded; return its summary then, else None.
+
+    Files are hard links (a copy across filesystems): every stage publishes by renaming a new
+    folder into place, so no later write in either run changes the other's files."""
+    import shutil
+
+    if source.resolve() == root.resolve():
+        return None
+    recorded = _read_state(source).get(stage, {})
+    if recorded.get("key") != key or "summary" not in recorded or output_hashes(stage, source) != recorded.get("outputs"):
+        return None
+
+    def link(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    lay_from, lay_to = Layout(source), Layout(root)
+    for name in STAGES[stage].outputs:
+        src, dst = Path(getattr(lay_from, name)), Path(getattr(lay_to, name))
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.with_name(f".{dst.name}.reuse-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        if src.is_dir():
+            shutil.copytree(src, tmp, copy_function=link)
+        else:
+            link(str(src), str(tmp))
+        if dst.is_dir() and not dst.is_symlink():
+            shutil.rmtree(dst)
+        os.replace(tmp, dst)
+    return recorded["summary"]
+
+
 def _write_state(root: Path, state: dict[str, Any]) -> None:
     path = root / STATE_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -165,6 +202,16 @@ def _run_stage_task(stage: str, params: str, root: str, params_dir: str | None =
     summary = json.loads(json.dumps(summary, sort_keys=True, default=str))
     logger.info("stage %s done: %s", stage, json.dumps(summary, sort_keys=True))
     return summary
+
+
+def _reused_stage_task(stage: str, source: str, summary: dict[str, Any]) -> dict[str, Any]:
+    get_run_logger().info("stage %s reused from %s (same code, params and inputs): %s", stage, source,
+                          json.dumps(summary, sort_keys=True))
+    return summary
+
+
+# a stage whose outputs came from another run directory (--reuse): a task run, so the UI shows it
+REUSED_TASK = task(_reused_stage_task, name="reused", cache_policy=NO_CACHE, persist_result=False)
 
 
 def _run_piece_task(stage: str, params: str, root: str, piece: dict[str, Any],
@@ -427,10 +474,14 @@ def summary_markdown(params: Params, root: Path, summaries: dict[str, Any], stat
 
 @flow(name="clean-dataset", flow_run_name=_flow_run_name, log_prints=True)
 def clean_dataset(params: dict[str, Any], out_dir: str, result_storage: str | None = None,
-                  cluster: str | None = None, params_dir: str | None = None) -> dict[str, Any]:
+                  cluster: str | None = None, params_dir: str | None = None,
+                  reuse: str | None = None) -> dict[str, Any]:
     """Run every stage on ``params`` (a params.yaml mapping) into ``out_dir``.
     ``params_dir``: the folder its relative paths are relative to (the params file's; default:
-    the working directory).
+    the working directory). ``reuse``: another run directory whose stages computed under the same
+    cache key are not run again but linked in (``reuse_outputs``; state ``Reused``): a second
+    version from other threshold or filter params shares the first one's embeddings, index and
+    scores.
 
     With ``cluster`` (run the flow with ``task_runner_for(cluster)``), each stage's task runs on
     the cluster's workers and a stage that has pieces (``plan_pieces``) first maps them over
@@ -464,6 +515,20 @@ def clean_dataset(params: dict[str, Any], out_dir: str, result_storage: str | No
             key = stage_cache_key(stage, settings, root)
             recorded = state.get(stage, {})
             intact = recorded.get("key") == key and recorded.get("outputs") == output_hashes(stage, root)
+            # linked in from another run (now, or by an earlier run here: no task result of ours to read)
+            source = recorded.get("reused_from") if intact else None
+            summary = recorded.get("summary") if source else None
+            if not intact and reuse and (summary := reuse_outputs(stage, key, source=Path(reuse), root=root)) is not None:
+                source = str(reuse)
+            if summary is not None:
+                done[stage] = REUSED_TASK.with_options(task_run_name=f"{stage}-reused")(
+                    stage=stage, source=source, summary=summary, wait_for=[done[s] for s in upstream_stages(stage, active)],
+                    return_state=True)
+                summaries[stage], states[stage] = summary, "Reused"
+                state[stage] = {"key": key, "outputs": output_hashes(stage, root), "summary": summary, "reused_from": source}
+                _write_state(root, state)
+                progress["finished"].append(stage)
+                continue
             t = STAGE_TASKS[stage].with_options(result_storage=storage, refresh_cache=not intact)
             args = {"stage": stage, "params": payload, "root": str(root), "params_dir": params_dir}
             if cluster:
@@ -484,7 +549,7 @@ def clean_dataset(params: dict[str, Any], out_dir: str, result_storage: str | No
                 run_state = done[stage] = t(**args, wait_for=after, return_state=True)
             summaries[stage] = run_state.result()
             states[stage] = run_state.name
-            state[stage] = {"key": key, "outputs": output_hashes(stage, root)}
+            state[stage] = {"key": key, "outputs": output_hashes(stage, root), "summary": summaries[stage]}
             _write_state(root, state)
             progress["finished"].append(stage)
             progress["running"] = None

@@ -204,6 +204,9 @@ def run_text(result: dict[str, Any], out: str) -> str:
     line = f"run: {_plural(len(states), 'stage')} completed into {Path(out).resolve()}"
     line += f" ({', '.join(cached)} from cache)" if 0 < len(cached) < len(states) else \
         (" (all from cache: nothing changed)" if cached else "")
+    reused = [s for s, st in states.items() if st == "Reused"]
+    if reused:
+        line += f" ({', '.join(reused)} reused from another run: linked, not recomputed)"
     lines = [line]
     if result.get("pieces"):
         lines.append("  cluster pieces: " + ", ".join(f"{s} {_n(c)}" for s, c in result["pieces"].items()))
@@ -248,6 +251,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--cluster", default=None, metavar="local:N|tcp://HOST:PORT",
                     help="run the tasks on a Dask cluster: a LocalCluster of N worker processes, or an existing "
                     "scheduler (every worker must reach OUTDIR, e.g. on a shared filesystem); default: in-process")
+    sp.add_argument("--reuse", default=None, metavar="RUNDIR",
+                    help="another `clipscrub run` directory: its stages whose code, params and inputs are unchanged "
+                    "are linked in, not run again (a second version from other threshold or filter params shares "
+                    "the first one's embeddings, index and scores); compare the two with clipscrub diff")
     sp.add_argument("--json", action="store_true", help=JSON_HELP)
     sp = sub.add_parser("diff", help="compare two cleaned versions: params, counts, removed ids, metric deltas",
                         description=_fill("Compare two cleaned versions: the params that differ, the counts, the ids "
@@ -630,6 +637,12 @@ def run_flow(args: argparse.Namespace) -> int:
     try:
         params = load_params(args.params, args.overrides)
         check_writable_dir(args.out, param="--out")
+        if args.reuse is not None:
+            if not (Path(args.reuse) / ".clipscrub" / "state.json").is_file():
+                raise ClipscrubError(f"{args.reuse} is not a clipscrub run directory (no .clipscrub/state.json)",
+                                     param="--reuse")
+            if Path(args.reuse).resolve() == Path(args.out).resolve():
+                raise ClipscrubError("is the run directory itself: name another run's directory", param="--reuse")
     except ClipscrubError as exc:
         print(f"clipscrub: error: {exc}", file=sys.stderr)
         return 2
@@ -654,6 +667,7 @@ def run_flow(args: argparse.Namespace) -> int:
                     result_storage=args.result_storage,
                     cluster=args.cluster,
                     params_dir=params.params_dir,
+                    reuse=str(Path(args.reuse).resolve()) if args.reuse else None,
                 )
         except ClipscrubError as exc:
             print(f"clipscrub: error: {exc}", file=sys.stderr)

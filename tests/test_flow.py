@@ -627,3 +627,29 @@ def test_a_run_that_cannot_start_says_so_at_once(tmp_path, env, args, expected):
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"clipscrub: error: {expected.format(port=port)}"), res.stderr[-3000:]
     assert not (tmp_path / "run").exists()
+
+
+def test_a_second_version_reuses_the_first_ones_upstream_work(flow_dir, tmp_path):
+    """Another threshold into another run directory with --reuse: download to score are linked in
+    (same inodes, nothing recomputed), threshold onward run, the first version is untouched, and
+    clipscrub diff compares the two."""
+    from clipscrub.diff import diff_versions, load_version
+    from clipscrub.flows.clean import clean_dataset
+
+    run_flow(flow_dir)  # the fixture may have been rerun with other params by now: back to the defaults
+    before = {p: sha256_path(p) for p in (flow_dir / "clean", flow_dir / "scores", flow_dir / "embeddings")}
+    second = tmp_path / "tight"
+    result = clean_dataset(params=tiny_params_dict(["threshold.fraction=0.1"]), out_dir=str(second), reuse=str(flow_dir))
+    states = result["states"]
+    assert [s for s in ALL if states[s] == "Reused"] == ["download", "train", "embed", "index", "score"]
+    assert [s for s in ALL if states[s] == "Completed"] == ["threshold", "filter", "evaluate", "report"]
+    assert os.stat(second / "embeddings" / "image.npy").st_ino == os.stat(flow_dir / "embeddings" / "image.npy").st_ino
+    assert before == {p: sha256_path(p) for p in before}
+    a, b = load_version(str(flow_dir), label="A"), load_version(str(second), label="B")
+    diff = diff_versions(a, b)
+    assert diff["params"] == {"threshold.fraction": {"a": 0.05, "b": 0.1}}
+    assert (diff["counts"]["a"]["removed"], diff["counts"]["b"]["removed"]) == (20, 40)
+    # its rerun computes nothing: the reused stages stay reused, the rest come from its cache
+    again = run_flow(second, ["threshold.fraction=0.1"])
+    assert [s for s in ALL if again[s] == "Reused"] == ["download", "train", "embed", "index", "score"]
+    assert [s for s in ALL if again[s] == "Cached"] == ["threshold", "filter", "evaluate", "report"]
