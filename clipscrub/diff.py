@@ -205,7 +205,7 @@ def format_table(result: dict[str, Any]) -> str:
     lines += ["", f"removed only in A: {r['only_a']}, only in B: {r['only_b']}, in both: {r['both']} "
                   f"(Jaccard {r['jaccard']:.4f})"]
     if "applied" in result:
-        lines += ["", "applied threshold (data/metrics/applied.json):",
+        lines += ["", "applied threshold (each version's metrics/applied.json):",
                   f"  {'key':<20} {'A':>18} {'B':>18} {'B - A':>10}"]
         for k, v in result["applied"].items():
             lines.append(f"  {k:<20} {_cell(v['a']):>18} {_cell(v['b']):>18} {_cell(v['delta'], delta=True):>10}".rstrip())

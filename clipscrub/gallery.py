@@ -67,10 +67,10 @@ def nearest_references(index_dir: str | Path, rows: np.ndarray, *, samples: int,
     return NearestReferences(name, draw, int(first["draws"]), modality, owners, captions, distances)
 
 
-def what_if_fractions(threshold: ThresholdSettings, removed_fraction: float) -> list[float]:
-    """The table's fractions: the fixed ones, the applied rule's, and the fraction filter removed."""
+def what_if_fractions(threshold: ThresholdSettings) -> list[float]:
+    """The table's fractions: the fixed ones and the applied rule's (not the fraction filter
+    removed: as a top_fraction row it would repeat the applied rule's row)."""
     extra = [threshold.fraction] if threshold.method == "top_fraction" else []
-    extra.append(round(removed_fraction, 6))
     return sorted({*WHAT_IF_FRACTIONS, *(f for f in extra if 0 < f < 1)})
 
 

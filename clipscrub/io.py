@@ -378,6 +378,21 @@ def root_lock(root: str | Path, *, param: str = "--root") -> Iterator[None]:
                 os.close(_LOCKS.pop(key)[0])  # closing the last descriptor releases the flock
 
 
+def describe_model(info: dict[str, Any]) -> str:
+    """What ``load_model`` loaded, in a few words: ``model 'ViT-B-32' from checkpoint ckpt.pt
+    (sha256 1a2b3c4d)``, ``model 'ViT-B-32' pretrained 'laion2b_s34b_b79k'``, or random weights."""
+    head = f"model {info['model_name']!r}"
+    if info.get("precomputed"):
+        return f"{head} (precomputed embeddings from {info['precomputed']})"
+    if info.get("model_config"):  # the name alone would pass for open_clip's architecture of that name
+        head += f" (architecture from {info['model_config']}, sha256 {str(info.get('model_config_sha256'))[:8]})"
+    if info.get("checkpoint"):
+        return f"{head} from checkpoint {info['checkpoint']} (sha256 {str(info['checkpoint_sha256'])[:8]})"
+    if info.get("pretrained"):
+        return f"{head} pretrained {info['pretrained']!r}"
+    return f"{head} with random weights (no embed.checkpoint, no embed.pretrained)"
+
+
 def write_json(path: str | Path, data: Any) -> None:
     Path(path).write_text(json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n")
 

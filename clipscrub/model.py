@@ -209,17 +209,6 @@ def no_random_init_warning() -> Iterator[None]:
         root.removeFilter(keep)
 
 
-def describe_model(info: dict[str, Any]) -> str:
-    """What ``load_model`` loaded, in a few words: ``model 'ViT-B-32' from checkpoint ckpt.pt
-    (sha256 1a2b3c4d)``, ``model 'ViT-B-32' pretrained 'laion2b_s34b_b79k'``, or random weights."""
-    head = f"model {info['model_name']!r}"
-    if info.get("checkpoint"):
-        return f"{head} from checkpoint {info['checkpoint']} (sha256 {str(info['checkpoint_sha256'])[:8]})"
-    if info.get("pretrained"):
-        return f"{head} pretrained {info['pretrained']!r}"
-    return f"{head} with random weights (no embed.checkpoint, no embed.pretrained)"
-
-
 @dataclass
 class LoadedModel:
     model: torch.nn.Module
@@ -259,6 +248,7 @@ def load_model(
         except json.JSONDecodeError as exc:
             raise ParamError(f"{cfg_path} is not valid JSON: {exc}", param="embed.model_config") from None
         register_model_config(model_name, cfg)
+        info["model_config"] = cfg_path.name  # its name, not its place: the same config gives the same bytes
         info["model_config_sha256"] = sha256_file(cfg_path)
     if open_clip.get_model_config(model_name) is None and not model_name.startswith(("hf-hub:", "local-dir:")):
         raise ParamError(unknown_model_message(model_name, open_clip.list_models()), param="embed.model_name")

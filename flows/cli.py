@@ -94,9 +94,12 @@ def _embed_words(s: dict[str, Any]) -> list[str]:
 
 def _index_words(s: dict[str, Any]) -> list[str]:
     sets = s.get("reference_sets") or []
+    capped = s.get("sizes_capped") or []
     return [f"{_plural(s['samples'], 'sample')}, {_plural(len(sets), 'reference set')} ({', '.join(sets)}), "
             f"{_plural(s['draws'], 'draw')} in all ({_n(s.get('reference_entries'))} entries), k={s['k']}, "
-            f"{'/'.join(s.get('search') or ['?'])} search, recall@k {_f3(s.get('recall_at_k'))}"]
+            f"{'/'.join(s.get('search') or ['?'])} search, recall@k {_f3(s.get('recall_at_k'))}"] + (
+        [f"index.reference.sizes {', '.join(map(str, capped))} exceed the {_n(s['samples'])} samples: capped to "
+         f"all of them (m{s['samples']}, one draw)"] if capped else [])
 
 
 def _score_words(s: dict[str, Any]) -> list[str]:
@@ -156,7 +159,8 @@ def _evaluate_words(s: dict[str, Any]) -> list[str]:
 
 def _report_words(s: dict[str, Any]) -> list[str]:
     return [f"{_n(s['flagged'])} flagged, the top {_n(s['gallery'])} shown; "
-            f"{_plural(s['clusters'], 'cluster')} of near duplicates ({_n(s['clustered_samples'])} samples)"]
+            f"{_plural(s['clusters'], 'cluster')} of flagged samples sharing a caption or an image "
+            f"({_n(s['clustered_samples'])} samples)"]
 
 
 def _poison_words(s: dict[str, Any]) -> list[str]:
@@ -682,7 +686,17 @@ def run_flow(args: argparse.Namespace) -> int:
                           **({"pieces": result["pieces"]} if "pieces" in result else {})}, sort_keys=True))
     else:
         print(run_text(result, args.out))
+        if (home := temporary_server_home()) is not None:  # the log's "View at" link died with the server
+            print(f"prefect: the run's temporary server has stopped; its runs stay in {home}: `prefect server start` "
+                  "(with the same PREFECT_HOME) shows them at http://127.0.0.1:4200")
     return 0
+
+
+def temporary_server_home() -> Path | None:
+    """PREFECT_HOME, where `clipscrub run` started a temporary Prefect server (no PREFECT_API_URL); else None."""
+    import prefect.settings as ps
+
+    return None if ps.get_current_settings().api.url else Path(ps.PREFECT_HOME.value())
 
 
 def run_diff(args: argparse.Namespace) -> int:

@@ -87,8 +87,9 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         name="filter", run="clipscrub.stages.filter:filter_dataset",
         help="write the cleaned dataset, removed.parquet and lineage.json; applies the review lists "
-             "(filter.keep_ids, filter.remove_ids)",
-        example="-S filter.shard_size=5000",
+             "(filter.keep_ids: flagged samples to keep, filter.remove_ids: samples to remove; one entry per line, "
+             "by id, key, file or url; the report links ready-made ones)",
+        example="-S filter.keep_ids=review/keep_ids.txt",
         paths={"raw_dir": "raw", "scores_dir": "scores", "flags_dir": "flags", "out_dir": "clean"},
         outputs=("clean",),
         # the whole params: filter checks that its inputs were made with these params

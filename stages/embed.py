@@ -34,9 +34,9 @@ import torch
 from clipscrub.arrays import RowReader, create_npy
 from clipscrub.detectors import ALIGNED_PERCENTILE, caption_alignment
 from clipscrub.errors import ClipscrubError, DataError
-from clipscrub.io import (atomic_dir, atomic_file, code_version, read_json, read_manifest, sha256_file, write_json,
-                          write_lineage)
-from clipscrub.model import LoadedModel, describe_model, load_model
+from clipscrub.io import (atomic_dir, atomic_file, code_version, describe_model, read_json, read_manifest, sha256_file,
+                          write_json, write_lineage)
+from clipscrub.model import LoadedModel, load_model
 from clipscrub.params import BaseSettings, EmbedSettings
 from clipscrub.progress import Progress, track
 from clipscrub.shards import decode_image, image_field, iter_shard, shard_path

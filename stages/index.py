@@ -283,6 +283,9 @@ def reduce_index(
             "k": settings.k,
             "search": sorted({r["search"] for r in records}),
             "recall_at_k": round(min(r["recall_at_k"] for r in records), 4),
+            # sizes past the dataset become one set of every sample: said, not silent
+            **({"sizes_capped": sorted(s for s in ref.sizes if s >= n)}
+               if ref.mode == "random" and any(s >= n for s in ref.sizes) else {}),
             # images closer than this are copies, drawn once into a set (0: every sample drawn as it came)
             "copy_distance": float(plan["sets"][0].get("copy_distance", 0.0)) if plan["sets"] else 0.0,
         }

@@ -32,7 +32,7 @@ from clipscrub.arrays import RowReader
 from clipscrub.detectors import LOW_IS_SUSPICIOUS, suspicion
 from clipscrub.errors import DataError
 from clipscrub.gallery import nearest_references, page_count, page_name, page_of, what_if_fractions
-from clipscrub.io import atomic_dir, read_json, read_manifest, require_file, write_lineage
+from clipscrub.io import atomic_dir, describe_model, read_json, read_manifest, require_file, write_lineage
 from clipscrub.metrics import applied_metrics, applied_sentence, fmt_ratio, removed_as_flags, rule_text
 from clipscrub.params import BaseSettings, ReportSettings, ThresholdSettings
 from clipscrub.shards import decode_image, image_field, iter_shard, shard_path
@@ -480,7 +480,7 @@ def write_report(
         cuts[d] = float(cut) if np.isfinite(cut) else None
     hists, curves = _figures(table, detectors, y, cuts, threshold.detector, settings.hist_bins)
     what_if = _what_if(table[f"{threshold.detector}_score"].to_numpy().astype(np.float64), ids, y, threshold,
-                       what_if_fractions(threshold, applied["removed_fraction"] or 0.0))
+                       what_if_fractions(threshold))
 
     flagged = table.filter(pl.col("is_flagged")).sort("rank")
     emb_ids = np.load(require_file(emb_dir / "ids.npy", param="--embeddings", what="embeddings"))
@@ -566,7 +566,7 @@ def write_report(
         nav,
         "<h2 id=summary>Dataset</h2>",
         f"<table><tbody>{summary_rows}</tbody></table>",
-        f"<p>Model: {html.escape(str(model.get('model_name')))} (checkpoint sha256 {html.escape(str(model.get('checkpoint_sha256')))}). "
+        f"<p>Model: {html.escape(describe_model(model) if model.get('model_name') else 'unknown')}. "
         f"Threshold: <b>{html.escape(threshold.detector)}</b>, {html.escape(threshold.method)}; "
         f"{int(table['is_flagged'].sum())} flagged. Params hash {html.escape(str(lineage.get('params_hash')))}, "
         f"code {html.escape(str(lineage.get('code_version')))}, input manifest sha256 "

@@ -201,7 +201,7 @@ def _words(stage, summary, wrote):
      "evaluate: 2,000 samples, no ground truth (no is_poison in the manifest, no evaluate.truth): no detection "
      "metrics\n  wrote data/metrics/detection.json"),
     ("report", {"flagged": 20, "gallery": 20, "clusters": 2, "clustered_samples": 9}, ["data/report/index.html"],
-     "report: 20 flagged, the top 20 shown; 2 clusters of near duplicates (9 samples)\n"
+     "report: 20 flagged, the top 20 shown; 2 clusters of flagged samples sharing a caption or an image (9 samples)\n"
      "  wrote data/report/index.html (open it in a browser)"),
     ("poison", {"samples": 400, "ok": 400, "failed": 0, "poisoned": 12, "attacks": {"sig:apple": 8, "targeted:car": 4},
                 "shards": 4}, ["poisoned"],
@@ -411,3 +411,30 @@ def test_the_review_is_never_credited_to_the_detectors(tiny_run, tmp_path):
     reviewed_clean(data, data / "clean", keep=[], remove=[])  # filter again, evaluate not rerun
     assert (f"warning: {data / 'metrics' / 'applied.json'} does not describe {data / 'clean'} (removed 18 there, 20 in "
             "the cleaned version): they come from different runs; rerun evaluate") in show_run(str(data))
+
+
+def test_index_words_say_when_reference_sizes_were_capped(tiny_run, tmp_path):
+    """The default sizes on a 400-sample set: 1024 and 4096 become one set of all 400, and the
+    summary says so (it was silent)."""
+    from clipscrub.flows.cli import summary_text
+    from clipscrub.stages.index import build_index
+    from tests.conftest import tiny_params
+
+    root, _ = tiny_run
+    params = tiny_params(["index.reference.sizes=[256, 1024, 4096]"])
+    summary = build_index(embeddings_dir=root / "embeddings", out_dir=tmp_path / "index", settings=params.index,
+                          base=params.base)
+    assert summary["reference_sets"][:2] == ["m256", "m400"] and summary["sizes_capped"] == [1024, 4096]
+    assert ("index.reference.sizes 1024, 4096 exceed the 400 samples: capped to all of them (m400, one draw)"
+            in summary_text("index", summary, wrote=[]))
+
+
+def test_a_temporary_server_run_says_where_its_runs_stay():
+    import prefect.settings as ps
+
+    from clipscrub.flows.cli import temporary_server_home
+
+    with ps.temporary_settings(updates={ps.PREFECT_API_URL: None}):
+        assert temporary_server_home() == Path(ps.PREFECT_HOME.value())
+    with ps.temporary_settings(updates={ps.PREFECT_API_URL: "http://127.0.0.1:4200/api"}):
+        assert temporary_server_home() is None

@@ -67,7 +67,7 @@ def test_diff_table(two_versions, tmp_path, capsys):
     assert "threshold.fraction" in text and "0.05 -> 0.1" in text
     assert re.search(r"removed\s+20\s+40\s+\+20", text) and re.search(r"kept\s+380\s+360\s+-20", text)
     assert "removed only in A: 0, only in B: 20, in both: 20 (Jaccard 0.5000)" in text
-    assert "applied threshold (data/metrics/applied.json):" in text
+    assert "applied threshold (each version's metrics/applied.json):" in text
     assert re.search(r"rule\s+top_fraction 0\.05\s+top_fraction 0\.1\n", text)
     assert re.search(r"removed_fraction\s+0\.0500\s+0\.1000\s+\+0\.0500", text)
     assert re.search(r"poison_known\s+yes\s+yes\n", text) and re.search(r"\n  precision\s+\d\.\d{4}\s+\d\.\d{4}\s+[+-]\d", text)

@@ -231,7 +231,8 @@ def test_a_loaded_checkpoint_is_said_not_random_init(tiny_run, tmp_path, caplog,
                                                "model_config_path": str(root / "model" / "model_config.json"),
                                                "model_name": "clipscrub-tiny", "pretrained": None})
     summary = embed_dataset(raw_dir=tmp_path / "raw", out_dir=tmp_path / "emb", settings=settings, base=params.base)
-    want = (f"model 'clipscrub-tiny' from checkpoint {root / 'model' / 'checkpoint.pt'} "
+    want = (f"model 'clipscrub-tiny' (architecture from model_config.json, sha256 "
+            f"{sha256_file(root / 'model' / 'model_config.json')[:8]}) from checkpoint {root / 'model' / 'checkpoint.pt'} "
             f"(sha256 {sha256_file(root / 'model' / 'checkpoint.pt')[:8]})")
     assert summary["model"] == want
     assert f"embed: {want}\n" in capsys.readouterr().err

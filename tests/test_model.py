@@ -143,3 +143,19 @@ print(json.dumps({"dir": str(model._config_dir), "files": sorted(p.name for p in
     assert (out["a"], out["b"]) == (64, 48)
     assert out["dir"].startswith(str(tmp_path))
     assert not any(tmp_path.iterdir())  # the folder went with the process
+
+
+@pytest.mark.parametrize(("info", "words"), [
+    ({"model_name": "ViT-B-32", "checkpoint": "w.pt", "checkpoint_sha256": "1a2b3c4d5e"},
+     "model 'ViT-B-32' from checkpoint w.pt (sha256 1a2b3c4d)"),
+    ({"model_name": "ViT-B-32", "model_config": "mine.json", "model_config_sha256": "9f8e7d6c5b", "checkpoint": "w.pt",
+      "checkpoint_sha256": "1a2b3c4d5e"},
+     "model 'ViT-B-32' (architecture from mine.json, sha256 9f8e7d6c) from checkpoint w.pt (sha256 1a2b3c4d)"),
+    ({"model_name": "ViT-L-14", "precomputed": "/data/clip-retrieval"},
+     "model 'ViT-L-14' (precomputed embeddings from /data/clip-retrieval)"),
+])
+def test_the_model_is_described_as_loaded(info, words):
+    """A config of one's own under open_clip's name is said (the report said 'Model: ViT-B-32')."""
+    from clipscrub.io import describe_model
+
+    assert describe_model(info) == words

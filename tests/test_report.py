@@ -582,3 +582,12 @@ def test_a_cards_names_are_escaped_and_link_only_to_the_web(row, drawn):
     from clipscrub.stages.report import names_html
 
     assert names_html(row) == drawn
+
+
+def test_the_what_if_table_does_not_repeat_the_applied_rule():
+    """The fraction filter removed was added as a top_fraction row: the applied rule again."""
+    from clipscrub.gallery import WHAT_IF_FRACTIONS, what_if_fractions
+    from clipscrub.params import ThresholdSettings
+
+    assert what_if_fractions(ThresholdSettings(method="tail")) == sorted(WHAT_IF_FRACTIONS)
+    assert 0.037 in what_if_fractions(ThresholdSettings(method="top_fraction", fraction=0.037))
