@@ -140,13 +140,13 @@ def removal_words(counts: dict[str, Any]) -> str:
 
 def applied_sentence(block: dict[str, Any]) -> str:
     """One line about the applied threshold, e.g. ``kdist, top_fraction 0.01: removed 60 of 6000
-    (1.00%), all flagged by the detectors. 52 of the 60 removed are known poison (precision 0.867,
+    (1.00%); all flagged by the detectors. 52 of the 60 removed are known poison (precision 0.867,
     recall 0.867; 8 known poison missed)``."""
     frac = block.get("removed_fraction") or 0.0
-    head = (f"{block['detector']}, {block['rule']}: removed {block['removed']} of {block['samples']} ({frac:.2%}), "
-            f"{removal_words(block)}")
+    head = f"{block['detector']}, {block['rule']}: removed {block['removed']} of {block['samples']} ({frac:.2%})"
     if block.get("removed_non_finite"):
         head += f", {block['removed_non_finite']} of them for a non-finite score"
+    head += f"; {removal_words(block)}"
     if not block.get("poison_known"):
         return head + ". No ground truth: precision and recall unknown."
     return (f"{head}. {block['poison_removed']} of the {block['removed']} removed are known poison "

@@ -629,7 +629,9 @@ def stop_on_signals(message: Any, *, grace: float = 5.0) -> Iterator[dict[str, i
         timer.start()
         raise KeyboardInterrupt
 
-    saved = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+    # a signal the caller ignores (SIGINT of a `nohup` or `&` job) stays ignored
+    saved = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)
+             if signal.getsignal(sig) is not signal.SIG_IGN}
     try:
         yield caught
     finally:

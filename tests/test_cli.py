@@ -403,7 +403,7 @@ def test_the_review_is_never_credited_to_the_detectors(tiny_run, tmp_path):
     applied = json.loads((data / "metrics" / "applied.json").read_text())
     assert (applied["flagged"], applied["kept_by_review"], applied["removed_by_review"], applied["removed"]) == (20, 4, 2, 18)
     assert applied_sentence(applied).startswith(
-        "kdist, top_fraction 0.05: removed 18 of 400 (4.50%), 20 flagged by the detectors, 4 of them kept by review, "
+        "kdist, top_fraction 0.05: removed 18 of 400 (4.50%); 20 flagged by the detectors, 4 of them kept by review, "
         "2 others removed by review.")
     counts = json.loads((data / "clean" / "lineage.json").read_text())["counts"]
     assert "removed: 20 flagged by the detectors, 4 of them kept by review" in summary_text("filter", counts, wrote=[])

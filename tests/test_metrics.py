@@ -15,7 +15,8 @@ FLAGS = pl.DataFrame({
     "is_non_finite": [False, False, False, True] + [False] * 6,
 })
 POISON = {0, 1, 5}
-COUNTS = {"samples": 10, "removed": 4, "removed_fraction": 0.4, "removed_non_finite": 1}
+COUNTS = {"samples": 10, "flagged": 4, "kept_by_review": 0, "removed_by_review": 0, "removed": 4,
+          "removed_fraction": 0.4, "removed_non_finite": 1}
 UNKNOWN = {"poison_known": False, "poison": None, "poison_removed": None, "poison_missed": None,
            "precision": None, "recall": None}
 
@@ -77,7 +78,7 @@ def test_rule_text(settings, rule):
 def test_sentence():
     with_truth = applied_metrics(flags=FLAGS, truth=_truth([i in POISON for i in range(10)]), threshold=ThresholdSettings())
     assert applied_sentence(with_truth) == (
-        "kdist, tail fdr 0.1: removed 4 of 10 (40.00%), 1 of them for a non-finite score. "
+        "kdist, tail fdr 0.1: removed 4 of 10 (40.00%), 1 of them for a non-finite score; all flagged by the detectors. "
         "2 of the 4 removed are known poison (precision 0.500, recall 0.667; 1 known poison missed).")
     without = applied_metrics(flags=FLAGS, truth=None, threshold=ThresholdSettings())
     assert applied_sentence(without).endswith("No ground truth: precision and recall unknown.")
