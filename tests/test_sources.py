@@ -89,8 +89,10 @@ def check_end_to_end(lay: Layout):
     assert not set(kept["id"]) & set(removed["id"])
     assert kept.columns == manifest.columns  # extra source columns survive cleaning
     lineage = json.loads((lay.clean / "lineage.json").read_text())
+    flags = pl.read_parquet(lay.flags / "flags.parquet")
     assert lineage["counts"] == {"input": manifest.height, "failed": failed.height, "scored": ok.height,
-                                 "kept": kept.height, "removed": removed.height}
+                                 "kept": kept.height, "removed": removed.height, "flagged": int(flags["is_flagged"].sum()),
+                                 "kept_by_review": 0, "removed_by_review": 0}
     return manifest, kept
 
 
