@@ -356,7 +356,7 @@ def show_run(root: str) -> str:
     for stage, folder in (("download", lay.raw), ("embed", lay.embeddings)):
         if (warning := stage_warning(folder, stage)) is not None:
             lines.append(f"warning ({stage}): {warning}")
-    if (warning := threshold_warning(lay.flags)) is not None:
+    if (warning := stage_warning(lay.flags, "threshold")) is not None:
         lines.append(f"warning: {warning}")
     if lay.detection_metrics.is_file():
         m = json.loads(lay.detection_metrics.read_text())
@@ -390,22 +390,13 @@ def applied_mismatch(applied: dict[str, Any], counts: dict[str, Any]) -> str | N
 
 def stage_warning(folder: Path, stage: str) -> str | None:
     """What ``stage`` warned of in its output ``folder`` (its lineage's summary), if it did:
-    download, that most samples failed; embed, that the model does not look trained on the data."""
+    download, that most samples failed; embed, that the model does not look trained on the data;
+    threshold, that the rule flags nothing or more than half."""
     path = Path(folder) / "lineage.json"
     if not path.is_file():
         return None
     with contextlib.suppress(ValueError, OSError, KeyError, TypeError, AttributeError):
         return json.loads(path.read_text())["stages"][stage]["summary"].get("warning")
-    return None
-
-
-def threshold_warning(flags_dir: Path) -> str | None:
-    """What the threshold stage warned of (a rule that flags nothing, or more than half), if it did."""
-    path = Path(flags_dir) / "threshold.json"
-    if not path.is_file():
-        return None
-    with contextlib.suppress(ValueError, OSError):
-        return json.loads(path.read_text()).get("warning")
     return None
 
 
@@ -585,6 +576,8 @@ def run_dvc_yaml(args: argparse.Namespace) -> int:
 
 def interrupted_text(out: str, signum: int, *, command: Sequence[str]) -> str:
     """One line: which stages the interrupted run finished, and how to resume it."""
+    import shlex
+
     from clipscrub.flows.clean import PROGRESS
 
     progress = PROGRESS.get(str(Path(out).resolve()), {})
@@ -592,8 +585,6 @@ def interrupted_text(out: str, signum: int, *, command: Sequence[str]) -> str:
     done = f"{', '.join(finished)} finished" if finished else "no stage finished"
     if running:
         done += f", {running} did not"
-    import shlex
-
     again = "rerun to resume" + (f" from {running}" if running else "")
     return (f"clipscrub: interrupted ({signal.Signals(signum).name}): {done}; {again} "
             f"(finished stages are reused): clipscrub {shlex.join(command)}")
@@ -609,7 +600,6 @@ def stop_on_signals(message: Any, *, grace: float = 5.0) -> Iterator[dict[str, i
     lock, and the server and the cluster's workers follow their parent. Yields {"signal": the
     first signal's number or 0, "said": 0}.
     """
-    import signal
     import threading
 
     caught = {"signal": 0, "said": 0}
