@@ -152,8 +152,9 @@ def _imported_names(path: Path, module: str) -> set[str]:
 @lru_cache(maxsize=None)
 def imported_modules(module: str) -> tuple[tuple[str, Path], ...]:
     """(name, source file) of ``module`` and of every module of the package it imports, directly
-    or through one another, sorted by name. Package ``__init__`` files are left out: they hold
-    the version and the stage declarations, which are not what a stage computes."""
+    or through one another, and of their templates (``module_templates``), sorted by name.
+    Package ``__init__`` files are left out: they hold the version and the stage declarations,
+    which are not what a stage computes."""
     found: dict[str, Path] = {}
     todo = [module]
     while todo:
@@ -167,7 +168,21 @@ def imported_modules(module: str) -> tuple[tuple[str, Path], ...]:
         todo += [n for n in _imported_names(path, name) if n.split(".")[0] == PACKAGE and n not in found]
     if module not in found:
         raise ValueError(f"{module} is not a module of {PACKAGE}")
+    for name, path in list(found.items()):
+        found.update(module_templates(name, path))
     return tuple(sorted(found.items()))
+
+
+def module_templates(name: str, path: Path) -> dict[str, Path]:
+    """The template files of module ``name`` (source ``path``): every file under
+    ``templates/<leaf>/`` beside it, named ``<name>:templates/<leaf>/<file>``. They decide what
+    the module writes as much as its code does, so they are part of its code version."""
+    leaf = name.rpartition(".")[2]
+    folder = path.parent / "templates" / leaf
+    if not folder.is_dir():
+        return {}
+    return {f"{name}:{f.relative_to(path.parent).as_posix()}": f
+            for f in sorted(folder.rglob("*")) if f.is_file() and "__pycache__" not in f.parts}
 
 
 def code_version(module: str) -> str:

@@ -36,7 +36,7 @@ def test_code_dependencies_are_the_modules_a_stage_really_imports():
         assert direct <= set(modules), name
         assert [m for m in modules if m.startswith("clipscrub.stages.")] == [decl.module], name
         files = sorted(p.relative_to(REPO).as_posix() for p in modules.values())
-        assert [d for d in stages[name]["deps"] if d.endswith(".py")] == files, name
+        assert [d for d in stages[name]["deps"] if d.endswith(".py") or "/templates/" in d] == files, name
     assert "clipscrub.validation" in dict(imported_modules("clipscrub.stages.index"))  # listed by none before
     assert "clipscrub.pieces" in dict(imported_modules("clipscrub.stages.score"))
 
@@ -62,6 +62,14 @@ def test_a_module_change_moves_the_code_version_of_the_stages_that_import_it(tmp
     after = {s: dag.code_version(f"clipscrub.stages.{s}") for s in before}
     assert (after["index"] != before["index"], after["score"] != before["score"],
             after["threshold"] == before["threshold"]) == (True, True, True)
+    # a module's templates (templates/<module>/ beside it) are its code too
+    (pkg / "stages" / "templates" / "threshold").mkdir(parents=True, exist_ok=True)
+    (pkg / "stages" / "templates" / "threshold" / "page.html.j2").write_text("{{ a }}")
+    dag.imported_modules.cache_clear()
+    templated = {s: dag.code_version(f"clipscrub.stages.{s}") for s in before}
+    assert (templated["threshold"] != after["threshold"], templated["index"] == after["index"]) == (True, True)
+    assert "clipscrub.stages.threshold:templates/threshold/page.html.j2" in dict(
+        dag.imported_modules("clipscrub.stages.threshold"))
     dag.imported_modules.cache_clear()
 
 
