@@ -21,7 +21,7 @@ not counted. Three planted cells (no victim) place the poison as one tight clust
     python benchmarks/attack_matrix.py --phase detect          # re-score the cached victims
     python benchmarks/attack_matrix.py --attacks blend,sig --rates 0.02
     python benchmarks/attack_matrix.py --phase victims --attacks nashville@large --rates 0.02
-    python benchmarks/attack_matrix.py --table                 # the README's tables from --out
+    python benchmarks/attack_matrix.py --table                 # the docs' tables from --out (benchmarks/tables.py)
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -41,6 +42,7 @@ sys.path.insert(0, str(REPO))
 
 from clipscrub.params import Params, apply_overrides, load_params, parse_params, read_params_file  # noqa: E402
 from clipscrub.flows.pipeline import Layout, run_stage  # noqa: E402
+from tables import PAPER, V02, attack_matrix_cells, attack_matrix_rules, attack_matrix_settings  # noqa: E402
 
 RATES = (0.001, 0.005, 0.02)
 # the attack of each cell: a list of download.synthetic.attacks entries, {rate} filled in
@@ -122,8 +124,6 @@ def build_victim(attack: str, rate: float, *, cache: Path, base_params: Path, se
 
 # ------------------------------------------------------------------------------- detect
 DENSITY = ("kdist", "slof", "dao", "lid")
-V02 = "v0.2 default: max_abs_z, no copies drawn once, vetting or caption set"
-PAPER = "paper: raw m=2048, 1 draw"
 
 
 def settings_grid() -> list[tuple[str, list[str]]]:
@@ -139,7 +139,7 @@ def settings_grid() -> list[tuple[str, list[str]]]:
     ]
 
 
-def stage_scores(emb: Path, params: Params) -> "pl.DataFrame":
+def stage_scores(emb: Path, params: Params) -> Any:
     """scores.parquet of the index and score stage functions on the embeddings in ``emb``."""
     import shutil
 
@@ -370,48 +370,6 @@ def write_results(results: list[dict], *, out: Path, params: Params, args, plant
     out.write_text(json.dumps(doc, indent=1) + "\n")
 
 
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{x * 100:.1f}%"
-
-
-def markdown_table(doc: dict) -> str:
-    """The README's table: every cell, the default's AUROC and what its cut removes."""
-    det = doc["summary"]["default_detector"]
-    lines = [f"| cell | poisoned | ASR | counted | default {det} AUROC | default rule: removed / recall / precision | "
-             "top 1%: recall | v0.2 default AUROC | paper setting AUROC |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for c in doc["cells"] + doc["planted"]:
-        d, rule = c["default"], c["default"]["rules"]["default"]
-        v = c.get("victim", {})
-        if c.get("clean"):
-            label = "clean" if c["rate"] == 0 else f"clean + clusters {c['rate'] * 100:g}%"
-            extra = f" ({rule['removed_in_clusters']} in clusters)" if c["rate"] > 0 else ""
-            lines.append(f"| {label} | 0 | - | clean | - | **{_pct(rule['removed_fraction'])}**{extra} / - / - | - | - | - |")
-            continue
-        old = c["settings"][V02][det]["auroc"]
-        paper = c["settings"][PAPER][det]["auroc"]
-        asr = "-" if v.get("attack_success_rate") is None else f"{v['attack_success_rate']:.2f}"
-        lines.append(
-            f"| {c['attack'].replace('@large', '')} {c['rate'] * 100:g}%{' (larger victim)' if '@large' in c['attack'] else ''} | "
-            f"{c.get('poisoned', v.get('poisoned'))} | {asr} | "
-            f"{'yes' if c['counted'] else 'no'} | **{d['auroc']:.3f}** | "
-            f"**{_pct(rule['removed_fraction'])} / {rule['recall']:.2f} / {rule['precision']:.2f}** | "
-            f"{d['rules']['top 1%']['recall']:.2f} | {old:.3f} | {paper:.3f} |")
-    lines += ["", "| setting | worst AUROC, counted + planted cells (kdist) |", "| --- | --- |"]
-    for label, worst in doc["summary"]["worst_judged_auroc"].items():
-        lines.append(f"| {label} | {'-' if worst[det] is None else f'{worst[det]:.3f}'} |")
-    lines += ["", "| rule | worst recall, judged cells | most removed, judged cells | most removed, clean cells |",
-              "| --- | --- | --- | --- |"]
-    judged = [c for c in doc["cells"] if c["counted"]] + doc["planted"]
-    clean = [c for c in doc["cells"] if c.get("clean")]
-    for label in doc["cells"][0]["default"]["rules"] if doc["cells"] else []:
-        rec = min((c["default"]["rules"][label]["recall"] for c in judged), default=None)
-        rem = max((c["default"]["rules"][label]["removed_fraction"] for c in judged), default=None)
-        rem_clean = max((c["default"]["rules"][label]["removed_fraction"] for c in clean), default=None)
-        lines.append(f"| {label} | {'-' if rec is None else f'{rec:.2f}'} | {_pct(rem)} | {_pct(rem_clean)} |")
-    return "\n".join(lines)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--phase", choices=("victims", "detect", "all"), default=None,
@@ -424,7 +382,7 @@ def main() -> None:
     ap.add_argument("--cache", type=Path, default=REPO / "benchmarks" / ".cache" / "attack_matrix")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "attack_matrix.json")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--table", action="store_true", help="print the README table of --out")
+    ap.add_argument("--table", action="store_true", help="print the docs' tables of --out")
     args = ap.parse_args()
     if args.phase is None:
         args.phase = "none" if args.table else "all"
@@ -456,7 +414,8 @@ def main() -> None:
             print(f"planted {r:g}: default AUROC {res['default']['auroc']} rules {res['default']['rules']}", flush=True)
         write_results(results, out=args.out, params=load_params(args.params), args=args, planted=planted)
     if args.table:
-        print(markdown_table(json.loads(args.out.read_text())))
+        doc = json.loads(args.out.read_text())
+        print("\n\n".join(f(doc) for f in (attack_matrix_cells, attack_matrix_settings, attack_matrix_rules)))
 
 
 if __name__ == "__main__":

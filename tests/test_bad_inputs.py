@@ -1,4 +1,4 @@
-"""The README's table of bad inputs: for each, the one-line message the user sees, and that the
+"""The table of bad inputs (docs/validation.md): for each, the one-line message the user sees, and that the
 stage left no output (nor any scratch file) behind. Rows a source marks ``failed`` instead of
 stopping (corrupt image, empty caption, duplicate key, ...) are checked in test_sources.py."""
 

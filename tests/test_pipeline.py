@@ -241,10 +241,14 @@ def test_detection_works_end_to_end_on_a_small_demo(tmp_path):
     assert after < before
 
 
-def test_the_readme_pipeline_table_names_each_declared_stage():
-    """The README's stage table (the one place besides the declarations a stage is described) names
-    every declared stage's function, in order."""
-    readme = (REPO / "README.md").read_text()
-    rows = [line for line in readme.splitlines() if line.startswith("| ") and "`clipscrub.stages." in line]
+def test_the_stage_tables_name_each_declared_stage():
+    """The stage table of docs/pipeline.md (the one place besides the declarations a stage's
+    function and files are described) names every declared stage's function, in order; the
+    README's short table names every stage, in order."""
+    page = (REPO / "docs" / "pipeline.md").read_text()
+    rows = [line for line in page.splitlines() if line.startswith("| ") and "`clipscrub.stages." in line]
     named = [line.split("`")[1] for line in rows]
     assert named == [decl.run.replace(":", ".") for decl in STAGES.values()]
+    readme = (REPO / "README.md").read_text()
+    table = readme[readme.index("| stage | what it does |"):].split("\n\n")[0].splitlines()[2:]
+    assert [row.split(" | ")[0].lstrip("| ") for row in table] == list(STAGES)
