@@ -81,6 +81,18 @@ def params_value(params: Any, key: str) -> Any:
     return data
 
 
+def param_keys(stage: Stage, params: Any) -> list[str]:
+    """The params keys ``stage``'s outputs depend on: its declared sections and keys, a section
+    that narrows itself to what is in use (``in_use``: download, to the source in use) as the
+    keys it keeps. What dvc.yaml lists, the Prefect cache key hashes, and so the
+    columns of ``dvc exp show``."""
+    keys: list[str] = []
+    for entry in stage.params:
+        settings = getattr(params, entry) if "." not in entry else None
+        keys += [f"{entry}.{k}" for k in settings.in_use()] if hasattr(settings, "in_use") else [entry]
+    return keys
+
+
 def is_active(stage: Stage, params: Any) -> bool:
     return stage.when is None or bool(params_value(params, stage.when))
 
@@ -215,7 +227,7 @@ def dvc_stages(stages: Iterable[Stage], outputs: Mapping[str, Output], params: A
     """The ``stages`` mapping of a dvc.yaml for ``params``: per active stage its command (the CLI
     over the same function), its deps (upstream outputs, ``code(stage)``, ``files(stage)``: the
     files its params name), its params and its outputs (``root``-relative paths). Params are
-    named by key, in the order declared; the params file is DVC's default unless
+    named by key (``param_keys``), in the order declared; the params file is DVC's default unless
     ``params_file`` names another."""
     out: dict[str, Any] = {}
     producers = {o: s.name for s in stages for o in s.outputs}
@@ -227,7 +239,7 @@ def dvc_stages(stages: Iterable[Stage], outputs: Mapping[str, Output], params: A
         entry: dict[str, Any] = {
             "cmd": f"clipscrub {stage.name} --params {params_file} --root {root}",
             "deps": [f"{root}/{outputs[i].path}" for i in inputs] + code(stage) + files(stage),
-            "params": list(stage.params) if params_file == "params.yaml" else [{params_file: list(stage.params)}],
+            "params": param_keys(stage, params) if params_file == "params.yaml" else [{params_file: param_keys(stage, params)}],
         }
         for name in stage.outputs:
             o = outputs[name]

@@ -237,6 +237,12 @@ class DownloadSettings(_Section):
     folder: FolderSettings = FolderSettings()
     embeddings: PrecomputedSettings = PrecomputedSettings()
 
+    def in_use(self) -> dict[str, Any]:
+        """The section as JSON without the settings of the sources not in use: what a download
+        with these settings reads, so what it depends on and records."""
+        data = self.model_dump(mode="json", by_alias=True)
+        return {k: v for k, v in data.items() if k not in SOURCES or k == self.source}
+
     @model_validator(mode="after")
     def _source_is_given(self) -> "DownloadSettings":
         if self.source != "synthetic":
@@ -514,11 +520,21 @@ class Params(_Section):
         """The section as plain JSON-able data (aliases applied), as written in params.yaml."""
         return getattr(self, name).model_dump(mode="json", by_alias=True)
 
+    def section_in_use(self, name: str) -> dict[str, Any]:
+        """The section as ``section`` gives it, narrowed to what is in use where the section says
+        (``download``: the settings of the source in use only)."""
+        settings = getattr(self, name)
+        return settings.in_use() if hasattr(settings, "in_use") else self.section(name)
+
     def hash(self, *sections: str) -> str:
         """Short, stable hash of the named sections (all when none are named)."""
         names = sections or tuple(type(self).model_fields)
-        blob = json.dumps({n: self.section(n) for n in names}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+        return params_hash({n: self.section(n) for n in names})
+
+
+def params_hash(sections: dict[str, Any]) -> str:
+    """Short, stable hash of params as JSON (section -> values)."""
+    return hashlib.sha256(json.dumps(sections, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def did_you_mean(word: str, choices: Any) -> str:

@@ -38,6 +38,7 @@ from clipscrub.io import check_writable_dir, root_lock, sha256_path
 from clipscrub.metrics import APPLIED_KEYS, applied_sentence, read_applied
 from clipscrub.params import Params, parse_params
 from clipscrub.errors import ClipscrubError, ParamError
+from clipscrub.dag import param_keys
 from clipscrub.flows.pipeline import (STAGES, Layout, active_stages, param_value, plan_pieces, producer, run_piece,
                                       run_stage, stage_code_version, stage_inputs)
 
@@ -53,7 +54,7 @@ def stage_cache_key(stage: str, params: Params, root: str | Path) -> str:
     lay = Layout(Path(root))
     h = hashlib.sha256()
     h.update(f"{stage}\0{stage_code_version(stage)}\0".encode())
-    for key in STAGES[stage].params:
+    for key in param_keys(STAGES[stage], params):
         h.update(key.encode() + b"=" + json.dumps(param_value(params, key), sort_keys=True).encode() + b"\0")
     for name, path in sorted(stage_inputs(stage, params, lay).items()):
         h.update(name.encode() + b":" + sha256_path(path).encode() + b"\0")

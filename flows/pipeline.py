@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from clipscrub.dag import Stage, code_version, file_keys, is_active, params_value, settings_value
+from clipscrub.dag import Stage, code_version, file_keys, is_active, param_keys, params_value, settings_value
 from clipscrub.params import Params
 from clipscrub.stages import OUTPUTS
 from clipscrub.stages import STAGES as DECLARED
@@ -280,7 +280,7 @@ def write_code_stamps(out: Path) -> dict[str, str]:
 
 def check_dvc_deps(stage: str, params: Params, dvc_yaml: Path) -> None:
     """Under ``dvc repro`` (``DVC_STAGE`` names the stage): raise unless ``dvc_yaml`` lists every
-    file the stage's params name among its deps. Otherwise DVC would not rerun the stage when
+    file the stage's params name among its deps, and every params key it depends on. Otherwise DVC would not rerun the stage when
     that file changes, and the cleaned version would go stale without a word."""
     import yaml
 
@@ -299,4 +299,16 @@ def check_dvc_deps(stage: str, params: Params, dvc_yaml: Path) -> None:
             raise ParamError(
                 f"{dvc_yaml} does not list {dep} as a dependency of stage {stage}, so DVC would not rerun it when "
                 f"that file changes: regenerate dvc.yaml with `clipscrub dvc-yaml` (and commit it), then rerun",
+                param=stage)
+    # params keys too: switching download.source brings another source's settings into use
+    keys: set[str] = set()
+    for item in entry.get("params") or []:  # a key, or {params file: [keys]}
+        for group in item.values() if isinstance(item, dict) else [[item]]:
+            keys.update(group)
+    for key in param_keys(STAGES[stage], params):
+        parts = key.split(".")
+        if not any(".".join(parts[:i]) in keys for i in range(1, len(parts) + 1)):
+            raise ParamError(
+                f"{dvc_yaml} does not list the param {key} as a dependency of stage {stage}, so DVC would not rerun "
+                f"it when that param changes: regenerate dvc.yaml with `clipscrub dvc-yaml` (and commit it), then rerun",
                 param=stage)

@@ -92,9 +92,10 @@ STAGES: tuple[Stage, ...] = (
         example="-S filter.keep_ids=review/keep_ids.txt",
         paths={"raw_dir": "raw", "scores_dir": "scores", "flags_dir": "flags", "out_dir": "clean"},
         outputs=("clean",),
-        # the whole params: filter checks that its inputs were made with these params
+        # the whole params: filter checks that its inputs were made with these params. It depends on
+        # its own section: the others reach it through its inputs, whose lineage records them
         settings={"settings": "filter", "params": "*"},
-        params=("base", "download", "train", "embed", "index", "score", "threshold", "filter"),
+        params=("base", "filter"),
         files=("filter.keep_ids", "filter.remove_ids"),
     ),
     Stage(

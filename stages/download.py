@@ -137,7 +137,8 @@ def download_dataset(*, out_dir: str | Path, settings: DownloadSettings, base: B
             tmp,
             module=__name__,
             stage="download",
-            params={"base": base.model_dump(mode="json"), "download": settings.model_dump(mode="json")},
+            # the source in use only: another source's settings are not what made these samples
+            params={"base": base.model_dump(mode="json"), "download": settings.in_use()},
             inputs=source_inputs,
             upstream=[],
             summary=summary,

@@ -27,13 +27,10 @@ from clipscrub.errors import DataError, ParamError
 from clipscrub.flagging import REVIEW_REASON
 from clipscrub.io import (atomic_dir, code_version, read_lineage, read_manifest, require_file,
                           sha256_file, sha256_path, write_json)
-from clipscrub.params import FilterSettings, Params
+from clipscrub.params import FilterSettings, Params, params_hash
 from clipscrub.review import read_review_list
 from clipscrub.shards import caption_of, image_field, iter_shard, safe_key, shard_name, shard_path, shard_writer
 from clipscrub.validation import docs_dir_for, filter_tables, validate
-
-# sections that only describe a version, never change it (poison: `clipscrub poison`, outside the pipeline)
-REPORTING = ("evaluate", "report", "poison")
 
 
 def _iter_raw(raw_dir: Path, shards: list[str], keys: Container[str]):
@@ -119,7 +116,7 @@ def _check_upstream_params(stages: dict[str, Any], params: Params) -> None:
     """The artifacts must come from the params being recorded, or the lineage would lie."""
     for stage, record in stages.items():
         for section, recorded in record.get("params", {}).items():
-            if section in type(params).model_fields and recorded != params.section(section):
+            if section in type(params).model_fields and recorded != params.section_in_use(section):
                 raise DataError(
                     f"the {stage} stage's output was made with other {section!r} params than the ones "
                     "given: rerun the pipeline from that stage",
@@ -210,6 +207,11 @@ def filter_dataset(
             required += ["kept_ids.npy", "kept.parquet"]
         inputs = {name: d for name, d in (("flags", flags_dir), ("raw", raw_dir), ("scores", scores_dir))}
         inputs |= {name: Path(path).expanduser() for name, path in lists.items()}
+        # the params this version was made with: what each stage recorded (and _check_upstream_params
+        # checked against these params), so exactly what its DVC params deps and cache keys cover
+        made_with = {name: section for record in stages.values() for name, section in record.get("params", {}).items()}
+        made_with = {name: made_with[name] for name in type(params).model_fields if name in made_with}
+        made_with["filter"] = settings.model_dump(mode="json")
         stages["filter"] = {"params": {"filter": settings.model_dump(mode="json")}, "code_version": code_version(__name__),
                             "inputs": {name: sha256_path(d) for name, d in sorted(inputs.items())},
                             "summary": counts}
@@ -217,8 +219,8 @@ def filter_dataset(
             "dataset": params.base.name,
             "input_manifest_sha256": sha256_file(raw_dir / "manifest.parquet"),
             "model": model,
-            "params": {name: params.section(name) for name in type(params).model_fields if name not in REPORTING},
-            "params_hash": params.hash(*(n for n in type(params).model_fields if n not in REPORTING)),
+            "params": made_with,
+            "params_hash": params_hash(made_with),
             "code_version": code_version(),
             "counts": counts,
             **({"review": review} if review else {}),

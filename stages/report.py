@@ -13,187 +13,87 @@ just under the cut; the review's verdicts; clusters of flagged samples that shar
 have near-identical images (natural-backdoor candidates, such as the paper's 798 birthday-cake
 images under one caption); and the version's lineage. Anchors: ``#sample-<id>``,
 ``#cluster-<n>`` and every section's (``#what-if``, ``#missed``, ``#near-cut``, ``#review``...).
+
+What the pages show is computed apart, as plain data (``report_data``, and the parts it calls:
+``header``, ``what_if_rows``, ``sample_card``, ``cluster_views``...); ``render`` draws it with the
+templates in ``templates/report/`` (the pages, their macros and their CSS).
 """
 
 from __future__ import annotations
 
-import base64
-import html
-import io
 import json
 import re
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import jinja2
 import numpy as np
 import polars as pl
+from markupsafe import Markup
 
 from clipscrub.arrays import RowReader
-from clipscrub.detectors import LOW_IS_SUSPICIOUS, suspicion
 from clipscrub.errors import DataError
+from clipscrub.figures import score_figures, thumbnails, what_if_figure
 from clipscrub.gallery import nearest_references, page_count, page_name, page_of, what_if_fractions
 from clipscrub.io import atomic_dir, describe_model, read_json, read_manifest, require_file, write_lineage
 from clipscrub.metrics import applied_metrics, applied_sentence, fmt_ratio, removed_as_flags, rule_text
 from clipscrub.params import BaseSettings, ReportSettings, ThresholdSettings
-from clipscrub.shards import decode_image, image_field, iter_shard, shard_path
 from clipscrub.sources import read_truth
 from clipscrub.flagging import REVIEW_REASON
 from clipscrub.flagging import flag_outliers
 
-CSS = """
-body{font:14px/1.45 system-ui,sans-serif;margin:2rem auto;max-width:1200px;padding:0 1rem;color:#222}
-h1{font-size:1.6rem}h2{border-bottom:1px solid #ddd;padding-bottom:.2rem;margin-top:2.2rem}
-table{border-collapse:collapse}td,th{padding:.2rem .6rem;border-bottom:1px solid #eee;text-align:right}
-th:first-child,td:first-child{text-align:left}
-.figs{display:flex;flex-wrap:wrap;gap:1rem}.figs figure{margin:0}
-.gallery{display:grid;grid-template-columns:repeat(auto-fill,minmax(170px,1fr));gap:.8rem}
-.card{border:1px solid #ddd;border-radius:6px;padding:.4rem;font-size:12px;background:#fafafa}
-.card img{display:block;margin:0 auto .3rem;image-rendering:pixelated}
-.card .who{font-size:85%;color:#444;overflow-wrap:anywhere}.card .cap{font-style:italic;overflow-wrap:anywhere}.cut{color:#777;font-style:normal}.card .sc{color:#555}
-.poison{border-color:#c0392b;background:#fdf0ee}.tag{color:#c0392b;font-weight:600}
-.noimg{height:64px;display:flex;align-items:center;justify-content:center;color:#999}
-.cluster{border:1px solid #ccc;border-radius:6px;padding:.6rem;margin:.8rem 0}
-.rv{font-weight:600;color:#1f618d}.rv.removed{color:#7d3c98}.reviewed{border-style:dashed;border-width:2px}
-.nearest{display:flex;flex-wrap:wrap;gap:1px;margin-top:.3rem;border-top:1px dotted #ccc;padding-top:.2rem}
-.nnh{width:100%;color:#777;font-size:10px}.nn{width:33px;font-size:9px;text-align:center;color:#555;overflow:hidden}
-.nn img{width:31px;height:auto;margin:0 auto}.nn span{display:block}.nn .noimg{height:31px}
-.toc{margin:.6rem 0;font-size:13px}.summary{font-size:1.1rem}.more{font-size:12px}
-.row{display:flex;flex-wrap:wrap;gap:.4rem}.row .card{width:170px}pre{background:#f5f5f5;padding:.8rem;overflow:auto;max-height:40rem;font-size:12px}
-"""
-
-
-def _pyplot():
-    """matplotlib's pyplot off-screen, with the fixed SVG hash salt that makes figures reproducible."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    plt.rcParams["svg.hashsalt"] = "clipscrub"
-    return plt
-
-
-def _svg(fig) -> str:
-    import matplotlib.pyplot as plt
-
-    buf = io.StringIO()
-    # a fixed hash salt and no date: the same data draws the same bytes
-    fig.savefig(buf, format="svg", bbox_inches="tight", metadata={"Date": None})
-    plt.close(fig)
-    text = buf.getvalue()
-    return text[text.index("<svg"):]
-
-
-def _figures(scores: pl.DataFrame, detectors: list[str], y: np.ndarray | None, cuts: dict[str, float | None],
-             threshold_detector: str, bins: int) -> tuple[list[str], list[str]]:
-    """(histograms, [ROC, PR]) as inline SVG."""
-    from sklearn.metrics import precision_recall_curve, roc_auc_score, roc_curve, average_precision_score
-
-    plt = _pyplot()
-    hists = []
-    for d in detectors:
-        v = scores[f"{d}_score"].to_numpy().astype(np.float64)
-        finite = np.isfinite(v)
-        fig, ax = plt.subplots(figsize=(3.6, 2.4))
-        edges = np.histogram_bin_edges(v[finite], bins=bins) if finite.any() else bins
-        if y is not None:
-            ax.hist([v[finite & ~y], v[finite & y]], bins=edges, stacked=True, color=["#7f8c8d", "#c0392b"],
-                    label=["clean", "poisoned"], log=True)
-            ax.legend(fontsize=7)
-        else:
-            ax.hist(v[finite], bins=edges, color="#7f8c8d", log=True)
-        cut = cuts.get(d)
-        if cut is not None and np.isfinite(cut):
-            style = "-" if d == threshold_detector else "--"
-            ax.axvline(cut, color="#2c3e50", linestyle=style, linewidth=1.2)
-            label = "threshold" if d == threshold_detector else "same rule"
-            ax.text(cut, ax.get_ylim()[1], f" {label}", fontsize=7, va="top")
-        arrow = "low = suspicious" if d in LOW_IS_SUSPICIOUS else "high = suspicious"
-        ax.set_title(f"{d}_score ({arrow})", fontsize=9)
-        ax.tick_params(labelsize=7)
-        hists.append(_svg(fig))
-    curves = []
-    if y is not None:
-        fig_roc, ax_roc = plt.subplots(figsize=(4.2, 3.4))
-        fig_pr, ax_pr = plt.subplots(figsize=(4.2, 3.4))
-        for d in detectors:
-            s = suspicion(scores[f"{d}_score"].to_numpy(), d)
-            s = np.where(np.isfinite(s), s, np.nanmax(np.where(np.isfinite(s), s, np.nan)) + 1)
-            fpr, tpr, _ = roc_curve(y, s)
-            ax_roc.plot(fpr, tpr, label=f"{d} ({roc_auc_score(y, s):.3f})", linewidth=1)
-            prec, rec, _ = precision_recall_curve(y, s)
-            ax_pr.plot(rec, prec, label=f"{d} ({average_precision_score(y, s):.3f})", linewidth=1)
-        ax_roc.plot([0, 1], [0, 1], color="#bbb", linewidth=0.8)
-        for ax, title, xl, yl in ((ax_roc, "ROC (AUROC)", "false positive rate", "true positive rate"),
-                                  (ax_pr, "precision-recall (AP)", "recall", "precision")):
-            ax.set_title(title, fontsize=9)
-            ax.set_xlabel(xl, fontsize=8)
-            ax.set_ylabel(yl, fontsize=8)
-            ax.tick_params(labelsize=7)
-            ax.legend(fontsize=7)
-        curves = [_svg(fig_roc), _svg(fig_pr)]
-    return hists, curves
-
-
-def _thumbnails(raw_dir: Path, rows: pl.DataFrame, sizes: dict[str, set[int]]) -> dict[tuple[str, int], str]:
-    """(key, size) -> PNG data: URI for the manifest rows given (ok rows with a shard), at each
-    size ``sizes`` asks of that key. One pass over the shards that hold them."""
-    from PIL import Image
-
-    wanted = rows.filter(pl.col("shard").is_not_null() & pl.col("key").is_in(list(sizes)))
-    out: dict[tuple[str, int], str] = {}
-    for shard, group in wanted.group_by("shard", maintain_order=True):
-        keys = set(group["key"].to_list())
-        for sample in iter_shard(shard_path(raw_dir, shard[0]), keys=keys):
-            key = sample["__key__"]
-            ext = image_field(sample)
-            if key not in keys or ext is None:
-                continue
-            keys.discard(key)
-            original, _ = decode_image(sample[ext])
-            for size in sorted(sizes[key]):
-                image = original.copy()
-                image.thumbnail((size, size), Image.Resampling.NEAREST if max(image.size) <= size else Image.Resampling.LANCZOS)
-                if max(image.size) < size:  # tiny images (the demo's 32 px) drawn larger, pixels kept
-                    scale = size // max(image.size)
-                    image = image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
-                buf = io.BytesIO()
-                image.save(buf, format="PNG", optimize=False)
-                out[key, size] = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-            if not keys:
-                break
-    return out
+# autoescaped: captions, keys, file names and urls are the source's data and draw as text; only
+# our own figures pass as markup (Markup). Strict: a field a template names that its data lacks is
+# an error, not a blank on the page
+TEMPLATES = jinja2.Environment(loader=jinja2.FileSystemLoader(Path(__file__).parent / "templates" / "report"),
+                               autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+TEMPLATES.filters["ratio"] = fmt_ratio
 
 
 # a caption is drawn on every card and every tooltip that shows its sample: past this it is cut short
 CAPTION_CHARS = 300
 
 
-def cut_caption(caption: str | None, *, limit: int = CAPTION_CHARS) -> tuple[str, int]:
-    """(the caption's first ``limit`` characters, how many it has): text, not HTML."""
+@dataclass(frozen=True)
+class Caption:
+    """A caption's first characters (text, not HTML) and its whole length."""
+
+    text: str
+    length: int
+
+    @property
+    def cut(self) -> bool:
+        return self.length > len(self.text)
+
+
+def cut_caption(caption: str | None, *, limit: int = CAPTION_CHARS) -> Caption:
+    """The caption's first ``limit`` characters and how many it has."""
     caption = caption or ""
-    return caption[:limit], len(caption)
+    return Caption(caption[:limit], len(caption))
 
 
-def caption_html(caption: str | None) -> str:
-    """A caption as escaped HTML, cut short past ``CAPTION_CHARS`` with its full length said."""
-    text, n = cut_caption(caption)
-    if n <= CAPTION_CHARS:
-        return html.escape(text)
-    return f'{html.escape(text)}&hellip; <span class="cut">({n:,} characters, cut short)</span>'
+@dataclass(frozen=True)
+class Name:
+    """One of the source's own names of a sample: ``label`` key, file or url, ``text`` as shown
+    (a long url cut short), ``href`` the url to link to (http(s) urls only, else None)."""
+
+    label: str
+    text: str
+    href: str | None = None
 
 
-def names_html(row: dict[str, Any]) -> str:
+def names(row: dict[str, Any]) -> tuple[Name, ...]:
     """The source's own names of a sample (key, file, url): what its reviewer knows it by, and
     what a review list may name it by."""
-    cells = [f"{label} <code>{html.escape(str(row[label]))}</code>" for label in ("key", "file") if row.get(label)]
+    found = [Name(label, str(row[label])) for label in ("key", "file") if row.get(label)]
     url = row.get("url")
     if url:
-        shown = html.escape(url if len(url) <= 60 else url[:57] + "...")
         # a link only to the web: a url list may hold any scheme
-        cells.append(f'url <a href="{html.escape(url)}" rel="noreferrer nofollow">{shown}</a>'
-                     if url.lower().startswith(("http://", "https://")) else f"url <code>{shown}</code>")
-    return f'<div class="who">{" · ".join(cells)}</div>' if cells else ""
+        found.append(Name("url", url if len(url) <= 60 else url[:57] + "...",
+                          url if url.lower().startswith(("http://", "https://")) else None))
+    return tuple(found)
 
 
 def review_template(rows: pl.DataFrame, *, name: str, detector: str, verdict: str, title: str) -> str:
@@ -207,10 +107,20 @@ def review_template(rows: pl.DataFrame, *, name: str, detector: str, verdict: st
              "keys, file names or urls.",
              ""]
     for row in rows.iter_rows(named=True):
-        text, n = cut_caption(row["caption"], limit=80)
-        caption = text.replace("\n", " ") + ("..." if n > len(text) else "")
-        lines.append(f"# {row[name]}  # rank {row['rank']}, {detector} {row[f'{detector}_score']:.4g}: {caption}")
+        caption = cut_caption(row["caption"], limit=80)
+        text = caption.text.replace("\n", " ") + ("..." if caption.cut else "")
+        lines.append(f"# {row[name]}  # rank {row['rank']}, {detector} {row[f'{detector}_score']:.4g}: {text}")
     return "\n".join(lines) + "\n"
+
+
+def review_name(table: pl.DataFrame) -> str:
+    """The column review lists name samples by: the one the source's user knows (a url may hold
+    ' #', a key may not exist)."""
+    if "file" in table.columns:
+        return "file"
+    if "url" in table.columns and table["url"].drop_nulls().len() == table.height and not table["url"].str.contains(r"\s").any():
+        return "url"
+    return "key"
 
 
 def _normalise(caption: str) -> str:
@@ -279,56 +189,70 @@ PER_PAGE = 100
 NEIGHBOURS_SHOWN = 5
 
 
-class _Cards:
-    """Renders sample cards: thumbnail, caption, scores, marks (poison, review), nearest references."""
+@dataclass(frozen=True)
+class Neighbour:
+    """A nearest reference entry of a sample: its owner's id, whether it is the owner's caption
+    embedding (else its image's), its Euclidean distance, the owner's caption and thumbnail."""
 
-    def __init__(self, *, table: dict[int, dict[str, Any]], thumbs: dict[tuple[str, int], str], size: int, mini: int,
-                 detectors: list[str], y_known: bool, kept_by_review: set[int], removed_by_review: set[int],
-                 removed: set[int], neighbours: dict[int, list[tuple[int, bool, float]]], neighbour_note: str):
-        self.table, self.thumbs, self.size, self.mini = table, thumbs, size, mini
-        self.detectors, self.y_known = detectors, y_known
-        self.kept_by_review, self.removed_by_review, self.removed = kept_by_review, removed_by_review, removed
-        self.neighbours, self.neighbour_note = neighbours, neighbour_note
+    id: int
+    caption_entry: bool
+    distance: float
+    caption: Caption
+    thumb: str | None  # a PNG data: URI; None where the owner has no image
 
-    def _img(self, key: str | None, size: int, alt: str) -> str:
-        src = self.thumbs.get((key, size)) if key is not None else None
-        return f'<img src="{src}" alt="{alt}">' if src else '<div class="noimg">no image</div>'
 
-    def card(self, sample_id: int, *, anchor: bool) -> str:
-        row = self.table[sample_id]
-        poison = self.y_known and bool(row["is_poison"])
-        scores = " · ".join(f"{d} {row[f'{d}_score']:.4g}" for d in self.detectors)
-        tags = ' <span class="tag">poisoned</span>' if poison else ""
-        if sample_id in self.kept_by_review:
-            tags += ' <span class="rv kept">kept by review</span>'
-        elif sample_id in self.removed_by_review:
-            tags += ' <span class="rv removed">removed by review</span>'
-        elif not row["is_flagged"] and sample_id in self.removed:
-            tags += ' <span class="rv removed">removed</span>'
-        rank = f"#{row['rank']} " if row.get("rank") is not None else ""
-        classes = "card" + (" poison" if poison else "") + (" reviewed" if sample_id in self.kept_by_review
-                                                            or sample_id in self.removed_by_review else "")
-        ident = f' id="sample-{sample_id}"' if anchor else ""
-        return (f'<div class="{classes}"{ident}>{self._img(row["key"], self.size, f"sample {sample_id}")}'
-                f'<div>{rank}<a href="#sample-{sample_id}">id {sample_id}</a>{tags}</div>{names_html(row)}'
-                f'<div class="cap">{caption_html(row["caption"])}</div><div class="sc">{scores}</div>'
-                f"{self._nearest(sample_id)}</div>")
+@dataclass(frozen=True)
+class Card:
+    """A sample as a card shows it. ``tags``: ``poisoned`` (known poison, with ground truth only),
+    then at most one of ``kept by review``, ``removed by review`` and ``removed`` (unflagged, yet
+    removed). ``nearest``: None without an index. ``anchor``: the card carries the sample's
+    anchor, ``sample-<id>`` (its first card on a page)."""
 
-    def _nearest(self, sample_id: int) -> str:
-        found = self.neighbours.get(sample_id)
-        if found is None:
-            return ""
-        cells = []
-        for owner, caption, dist in found:
-            row = self.table.get(owner)
-            kind = "caption" if caption else "image"
-            text, n = cut_caption((row or {}).get("caption"))
-            title = html.escape(f"id {owner} ({kind}): {text}" + ("..." if n > len(text) else ""))
-            img = self._img(row["key"] if row else None, self.mini, f"reference {owner}")
-            cells.append(f'<div class="nn" title="{title}">{img}<span>{dist:.3f}</span><span>{owner}'
-                         f'{" txt" if caption else ""}</span></div>')
-        return (f'<div class="nearest" title="{html.escape(self.neighbour_note)}"><div class="nnh">nearest references: '
-                "distance, id</div>" + "".join(cells) + "</div>")
+    id: int
+    rank: int | None
+    thumb: str | None
+    names: tuple[Name, ...]
+    caption: Caption
+    scores: tuple[tuple[str, float], ...]  # (detector, score)
+    tags: tuple[str, ...]
+    nearest: tuple[Neighbour, ...] | None
+    anchor: bool = False
+
+
+def sample_card(row: dict[str, Any], *, detectors: list[str], poison_known: bool, kept_by_review: set[int],
+                removed_by_review: set[int], removed: set[int], thumb: str | None,
+                nearest: tuple[Neighbour, ...] | None) -> Card:
+    """The card of the sample of ``row`` (a report table row: id, rank, is_flagged, is_poison,
+    caption, key / file / url and each detector's ``<d>_score``)."""
+    sample_id = row["id"]
+    tags = ("poisoned",) if poison_known and row["is_poison"] else ()
+    if sample_id in kept_by_review:
+        tags += ("kept by review",)
+    elif sample_id in removed_by_review:
+        tags += ("removed by review",)
+    elif not row["is_flagged"] and sample_id in removed:
+        tags += ("removed",)
+    return Card(id=sample_id, rank=row.get("rank"), thumb=thumb, names=names(row), caption=cut_caption(row["caption"]),
+                scores=tuple((d, row[f"{d}_score"]) for d in detectors), tags=tags, nearest=nearest)
+
+
+def anchor_first(*sections: Sequence[Card]) -> list[tuple[Card, ...]]:
+    """The galleries of one page, in page order, each sample's first card anchored: one
+    ``id="sample-<id>"`` per sample and page."""
+    seen: set[int] = set()
+    out = []
+    for cards in sections:
+        out.append(tuple(replace(c, anchor=c.id not in seen) for c in cards))
+        seen.update(c.id for c in cards)
+    return out
+
+
+def sample_href(sample_id: int, *, position: int, top_n: int, per_page: int) -> str:
+    """Where the index page links a flagged sample (``position``: its place, from 0, among the
+    flagged by rank): its card on the index (the top ``top_n``) or on its gallery page."""
+    if position < top_n:
+        return f"#sample-{sample_id}"
+    return f"flagged/{page_name(page_of(position, per_page))}#sample-{sample_id}"
 
 
 def _index_for(scores_dir: Path, index_dir: Path | None) -> tuple[Path | None, str]:
@@ -352,16 +276,31 @@ def _index_for(scores_dir: Path, index_dir: Path | None) -> tuple[Path | None, s
     return candidate, ""
 
 
-def _what_if(values: np.ndarray, ids: np.ndarray, y: np.ndarray | None, threshold: ThresholdSettings,
-             fractions: list[float]) -> list[dict[str, Any]]:
-    """What each rule would remove on the threshold detector (non-finite scores always), against
-    the truth when known: the rule applied, the other adaptive rules (tail, auto) with their
-    settings, then top_fraction at each of ``fractions``. Rows carry ``rule`` (its words), ``fraction``
-    (top_fraction rows only, else None), ``cut`` and ``removed``."""
+def _nearest(index_path: Path, wanted: list[int], *, row_of: dict[int, int],
+             emb_ids: np.ndarray) -> tuple[dict[int, list[tuple[int, bool, float]]], str]:
+    """id -> its ``NEIGHBOURS_SHOWN`` nearest reference entries (owner id, caption entry, distance)
+    for each of the ``wanted`` ids, and a note naming the set, draw and modality they come from."""
+    found = nearest_references(index_path, np.array([row_of[i] for i in wanted], dtype=np.int64), draw=0,
+                               samples=len(emb_ids))
+    k = NEIGHBOURS_SHOWN
+    return ({i: [(int(emb_ids[o]), bool(c), float(d)) for o, c, d in zip(owners[:k], caps[:k], dists[:k]) if o >= 0]
+             for i, owners, caps, dists in zip(wanted, found.owners, found.captions, found.distances)},
+            f"reference set {found.set_name}, draw 1 of {found.draws}, modality {found.modality}")
+
+
+def what_if_rows(*, values: np.ndarray, ids: np.ndarray, y: np.ndarray | None, threshold: ThresholdSettings,
+                 removed_fraction: float) -> list[dict[str, Any]]:
+    """What each rule would remove on the threshold detector's ``values`` (N,) (non-finite scores
+    always), against the truth ``y`` (N,) when known: the rule applied, the other adaptive rules
+    (tail, auto) with their settings, then top_fraction at each of ``what_if_fractions``. Rows
+    carry ``rule`` (its words), ``fraction`` (top_fraction rows only, else None), ``cut``,
+    ``removed``, ``marks`` (``the rule applied``; ``what filter removed``: the row whose fraction
+    is ``removed_fraction``) and, with ``y``, ``poison_removed``, ``precision`` (None where it
+    removes none) and ``recall``."""
     adaptive = [threshold] + [threshold.model_copy(update={"method": m}) for m in ("tail", "auto")
                               if m != threshold.method]
     rules = [(t, t.fraction if t.method == "top_fraction" else None) for t in adaptive] + [
-        (threshold.model_copy(update={"method": "top_fraction", "fraction": f}), f) for f in fractions]
+        (threshold.model_copy(update={"method": "top_fraction", "fraction": f}), f) for f in what_if_fractions(threshold)]
     rows = []
     seen = set()
     finite = np.isfinite(values)
@@ -373,37 +312,14 @@ def _what_if(values: np.ndarray, ids: np.ndarray, y: np.ndarray | None, threshol
         mask, cut = flag_outliers(values=values, ids=ids, detector=threshold.detector, settings=rule)
         mask = mask | ~finite
         n = int(mask.sum())
-        row: dict[str, Any] = {"rule": text, "fraction": f, "cut": float(cut), "removed": n,
-                               "applied": text == rule_text(threshold)}
+        marks = [m for m, on in (("the rule applied", text == rule_text(threshold)),
+                                 ("what filter removed", f == round(removed_fraction, 6))) if on]
+        row: dict[str, Any] = {"rule": text, "fraction": f, "cut": float(cut), "removed": n, "marks": marks}
         if y is not None:
             hit = int((mask & y).sum())
             row |= {"poison_removed": hit, "precision": hit / n if n else None, "recall": hit / int(y.sum())}
         rows.append(row)
     return rows
-
-
-def _what_if_svg(rows: list[dict[str, Any]], *, applied_fraction: float, detector: str) -> str:
-    plt = _pyplot()
-    rows = sorted((r for r in rows if r["fraction"] is not None), key=lambda r: r["fraction"])
-    x = [r["fraction"] for r in rows]
-    fig, ax = plt.subplots(figsize=(5.2, 3.2))
-    if "precision" in rows[0]:
-        ax.plot(x, [np.nan if r["precision"] is None else r["precision"] for r in rows], marker="o", ms=3,
-                label="precision", color="#2c3e50")
-        ax.plot(x, [r["recall"] for r in rows], marker="s", ms=3, label="recall", color="#c0392b")
-        ax.set_ylim(-0.02, 1.02)
-        ax.set_ylabel("precision / recall", fontsize=8)
-        ax.legend(fontsize=7)
-    else:
-        ax.plot(x, [r["cut"] for r in rows], marker="o", ms=3, color="#2c3e50")
-        ax.set_ylabel(f"{detector}_score cut", fontsize=8)
-    ax.axvline(applied_fraction, color="#7f8c8d", linestyle="--", linewidth=1)
-    ax.text(applied_fraction, ax.get_ylim()[1], " removed", fontsize=7, va="top")
-    ax.set_xscale("log")
-    ax.set_xlabel(f"fraction removed (top_fraction on {detector})", fontsize=8)
-    ax.set_title("what if the threshold were elsewhere", fontsize=9)
-    ax.tick_params(labelsize=7)
-    return _svg(fig)
 
 
 def summary_line(applied: dict[str, Any], *, removed_by_review: int, kept_by_review: int) -> str:
@@ -420,32 +336,130 @@ def summary_line(applied: dict[str, Any], *, removed_by_review: int, kept_by_rev
     return line
 
 
-def _page(title: str, body: list[str]) -> str:
-    return "\n".join([
-        f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{html.escape(title)}</title>",
-        f"<meta name=viewport content='width=device-width, initial-scale=1'><style>{CSS}</style></head><body>",
-        *body, "</body></html>"])
+@dataclass(frozen=True)
+class Header:
+    """The index page's top and dataset section."""
+
+    name: str  # the version's (base.name)
+    summary_line: str
+    applied: str  # the applied threshold in a sentence
+    counts: tuple[tuple[str, Any], ...]  # the lineage's counts: (what, how many)
+    model: str  # in words
+    detector: str
+    method: str
+    flagged: int
+    params_hash: str
+    code_version: str
+    input_manifest_sha256: str
 
 
-def write_report(
-    *,
-    raw_dir: str | Path,
-    embeddings_dir: str | Path,
-    scores_dir: str | Path,
-    flags_dir: str | Path,
-    clean_dir: str | Path,
-    out_dir: str | Path,
-    settings: ReportSettings,
-    threshold: ThresholdSettings,
-    base: BaseSettings,
-    truth_path: str | Path | None = None,
-    index_dir: str | Path | None = None,
-) -> dict[str, Any]:
-    """Write ``<out>/index.html``, ``<out>/flagged/page-NNNN.html`` (every flagged sample, by rank,
-    ``PER_PAGE`` a page) and ``<out>/clusters.parquet``; return what the pages show.
-    ``truth_path``: ``evaluate.truth``, a ground-truth table that wins over the manifest's is_poison.
-    ``index_dir``: the index stage's output, for each card's nearest references (default: the
-    ``index`` folder beside the scores, when it is the one they were computed from)."""
+def header(*, lineage: dict[str, Any], applied: dict[str, Any], name: str, threshold: ThresholdSettings,
+           flagged: int) -> Header:
+    """The header of a cleaned version (its ``lineage``) that filter cleaned as ``applied`` says
+    (``applied_metrics``, with the review's counts)."""
+    model = lineage.get("model", {})
+    return Header(name=name, summary_line=summary_line(applied, removed_by_review=applied["removed_by_review"],
+                                                       kept_by_review=applied["kept_by_review"]),
+                  applied=applied_sentence(applied), counts=tuple(lineage.get("counts", {}).items()),
+                  model=describe_model(model) if model.get("model_name") else "unknown", detector=threshold.detector,
+                  method=threshold.method, flagged=flagged, params_hash=str(lineage.get("params_hash")),
+                  code_version=str(lineage.get("code_version")),
+                  input_manifest_sha256=str(lineage.get("input_manifest_sha256")))
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """A cluster as the index page shows it."""
+
+    number: int
+    size: int
+    kind: str  # caption, identical image, near-identical image: those that link its members
+    caption: Caption | None  # a caption cluster's (its first member's); else None
+    caption_count: int | None  # how often that caption occurs in the whole dataset
+    cards: tuple[Card, ...]  # of its first members
+    more: tuple[tuple[int, str], ...]  # (id, href of its card) of the others
+
+
+def cluster_views(clusters: pl.DataFrame, *, captions: dict[int, str | None], caption_counts: dict[str, int],
+                  cards: dict[int, Card], links: dict[int, str], shown: int) -> list[Cluster]:
+    """Each cluster of ``clusters`` (``find_clusters``' table), its first ``shown`` members as
+    ``cards``, the others as ``links``. ``captions``: id -> caption, of every member;
+    ``caption_counts``: normalised caption -> how often it occurs in the dataset."""
+    out = []
+    for (number,), members in clusters.group_by("cluster", maintain_order=True):
+        ids, kind = members["id"].to_list(), members["kind"][0]
+        count = caption_counts.get(_normalise(captions[ids[0]] or "")) if "caption" in kind else None
+        out.append(Cluster(number=number, size=len(ids), kind=kind, caption_count=count,
+                           caption=None if count is None else cut_caption(captions[ids[0]]),
+                           cards=tuple(cards[i] for i in ids[:shown]), more=tuple((i, links[i]) for i in ids[shown:])))
+    return out
+
+
+@dataclass(frozen=True)
+class ReviewSection:
+    """The review section."""
+
+    kept: int  # flagged samples the review kept
+    removed: int  # samples the review removed
+    applied: bool  # whether a review list was applied to this version
+    name: str  # the column review lists name samples by
+    cards: tuple[Card, ...]  # the first reviewed samples, by rank
+    total: int  # reviewed samples
+    flagged: int  # lines of the ready-made keep list
+    near_cut: int  # lines of the ready-made remove list
+
+
+@dataclass(frozen=True)
+class GalleryPage:
+    """A page of the flagged gallery: its cards hold the flagged samples ``first`` to ``last`` by rank."""
+
+    number: int
+    name: str
+    cards: tuple[Card, ...]
+    first: int
+    last: int
+
+
+def gallery_pages(cards: Sequence[Card], *, per_page: int) -> list[GalleryPage]:
+    """The flagged samples' ``cards`` (by rank), ``per_page`` a page; one page when there are none."""
+    return [GalleryPage(number=p, name=page_name(p), cards=tuple(cards[(p - 1) * per_page:p * per_page]),
+                        first=(p - 1) * per_page + 1, last=min(p * per_page, len(cards)))
+            for p in range(1, page_count(len(cards), per_page) + 1)]
+
+
+@dataclass(frozen=True)
+class Report:
+    """What the pages show, and what is written beside them (the last three fields)."""
+
+    header: Header
+    histograms: tuple[Markup, ...]  # inline SVG, a detector each
+    curves: tuple[Markup, ...]  # ROC and PR, with ground truth; else none
+    what_if: list[dict[str, Any]]  # what_if_rows
+    what_if_plot: Markup
+    poison: int | None  # known poison samples; None without ground truth
+    removed: int  # what filter removed
+    nearest_note: str  # which reference entries the cards' nearest are; "" without an index
+    no_index: str  # why there is no index
+    neighbours_shown: int
+    gallery: tuple[Card, ...]  # the top flagged
+    per_page: int
+    pages: list[GalleryPage]
+    missed: tuple[Card, ...]  # known poison filter kept, the first
+    missed_total: int
+    near_cut: tuple[Card, ...]
+    review: ReviewSection
+    clusters: list[Cluster]
+    cosine: float  # near_duplicate_cosine
+    lineage: str  # the version's lineage, JSON
+    cluster_table: pl.DataFrame  # find_clusters': clusters.parquet
+    review_lists: dict[str, str]  # file name -> review_template
+    thumbnails: int  # how many were drawn
+
+
+def report_data(*, raw_dir: str | Path, embeddings_dir: str | Path, scores_dir: str | Path, flags_dir: str | Path,
+                clean_dir: str | Path, settings: ReportSettings, threshold: ThresholdSettings, base: BaseSettings,
+                truth_path: str | Path | None = None, index_dir: str | Path | None = None) -> Report:
+    """Read the stages' outputs and compute what the pages show (arguments: ``write_report``'s)."""
     raw_dir, emb_dir, scores_dir, flags_dir, clean_dir = map(Path, (raw_dir, embeddings_dir, scores_dir, flags_dir, clean_dir))
     manifest = read_manifest(raw_dir)
     if truth_path:
@@ -476,11 +490,12 @@ def write_report(
     cuts: dict[str, float | None] = {}
     for d in detectors:
         values = table[f"{d}_score"].to_numpy().astype(np.float64)
-        flagged_d, cut = flag_outliers(values=values, ids=ids, detector=d, settings=threshold.model_copy(update={"detector": d}))
+        _, cut = flag_outliers(values=values, ids=ids, detector=d, settings=threshold.model_copy(update={"detector": d}))
         cuts[d] = float(cut) if np.isfinite(cut) else None
-    hists, curves = _figures(table, detectors, y, cuts, threshold.detector, settings.hist_bins)
-    what_if = _what_if(table[f"{threshold.detector}_score"].to_numpy().astype(np.float64), ids, y, threshold,
-                       what_if_fractions(threshold))
+    hists, curves = score_figures(table, detectors=detectors, y=y, cuts=cuts, threshold_detector=threshold.detector,
+                                  bins=settings.hist_bins)
+    what_if = what_if_rows(values=table[f"{threshold.detector}_score"].to_numpy().astype(np.float64), ids=ids, y=y,
+                           threshold=threshold, removed_fraction=applied["removed_fraction"] or 0.0)
 
     flagged = table.filter(pl.col("is_flagged")).sort("rank")
     emb_ids = np.load(require_file(emb_dir / "ids.npy", param="--embeddings", what="embeddings"))
@@ -488,207 +503,119 @@ def write_report(
     image = RowReader(emb_dir / "image.npy") if (emb_dir / "image.npy").is_file() else None
     clusters = find_clusters(flagged=flagged, image=image, rows=np.array([row_of[int(i)] for i in flagged["id"]], dtype=np.int64),
                              cosine=settings.near_duplicate_cosine)
-    # how often each clustered caption occurs in the whole dataset, flagged or not
-    caption_counts = manifest.filter(pl.col("status") == "ok").group_by(
-        pl.col("caption").map_elements(_normalise, return_dtype=pl.String).alias("norm")).len()
-
-    flagged_ids = flagged["id"].to_list()
-    top_ids = flagged_ids[:settings.top_n]
-    cap = settings.top_n
+    flagged_ids, cap = flagged["id"].to_list(), settings.top_n
     # known poison filter did not remove (flagged and kept by review included), most suspicious first
-    missed = (table.filter(pl.col("is_poison") & ~pl.col("id").is_in(sorted(removed_ids))).sort("rank")
-              if y is not None else table.clear())
+    missed = (table.filter(pl.col("is_poison") & ~pl.col("id").is_in(sorted(removed_ids))).sort("rank")["id"].to_list()
+              if y is not None else [])
     near_cut = table.filter(~pl.col("is_flagged")).sort("rank").head(cap)
-    review_rows = table.filter(pl.col("id").is_in(sorted(kept_by_review | removed_by_review))).sort("rank")
-    shown_in_clusters = clusters.group_by("cluster", maintain_order=True).head(settings.cluster_members_shown)
-    card_ids = set(flagged_ids) | set(missed["id"].head(cap).to_list()) | set(near_cut["id"].to_list()) \
-        | set(review_rows["id"].head(2 * cap).to_list()) | set(shown_in_clusters["id"].to_list())
+    reviewed = table.filter(pl.col("id").is_in(sorted(kept_by_review | removed_by_review))).sort("rank")["id"].to_list()
+    card_ids = set(flagged_ids) | set(missed[:cap]) | set(near_cut["id"].to_list()) | set(reviewed[:2 * cap])
 
     index_path, no_index = _index_for(scores_dir, Path(index_dir) if index_dir is not None else None)
-    neighbours: dict[int, list[tuple[int, bool, float]]] = {}
-    neighbour_note = ""
-    if index_path is not None:
-        wanted = sorted(i for i in card_ids if i in row_of)
-        found = nearest_references(index_path, np.array([row_of[i] for i in wanted], dtype=np.int64), draw=0,
-                                   samples=len(emb_ids))
-        neighbour_note = f"reference set {found.set_name}, draw 1 of {found.draws}, modality {found.modality}"
-        for i, owners, caps, dists in zip(wanted, found.owners, found.captions, found.distances):
-            neighbours[i] = [(int(emb_ids[o]), bool(c), float(dist)) for o, c, dist in
-                             zip(owners[:NEIGHBOURS_SHOWN], caps[:NEIGHBOURS_SHOWN], dists[:NEIGHBOURS_SHOWN]) if o >= 0]
+    found, note = (_nearest(index_path, sorted(i for i in card_ids if i in row_of), row_of=row_of, emb_ids=emb_ids)
+                   if index_path is not None else ({}, ""))
+    owners = {o for f in found.values() for o, _, _ in f}
+    by_id = {r["id"]: r for r in table.filter(pl.col("id").is_in(sorted(card_ids | owners))).iter_rows(named=True)}
     mini = max(16, settings.thumb_size // 3)
     sizes: dict[str, set[int]] = {}
-    by_key = dict(zip(table["id"].to_list(), table["key"].to_list()))
-    for i in card_ids:
-        if by_key.get(i) is not None:
-            sizes.setdefault(by_key[i], set()).add(settings.thumb_size)
-    for found_list in neighbours.values():
-        for owner, _, _ in found_list:
-            if by_key.get(owner) is not None:
-                sizes.setdefault(by_key[owner], set()).add(mini)
-    thumbs = _thumbnails(raw_dir, table.filter(pl.col("key").is_in(list(sizes))), sizes)
-    owners_needed = {o for f in neighbours.values() for o, _, _ in f}
-    by_id = {r["id"]: r for r in table.filter(pl.col("id").is_in(sorted(card_ids | owners_needed))).iter_rows(named=True)}
-    cards = _Cards(table=by_id, thumbs=thumbs, size=settings.thumb_size, mini=mini, detectors=detectors,
-                   y_known=y is not None, kept_by_review=kept_by_review, removed_by_review=removed_by_review,
-                   removed=removed_ids, neighbours=neighbours, neighbour_note=neighbour_note)
+    for wanted, size in ((card_ids, settings.thumb_size), (owners, mini)):
+        for i in wanted:
+            if by_id.get(i, {}).get("key") is not None:
+                sizes.setdefault(by_id[i]["key"], set()).add(size)
+    thumbs = thumbnails(raw_dir, table.filter(pl.col("key").is_in(list(sizes))), sizes)
 
-    pages = page_count(len(flagged_ids), PER_PAGE)
-    position = {i: p for p, i in enumerate(flagged_ids)}
+    def thumb(sample_id: int, size: int) -> str | None:
+        return thumbs.get((by_id.get(sample_id, {}).get("key"), size))
 
-    def href(sample_id: int) -> str:
-        """A flagged sample's place: its card on this page (the top N) or on its gallery page."""
-        p = position[sample_id]
-        return f"#sample-{sample_id}" if p < len(top_ids) else f"flagged/{page_name(page_of(p, PER_PAGE))}#sample-{sample_id}"
+    cards = {i: sample_card(by_id[i], detectors=detectors, poison_known=y is not None, kept_by_review=kept_by_review,
+                            removed_by_review=removed_by_review, removed=removed_ids, thumb=thumb(i, settings.thumb_size),
+                            nearest=None if i not in found else tuple(
+                                Neighbour(id=o, caption_entry=c, distance=d, thumb=thumb(o, mini),
+                                          caption=cut_caption(by_id.get(o, {}).get("caption"))) for o, c, d in found[i]))
+             for i in sorted(card_ids)}
+    gallery, missed_cards, near_cut_cards, review_cards = anchor_first(*(
+        [cards[i] for i in shown] for shown in (flagged_ids[:cap], missed[:cap], near_cut["id"], reviewed[:2 * cap])))
+    clustered = clusters["id"].to_list()
+    # how often each clustered caption occurs in the whole dataset, flagged or not
+    counted = manifest.filter(pl.col("status") == "ok").group_by(
+        pl.col("caption").map_elements(_normalise, return_dtype=pl.String).alias("norm")).len()
+    counted = counted.filter(pl.col("norm").is_in(sorted({_normalise(by_id[i]["caption"] or "") for i in clustered})))
+    name = review_name(table)
+    return Report(
+        header=header(lineage=lineage, applied=applied, name=base.name, threshold=threshold, flagged=len(flagged_ids)),
+        histograms=tuple(map(Markup, hists)), curves=tuple(map(Markup, curves)), what_if=what_if,
+        what_if_plot=Markup(what_if_figure(what_if, applied_fraction=applied["removed_fraction"] or 1e-3,
+                                            detector=threshold.detector)),
+        poison=None if y is None else int(y.sum()), removed=applied["removed"], nearest_note=note, no_index=no_index,
+        neighbours_shown=NEIGHBOURS_SHOWN, gallery=gallery, per_page=PER_PAGE,
+        pages=gallery_pages([replace(cards[i], anchor=True) for i in flagged_ids], per_page=PER_PAGE),
+        missed=missed_cards, missed_total=len(missed), near_cut=near_cut_cards,
+        review=ReviewSection(kept=len(kept_by_review), removed=len(removed_by_review), applied="review" in lineage,
+                             name=name, cards=review_cards, total=len(reviewed), flagged=flagged.height,
+                             near_cut=near_cut.height),
+        clusters=cluster_views(clusters, captions={i: by_id[i]["caption"] for i in clustered},
+                               caption_counts=dict(counted.iter_rows()), cards=cards, shown=settings.cluster_members_shown,
+                               links={i: sample_href(i, position=p, top_n=cap, per_page=PER_PAGE)
+                                      for p, i in enumerate(flagged_ids)}),
+        cosine=settings.near_duplicate_cosine, lineage=json.dumps(lineage, indent=2, sort_keys=True),
+        cluster_table=clusters, thumbnails=len(thumbs),
+        review_lists={"review-keep.txt": review_template(
+                          flagged, name=name, detector=threshold.detector, verdict="keep",
+                          title=f"the {flagged.height:,} samples {threshold.detector} flagged, by rank"),
+                      "review-remove.txt": review_template(
+                          near_cut, name=name, detector=threshold.detector, verdict="remove",
+                          title=f"the {near_cut.height:,} unflagged samples ranked just under the cut")})
 
-    anchored: set[int] = set()
 
-    def card(sample_id: int) -> str:
-        first = sample_id not in anchored  # one id= per sample and page: its first card
-        anchored.add(sample_id)
-        return cards.card(sample_id, anchor=first)
+def render(report: Report) -> dict[str, str]:
+    """The pages: path in the report folder (``index.html``, ``flagged/page-NNNN.html``) -> HTML."""
+    index, gallery = TEMPLATES.get_template("index.html.j2"), TEMPLATES.get_template("flagged_page.html.j2")
+    return {"index.html": index.render(report=report)} | {
+        f"flagged/{page.name}": gallery.render(report=report, page=page) for page in report.pages}
 
-    # the name review lists use: the one the source's user knows (a url may hold ' #', a key may not exist)
-    review_name = ("file" if "file" in table.columns else
-                   "url" if "url" in table.columns and table["url"].drop_nulls().len() == table.height
-                   and not table["url"].str.contains(r"\s").any() else "key")
-    counts = lineage.get("counts", {})
-    summary_rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{v}</td></tr>" for k, v in counts.items())
-    model = lineage.get("model", {})
-    nav = ("<nav class=toc>" + " · ".join(f'<a href="#{a}">{t}</a>' for a, t in (
-        ("summary", "dataset"), ("histograms", "histograms"), ("curves", "ROC / PR") if curves else (None, None),
-        ("what-if", "what-if"), ("gallery", "flagged"), ("all-flagged", f"all {len(flagged_ids)} flagged"),
-        ("missed", "missed poison") if y is not None else (None, None), ("near-cut", "just under the cut"),
-        ("review", "review"), ("clusters", "clusters"), ("lineage", "lineage")) if a) + "</nav>")
-    parts = [
-        f"<h1>clipscrub report: {html.escape(base.name)}</h1>",
-        f"<p class=summary id=summary-line><b>{html.escape(summary_line(applied, removed_by_review=len(removed_by_review), kept_by_review=len(kept_by_review)))}</b></p>",
-        f"<p class=applied><b>Applied threshold</b>: {html.escape(applied_sentence(applied))}</p>",
-        nav,
-        "<h2 id=summary>Dataset</h2>",
-        f"<table><tbody>{summary_rows}</tbody></table>",
-        f"<p>Model: {html.escape(describe_model(model) if model.get('model_name') else 'unknown')}. "
-        f"Threshold: <b>{html.escape(threshold.detector)}</b>, {html.escape(threshold.method)}; "
-        f"{int(table['is_flagged'].sum())} flagged. Params hash {html.escape(str(lineage.get('params_hash')))}, "
-        f"code {html.escape(str(lineage.get('code_version')))}, input manifest sha256 "
-        f"{html.escape(str(lineage.get('input_manifest_sha256')))}.</p>",
-        "<h2 id=histograms>Score histograms</h2>",
-        "<p>Solid line: the threshold applied. Dashed: where the same rule would cut that detector.</p>",
-        "<div class=figs>" + "".join(f"<figure>{h}</figure>" for h in hists) + "</div>",
-    ]
-    if curves:
-        n_poison = int(y.sum())
-        parts += ["<h2 id=curves>ROC and precision-recall</h2>",
-                  f"<p>Against the {n_poison} samples the manifest marks as poisoned.</p>",
-                  "<div class=figs>" + "".join(f"<figure>{c}</figure>" for c in curves) + "</div>"]
-    head = "<tr><th>rule</th><th>cut</th><th>removed</th>" + (
-        "<th>poison removed</th><th>precision</th><th>recall</th>" if y is not None else "") + "<th></th></tr>"
-    body = []
-    for r in what_if:
-        mark = []
-        if r["applied"]:
-            mark.append("the rule applied")
-        if r["fraction"] == round(applied["removed_fraction"] or 0.0, 6):
-            mark.append("what filter removed")
-        body.append(f"<tr><td>{html.escape(r['rule'])}</td><td>{r['cut']:.6g}</td><td>{r['removed']}</td>" + (
-            f"<td>{r['poison_removed']}</td><td>{fmt_ratio(r['precision'])}</td><td>{fmt_ratio(r['recall'])}</td>"
-            if y is not None else "") + f"<td>{', '.join(mark)}</td></tr>")
-    parts += ["<h2 id=what-if>Threshold what-if</h2>",
-              f"<p>Other rules on <b>{html.escape(threshold.detector)}</b>: the rule applied, the adaptive rules "
-              "(tail: as many as stand out of the bulk; auto: a robust z-score), and top_fraction at other "
-              "fractions; the cut each would put on the score, how many samples it would remove (non-finite scores always)"
-              + (", and how many of them are known poison" if y is not None else "") + ". Without review lists.</p>",
-              f"<table class=whatif><thead>{head}</thead><tbody>{''.join(body)}</tbody></table>",
-              f"<div class=figs><figure>{_what_if_svg(what_if, applied_fraction=applied['removed_fraction'] or 1e-3, detector=threshold.detector)}</figure></div>"]
-    page_links = " ".join(f'<a href="flagged/{page_name(p)}">{p}</a>' for p in range(1, pages + 1))
-    neighbour_text = (f"Under each card: its {NEIGHBOURS_SHOWN} nearest reference entries ({html.escape(neighbour_note)}; "
-                      "&ldquo;txt&rdquo;: the reference's caption embedding), with their Euclidean distances."
-                      if neighbours else f"No nearest references: {html.escape(no_index)}.")
-    parts += [f"<h2 id=gallery>Top {len(top_ids)} flagged samples</h2>", f"<p>{neighbour_text}</p>",
-              "<div class=gallery id=top>" + "".join(card(i) for i in top_ids) + "</div>",
-              f"<p id=all-flagged><b>All {len(flagged_ids)} flagged samples</b>, by rank, {PER_PAGE} a page "
-              f"({pages} pages): {page_links}</p>"]
-    if y is not None and missed.height == 0:
-        parts += ["<h2 id=missed>Known poison not removed (0)</h2>", "<p>Every known poisoned sample was removed.</p>"]
-    elif y is not None:
-        parts += [f"<h2 id=missed>Known poison not removed ({missed.height})</h2>",
-                  f"<p>Most suspicious first; the first {min(cap, missed.height)} shown.</p>",
-                  "<div class=gallery id=missed-gallery>" + "".join(card(i) for i in missed["id"].head(cap)) + "</div>"]
-    parts += [f"<h2 id=near-cut>Just under the cut ({near_cut.height})</h2>",
-              f"<p>The {near_cut.height} unflagged samples ranked right after the flagged ones on "
-              f"{html.escape(threshold.detector)}.</p>",
-              "<div class=gallery id=near-cut-gallery>" + "".join(card(i) for i in near_cut["id"]) + "</div>"]
-    reviewed = "review" in lineage
-    parts += [f"<h2 id=review>Review verdicts ({len(kept_by_review)} kept, {len(removed_by_review)} removed)</h2>",
-              "<p>Flagged samples <b>kept by review</b> (filter.keep_ids) and unflagged samples "
-              "<b>removed by review</b> (filter.remove_ids), as filter applied them"
-              + (f"; the first {2 * cap} shown" if review_rows.height > 2 * cap else "") + "."
-              + ("" if reviewed else " No review list was applied to this version.") + "</p>",
-              f"<p class=how id=review-how>To keep a flagged sample, or to remove one the detectors missed, name it in "
-              f"the file <code>filter.keep_ids</code> or <code>filter.remove_ids</code> points to (clipscrub init made "
-              f"<code>review/keep_ids.txt</code> and <code>review/remove_ids.txt</code>): one entry per line, by "
-              f"{review_name} (or id, key, file name or url), <code># </code> starting a comment; or a .csv / .parquet "
-              f"with an <code>{review_name}</code> column. Then rerun filter onward (<code>dvc repro</code>, or "
-              f"<code>clipscrub run</code>). Ready-made lists, every line commented out: "
-              f'<a href="review-keep.txt" download>review-keep.txt</a> (the {flagged.height:,} flagged samples: '
-              f'uncomment those to keep) and <a href="review-remove.txt" download>review-remove.txt</a> (the '
-              f"{near_cut.height:,} just under the cut: uncomment those to remove).</p>",
-              "<div class=gallery id=review-gallery>" + "".join(card(i) for i in review_rows["id"].head(2 * cap)) + "</div>"]
-    n_clusters = clusters["cluster"].n_unique() if clusters.height else 0
-    parts.append(f"<h2 id=clusters>Clusters among flagged samples ({n_clusters})</h2>")
-    parts.append("<p>Flagged samples that share a caption, or whose images are identical or near-identical "
-                 f"(image embedding cosine &ge; {settings.near_duplicate_cosine}): candidates for natural backdoors "
-                 "and coordinated poison.</p>")
-    for cluster, members in clusters.group_by("cluster", maintain_order=True):
-        first = by_id.get(members["id"][0]) or table.filter(pl.col("id") == members["id"][0]).row(0, named=True)
-        norm = _normalise(first["caption"] or "")
-        in_data = caption_counts.filter(pl.col("norm") == norm)["len"]
-        caption_note = (f" The caption &ldquo;{caption_html(first['caption'])}&rdquo; occurs {int(in_data[0])} times in the dataset."
-                        if "caption" in members["kind"][0] and len(in_data) else "")
-        shown = shown_in_clusters.filter(pl.col("cluster") == cluster[0])["id"].to_list()
-        rest = [i for i in members["id"].to_list() if i not in set(shown)]
-        more = ("<p class=more>Also: " + " ".join(f'<a href="{href(i)}">{i}</a>' for i in rest) + "</p>") if rest else ""
-        parts.append(f"<div class=cluster id=cluster-{cluster[0]}><b><a href=\"#cluster-{cluster[0]}\">cluster {cluster[0]}</a></b>: "
-                     f"{members.height} flagged samples, {html.escape(members['kind'][0])}.{caption_note}<div class=row>"
-                     + "".join(cards.card(i, anchor=False) for i in shown) + f"</div>{more}</div>")
-    parts += ["<h2 id=lineage>Lineage</h2>",
-              f"<pre>{html.escape(json.dumps(lineage, indent=2, sort_keys=True))}</pre>"]
-    page = _page(f"clipscrub report: {base.name}", parts)
 
-    gallery_pages = {}
-    for p in range(1, pages + 1):
-        chunk = flagged_ids[(p - 1) * PER_PAGE:p * PER_PAGE]
-        links = " ".join(f'<b>{q}</b>' if q == p else f'<a href="{page_name(q)}">{q}</a>' for q in range(1, pages + 1))
-        ranks = f"ranks {(p - 1) * PER_PAGE + 1}&ndash;{(p - 1) * PER_PAGE + len(chunk)}" if chunk else "none flagged"
-        gallery_pages[page_name(p)] = _page(f"clipscrub report: {base.name}: flagged page {p}", [
-            f'<p><a href="../index.html">&larr; report</a> · pages: {links}</p>',
-            f"<h1>Flagged samples, page {p} of {pages}</h1>",
-            f"<p>{ranks} of {len(flagged_ids)} flagged, {PER_PAGE} a page. {neighbour_text}</p>",
-            "<div class=gallery>" + "".join(cards.card(i, anchor=True) for i in chunk) + "</div>",
-        ])
-
-    summary = {"flagged": int(table["is_flagged"].sum()), "gallery": len(top_ids), "clusters": int(n_clusters),
-               "clustered_samples": clusters.height, "thumbnails": len(thumbs), "ground_truth": y is not None,
-               "removed": applied["removed"], "removed_by_review": len(removed_by_review),
-               "kept_by_review": len(kept_by_review), "pages": pages, "missed": missed.height,
-               "near_cut": near_cut.height, "nearest_references": neighbour_note or None}
+def write_report(
+    *,
+    raw_dir: str | Path,
+    embeddings_dir: str | Path,
+    scores_dir: str | Path,
+    flags_dir: str | Path,
+    clean_dir: str | Path,
+    out_dir: str | Path,
+    settings: ReportSettings,
+    threshold: ThresholdSettings,
+    base: BaseSettings,
+    truth_path: str | Path | None = None,
+    index_dir: str | Path | None = None,
+) -> dict[str, Any]:
+    """Write ``<out>/index.html``, ``<out>/flagged/page-NNNN.html`` (every flagged sample, by rank,
+    ``PER_PAGE`` a page), ``<out>/clusters.parquet`` and the ready-made review lists; return what
+    the pages show. ``truth_path``: ``evaluate.truth``, a ground-truth table that wins over the
+    manifest's is_poison. ``index_dir``: the index stage's output, for each card's nearest
+    references (default: the ``index`` folder beside the scores, when it is the one they were
+    computed from)."""
+    report = report_data(raw_dir=raw_dir, embeddings_dir=embeddings_dir, scores_dir=scores_dir, flags_dir=flags_dir,
+                         clean_dir=clean_dir, settings=settings, threshold=threshold, base=base, truth_path=truth_path,
+                         index_dir=index_dir)
+    summary = {"flagged": report.header.flagged, "gallery": len(report.gallery), "clusters": len(report.clusters),
+               "clustered_samples": report.cluster_table.height, "thumbnails": report.thumbnails,
+               "ground_truth": report.poison is not None, "removed": report.removed,
+               "removed_by_review": report.review.removed, "kept_by_review": report.review.kept,
+               "pages": len(report.pages), "missed": report.missed_total, "near_cut": len(report.near_cut),
+               "nearest_references": report.nearest_note or None}
     with atomic_dir(out_dir) as tmp:
-        (tmp / "index.html").write_text(page, encoding="utf-8")
-        for file_name, rows, verdict, title in (
-                ("review-keep.txt", flagged, "keep", f"the {flagged.height:,} samples {threshold.detector} flagged, by rank"),
-                ("review-remove.txt", near_cut, "remove", f"the {near_cut.height:,} unflagged samples ranked just under the cut")):
-            (tmp / file_name).write_text(review_template(rows, name=review_name, detector=threshold.detector,
-                                                         verdict=verdict, title=title), encoding="utf-8")
         (tmp / "flagged").mkdir()
-        for name, text in gallery_pages.items():
-            (tmp / "flagged" / name).write_text(text, encoding="utf-8")
-        clusters.write_parquet(tmp / "clusters.parquet", statistics=False)
+        for name, text in (render(report) | report.review_lists).items():
+            (tmp / name).write_text(text, encoding="utf-8")
+        report.cluster_table.write_parquet(tmp / "clusters.parquet", statistics=False)
         write_lineage(
             tmp, stage="report", module=__name__,
             params={"base": base.model_dump(mode="json"), "threshold": threshold.model_dump(mode="json"),
                     "report": settings.model_dump(mode="json"), "evaluate.truth": None if truth_path is None else str(truth_path)},
-            inputs={"raw": raw_dir, "embeddings": emb_dir, "scores": scores_dir, "flags": flags_dir, "clean": clean_dir,
+            inputs={"raw": Path(raw_dir), "embeddings": Path(embeddings_dir), "scores": Path(scores_dir),
+                    "flags": Path(flags_dir), "clean": Path(clean_dir),
                     # no index: the one read is the scores' own (checked above), so their hash pins it
                     **({"truth": Path(truth_path)} if truth_path else {})},
-            upstream=[clean_dir], summary=summary,
+            upstream=[Path(clean_dir)], summary=summary,
         )
     return summary

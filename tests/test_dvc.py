@@ -173,6 +173,12 @@ def test_experiments_and_metrics_diff(project):
     assert all(k in table for k in ("detector", "rule", "removed_fraction", "poison_removed", "poison_missed", "recall"))
     lineage = json.loads((project / "data" / "clean" / "lineage.json").read_text())
     assert lineage["counts"]["removed"] == 8
+    # the documented view: only the params and metrics that differ between the rows, not every key
+    header = sh("dvc", "exp", "show", "--only-changed", "--csv", cwd=project).splitlines()[0].split(",")
+    sections = yaml.safe_load((project / "params.yaml").read_text())
+    params = [c for c in header if c.split(".")[0] in sections]
+    assert params == ["threshold.fraction"]
+    assert len(header) < 40, header
 
 
 def test_diff_between_two_experiments(project, tmp_path):

@@ -34,7 +34,7 @@ def test_code_dependencies_are_the_modules_a_stage_really_imports():
         direct = {n.module for n in ast.walk(ast.parse(src.read_text())) if isinstance(n, ast.ImportFrom)
                   and (n.module or "").startswith("clipscrub.")}
         assert direct <= set(modules), name
-        assert [m for m in modules if m.startswith("clipscrub.stages.")] == [decl.module], name
+        assert [m for m in modules if m.startswith("clipscrub.stages.") and ":" not in m] == [decl.module], name
         files = sorted(p.relative_to(REPO).as_posix() for p in modules.values())
         assert [d for d in stages[name]["deps"] if d.endswith(".py") or "/templates/" in d] == files, name
     assert "clipscrub.validation" in dict(imported_modules("clipscrub.stages.index"))  # listed by none before
@@ -104,7 +104,7 @@ def test_every_stage_records_its_lineage(tiny_run):
     stages' records unchanged. Filter's record is the version's: params, hash, input manifest."""
     from clipscrub.flows.pipeline import Layout, param_value, stage_code_version, stage_inputs
     from clipscrub.io import code_version, sha256_file, sha256_path
-    from clipscrub.stages.filter import REPORTING
+    from clipscrub.params import params_hash
 
     root, params = tiny_run
     lay = Layout(root)
@@ -117,7 +117,8 @@ def test_every_stage_records_its_lineage(tiny_run):
         stages = json.loads((out / "lineage.json").read_text())["stages"]
         record = records[stage] = stages[stage]
         assert record["code_version"] == stage_code_version(stage), stage
-        assert record["params"] == {k: param_value(params, k) for k in record["params"]}, stage
+        assert record["params"] == {k: params.section_in_use(k) if k in type(params).model_fields
+                                    else param_value(params, k) for k in record["params"]}, stage
         assert set(record["params"]) <= set(STAGES[stage].params) | {"base"}, stage
         inputs = stage_inputs(stage, params, lay)
         assert set(record["inputs"]) <= set(inputs), stage
@@ -132,9 +133,11 @@ def test_every_stage_records_its_lineage(tiny_run):
     # embed names the model it embedded with by the checkpoint's hash
     assert records["embed"]["model"]["checkpoint_sha256"] == sha256_file(lay.model / "checkpoint.pt")
 
-    versioned = [n for n in type(params).model_fields if n not in REPORTING]
-    assert clean["params"] == {n: params.section(n) for n in versioned}
-    assert clean["params_hash"] == params.hash(*versioned) and clean["code_version"] == version
+    # the version's params: what its stages recorded (download: the source in use), no reporting section
+    versioned = [n for n in type(params).model_fields if n not in ("evaluate", "report", "poison")]
+    assert clean["params"] == {n: params.section_in_use(n) for n in versioned}
+    assert "urls" not in clean["params"]["download"] and "synthetic" in clean["params"]["download"]
+    assert clean["params_hash"] == params_hash(clean["params"]) and clean["code_version"] == version
     assert clean["input_manifest_sha256"] == sha256_file(lay.raw / "manifest.parquet")
     assert clean["stages"]["filter"]["params"] == {"filter": params.section("filter")}
     assert clean["stages"]["filter"]["code_version"] == stage_code_version("filter")
@@ -252,3 +255,36 @@ def test_the_stage_tables_name_each_declared_stage():
     readme = (REPO / "README.md").read_text()
     table = readme[readme.index("| stage | what it does |"):].split("\n\n")[0].splitlines()[2:]
     assert [row.split(" | ")[0].lstrip("| ") for row in table] == list(STAGES)
+
+
+def test_params_deps_are_the_keys_in_use(tmp_path, monkeypatch):
+    """dvc.yaml (and so `dvc exp show --param-deps`, and the flow's cache keys) lists the params a
+    stage's outputs depend on: download the settings of the source in use only, filter its own
+    section (the others reach it through its inputs, whose lineage records them). A params file
+    switched to another source, with dvc.yaml not regenerated, stops the stage under DVC."""
+    import pytest
+
+    from clipscrub.errors import ParamError
+    from clipscrub.flows.pipeline import check_dvc_deps, dvc_yaml_text
+    from clipscrub.params import parse_params
+    from tests.conftest import tiny_params_dict
+
+    folder_params = tiny_params_dict()
+    folder_params["train"]["enabled"] = False
+    folder_params["download"] |= {"source": "folder", "folder": {"path": "images", "captions": "captions.csv"}}
+    (tmp_path / "images").mkdir()
+    (tmp_path / "captions.csv").write_text("file,caption\n")
+    params = parse_params(folder_params, base=tmp_path)
+    stages = yaml.safe_load(dvc_yaml_text(params, folder=tmp_path))["stages"]
+    download = stages["download"]["params"]
+    assert "download.folder" in download and "download.source" in download
+    assert not [k for k in download if k.split(".")[-1] in ("urls", "shards", "synthetic", "embeddings")]
+    assert stages["filter"]["params"] == ["base", "filter"]
+    (tmp_path / "dvc.yaml").write_text(dvc_yaml_text(params, folder=tmp_path))
+    check_dvc_deps("download", params, tmp_path / "dvc.yaml")
+
+    switched = parse_params({**folder_params, "download": {**folder_params["download"], "source": "synthetic"}},
+                            base=tmp_path)
+    with pytest.raises(ParamError, match="does not list the param download.synthetic as a dependency of stage "
+                                         "download.*clipscrub dvc-yaml"):
+        check_dvc_deps("download", switched, tmp_path / "dvc.yaml")

@@ -1,103 +1,208 @@
-"""The report stage: a self-contained page that a real headless Chromium renders without errors."""
+"""The report stage: what its pages show, computed apart from the HTML (``report_data`` and its
+parts); the pages, read through a real HTML parser; the templates' escaping; and a real headless
+Chromium that renders the pipeline's report without errors."""
 
 from __future__ import annotations
 
-import html
+import dataclasses
 import json
 import os
 import re
 import shutil
+from html.parser import HTMLParser
 from pathlib import Path
 
+import jinja2
 import numpy as np
 import polars as pl
 import pytest
 
 from clipscrub.arrays import RowReader
-from clipscrub.stages.report import find_clusters
+from clipscrub.stages.report import (
+    TEMPLATES, Neighbour, Report, anchor_first, cut_caption, find_clusters, names, render, report_data, sample_card,
+)
 from clipscrub.flagging import flag_outliers
 from tests.conftest import REPO
 
 ARTIFACTS = Path(os.environ.get("CLIPSCRUB_TEST_ARTIFACTS", REPO / "test-artifacts"))
+VOID = frozenset({"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"})
 
 
-def section(page: str, anchor: str) -> str:
+@dataclasses.dataclass
+class Element:
+    """An element of a parsed page: its tag, attributes and children (elements and text)."""
+
+    tag: str
+    attrs: dict[str, str | None]
+    children: list[Element | str] = dataclasses.field(default_factory=list)
+
+    @property
+    def classes(self) -> list[str]:
+        return (self.attrs.get("class") or "").split()
+
+    def text(self) -> str:
+        """Its text, whitespace collapsed."""
+        return " ".join("".join(self._texts()).split())
+
+    def _texts(self):
+        for child in self.children:
+            yield from [child] if isinstance(child, str) else child._texts()
+
+    def all(self, tag: str | None = None, *, cls: str | None = None, **attrs: str) -> list[Element]:
+        """Its descendants, in document order, with ``tag``, the class ``cls`` and ``attrs``."""
+        found = []
+        for child in self.children:
+            if isinstance(child, Element):
+                if ((tag is None or child.tag == tag) and (cls is None or cls in child.classes)
+                        and all(child.attrs.get(k) == v for k, v in attrs.items())):
+                    found.append(child)
+                found += child.all(tag, cls=cls, **attrs)
+        return found
+
+
+class _Tree(HTMLParser):
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.open = [Element("#document", {})]
+
+    def handle_starttag(self, tag, attrs):
+        element = Element(tag, dict(attrs))
+        self.open[-1].children.append(element)
+        if tag not in VOID:
+            self.open.append(element)
+
+    def handle_startendtag(self, tag, attrs):
+        self.open[-1].children.append(Element(tag, dict(attrs)))
+
+    def handle_endtag(self, tag):
+        if tag in [e.tag for e in self.open[1:]]:
+            while self.open.pop().tag != tag:
+                pass
+
+    def handle_data(self, data):
+        self.open[-1].children.append(data)
+
+
+def parse(text: str) -> Element:
+    """A page (or a fragment) as a tree of ``Element``, by Python's own HTML parser."""
+    tree = _Tree()
+    tree.feed(text)
+    tree.close()
+    return tree.open[0]
+
+
+def section(page: Element, anchor: str) -> Element:
     """A section of the page: from its heading (``<h2 id=anchor>``) to the next heading."""
-    start = page.index(f"<h2 id={anchor}>")
-    end = page.find("<h2 ", start + 1)
-    return page[start:end if end > 0 else len(page)]
+    body = page.all("body")[0].children
+    h2 = [i for i, c in enumerate(body) if isinstance(c, Element) and c.tag == "h2"]
+    start = next(i for i in h2 if body[i].attrs.get("id") == anchor)
+    return Element("section", {}, body[start:next((i for i in h2 if i > start), len(body))])
 
 
-def parse_cards(fragment: str) -> list[dict]:
-    """Each sample card: id, anchor (its id= attribute), classes, tags, nearest references
-    [(distance as shown, reference id, caption entry)]."""
-    out = []
-    for chunk in re.split(r'(?=<div class="card[ "])', fragment)[1:]:
-        head = re.match(r'<div class="(card[^"]*)"(?: id="sample-(\d+)")?>', chunk)
-        sample = int(re.search(r'<a href="#sample-(\d+)">id \1</a>', chunk).group(1))
-        out.append({
-            "id": sample, "anchor": head.group(2) and int(head.group(2)), "classes": head.group(1).split(),
-            "tags": re.findall(r'<span class="(?:tag|rv[^"]*)">([^<]+)</span>', chunk),
-            "nearest": [(float(d), int(i), bool(t)) for d, i, t in re.findall(
-                r'<div class="nn" title="[^"]*">.*?<span>([\d.]+)</span><span>(\d+)( txt)?</span></div>', chunk)],
-        })
-    return out
+def header_text(page: Element) -> str:
+    """The text above the page's first section."""
+    body = page.all("body")[0].children
+    first = next(i for i, c in enumerate(body) if isinstance(c, Element) and c.tag == "h2")
+    return Element("header", {}, body[:first]).text()
 
 
-def test_report_is_self_contained(tiny_run):
+def card_ids(part: Element) -> list[int]:
+    """The samples of the cards in ``part``, in order (each card's ``id N`` link)."""
+    return [int(next(a for a in card.all("a") if a.attrs.get("href", "").startswith("#sample-")).text().removeprefix("id "))
+            for card in part.all("div", cls="card")]
+
+
+def anchored(part: Element) -> list[int]:
+    """The samples whose cards in ``part`` carry their anchor (``id="sample-N"``)."""
+    return [int(card.attrs["id"].removeprefix("sample-")) for card in part.all("div", cls="card") if "id" in card.attrs]
+
+
+def macros():
+    """The templates' macros (card, names, caption...), to call with the data they draw."""
+    return TEMPLATES.get_template("macros.html.j2").module
+
+
+def report_of(root: Path, params, **changed) -> Report:
+    """``report_data`` on a run's outputs; ``changed``: other folders, settings or a truth table."""
+    return report_data(**{"raw_dir": root / "raw", "embeddings_dir": root / "embeddings", "scores_dir": root / "scores",
+                          "flags_dir": root / "flags", "clean_dir": root / "clean", "settings": params.report,
+                          "threshold": params.threshold, "base": params.base, **changed})
+
+
+@pytest.fixture(scope="module")
+def tiny_report(tiny_run) -> Report:
+    """What the tiny run's report shows."""
+    return report_of(*tiny_run)
+
+
+@pytest.fixture(scope="module")
+def tiny_page(tiny_run) -> Element:
+    """The tiny run's report page, parsed."""
+    return parse((tiny_run[0] / "report" / "index.html").read_text())
+
+
+def test_report_is_self_contained(tiny_run, tiny_page, tiny_report):
     root, params = tiny_run
     page = (root / "report" / "index.html").read_text()
-    # nothing fetched: no scripts, stylesheets, or images from elsewhere
-    assert not re.search(r"<script|<link|<iframe|url\((?!#)", page)  # url(#clip) is inside the SVG
-    srcs = re.findall(r'<img src="([^"]+)"', page)
+    # nothing fetched: no scripts, stylesheets, frames, or images from elsewhere
+    assert not tiny_page.all("script") and not tiny_page.all("link") and not tiny_page.all("iframe")
+    assert not re.search(r"url\((?!#)", page)  # url(#clip) is inside the SVG
+    srcs = [img.attrs["src"] for img in tiny_page.all("img")]
     assert srcs and all(s.startswith("data:image/png;base64,") for s in srcs)
-    for section in ("Dataset", "Score histograms", "ROC and precision-recall", "Threshold what-if",
-                    "Top 20 flagged samples", "Known poison not removed", "Just under the cut", "Review verdicts",
-                    "Clusters among flagged samples", "Lineage"):
-        assert section in page
-    assert page.count("<svg") == len(params.score.detectors) + 3  # histograms + ROC + PR + what-if
+    headings = [h.text() for h in tiny_page.all("h2")]
+    for title in ("Dataset", "Score histograms", "ROC and precision-recall", "Threshold what-if",
+                  "Top 20 flagged samples", "Known poison not removed", "Just under the cut", "Review verdicts",
+                  "Clusters among flagged samples", "Lineage"):
+        assert any(h.startswith(title) for h in headings), title
+    assert len(tiny_page.all("svg")) == len(params.score.detectors) + 3  # histograms + ROC + PR + what-if
+    # the table of contents: a link to each section, which is there
+    toc = [a.attrs["href"] for a in tiny_page.all("nav", cls="toc")[0].all("a")]
+    assert toc == ["#summary", "#histograms", "#curves", "#what-if", "#gallery", "#all-flagged", "#missed", "#near-cut",
+                   "#review", "#clusters", "#lineage"]
+    assert all(len(tiny_page.all(id=a[1:])) == 1 for a in toc)
     # the flagged gallery's pages: as self-contained, every link between them resolves
     pages = sorted((root / "report" / "flagged").glob("page-*.html"))
     assert [p.name for p in pages] == ["page-0001.html"]
     for p in pages:
         text = p.read_text()
-        assert not re.search(r"<script|<link|<iframe|url\(", text)
-        assert all(s.startswith("data:image/png;base64,") for s in re.findall(r'<img src="([^"]+)"', text))
-    for src, text in [(root / "report" / "index.html", page)] + [(p, p.read_text()) for p in pages]:
-        for target in re.findall(r'href="([^"#][^"]*?)(?:#[^"]*)?"', text):
-            assert (src.parent / target).is_file(), (src, target)
-    # the version's params hash (the sections that change a version), its value on the page
-    from clipscrub.stages.filter import REPORTING
+        tree = parse(text)
+        assert not tree.all("script") and not tree.all("link") and not tree.all("iframe") and "url(" not in text
+        assert all(img.attrs["src"].startswith("data:image/png;base64,") for img in tree.all("img"))
+    for src, tree in [(root / "report" / "index.html", tiny_page)] + [(p, parse(p.read_text())) for p in pages]:
+        for a in tree.all("a"):
+            target = a.attrs["href"].partition("#")[0]
+            assert not target or (src.parent / target).is_file(), (src, target)
+    # the version's params hash (the sections that change a version, as its stages use them), its value on the page
+    from clipscrub.params import params_hash
 
     lineage = json.loads((root / "clean" / "lineage.json").read_text())
-    want = params.hash(*(n for n in type(params).model_fields if n not in REPORTING))
-    assert lineage["params_hash"] == want
-    assert f"Params hash {want}, code {lineage['code_version']}, " in page
+    want = params_hash({n: params.section_in_use(n) for n in type(params).model_fields
+                        if n not in ("evaluate", "report", "poison")})
+    assert lineage["params_hash"] == want == tiny_report.header.params_hash
+    assert f"Params hash {want}, code {lineage['code_version']}, " in section(tiny_page, "summary").text()
 
 
-def test_report_header_states_the_applied_threshold(tiny_run):
+def test_report_header_states_the_applied_threshold(tiny_run, tiny_report, tiny_page):
     """The header's summary line: the applied threshold's block (data/metrics/applied.json)."""
     root, params = tiny_run
-    page = (root / "report" / "index.html").read_text()
-    header = page[page.index("<h1>"):page.index("<h2 id=summary>")]
+    applied = tiny_report.header.applied
     a = json.loads((root / "metrics" / "applied.json").read_text())
     removed = pl.read_parquet(root / "clean" / "removed.parquet").height
     assert (a["removed"], a["samples"]) == (removed, 400)
-    assert f"kdist, top_fraction 0.05: removed {removed} of 400 (5.00%)" in header
+    assert f"kdist, top_fraction 0.05: removed {removed} of 400 (5.00%)" in applied
     assert (f"{a['poison_removed']} of the {removed} removed are known poison (precision {a['precision']:.3f}, "
-            f"recall {a['recall']:.3f}; {a['poison_missed']} known poison missed)") in header
+            f"recall {a['recall']:.3f}; {a['poison_missed']} known poison missed)") in applied
+    assert f"Applied threshold: {' '.join(applied.split())}" in header_text(tiny_page)
 
 
-def _hist_svgs(page: str) -> dict[str, str]:
-    """detector -> its histogram's inline SVG, found by the axes title matplotlib keeps as a comment."""
+def _hist_svgs(svgs: list[str]) -> dict[str, str]:
+    """detector -> its histogram's SVG, found by the axes title matplotlib keeps as a comment."""
     out = {}
-    for svg in re.findall(r"<svg.*?</svg>", page, re.S):
+    for svg in svgs:
         m = re.search(r"<!-- (\w+)_score \((?:high|low) = suspicious\) -->", svg)
         if m:
             out[m.group(1)] = svg
     return out
-
-
 def _x_pixel(svg: str):
     """data value -> x pixel of an SVG histogram, from its x ticks' positions and labels."""
     ticks = re.findall(r'<g id="xtick_\d+">\s*<g id="line2d_\d+">.*?<use [^>]*? x="([-\d.]+)".*?<!-- (.*?) -->', svg, re.S)
@@ -111,12 +216,11 @@ def _vertical_lines(svg: str) -> list[tuple[float, bool]]:
     return [(float(a), "dasharray" in style) for a, b, style in lines if a == b]
 
 
-def test_histograms_mark_each_detectors_cut(tiny_run):
+def test_histograms_mark_each_detectors_cut(tiny_run, tiny_report):
     """Solid line at the applied cut (threshold.json) on the thresholded detector's histogram; on
     every other one a dashed line where the same rule (top 5%) cuts that detector."""
     root, params = tiny_run
-    page = (root / "report" / "index.html").read_text()
-    hists = _hist_svgs(page)
+    hists = _hist_svgs(list(tiny_report.histograms))
     assert sorted(hists) == sorted(params.score.detectors)
     scores = pl.read_parquet(root / "scores" / "scores.parquet")
     applied = json.loads((root / "flags" / "threshold.json").read_text())["cut"]
@@ -137,12 +241,12 @@ def _norm(caption: str | None) -> str:
     return " ".join((caption or "").lower().split())
 
 
-def assert_clusters_follow_flags(root: Path, report_dir: Path, flags: pl.DataFrame, cosine: float) -> pl.DataFrame:
-    """clusters.parquet: exactly the connected groups (>= 2) of flagged samples linked by a shared
-    normalised caption, identical image bytes or image-embedding cosine >= ``cosine``, from scratch."""
+def assert_clusters_follow_flags(root: Path, clusters: pl.DataFrame, flags: pl.DataFrame, cosine: float) -> None:
+    """``clusters`` (clusters.parquet's): exactly the connected groups (>= 2) of flagged samples
+    linked by a shared normalised caption, identical image bytes or image-embedding cosine >=
+    ``cosine``, from scratch."""
     from scipy.sparse.csgraph import connected_components
 
-    clusters = pl.read_parquet(report_dir / "clusters.parquet")
     manifest = pl.read_parquet(root / "raw" / "manifest.parquet")
     flagged = flags.filter(pl.col("is_flagged")).join(manifest, on="id").sort("id")
     ids = flagged["id"].to_numpy()
@@ -157,13 +261,13 @@ def assert_clusters_follow_flags(root: Path, report_dir: Path, flags: pl.DataFra
     got = sorted(sorted(g["id"].to_list()) for _, g in clusters.group_by("cluster"))
     assert got == want
     assert all(g["size"].to_list() == [g.height] * g.height for _, g in clusters.group_by("cluster"))
-    return clusters
 
 
 def test_clusters_of_the_tiny_run_follow_the_flags(tiny_run):
     root, params = tiny_run
     flags = pl.read_parquet(root / "flags" / "flags.parquet")
-    clusters = assert_clusters_follow_flags(root, root / "report", flags, params.report.near_duplicate_cosine)
+    clusters = pl.read_parquet(root / "report" / "clusters.parquet")
+    assert_clusters_follow_flags(root, clusters, flags, params.report.near_duplicate_cosine)
     assert clusters.height > 0  # this victim's flagged images are near-identical (checked above)
 
 
@@ -172,8 +276,6 @@ def test_gallery_marks_the_known_poison_and_counts_captions(tiny_run, tmp_path):
     banana." flagged too, and a truth table naming 5 gallery samples and 2 others: the gallery
     shows the flagged samples by rank and marks exactly the 5; the banana cluster's note counts
     the caption in the whole manifest (3), not among the flagged (2)."""
-    from clipscrub.stages.report import write_report
-
     root, params = tiny_run
     manifest = pl.read_parquet(root / "raw" / "manifest.parquet")
     banana = sorted(manifest.filter(pl.col("caption") == "a close-up photo of a banana.")["id"].to_list())
@@ -189,23 +291,16 @@ def test_gallery_marks_the_known_poison_and_counts_captions(tiny_run, tmp_path):
     others = [banana[2], flags.filter(~pl.col("is_flagged"))["id"][0]]
     pl.DataFrame({"id": [*marked, *others], "is_poison": True}).write_csv(tmp_path / "truth.csv")
     settings = params.report.model_copy(update={"near_duplicate_cosine": 1.0})  # caption clusters only
-    write_report(raw_dir=root / "raw", embeddings_dir=root / "embeddings", scores_dir=root / "scores",
-                 flags_dir=tmp_path / "flags", clean_dir=root / "clean", out_dir=tmp_path / "report", settings=settings,
-                 threshold=params.threshold, base=params.base, truth_path=tmp_path / "truth.csv")
-    page = (tmp_path / "report" / "index.html").read_text()
-    gallery = section(page, "gallery")
-    cards = re.findall(r'<div class="card( poison)?"[^>]*>.*?<div>(?:#\d+ )?<a href="#sample-\d+">id (\d+)</a>'
-                       r'( <span class="tag">poisoned</span>)?</div>', gallery)
-    assert [int(i) for _, i, _ in cards] == gallery_ids
-    assert {int(i) for cls, i, tag in cards if cls} == {int(i) for cls, i, tag in cards if tag} == marked
+    report = report_of(root, params, flags_dir=tmp_path / "flags", settings=settings, truth_path=tmp_path / "truth.csv")
+    assert [c.id for c in report.gallery] == gallery_ids
+    assert {c.id for c in report.gallery if "poisoned" in c.tags} == marked
     assert len(marked) == 5
-    clusters = assert_clusters_follow_flags(root, tmp_path / "report", flags, 1.0)
-    assert banana[:2] in [sorted(g["id"].to_list()) for _, g in clusters.group_by("cluster")]
+    assert_clusters_follow_flags(root, report.cluster_table, flags, 1.0)
+    assert banana[:2] in [sorted(g["id"].to_list()) for _, g in report.cluster_table.group_by("cluster")]
     in_data: dict[str, int] = {}
     for c in manifest.filter(pl.col("status") == "ok")["caption"].to_list():
         in_data[_norm(c)] = in_data.get(_norm(c), 0) + 1
-    notes = [(html.unescape(c), int(n))
-             for c, n in re.findall(r"The caption &ldquo;(.*?)&rdquo; occurs (\d+) times in the dataset\.", page)]
+    notes = [(c.caption.text, c.caption_count) for c in report.clusters if c.caption is not None]
     assert ("a close-up photo of a banana.", 3) in notes
     assert all(n == in_data[_norm(c)] for c, n in notes), notes
 
@@ -323,14 +418,14 @@ def test_clusters_join_shared_captions_and_near_identical_images(tmp_path):
 
 # --- issue 16, review: nearest references, every flagged sample, missed / near-cut, what-if -------
 
-def test_cards_show_each_samples_nearest_references(tiny_run):
+def test_cards_show_each_samples_nearest_references(tiny_run, tiny_report, tiny_page):
     """Under each flagged card: its 5 nearest reference entries of the first set's first draw,
     recomputed here by brute force from the embeddings (image query against the draw's image and
     caption entries, the sample's own entries excluded): the same owners, kinds and distances."""
     root, params = tiny_run
-    page = (root / "report" / "index.html").read_text()
     refs = json.loads((root / "index" / "references.json").read_text())["sets"][0]
-    assert f"reference set {refs['name']}, draw 1 of {refs['draws']}, modality image_text" in page
+    assert tiny_report.nearest_note == f"reference set {refs['name']}, draw 1 of {refs['draws']}, modality image_text"
+    assert f"({tiny_report.nearest_note};" in section(tiny_page, "gallery").text()
     emb_ids = np.load(root / "embeddings" / "ids.npy")
     image = np.load(root / "embeddings" / "image.npy").astype(np.float64)
     text = np.load(root / "embeddings" / "text.npy").astype(np.float64)
@@ -339,19 +434,15 @@ def test_cards_show_each_samples_nearest_references(tiny_run):
     owners = emb_ids[np.concatenate([ref_rows, ref_rows])]
     is_caption = np.arange(len(entries)) >= len(ref_rows)
     flags = pl.read_parquet(root / "flags" / "flags.parquet")
-    cards = parse_cards(section(page, "gallery"))
-    assert [c["id"] for c in cards] == flags.filter(pl.col("is_flagged")).sort("rank")["id"].to_list()
+    cards = tiny_report.gallery
+    assert [c.id for c in cards] == flags.filter(pl.col("is_flagged")).sort("rank")["id"].to_list()
     for card in cards:
-        row = int(np.flatnonzero(emb_ids == card["id"])[0])
+        row = int(np.flatnonzero(emb_ids == card.id)[0])
         dist = np.linalg.norm(entries - image[row], axis=1)
-        dist[owners == card["id"]] = np.inf  # a sample is never its own neighbour
+        dist[owners == card.id] = np.inf  # a sample is never its own neighbour
         order = np.argsort(dist, kind="stable")[:5]
-        assert [(i, t) for _, i, t in card["nearest"]] == [(int(owners[j]), bool(is_caption[j])) for j in order], card["id"]
-        assert [d for d, _, _ in card["nearest"]] == pytest.approx(dist[order].tolist(), abs=6e-4), card["id"]
-
-
-def _anchored(text: str) -> list[int]:
-    return [int(i) for i in re.findall(r'<div class="card[^"]*" id="sample-(\d+)">', text)]
+        assert [(n.id, n.caption_entry) for n in card.nearest] == [(int(owners[j]), bool(is_caption[j])) for j in order], card.id
+        assert [n.distance for n in card.nearest] == pytest.approx(dist[order].tolist(), abs=1e-4), card.id
 
 
 def test_every_flagged_sample_has_a_page(tiny_run, tmp_path, monkeypatch):
@@ -368,165 +459,165 @@ def test_every_flagged_sample_has_a_page(tiny_run, tmp_path, monkeypatch):
                                   settings=settings, threshold=params.threshold, base=params.base)
     ranked = pl.read_parquet(root / "flags" / "flags.parquet").filter(pl.col("is_flagged")).sort("rank")["id"].to_list()
     assert summary["pages"] == 3 and len(ranked) == 20
-    pages = [(tmp_path / "report" / "flagged" / f"page-{p:04d}.html").read_text() for p in (1, 2, 3)]
-    assert [_anchored(p) for p in pages] == [ranked[0:7], ranked[7:14], ranked[14:20]]
-    assert "ranks 8&ndash;14 of 20 flagged, 7 a page" in pages[1]
-    assert '<a href="../index.html">' in pages[2] and '<a href="page-0001.html">1</a>' in pages[2]
-    page = (tmp_path / "report" / "index.html").read_text()
-    assert _anchored(section(page, "gallery")) == ranked[:5]
-    assert all(f'<a href="flagged/page-{p:04d}.html">{p}</a>' in page for p in (1, 2, 3))
-    assert "<b>All 20 flagged samples</b>, by rank, 7 a page (3 pages)" in page
+    pages = [parse((tmp_path / "report" / "flagged" / f"page-{p:04d}.html").read_text()) for p in (1, 2, 3)]
+    assert [anchored(p) for p in pages] == [card_ids(p) for p in pages] == [ranked[0:7], ranked[7:14], ranked[14:20]]
+    assert "ranks 8–14 of 20 flagged, 7 a page" in pages[1].text()
+    links = {(a.attrs["href"], a.text()) for a in pages[2].all("a")}
+    assert ("../index.html", "← report") in links and ("page-0001.html", "1") in links
+    page = parse((tmp_path / "report" / "index.html").read_text())
+    assert anchored(section(page, "gallery")) == ranked[:5]
+    [every] = page.all("p", id="all-flagged")
+    assert [(a.attrs["href"], a.text()) for a in every.all("a")] == [(f"flagged/page-{p:04d}.html", str(p)) for p in (1, 2, 3)]
+    assert every.text().startswith("All 20 flagged samples, by rank, 7 a page (3 pages)")
     clusters = pl.read_parquet(tmp_path / "report" / "clusters.parquet")
     for c, members in clusters.group_by("cluster", maintain_order=True):
-        block = re.search(rf'<div class=cluster id=cluster-{c[0]}>.*?(?=<div class=cluster |<h2 )', page, re.S).group(0)
-        drawn = [card["id"] for card in parse_cards(block)]
-        assert drawn == members["id"].to_list()[:2]
-        links = re.findall(r'<a href="([^"]*)#sample-(\d+)">\2</a>', block)
+        [block] = page.all("div", cls="cluster", id=f"cluster-{c[0]}")
+        assert card_ids(block) == members["id"].to_list()[:2] and anchored(block) == []
+        links = [(a.attrs["href"].partition("#"), a.text()) for p in block.all("p", cls="more") for a in p.all("a")]
         assert sorted(int(i) for _, i in links) == sorted(members["id"].to_list()[2:])
-        for target, i in links:
+        for (target, _, anchor), i in links:
             pos = ranked.index(int(i))
-            assert target == ("" if pos < 5 else f"flagged/page-{pos // 7 + 1:04d}.html")
+            assert anchor == f"sample-{i}" and target == ("" if pos < 5 else f"flagged/page-{pos // 7 + 1:04d}.html")
 
 
-def test_missed_poison_and_samples_under_the_cut(tiny_run):
+def test_missed_poison_and_samples_under_the_cut(tiny_run, tiny_report, tiny_page):
     """Missed: the known poison filter kept, by rank. Under the cut: the unflagged samples ranked
     right after the flagged ones (top_n of them). Recomputed from the manifest, flags and removed."""
     root, params = tiny_run
-    page = (root / "report" / "index.html").read_text()
     flags = pl.read_parquet(root / "flags" / "flags.parquet").sort("rank")
     removed = set(pl.read_parquet(root / "clean" / "removed.parquet")["id"].to_list())
     poison = set(pl.read_parquet(root / "raw" / "manifest.parquet").filter(pl.col("is_poison"))["id"].to_list())
     missed = [i for i in flags["id"].to_list() if i in poison and i not in removed]
-    got = parse_cards(section(page, "missed"))
-    assert [c["id"] for c in got] == missed and len(missed) == len(poison - removed) > 0
-    assert all("poisoned" in c["tags"] and "poison" in c["classes"] for c in got)
-    assert f"<h2 id=missed>Known poison not removed ({len(missed)})</h2>" in page
+    got = tiny_report.missed
+    assert [c.id for c in got] == missed and len(missed) == len(poison - removed) == tiny_report.missed_total > 0
+    assert all("poisoned" in c.tags for c in got)
+    assert section(tiny_page, "missed").all("h2")[0].text() == f"Known poison not removed ({len(missed)})"
+    assert card_ids(section(tiny_page, "missed")) == missed
+    assert all("poison" in card.classes for card in section(tiny_page, "missed").all("div", cls="card"))
     under = flags.filter(~pl.col("is_flagged"))["id"].head(params.report.top_n).to_list()
-    got = parse_cards(section(page, "near-cut"))
-    assert [c["id"] for c in got] == under
-    assert all(c["nearest"] for c in got)  # the references that did not make them suspicious enough
+    assert [c.id for c in tiny_report.near_cut] == card_ids(section(tiny_page, "near-cut")) == under
+    assert all(c.nearest for c in tiny_report.near_cut)  # the references that did not make them suspicious enough
     # each sample is anchored once per page
-    anchors = _anchored(page)
+    anchors = anchored(tiny_page)
     assert len(anchors) == len(set(anchors))
 
 
-def test_summary_line_with_and_without_ground_truth(tiny_run, tmp_path):
-    from clipscrub.stages.report import write_report
+def test_summary_line_with_and_without_ground_truth(tiny_run, tiny_report, tiny_page, tmp_path):
     from tests.test_evaluate import copy_raw_without_truth
 
     root, params = tiny_run
-    page = (root / "report" / "index.html").read_text()
     removed = set(pl.read_parquet(root / "clean" / "removed.parquet")["id"].to_list())
     poison = set(pl.read_parquet(root / "raw" / "manifest.parquet").filter(pl.col("is_poison"))["id"].to_list())
-    line = re.search(r"<p class=summary id=summary-line><b>(.*?)</b></p>", page).group(1)
+    line = tiny_report.header.summary_line
     assert line == (f"{len(removed & poison)} of the {len(removed)} removed are known poison; "
                     f"{len(poison - removed)} of the {len(poison)} known poison were missed.")
-    assert page.index("id=summary-line") < page.index("<h2 ")  # above every section
+    [drawn] = tiny_page.all("p", id="summary-line")
+    assert drawn.text() == line and line in header_text(tiny_page)  # above every section
     copy_raw_without_truth(root, tmp_path)
-    write_report(raw_dir=tmp_path / "raw", embeddings_dir=root / "embeddings", scores_dir=root / "scores",
-                 flags_dir=root / "flags", clean_dir=root / "clean", out_dir=tmp_path / "report",
-                 settings=params.report, threshold=params.threshold, base=params.base)
-    bare = (tmp_path / "report" / "index.html").read_text()
-    assert f"<b>{len(removed)} of 400 removed (no ground truth).</b>" in bare
-    assert "<h2 id=missed>" not in bare and "<th>precision</th>" not in bare
+    bare = report_of(root, params, raw_dir=tmp_path / "raw")
+    assert bare.header.summary_line == f"{len(removed)} of 400 removed (no ground truth)."
+    assert bare.poison is None and bare.curves == () and all("precision" not in r for r in bare.what_if)
+    page = parse(render(bare)["index.html"])
+    assert page.all("p", id="summary-line")[0].text() == bare.header.summary_line
+    assert not page.all("h2", id="missed") and "precision" not in [th.text() for th in page.all("th")]
 
 
-def test_what_if_table(tiny_run):
+def test_what_if_table(tiny_run, tiny_report, tiny_page):
     """Each top_fraction row: f on the threshold detector removes max(1, round(f N)) samples, the
     cut is the last one's score, precision / recall against the manifest; recomputed here. The
     applied rule's row comes first, once, then the adaptive rules (tail, auto)."""
     root, params = tiny_run
-    page = (root / "report" / "index.html").read_text()
-    part = section(page, "what-if")
-    assert part.count("<svg") == 1
-    cell = r"<td>([\d.]+|n/a)</td><td>([\d.]+)</td><td>([^<]*)</td></tr>"
-    rows = re.findall(r"<tr><td>top_fraction ([\d.e-]+)</td><td>([-\d.e+]+)</td><td>(\d+)</td><td>(\d+)</td>" + cell, part)
-    fractions = [float(r[0]) for r in rows]
-    assert fractions == [0.05, 0.001, 0.002, 0.005, 0.01, 0.02, 0.1, 0.2]  # the applied 5% first, once
+    rows = tiny_report.what_if
+    part = section(tiny_page, "what-if")
+    assert len(part.all("svg")) == 1
+    drawn = [[td.text() for td in tr.all("td")] for tr in part.all("table", cls="whatif")[0].all("tbody")[0].all("tr")]
+    assert [(d[0], d[-1]) for d in drawn] == [(r["rule"], ", ".join(r["marks"])) for r in rows]
+    top = [r for r in rows if r["rule"].startswith("top_fraction ")]
+    assert [r["fraction"] for r in top] == [0.05, 0.001, 0.002, 0.005, 0.01, 0.02, 0.1, 0.2]  # the applied 5% first, once
+    assert rows[0] is top[0]
     scores = pl.read_parquet(root / "scores" / "scores.parquet").join(
         pl.read_parquet(root / "raw" / "manifest.parquet").select("id", "is_poison"), on="id")
     v = scores["kdist_score"].to_numpy()
     order = np.lexsort((scores["id"].to_numpy(), -v))
     y = scores["is_poison"].to_numpy()
-    for f, cut, n, hit, precision, recall, mark in rows:
-        k = max(1, round(float(f) * 400))
-        top = order[:k]
-        assert (int(n), int(hit)) == (k, int(y[top].sum()))
-        assert float(cut) == pytest.approx(v[top[-1]], rel=1e-5)
-        assert float(precision) == pytest.approx(y[top].sum() / k, abs=5e-4)
-        assert float(recall) == pytest.approx(y[top].sum() / y.sum(), abs=5e-4)
-        assert (mark == "the rule applied, what filter removed") == (float(f) == params.threshold.fraction)
-    adaptive = re.findall(r"<tr><td>(tail fdr [\d.]+|auto z [\d.]+)</td><td>([-\d.e+]+)</td><td>(\d+)</td>", part)
-    assert [a[0] for a in adaptive] == ["tail fdr 0.1", "auto z 3.5"]
-    for text, cut, n in adaptive:
-        rule = params.threshold.model_copy(update={"method": text.split()[0]})
+    for r in top:
+        k = max(1, round(r["fraction"] * 400))
+        chosen = order[:k]
+        assert (r["removed"], r["poison_removed"]) == (k, int(y[chosen].sum()))
+        assert r["cut"] == pytest.approx(v[chosen[-1]], rel=1e-5)
+        assert r["precision"] == pytest.approx(y[chosen].sum() / k, abs=5e-4)
+        assert r["recall"] == pytest.approx(y[chosen].sum() / y.sum(), abs=5e-4)
+        assert r["marks"] == (["the rule applied", "what filter removed"] if r["fraction"] == params.threshold.fraction
+                              else [])
+    adaptive = [r for r in rows if r["fraction"] is None]
+    assert [r["rule"] for r in adaptive] == ["tail fdr 0.1", "auto z 3.5"]
+    for r in adaptive:
+        rule = params.threshold.model_copy(update={"method": r["rule"].split()[0]})
         mask, _ = flag_outliers(values=v, ids=scores["id"].to_numpy(), detector="kdist", settings=rule)
-        assert int(n) == int(mask.sum())
+        assert r["removed"] == int(mask.sum())
 
 
 def test_review_verdicts_on_the_page(tiny_run, tmp_path):
     """After a review (2 flagged kept, 3 unflagged removed): the summary counts what filter removed,
     the gallery marks the kept cards, the review section shows all five with their verdicts, and
     missed poison leaves out the poison the review removed."""
-    from clipscrub.stages.report import write_report
     from tests.test_evaluate import review_choice, reviewed_clean
 
     root, params = tiny_run
     keep, remove = review_choice(root)
     reviewed_clean(root, tmp_path / "clean", keep=keep, remove=remove)
-    summary = write_report(raw_dir=root / "raw", embeddings_dir=root / "embeddings", scores_dir=root / "scores",
-                           flags_dir=root / "flags", clean_dir=tmp_path / "clean", out_dir=tmp_path / "report",
-                           settings=params.report, threshold=params.threshold, base=params.base)
-    page = (tmp_path / "report" / "index.html").read_text()
+    report = report_of(root, params, clean_dir=tmp_path / "clean")
     flags = pl.read_parquet(root / "flags" / "flags.parquet")
     poison = set(pl.read_parquet(root / "raw" / "manifest.parquet").filter(pl.col("is_poison"))["id"].to_list())
     removed = set(flags.filter(pl.col("is_flagged"))["id"].to_list()) - set(keep) | set(remove)
-    assert (summary["removed"], summary["removed_by_review"], summary["kept_by_review"]) == (len(removed), 3, 2)
-    line = re.search(r"id=summary-line><b>(.*?)</b>", page).group(1)
-    assert line == (f"{len(removed & poison)} of the {len(removed)} removed are known poison; "
-                    f"{len(poison - removed)} of the {len(poison)} known poison were missed. "
-                    "Review: 3 removed by filter.remove_ids, 2 flagged samples kept by filter.keep_ids.")
-    assert f"removed {len(removed)} of 400" in page  # the applied sentence: what filter removed
-    gallery = {c["id"]: c for c in parse_cards(section(page, "gallery"))}
-    assert {i for i, c in gallery.items() if "kept by review" in c["tags"]} == set(keep)
-    review = {c["id"]: c["tags"] for c in parse_cards(section(page, "review"))}
+    assert (report.removed, report.review.removed, report.review.kept) == (len(removed), 3, 2)
+    assert report.header.summary_line == (
+        f"{len(removed & poison)} of the {len(removed)} removed are known poison; "
+        f"{len(poison - removed)} of the {len(poison)} known poison were missed. "
+        "Review: 3 removed by filter.remove_ids, 2 flagged samples kept by filter.keep_ids.")
+    assert f"removed {len(removed)} of 400" in report.header.applied  # the applied sentence: what filter removed
+    assert {c.id for c in report.gallery if "kept by review" in c.tags} == set(keep)
+    review = {c.id: c.tags for c in report.review.cards}
     assert set(review) == set(keep) | set(remove)
     assert all(("kept by review" in review[i]) for i in keep)
     assert all(("removed by review" in review[i]) for i in remove)
-    assert [c["id"] for c in parse_cards(section(page, "missed"))] == \
+    assert [c.id for c in report.missed] == \
         flags.sort("rank").filter(pl.col("id").is_in(sorted(poison - removed)))["id"].to_list()
-    assert "<h2 id=review>Review verdicts (2 kept, 3 removed)</h2>" in page
+    page = parse(render(report)["index.html"])
+    assert section(page, "review").all("h2")[0].text() == "Review verdicts (2 kept, 3 removed)"
+    part = section(page, "review")
+    drawn = dict(zip(card_ids(part), (card.classes for card in part.all("div", cls="card"))))
+    assert set(drawn) == set(review) and all("reviewed" in classes for classes in drawn.values())
 
 
 def test_report_of_a_run_where_detection_works(planted_run):
     """The planted run (40 poisoned, all removed by the default): the summary line, the ROC curves,
     the gallery's poison marks and the what-if rows hold non-zero figures, recomputed here."""
     root, params, groups = planted_run
-    page = (root / "report" / "index.html").read_text()
+    report = report_of(root, params)
+    page = parse((root / "report" / "index.html").read_text())
     removed = set(pl.read_parquet(root / "clean" / "removed.parquet")["id"].to_list())
     poison = set(np.flatnonzero(np.isin(groups, ["sparse", "dense"])).tolist())
     assert poison <= removed and len(poison) == 40
-    line = re.search(r"<p class=summary id=summary-line><b>(.*?)</b></p>", page).group(1)
-    assert line == f"40 of the {len(removed)} removed are known poison; 0 of the 40 known poison were missed."
-    assert "<h2 id=curves>" in page
-    assert "<h2 id=missed>Known poison not removed (0)</h2>" in page
-    assert "<p>Every known poisoned sample was removed.</p>" in section(page, "missed")
-    cards = parse_cards(section(page, "gallery"))
-    shown = [c["id"] for c in cards]
-    assert shown and all(("poisoned" in c["tags"]) == (c["id"] in poison) for c in cards)
-    assert sum(c["id"] in poison for c in cards) == min(40, len(shown))  # poison ranks first
-    applied = re.search(r"<tr><td>tail fdr 0\.1</td><td>[-\d.e+]+</td><td>(\d+)</td><td>(\d+)</td>"
-                        r"<td>([\d.]+)</td><td>([\d.]+)</td><td>the rule applied", section(page, "what-if"))
-    assert applied and int(applied.group(2)) == 40 and float(applied.group(4)) == 1.0
-    assert int(applied.group(1)) == len(removed)
+    line = f"40 of the {len(removed)} removed are known poison; 0 of the 40 known poison were missed."
+    assert report.header.summary_line == page.all("p", id="summary-line")[0].text() == line
+    assert len(report.curves) == 2 and page.all("h2", id="curves")
+    assert (report.missed_total, report.missed) == (0, ())
+    assert section(page, "missed").text() == "Known poison not removed (0) Every known poisoned sample was removed."
+    shown = [c.id for c in report.gallery]
+    assert shown and all(("poisoned" in c.tags) == (c.id in poison) for c in report.gallery)
+    assert sum(i in poison for i in shown) == min(40, len(shown))  # poison ranks first
+    [applied] = [r for r in report.what_if if r["rule"] == "tail fdr 0.1"]
+    assert "the rule applied" in applied["marks"] and applied["poison_removed"] == 40 and applied["recall"] == 1.0
+    assert applied["removed"] == len(removed)
 
 
 @pytest.mark.parametrize(("length", "cut"), [(300, False), (301, True), (10_000_000, True)])
 def test_long_captions_are_drawn_cut_short(length, cut):
     """A 10 MB caption was drawn whole on every card and tooltip (a 525 MB report)."""
-    from clipscrub.stages.report import caption_html
-
-    drawn = caption_html("<" + "a" * (length - 1))
+    caption = cut_caption("<" + "a" * (length - 1))
+    assert (caption.length, caption.cut, len(caption.text)) == (length, cut, min(length, 300))
+    drawn = str(macros().caption(caption))
     assert drawn.startswith("&lt;aaa")
     if cut:
         assert drawn.endswith(f'&hellip; <span class="cut">({length:,} characters, cut short)</span>')
@@ -546,14 +637,16 @@ def test_cards_name_samples_by_key_and_ready_made_review_lists_work(tiny_run, tm
     write_report(raw_dir=root / "raw", embeddings_dir=root / "embeddings", scores_dir=root / "scores",
                  flags_dir=root / "flags", clean_dir=root / "clean", out_dir=tmp_path / "report",
                  settings=params.report, threshold=params.threshold, base=params.base)
-    page = (tmp_path / "report" / "index.html").read_text()
+    page = parse((tmp_path / "report" / "index.html").read_text())
     key_of = dict(pl.read_parquet(root / "raw" / "manifest.parquet").select("id", "key").iter_rows())
-    cards = re.findall(r'<a href="#sample-(\d+)">id \1</a>.*?</div>(<div class="who">.*?</div>)', page)
+    cards = page.all("div", cls="card")
     assert len(cards) >= 20
-    assert all(who == f'<div class="who">key <code>{key_of[int(i)]}</code></div>' for i, who in cards)
+    for card, i in zip(cards, card_ids(page)):
+        [who] = card.all("div", cls="who")
+        assert who.text() == f"key {key_of[i]}" and [c.text() for c in who.all("code")] == [key_of[i]]
     how = section(page, "review")
-    assert "No review list was applied to this version." in how and "one entry per line, by key" in how
-    assert '<a href="review-keep.txt" download>' in how and '<a href="review-remove.txt" download>' in how
+    assert "No review list was applied to this version." in how.text() and "one entry per line, by key" in how.text()
+    assert [a.attrs["href"] for a in how.all("a") if "download" in a.attrs] == ["review-keep.txt", "review-remove.txt"]
     flags = pl.read_parquet(root / "flags" / "flags.parquet").filter(pl.col("is_flagged")).sort("rank")
     lines = (tmp_path / "report" / "review-keep.txt").read_text().splitlines()
     entries = [line for line in lines if re.match(r"# \d{9}  # rank", line)]
@@ -579,9 +672,61 @@ def test_cards_name_samples_by_key_and_ready_made_review_lists_work(tiny_run, tm
     ({"key": None}, ""),
 ])
 def test_a_cards_names_are_escaped_and_link_only_to_the_web(row, drawn):
-    from clipscrub.stages.report import names_html
+    found = names(row)
+    assert all(n.href is None or n.href.startswith("https://") for n in found)
+    assert str(macros().names(found)) == drawn
 
-    assert names_html(row) == drawn
+
+def _card(**row):
+    """A card of a hostile-free sample, ``row`` changing its table row."""
+    return sample_card({"id": 7, "rank": 3, "is_flagged": True, "is_poison": False, "caption": "a dog", "key": "k7",
+                        "kdist_score": 1.23456, **row}, detectors=["kdist"], poison_known=True, kept_by_review=set(),
+                       removed_by_review=set(), removed=set(), thumb="data:image/png;base64,AAAA", nearest=None)
+
+
+def test_a_card_draws_its_source_data_as_text():
+    """Captions, keys, file names and urls come from the source: a card draws them as text (no
+    element, no attribute broken out of), links only a web url, and keeps only our own thumbnail."""
+    hostile = """<script>alert("x")</script>'"><img src=x onerror=alert(1)>"""
+    neighbour = Neighbour(id=8, caption_entry=True, distance=0.25, caption=cut_caption(hostile), thumb=None)
+    card = dataclasses.replace(_card(caption=hostile, key=hostile, file=hostile, url="javascript:" + hostile,
+                                     is_poison=True), nearest=(neighbour,), anchor=True, tags=("poisoned", "kept by review"))
+    drawn = str(macros().card(card, hostile))
+    assert "<script" not in drawn and "<img src=x" not in drawn
+    tree = parse(drawn)
+    [div] = tree.all("div", cls="card")
+    assert div.classes == ["card", "poison", "reviewed"] and div.attrs["id"] == "sample-7"
+    assert not tree.all("script") and [img.attrs for img in tree.all("img")] == [
+        {"src": "data:image/png;base64,AAAA", "alt": "sample 7"}]
+    assert div.all("div", cls="cap")[0].text() == " ".join(hostile.split())
+    [who] = div.all("div", cls="who")
+    assert not who.all("a") and [c.text() for c in who.all("code")] == [
+        " ".join(s.split()) for s in (hostile, hostile, ("javascript:" + hostile)[:57] + "...")]
+    assert [(s.attrs["class"], s.text()) for s in div.all("span") if s.attrs.get("class") in ("tag", "rv kept")] == [
+        ("tag", "poisoned"), ("rv kept", "kept by review")]
+    [nearest] = div.all("div", cls="nearest")
+    assert nearest.attrs["title"] == hostile
+    [nn] = nearest.all("div", cls="nn")
+    assert nn.attrs["title"] == f"id 8 (caption): {hostile}"
+    assert [s.text() for s in nn.all("span")] == ["0.250", "8 txt"]
+    assert div.all("div", cls="sc")[0].text() == "kdist 1.235"
+    assert "#3 id 7" in div.text()
+
+
+def test_the_templates_name_no_field_their_data_lacks():
+    """Strict templates: a field the data lacks is an error, not a blank on the page."""
+    fields = {f.name: getattr(_card(), f.name) for f in dataclasses.fields(_card())}
+    assert "#3 id 7" in parse(str(macros().card(fields, ""))).text()
+    for name in ("caption", "tags", "anchor", "scores"):
+        with pytest.raises(jinja2.UndefinedError):
+            macros().card({k: v for k, v in fields.items() if k != name}, "")
+    with pytest.raises(jinja2.UndefinedError):
+        TEMPLATES.get_template("index.html.j2").render()
+
+
+def test_each_sample_is_anchored_at_its_first_card_on_a_page():
+    a, b, c = _card(id=1), _card(id=2), _card(id=3)
+    assert [[x.anchor for x in part] for part in anchor_first([a, b], [b, c], [a])] == [[True, True], [False, True], [False]]
 
 
 def test_the_what_if_table_does_not_repeat_the_applied_rule():
