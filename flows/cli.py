@@ -158,9 +158,16 @@ def _evaluate_words(s: dict[str, Any]) -> list[str]:
 
 
 def _report_words(s: dict[str, Any]) -> list[str]:
-    return [f"{_n(s['flagged'])} flagged, the top {_n(s['gallery'])} shown; "
-            f"{_plural(s['clusters'], 'cluster')} of flagged samples sharing a caption or an image "
-            f"({_n(s['clustered_samples'])} samples)"]
+    lines = [f"{_n(s['flagged'])} flagged, the top {_n(s['gallery'])} shown; "
+             f"{_plural(s['clusters'], 'cluster')} of flagged samples sharing a caption or an image "
+             f"({_n(s['clustered_samples'])} samples)"]
+    words = s.get("caption_words") or []
+    if words:
+        shown = ", ".join(f"'{w['word']}' ({_n(w['flagged'])} flagged, in {_n(w['captions'])} captions in all)"
+                          for w in words[:3])
+        lines.append(f"caption words over-represented among the flagged: {shown}"
+                     + (f" and {_n(len(words) - 3)} more" if len(words) > 3 else ""))
+    return lines
 
 
 def _poison_words(s: dict[str, Any]) -> list[str]:

@@ -2,17 +2,20 @@
 trusting it.
 
 Writes ``<out>/index.html``, ``<out>/flagged/page-NNNN.html`` (every figure an inline SVG, every
-thumbnail a data: URI, no script: the folder opens offline) and ``<out>/clusters.parquet``. The
+thumbnail a data: URI, no script: the folder opens offline), ``<out>/clusters.parquet`` and
+``<out>/words.parquet``. The
 page holds: a summary line (what filter removed, how much of it known poison, the review's
 share); the dataset summary; per-detector score histograms with the threshold marked; ROC and PR
 curves when the manifest knows which samples are poisoned; a threshold what-if table and plot; a
 gallery of the top-N flagged samples (thumbnail, caption, every score, the marks of the review,
 and the nearest reference entries that made it suspicious), with every flagged sample on the
 gallery pages (``PER_PAGE`` a page); galleries of known poison filter kept and of the samples
-just under the cut; the review's verdicts; clusters of flagged samples that share a caption or
-have near-identical images (natural-backdoor candidates, such as the paper's 798 birthday-cake
-images under one caption); and the version's lineage. Anchors: ``#sample-<id>``,
-``#cluster-<n>`` and every section's (``#what-if``, ``#missed``, ``#near-cut``, ``#review``...).
+just under the cut; the review's verdicts; the caption words over-represented among the flagged
+(``clipscrub.words``: a backdoor's target, however many templates phrase it); clusters of
+flagged samples that share a caption or have near-identical images (natural-backdoor
+candidates, such as the paper's 798 birthday-cake images under one caption); and the version's
+lineage. Anchors: ``#sample-<id>``, ``#word-<word>``, ``#cluster-<n>`` and every section's
+(``#what-if``, ``#missed``, ``#near-cut``, ``#review``, ``#words``...).
 
 What the pages show is computed apart, as plain data (``report_data``, and the parts it calls:
 ``header``, ``what_if_rows``, ``sample_card``, ``cluster_views``...); ``render`` draws it with the
@@ -43,6 +46,7 @@ from clipscrub.params import BaseSettings, ReportSettings, ThresholdSettings
 from clipscrub.sources import read_truth
 from clipscrub.flagging import REVIEW_REASON
 from clipscrub.flagging import flag_outliers
+from clipscrub.words import WordGroup, find_enriched_words
 
 # autoescaped: captions, keys, file names and urls are the source's data and draw as text; only
 # our own figures pass as markup (Markup). Strict: a field a template names that its data lacks is
@@ -396,6 +400,39 @@ def cluster_views(clusters: pl.DataFrame, *, captions: dict[int, str | None], ca
 
 
 @dataclass(frozen=True)
+class WordView:
+    """A caption word over-represented among the flagged (``clipscrub.words.WordGroup``) as the
+    index page shows it."""
+
+    word: str
+    also: tuple[str, ...]
+    size: int  # flagged samples in the group
+    flagged: int
+    dataset_with: int  # scored samples whose caption has the word
+    samples: int
+    p_value: float
+    clusters: tuple[int, ...]  # the caption clusters among its samples
+    cards: tuple[Card, ...]  # of its first members
+    more: tuple[tuple[int, str], ...]  # (id, href of its card) of the others
+
+
+def word_views(groups: list[WordGroup], *, clusters: pl.DataFrame, cards: dict[int, Card], links: dict[int, str],
+               shown: int) -> list[WordView]:
+    """Each word group, its flagged samples in rank order (``links``' order): the first ``shown``
+    as ``cards``, the others as ``links``, with the caption clusters it holds."""
+    rank = {i: r for r, i in enumerate(links)}
+    caption_clusters = clusters.filter(pl.col("kind").str.contains("caption"))
+    out = []
+    for g in groups:
+        ids = sorted(g.ids.tolist(), key=rank.__getitem__)
+        held = caption_clusters.filter(pl.col("id").is_in(ids))["cluster"].unique(maintain_order=True).to_list()
+        out.append(WordView(word=g.word, also=tuple(g.also), size=len(ids), flagged=g.flagged,
+                            dataset_with=g.dataset_with, samples=g.samples, p_value=g.p_value, clusters=tuple(held),
+                            cards=tuple(cards[i] for i in ids[:shown]), more=tuple((i, links[i]) for i in ids[shown:])))
+    return out
+
+
+@dataclass(frozen=True)
 class ReviewSection:
     """The review section."""
 
@@ -449,9 +486,11 @@ class Report:
     near_cut: tuple[Card, ...]
     review: ReviewSection
     clusters: list[Cluster]
+    words: list[WordView]  # caption words over-represented among the flagged
     cosine: float  # near_duplicate_cosine
     lineage: str  # the version's lineage, JSON
     cluster_table: pl.DataFrame  # find_clusters': clusters.parquet
+    word_table: pl.DataFrame  # words.parquet: id, word, p_value of each word group's samples
     review_lists: dict[str, str]  # file name -> review_template
     thumbnails: int  # how many were drawn
 
@@ -503,6 +542,9 @@ def report_data(*, raw_dir: str | Path, embeddings_dir: str | Path, scores_dir: 
     image = RowReader(emb_dir / "image.npy") if (emb_dir / "image.npy").is_file() else None
     clusters = find_clusters(flagged=flagged, image=image, rows=np.array([row_of[int(i)] for i in flagged["id"]], dtype=np.int64),
                              cosine=settings.near_duplicate_cosine)
+    # one target's captions in many phrasings, one group (not a cluster per template)
+    groups = find_enriched_words(ids=table["id"].to_numpy(), captions=table["caption"],
+                                 flagged=table["is_flagged"].fill_null(False).to_numpy())
     flagged_ids, cap = flagged["id"].to_list(), settings.top_n
     # known poison filter did not remove (flagged and kept by review included), most suspicious first
     missed = (table.filter(pl.col("is_poison") & ~pl.col("id").is_in(sorted(removed_ids))).sort("rank")["id"].to_list()
@@ -541,6 +583,7 @@ def report_data(*, raw_dir: str | Path, embeddings_dir: str | Path, scores_dir: 
         pl.col("caption").map_elements(_normalise, return_dtype=pl.String).alias("norm")).len()
     counted = counted.filter(pl.col("norm").is_in(sorted({_normalise(by_id[i]["caption"] or "") for i in clustered})))
     name = review_name(table)
+    links = {i: sample_href(i, position=p, top_n=cap, per_page=PER_PAGE) for p, i in enumerate(flagged_ids)}
     return Report(
         header=header(lineage=lineage, applied=applied, name=base.name, threshold=threshold, flagged=len(flagged_ids)),
         histograms=tuple(map(Markup, hists)), curves=tuple(map(Markup, curves)), what_if=what_if,
@@ -555,10 +598,14 @@ def report_data(*, raw_dir: str | Path, embeddings_dir: str | Path, scores_dir: 
                              near_cut=near_cut.height),
         clusters=cluster_views(clusters, captions={i: by_id[i]["caption"] for i in clustered},
                                caption_counts=dict(counted.iter_rows()), cards=cards, shown=settings.cluster_members_shown,
-                               links={i: sample_href(i, position=p, top_n=cap, per_page=PER_PAGE)
-                                      for p, i in enumerate(flagged_ids)}),
+                               links=links),
+        words=word_views(groups, clusters=clusters, cards=cards, links=links, shown=settings.cluster_members_shown),
         cosine=settings.near_duplicate_cosine, lineage=json.dumps(lineage, indent=2, sort_keys=True),
         cluster_table=clusters, thumbnails=len(thumbs),
+        word_table=pl.DataFrame({"id": [i for g in groups for i in g.ids.tolist()],
+                                 "word": [g.word for g in groups for _ in g.ids],
+                                 "p_value": [g.p_value for g in groups for _ in g.ids]},
+                                schema={"id": pl.Int64, "word": pl.String, "p_value": pl.Float64}),
         review_lists={"review-keep.txt": review_template(
                           flagged, name=name, detector=threshold.detector, verdict="keep",
                           title=f"the {flagged.height:,} samples {threshold.detector} flagged, by rank"),
@@ -599,6 +646,7 @@ def write_report(
                          index_dir=index_dir)
     summary = {"flagged": report.header.flagged, "gallery": len(report.gallery), "clusters": len(report.clusters),
                "clustered_samples": report.cluster_table.height, "thumbnails": report.thumbnails,
+               "caption_words": [{"word": w.word, "flagged": w.size, "captions": w.dataset_with} for w in report.words],
                "ground_truth": report.poison is not None, "removed": report.removed,
                "removed_by_review": report.review.removed, "kept_by_review": report.review.kept,
                "pages": len(report.pages), "missed": report.missed_total, "near_cut": len(report.near_cut),
@@ -608,6 +656,7 @@ def write_report(
         for name, text in (render(report) | report.review_lists).items():
             (tmp / name).write_text(text, encoding="utf-8")
         report.cluster_table.write_parquet(tmp / "clusters.parquet", statistics=False)
+        report.word_table.write_parquet(tmp / "words.parquet", statistics=False)
         write_lineage(
             tmp, stage="report", module=__name__,
             params={"base": base.model_dump(mode="json"), "threshold": threshold.model_dump(mode="json"),

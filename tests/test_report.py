@@ -158,7 +158,7 @@ def test_report_is_self_contained(tiny_run, tiny_page, tiny_report):
     # the table of contents: a link to each section, which is there
     toc = [a.attrs["href"] for a in tiny_page.all("nav", cls="toc")[0].all("a")]
     assert toc == ["#summary", "#histograms", "#curves", "#what-if", "#gallery", "#all-flagged", "#missed", "#near-cut",
-                   "#review", "#clusters", "#lineage"]
+                   "#review", "#words", "#clusters", "#lineage"]
     assert all(len(tiny_page.all(id=a[1:])) == 1 for a in toc)
     # the flagged gallery's pages: as self-contained, every link between them resolves
     pages = sorted((root / "report" / "flagged").glob("page-*.html"))
@@ -610,6 +610,45 @@ def test_report_of_a_run_where_detection_works(planted_run):
     [applied] = [r for r in report.what_if if r["rule"] == "tail fdr 0.1"]
     assert "the rule applied" in applied["marks"] and applied["poison_removed"] == 40 and applied["recall"] == 1.0
     assert applied["removed"] == len(removed)
+
+
+def test_the_targets_caption_words_group_the_flagged_poison(planted_run):
+    """The planted poison's captions name two targets ("a photo of a banana", "... of a kite"):
+    each is one group of the caption words section, in words.parquet and in the stage's words;
+    "photo", which every caption carries, is none."""
+    from clipscrub.flows.cli import _report_words
+
+    root, params, groups = planted_run
+    report = report_of(root, params)
+    manifest = pl.read_parquet(root / "raw" / "manifest.parquet")
+    flagged = set(pl.read_parquet(root / "flags" / "flags.parquet").filter(pl.col("is_flagged"))["id"].to_list())
+    by_word = {w.word: w for w in report.words}
+    assert set(by_word) == {"banana", "kite"}
+    for word, group in (("banana", "sparse"), ("kite", "dense")):
+        members = set(np.flatnonzero(groups == group).tolist())
+        w = by_word[word]
+        assert w.size == len(members) and {c.id for c in w.cards} | {i for i, _ in w.more} == members <= flagged
+        assert w.dataset_with == manifest.filter(pl.col("caption").str.contains(word)).height
+        assert w.flagged == len(flagged) and w.p_value < 1e-3
+    table = pl.read_parquet(root / "report" / "words.parquet")
+    assert dict(table.group_by("word").len().iter_rows()) == {w: by_word[w].size for w in by_word}
+    page = parse((root / "report" / "index.html").read_text())
+    part = section(page, "words")
+    assert [d.attrs["id"] for d in part.all("div", cls="words")] == [f"word-{w.word}" for w in report.words]
+    assert set(card_ids(part)) == {c.id for w in report.words for c in w.cards}
+    summary = json.loads((root / "report" / "lineage.json").read_text())["stages"]["report"]["summary"]
+    assert summary["caption_words"] == [{"word": w.word, "flagged": w.size, "captions": w.dataset_with}
+                                        for w in report.words]
+    assert f"'{report.words[0].word}' ({report.words[0].size} flagged" in _report_words(summary)[1]
+
+
+def test_flags_unrelated_to_the_captions_make_no_word_group(tiny_run):
+    """The tiny victim learns nothing: its flags hold no over-represented caption word."""
+    root, params = tiny_run
+    report = report_of(root, params)
+    assert report.words == [] and pl.read_parquet(root / "report" / "words.parquet").height == 0
+    part = section(parse((root / "report" / "index.html").read_text()), "words")
+    assert "None stands out." in part.text()
 
 
 @pytest.mark.parametrize(("length", "cut"), [(300, False), (301, True), (10_000_000, True)])
