@@ -56,8 +56,7 @@ def find_enriched_words(*, ids: np.ndarray, captions: list[str | None] | pl.Seri
     if n_flagged == 0 or n_flagged == n_samples:
         return []
     words = (pl.DataFrame({"id": ids, "caption": pl.Series(captions, dtype=pl.String), "flagged": flagged})
-             .with_columns(pl.col("caption").fill_null("").str.to_lowercase().str.extract_all(WORD).list.unique()
-                           .alias("word"))
+             .with_columns(caption_words(pl.col("caption")).alias("word"))
              .explode("word").drop_nulls("word"))
     counts = (words.group_by("word")
               .agg(pl.len().alias("n"), pl.col("flagged").sum().alias("f"),
@@ -94,6 +93,11 @@ def find_enriched_words(*, ids: np.ndarray, captions: list[str | None] | pl.Seri
             if word != g.word and np.isin(np.asarray(found, dtype=ids.dtype), g.ids).any():
                 g.also.append(word)
     return sorted(groups, key=lambda g: (-g.flagged_with, g.p_value, g.word))
+
+
+def caption_words(captions: pl.Expr) -> pl.Expr:
+    """Each caption's words as ``find_enriched_words`` counts them: case-folded, each once."""
+    return captions.fill_null("").str.to_lowercase().str.extract_all(WORD).list.unique()
 
 
 def _tail(f: np.ndarray, n: np.ndarray, samples: int, flagged: int, tested: int) -> np.ndarray:

@@ -46,7 +46,7 @@ from clipscrub.params import BaseSettings, ReportSettings, ThresholdSettings
 from clipscrub.sources import read_truth
 from clipscrub.flagging import REVIEW_REASON
 from clipscrub.flagging import flag_outliers
-from clipscrub.words import WordGroup, find_enriched_words
+from clipscrub.words import WordGroup, caption_words, find_enriched_words
 
 # autoescaped: captions, keys, file names and urls are the source's data and draw as text; only
 # our own figures pass as markup (Markup). Strict: a field a template names that its data lacks is
@@ -414,12 +414,15 @@ class WordView:
     clusters: tuple[int, ...]  # the caption clusters among its samples
     cards: tuple[Card, ...]  # of its first members
     more: tuple[tuple[int, str], ...]  # (id, href of its card) of the others
+    unflagged: int  # unflagged samples whose caption has the word: what the cut may have missed
+    unflagged_cards: tuple[Card, ...]  # of the most suspicious of them
 
 
 def word_views(groups: list[WordGroup], *, clusters: pl.DataFrame, cards: dict[int, Card], links: dict[int, str],
-               shown: int) -> list[WordView]:
+               unflagged: dict[str, list[int]], shown: int) -> list[WordView]:
     """Each word group, its flagged samples in rank order (``links``' order): the first ``shown``
-    as ``cards``, the others as ``links``, with the caption clusters it holds."""
+    as ``cards``, the others as ``links``, with the caption clusters it holds; ``unflagged``: word
+    -> the unflagged samples whose caption has it, in rank order, the first ``shown`` as cards."""
     rank = {i: r for r, i in enumerate(links)}
     caption_clusters = clusters.filter(pl.col("kind").str.contains("caption"))
     out = []
@@ -428,7 +431,9 @@ def word_views(groups: list[WordGroup], *, clusters: pl.DataFrame, cards: dict[i
         held = caption_clusters.filter(pl.col("id").is_in(ids))["cluster"].unique(maintain_order=True).to_list()
         out.append(WordView(word=g.word, also=tuple(g.also), size=len(ids), flagged=g.flagged,
                             dataset_with=g.dataset_with, samples=g.samples, p_value=g.p_value, clusters=tuple(held),
-                            cards=tuple(cards[i] for i in ids[:shown]), more=tuple((i, links[i]) for i in ids[shown:])))
+                            cards=tuple(cards[i] for i in ids[:shown]), more=tuple((i, links[i]) for i in ids[shown:]),
+                            unflagged=len(unflagged[g.word]),
+                            unflagged_cards=tuple(cards[i] for i in unflagged[g.word][:shown])))
     return out
 
 
@@ -490,7 +495,7 @@ class Report:
     cosine: float  # near_duplicate_cosine
     lineage: str  # the version's lineage, JSON
     cluster_table: pl.DataFrame  # find_clusters': clusters.parquet
-    word_table: pl.DataFrame  # words.parquet: id, word, p_value of each word group's samples
+    word_table: pl.DataFrame  # words.parquet: id, word, is_flagged, p_value: each group's samples, and the unflagged with its word
     review_lists: dict[str, str]  # file name -> review_template
     thumbnails: int  # how many were drawn
 
@@ -542,9 +547,12 @@ def report_data(*, raw_dir: str | Path, embeddings_dir: str | Path, scores_dir: 
     image = RowReader(emb_dir / "image.npy") if (emb_dir / "image.npy").is_file() else None
     clusters = find_clusters(flagged=flagged, image=image, rows=np.array([row_of[int(i)] for i in flagged["id"]], dtype=np.int64),
                              cosine=settings.near_duplicate_cosine)
-    # one target's captions in many phrasings, one group (not a cluster per template)
+    # one target's captions in many phrasings, one group (not a cluster per template); the
+    # unflagged samples that carry its word are where the cut may have missed some
     groups = find_enriched_words(ids=table["id"].to_numpy(), captions=table["caption"],
                                  flagged=table["is_flagged"].fill_null(False).to_numpy())
+    worded = table.filter(~pl.col("is_flagged")).sort("rank").select("id", caption_words(pl.col("caption")).alias("w"))
+    unflagged = {g.word: worded.filter(pl.col("w").list.contains(g.word))["id"].to_list() for g in groups}
     flagged_ids, cap = flagged["id"].to_list(), settings.top_n
     # known poison filter did not remove (flagged and kept by review included), most suspicious first
     missed = (table.filter(pl.col("is_poison") & ~pl.col("id").is_in(sorted(removed_ids))).sort("rank")["id"].to_list()
@@ -552,6 +560,7 @@ def report_data(*, raw_dir: str | Path, embeddings_dir: str | Path, scores_dir: 
     near_cut = table.filter(~pl.col("is_flagged")).sort("rank").head(cap)
     reviewed = table.filter(pl.col("id").is_in(sorted(kept_by_review | removed_by_review))).sort("rank")["id"].to_list()
     card_ids = set(flagged_ids) | set(missed[:cap]) | set(near_cut["id"].to_list()) | set(reviewed[:2 * cap])
+    card_ids |= {i for ids in unflagged.values() for i in ids[:settings.cluster_members_shown]}
 
     index_path, no_index = _index_for(scores_dir, Path(index_dir) if index_dir is not None else None)
     found, note = (_nearest(index_path, sorted(i for i in card_ids if i in row_of), row_of=row_of, emb_ids=emb_ids)
@@ -599,13 +608,14 @@ def report_data(*, raw_dir: str | Path, embeddings_dir: str | Path, scores_dir: 
         clusters=cluster_views(clusters, captions={i: by_id[i]["caption"] for i in clustered},
                                caption_counts=dict(counted.iter_rows()), cards=cards, shown=settings.cluster_members_shown,
                                links=links),
-        words=word_views(groups, clusters=clusters, cards=cards, links=links, shown=settings.cluster_members_shown),
+        words=word_views(groups, clusters=clusters, cards=cards, links=links, unflagged=unflagged,
+                         shown=settings.cluster_members_shown),
         cosine=settings.near_duplicate_cosine, lineage=json.dumps(lineage, indent=2, sort_keys=True),
         cluster_table=clusters, thumbnails=len(thumbs),
-        word_table=pl.DataFrame({"id": [i for g in groups for i in g.ids.tolist()],
-                                 "word": [g.word for g in groups for _ in g.ids],
-                                 "p_value": [g.p_value for g in groups for _ in g.ids]},
-                                schema={"id": pl.Int64, "word": pl.String, "p_value": pl.Float64}),
+        word_table=pl.DataFrame(
+            [(i, g.word, True, g.p_value) for g in groups for i in g.ids.tolist()]
+            + [(i, g.word, False, g.p_value) for g in groups for i in unflagged[g.word]],
+            schema={"id": pl.Int64, "word": pl.String, "is_flagged": pl.Boolean, "p_value": pl.Float64}, orient="row"),
         review_lists={"review-keep.txt": review_template(
                           flagged, name=name, detector=threshold.detector, verdict="keep",
                           title=f"the {flagged.height:,} samples {threshold.detector} flagged, by rank"),

@@ -632,6 +632,7 @@ def test_the_targets_caption_words_group_the_flagged_poison(planted_run):
         assert w.flagged == len(flagged) and w.p_value < 1e-3
     table = pl.read_parquet(root / "report" / "words.parquet")
     assert dict(table.group_by("word").len().iter_rows()) == {w: by_word[w].size for w in by_word}
+    assert table["is_flagged"].all() and all(w.unflagged == 0 for w in report.words)  # the cut took every one
     page = parse((root / "report" / "index.html").read_text())
     part = section(page, "words")
     assert [d.attrs["id"] for d in part.all("div", cls="words")] == [f"word-{w.word}" for w in report.words]
@@ -640,6 +641,26 @@ def test_the_targets_caption_words_group_the_flagged_poison(planted_run):
     assert summary["caption_words"] == [{"word": w.word, "flagged": w.size, "captions": w.dataset_with}
                                         for w in report.words]
     assert f"'{report.words[0].word}' ({report.words[0].size} flagged" in _report_words(summary)[1]
+
+
+def test_a_word_group_shows_the_unflagged_samples_that_carry_its_word(planted_run, tmp_path):
+    """Three of the banana poison left unflagged (a cut that stopped short): the banana group
+    shows them, most suspicious first, as what the cut may have missed."""
+    root, params, groups = planted_run
+    flags = pl.read_parquet(root / "flags" / "flags.parquet")
+    sparse = flags.filter(pl.col("id").is_in(np.flatnonzero(groups == "sparse").tolist())).sort("rank")
+    missed = sparse["id"].tail(3).to_list()
+    (tmp_path / "flags").mkdir()
+    flags.with_columns(pl.when(pl.col("id").is_in(missed)).then(False).otherwise(pl.col("is_flagged"))
+                       .alias("is_flagged")).write_parquet(tmp_path / "flags" / "flags.parquet")
+    report = report_of(root, params, flags_dir=tmp_path / "flags")
+    banana = next(w for w in report.words if w.word == "banana")
+    assert banana.unflagged == 3 and [c.id for c in banana.unflagged_cards] == missed
+    assert banana.size == sparse.height - 3
+    page = parse(render(report)["index.html"])
+    group = page.all("div", id="word-banana")[0]
+    assert "3 unflagged samples carry “banana” too" in group.text()
+    assert card_ids(group)[-3:] == missed
 
 
 def test_flags_unrelated_to_the_captions_make_no_word_group(tiny_run):
