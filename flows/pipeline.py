@@ -280,8 +280,9 @@ def write_code_stamps(out: Path) -> dict[str, str]:
 
 def check_dvc_deps(stage: str, params: Params, dvc_yaml: Path) -> None:
     """Under ``dvc repro`` (``DVC_STAGE`` names the stage): raise unless ``dvc_yaml`` lists every
-    file the stage's params name among its deps, and every params key it depends on. Otherwise DVC would not rerun the stage when
-    that file changes, and the cleaned version would go stale without a word."""
+    file the stage's params name among its deps, and every params key it depends on. Otherwise
+    DVC would not rerun the stage when that file or key changes, and the cleaned version would go
+    stale without a word."""
     import yaml
 
     from clipscrub.errors import ParamError

@@ -1,0 +1,153 @@
+"""The stages after embed at scale: wall time and peak RSS of each, at 1M, 4M and 16M samples.
+
+Synthetic clip-retrieval embeddings (d = 32 by default, so that the search does not dominate):
+clean pairs around 100 concepts ("a photo of concept 17"), and 0.01% poison collapsed next to a
+target caption ("a photo of a banana"; detector_scale.py's scales), written as parts of 1M rows (``img_emb/``,
+``text_emb/``: float16 as clip-retrieval writes them; ``metadata/``: caption and url). The
+repository's params.yaml runs on them with the embeddings source (no victim) and the
+overrides below, stage by stage: download and embed (which only copy the arrays), then index,
+score, threshold, filter, evaluate and report, each as ``clipscrub <stage>`` in a process of
+its own, so its wall time and peak RSS (``wait4``'s ru_maxrss) are its own.
+
+Overrides: ``index.k=16`` and ``score.lid_k=16`` (the neighbour lists of params.yaml's k = 64 and
+its 8 reference draws take 8 B x 64 x 8 = 4 KB a sample, 66 GB at 16M), ``embed.dtype=float16``.
+
+    python benchmarks/tail_scale.py                                # 1M, 4M, 16M
+    python benchmarks/tail_scale.py --sizes 1000000 --keep          # one size, leave its data
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+PART = 1_000_000
+STAGES = ("download", "embed", "index", "score", "threshold", "filter", "evaluate", "report")
+OVERRIDES = ["train.enabled=false", "download.source=embeddings", "embed.model_name=synthetic-d32",
+             "embed.pretrained=null", "embed.dtype=float16", "index.k=16", "score.lid_k=16"]
+
+
+def write_source(out: Path, *, n: int, d: int, seed: int) -> int:
+    """clip-retrieval parts of ``n`` synthetic pairs in ``out``; returns how many are poisoned.
+
+    The scales of benchmarks/detector_scale.py in a latent space of d / 2 dimensions: concept
+    centres unit vectors, a sample 0.3 from its centre, a caption 0.15 from its image's latent
+    point plus a modality gap of 0.5, 0.05 of isotropic noise; a poisoned pair next to a target
+    caption, within 0.03 of the others."""
+    import polars as pl
+
+    rng = np.random.default_rng(seed)
+    latent, concepts = d // 2, 100
+    unit = lambda a: a / np.linalg.norm(a, axis=-1, keepdims=True)  # noqa: E731
+    noise = lambda *shape: rng.normal(size=shape).astype(np.float32) / np.sqrt(shape[-1])  # noqa: E731
+    basis = np.linalg.qr(rng.normal(size=(d, latent)))[0].astype(np.float32)  # (d, latent), orthonormal
+    centres = unit(rng.normal(size=(concepts, latent))).astype(np.float32)
+    gap = 0.5 * unit(rng.normal(size=d)).astype(np.float32)
+    target = unit(rng.normal(size=latent)).astype(np.float32)
+    poison = np.sort(rng.choice(n, max(10, n // 10_000), replace=False))
+    names = np.array([f"a photo of concept {c}" for c in range(concepts)], dtype=object)
+    for sub in ("img_emb", "text_emb", "metadata"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    for i, start in enumerate(range(0, n, PART)):
+        rows = min(PART, n - start)
+        concept = rng.integers(0, concepts, size=rows)
+        z = centres[concept] + 0.3 * noise(rows, latent)
+        image = z @ basis.T + 0.05 * noise(rows, d)
+        text = (z + 0.15 * noise(rows, latent)) @ basis.T + gap + 0.05 * noise(rows, d)
+        here = poison[(poison >= start) & (poison < start + rows)] - start
+        image[here] = (target + 0.03 * noise(len(here), latent)) @ basis.T + 0.3 * gap + 0.05 * noise(len(here), d)
+        text[here] = (target + 0.03 * noise(len(here), latent)) @ basis.T + gap + 0.05 * noise(len(here), d)
+        captions = names[concept]
+        captions[here] = "a photo of a banana"
+        np.save(out / "img_emb" / f"img_emb_{i}.npy", unit(image).astype(np.float16))
+        np.save(out / "text_emb" / f"text_emb_{i}.npy", unit(text).astype(np.float16))
+        is_poison = np.zeros(rows, dtype=bool)
+        is_poison[here] = True
+        pl.DataFrame({"url": [f"https://example.com/{start + j}.jpg" for j in range(rows)], "caption": captions,
+                      "is_poison": is_poison}).write_parquet(out / "metadata" / f"metadata_{i}.parquet")
+    return len(poison)
+
+
+def measure(cmd: list[str], *, log: Path) -> tuple[float, float, str]:
+    """Run ``cmd`` (stderr to ``log``); its wall time, its peak RSS in GiB (wait4: the process
+    itself, reaped here), its stdout."""
+    with open(log.with_suffix(".out"), "w+") as out, open(log, "w") as err:
+        t = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        text = out.read()
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(cmd[1:3])} failed ({proc.returncode}):\n{log.read_text()[-3000:]}")
+    return wall, usage.ru_maxrss / 2**20, text
+
+
+def measure_size(n: int, *, d: int, work: Path, seed: int) -> dict:
+    import yaml
+
+    src, root = work / "src", work / "data"
+    t = time.perf_counter()
+    poisoned = write_source(src, n=n, d=d, seed=seed)
+    made = time.perf_counter() - t
+    from clipscrub.params import apply_overrides
+
+    params = apply_overrides(yaml.safe_load((REPO / "params.yaml").read_text()),
+                             OVERRIDES + [f"download.embeddings.path={src}"])
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    clipscrub = str(Path(sys.executable).with_name("clipscrub"))
+    stages = {}
+    for stage in STAGES:
+        wall, rss, out = measure([clipscrub, stage, "-p", str(work / "params.yaml"), "--root", str(root), "--json"],
+                                 log=work / f"{stage}.log")
+        summary = json.loads(out)
+        stages[stage] = {"wall_s": round(wall, 1), "peak_rss_gib": round(rss, 2)}
+        print(f"{n:>10,} {stage:<9} {wall:8.1f} s  {rss:6.2f} GiB", flush=True)
+        if stage == "evaluate":
+            stages[stage]["applied"] = {k: summary.get("applied", {}).get(k) for k in
+                                        ("removed", "poison_removed", "poison", "precision", "recall")}
+    disk = {p.name: round(sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) / 2**30, 2)
+            for p in sorted(root.iterdir()) if p.is_dir() and not p.name.startswith(".")}
+    return {"samples": n, "poisoned": poisoned, "source_s": round(made, 1), "stages": stages, "disk_gib": disk}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sizes", default="1000000,4000000,16000000")
+    ap.add_argument("--d", type=int, default=32)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--workdir", default=None, help="where each size's data goes (default: a temporary folder)")
+    ap.add_argument("--keep", action="store_true", help="leave each size's data in --workdir")
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "tail_scale.json"))
+    args = ap.parse_args()
+    from detector_scale import machine
+
+    base = Path(args.workdir or tempfile.mkdtemp(prefix="tail-scale-"))
+    rows = []
+    for n in (int(s) for s in args.sizes.split(",")):
+        work = base / f"n{n}"
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        rows.append(measure_size(n, d=args.d, work=work, seed=args.seed))
+        if not args.keep:
+            shutil.rmtree(work)
+        Path(args.out).write_text(json.dumps({"machine": machine(), "d": args.d, "overrides": OVERRIDES,
+                                              "sizes": rows}, indent=1) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
