@@ -211,11 +211,24 @@ def download() -> str:
     ])
 
 
+def tail_scale() -> str:
+    """The stages after embed, each in its own process, at every size measured (tail_scale.json)."""
+    doc = _load("tail_scale")
+    sizes = doc["sizes"]
+    rows = [[stage] + [f"{s['stages'][stage]['wall_s']:,.1f} s, {s['stages'][stage]['peak_rss_gib']:.2f} GiB"
+                       for s in sizes] for stage in sizes[0]["stages"]]
+    rows.append(["poison removed (evaluate)"] + [
+        f"{s['stages']['evaluate']['applied']['poison_removed']} of {s['poisoned']} "
+        f"({s['stages']['evaluate']['applied']['removed']:,} removed)" for s in sizes])
+    rows.append(["data on disk"] + [f"{sum(s['disk_gib'].values()):.1f} GiB" for s in sizes])
+    return _table(["stage (wall time, peak RSS)"] + [f"{s['samples']:,} samples" for s in sizes], rows)
+
+
 TABLES: dict[str, Callable[[], str]] = {
     "attack-matrix-cells": attack_matrix_cells, "attack-matrix-settings": attack_matrix_settings,
     "attack-matrix-rules": attack_matrix_rules, "detector-default": detector_default,
     "detectors-v01": detectors_v01, "cluster-scaling": cluster_scaling, "sizing": sizing,
-    "embed-floor": embed_floor, "download": download,
+    "embed-floor": embed_floor, "download": download, "tail-scale": tail_scale,
 }
 
 

@@ -7,7 +7,7 @@ target caption ("a photo of a banana"; detector_scale.py's scales), written as p
 repository's params.yaml runs on them with the embeddings source (no victim) and the
 overrides below, stage by stage: download and embed (which only copy the arrays), then index,
 score, threshold, filter, evaluate and report, each as ``clipscrub <stage>`` in a process of
-its own, so its wall time and peak RSS (``wait4``'s ru_maxrss) are its own.
+its own, so its wall time and peak RSS (its VmHWM, read as it exits) are its own.
 
 Overrides: ``index.k=16`` and ``score.lid_k=16`` (the neighbour lists of params.yaml's k = 64 and
 its 8 reference draws take 8 B x 64 x 8 = 4 KB a sample, 66 GB at 16M), ``embed.dtype=float16``.
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -80,23 +79,37 @@ def write_source(out: Path, *, n: int, d: int, seed: int) -> int:
     return len(poison)
 
 
-def measure(cmd: list[str], *, log: Path) -> tuple[float, float, str]:
-    """Run ``cmd`` (stderr to ``log``); its wall time, its peak RSS in GiB (wait4: the process
-    itself, reaped here), its stdout."""
+# runs `clipscrub <stage> ...` and writes its own VmHWM at exit: wait4's ru_maxrss is no good
+# here, since Linux carries the parent's high-water mark into a child across fork and exec
+LAUNCH = """import atexit, sys
+path = sys.argv[1]
+def peak():
+    with open(path, "w") as f:
+        f.write(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")))
+atexit.register(peak)
+from clipscrub.flows.cli import main
+sys.argv = ["clipscrub", *sys.argv[2:]]
+sys.exit(main())
+"""
+
+
+def measure(args: list[str], *, log: Path) -> tuple[float, float, str]:
+    """``clipscrub *args`` in a process of its own (stderr to ``log``): its wall time, its peak
+    RSS in GiB (its VmHWM), its stdout."""
+    peak = log.with_suffix(".peak")
     with open(log.with_suffix(".out"), "w+") as out, open(log, "w") as err:
         t = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True)
-        _, status, usage = os.wait4(proc.pid, 0)
+        code = subprocess.call([sys.executable, "-c", LAUNCH, str(peak), *args], stdout=out, stderr=err)
         wall = time.perf_counter() - t
-        proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
         text = out.read()
-    if proc.returncode:
-        raise SystemExit(f"{' '.join(cmd[1:3])} failed ({proc.returncode}):\n{log.read_text()[-3000:]}")
-    return wall, usage.ru_maxrss / 2**20, text
+    if code:
+        raise SystemExit(f"clipscrub {args[0]} failed ({code}):\n{log.read_text()[-3000:]}")
+    kib = int(peak.read_text().split()[1])
+    return wall, kib / 2**20, text
 
 
-def measure_size(n: int, *, d: int, work: Path, seed: int) -> dict:
+def measure_size(n: int, *, d: int, work: Path, seed: int, overrides: list[str]) -> dict:
     import yaml
 
     src, root = work / "src", work / "data"
@@ -106,12 +119,11 @@ def measure_size(n: int, *, d: int, work: Path, seed: int) -> dict:
     from clipscrub.params import apply_overrides
 
     params = apply_overrides(yaml.safe_load((REPO / "params.yaml").read_text()),
-                             OVERRIDES + [f"download.embeddings.path={src}"])
+                             overrides + [f"download.embeddings.path={src}"])
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    clipscrub = str(Path(sys.executable).with_name("clipscrub"))
     stages = {}
     for stage in STAGES:
-        wall, rss, out = measure([clipscrub, stage, "-p", str(work / "params.yaml"), "--root", str(root), "--json"],
+        wall, rss, out = measure([stage, "-p", str(work / "params.yaml"), "--root", str(root), "--json"],
                                  log=work / f"{stage}.log")
         summary = json.loads(out)
         stages[stage] = {"wall_s": round(wall, 1), "peak_rss_gib": round(rss, 2)}
@@ -132,6 +144,8 @@ def main() -> None:
     ap.add_argument("--workdir", default=None, help="where each size's data goes (default: a temporary folder)")
     ap.add_argument("--keep", action="store_true", help="leave each size's data in --workdir")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "tail_scale.json"))
+    ap.add_argument("-S", dest="extra", action="append", default=[], metavar="KEY=VALUE",
+                    help="a params override after the benchmark's own (e.g. index.k=64)")
     args = ap.parse_args()
     from detector_scale import machine
 
@@ -141,10 +155,10 @@ def main() -> None:
         work = base / f"n{n}"
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
-        rows.append(measure_size(n, d=args.d, work=work, seed=args.seed))
+        rows.append(measure_size(n, d=args.d, work=work, seed=args.seed, overrides=OVERRIDES + args.extra))
         if not args.keep:
             shutil.rmtree(work)
-        Path(args.out).write_text(json.dumps({"machine": machine(), "d": args.d, "overrides": OVERRIDES,
+        Path(args.out).write_text(json.dumps({"machine": machine(), "d": args.d, "overrides": OVERRIDES + args.extra,
                                               "sizes": rows}, indent=1) + "\n")
     print(f"wrote {args.out}")
 
