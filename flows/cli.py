@@ -552,7 +552,8 @@ def run_init(args: argparse.Namespace) -> int:
     if not Path(where.split("{")[0]).expanduser().exists():
         print(f"  note: {args.path} does not exist yet")
     print(f"  wrote {dvc_yaml} (the DVC pipeline) and the empty review lists {', '.join(REVIEW_LISTS.values())}")
-    print(f"  next: cd {out.parent} && git init && dvc init && dvc repro   (or without DVC: clipscrub run -p {out} -o run)")
+    cd = "" if out.parent.resolve() == Path.cwd().resolve() else f"cd {out.parent} && "
+    print(f"  next: {cd}git init && dvc init && dvc repro   (or without DVC: clipscrub run -p {out} -o run)")
     return 0
 
 

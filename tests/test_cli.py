@@ -354,6 +354,10 @@ def test_init_writes_a_dvc_project_and_overwrites_nothing(tmp_path, monkeypatch,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dvc.yaml"]
     (tmp_path / "dvc.yaml").unlink()
     assert main(["init", "--source", "shards", "--path", "shards", "--checkpoint", "w.pt"]) == 0
+    # in the project's own folder the next step starts at git init; elsewhere with a cd there
+    assert "  next: git init && dvc init && dvc repro" in capsys.readouterr().out
+    assert main(["init", "--source", "shards", "--path", "shards", "--checkpoint", "w.pt", "-o", "proj/params.yaml"]) == 0
+    assert "  next: cd proj && git init && dvc init && dvc repro" in capsys.readouterr().out
     stages = yaml.safe_load((tmp_path / "dvc.yaml").read_text())["stages"]
     assert "shards" in stages["download"]["deps"] and "w.pt" in stages["embed"]["deps"]
     assert {"review/keep_ids.txt", "review/remove_ids.txt"} <= set(stages["filter"]["deps"])
