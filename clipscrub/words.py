@@ -38,6 +38,7 @@ class WordGroup:
     samples: int  # N: scored samples
     flagged: int  # F: flagged samples
     p_value: float  # Bonferroni-adjusted, at most 1; given the groups before it
+    unflagged: np.ndarray  # (u,) ids of the unflagged samples whose caption has the word, ascending
     also: list[str] = field(default_factory=list)
 
     @property
@@ -56,7 +57,8 @@ def find_enriched_words(*, ids: np.ndarray, captions: list[str | None] | pl.Seri
     if n_flagged == 0 or n_flagged == n_samples:
         return []
     words = (pl.DataFrame({"id": ids, "caption": pl.Series(captions, dtype=pl.String), "flagged": flagged})
-             .with_columns(caption_words(pl.col("caption")).alias("word"))
+             .with_columns(pl.col("caption").fill_null("").str.to_lowercase().str.extract_all(WORD).list.unique()
+                           .alias("word"))
              .explode("word").drop_nulls("word"))
     counts = (words.group_by("word")
               .agg(pl.len().alias("n"), pl.col("flagged").sum().alias("f"),
@@ -72,6 +74,9 @@ def find_enriched_words(*, ids: np.ndarray, captions: list[str | None] | pl.Seri
         # common word much else besides
         pl.Series("dice", 2 * f / (n + n_flagged), dtype=pl.Float64))
     significant = counts.filter(pl.col("p") < alpha).sort(["dice", "log_p", "word"], descending=[True, False, False])
+    # the unflagged samples that carry each significant word: where the cut may have missed some
+    others = dict(words.filter(~pl.col("flagged") & pl.col("word").is_in(significant["word"].implode()))
+                  .group_by("word").agg(pl.col("id").sort()).iter_rows())
     groups: list[WordGroup] = []
     covered = np.empty(0, dtype=ids.dtype)
     for word, count, found, p_value in significant.select("word", "n", "ids", "p").iter_rows():
@@ -86,18 +91,14 @@ def find_enriched_words(*, ids: np.ndarray, captions: list[str | None] | pl.Seri
                 continue
             members = members[~np.isin(members, covered)]
         groups.append(WordGroup(word=word, ids=members, dataset_with=int(count), samples=n_samples,
-                                flagged=n_flagged, p_value=p_value))
+                                flagged=n_flagged, p_value=p_value,
+                                unflagged=np.asarray(others.get(word, []), dtype=ids.dtype)))
         covered = np.union1d(covered, members)
     for word, found in significant.select("word", "ids").iter_rows():  # the others, beside their groups
         for g in groups:
             if word != g.word and np.isin(np.asarray(found, dtype=ids.dtype), g.ids).any():
                 g.also.append(word)
     return sorted(groups, key=lambda g: (-g.flagged_with, g.p_value, g.word))
-
-
-def caption_words(captions: pl.Expr) -> pl.Expr:
-    """Each caption's words as ``find_enriched_words`` counts them: case-folded, each once."""
-    return captions.fill_null("").str.to_lowercase().str.extract_all(WORD).list.unique()
 
 
 def _tail(f: np.ndarray, n: np.ndarray, samples: int, flagged: int, tested: int) -> np.ndarray:

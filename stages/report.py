@@ -46,7 +46,7 @@ from clipscrub.params import BaseSettings, ReportSettings, ThresholdSettings
 from clipscrub.sources import read_truth
 from clipscrub.flagging import REVIEW_REASON
 from clipscrub.flagging import flag_outliers
-from clipscrub.words import WordGroup, caption_words, find_enriched_words
+from clipscrub.words import WordGroup, find_enriched_words
 
 # autoescaped: captions, keys, file names and urls are the source's data and draw as text; only
 # our own figures pass as markup (Markup). Strict: a field a template names that its data lacks is
@@ -551,8 +551,9 @@ def report_data(*, raw_dir: str | Path, embeddings_dir: str | Path, scores_dir: 
     # unflagged samples that carry its word are where the cut may have missed some
     groups = find_enriched_words(ids=table["id"].to_numpy(), captions=table["caption"],
                                  flagged=table["is_flagged"].fill_null(False).to_numpy())
-    worded = table.filter(~pl.col("is_flagged")).sort("rank").select("id", caption_words(pl.col("caption")).alias("w"))
-    unflagged = {g.word: worded.filter(pl.col("w").list.contains(g.word))["id"].to_list() for g in groups}
+    others = np.concatenate([g.unflagged for g in groups]) if groups else np.empty(0, np.int64)
+    ranked = table.filter(pl.col("id").is_in(others.tolist())).sort("rank")["id"].to_numpy()
+    unflagged = {g.word: ranked[np.isin(ranked, g.unflagged)].tolist() for g in groups}
     flagged_ids, cap = flagged["id"].to_list(), settings.top_n
     # known poison filter did not remove (flagged and kept by review included), most suspicious first
     missed = (table.filter(pl.col("is_poison") & ~pl.col("id").is_in(sorted(removed_ids))).sort("rank")["id"].to_list()

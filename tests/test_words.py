@@ -40,6 +40,7 @@ def test_one_target_in_eight_templates_is_one_group(seed):
     g = groups[0]
     assert g.ids.tolist() == sorted(ids[rows[:52]].tolist())
     assert (g.flagged_with, g.flagged, g.dataset_with, g.samples) == (52, 57, 60, 6000)
+    assert g.unflagged.tolist() == sorted(ids[rows[52:]].tolist())  # the 8 the flags missed
     assert g.p_value < 1e-50 and {"photo", "bad", "rendering"} & set(g.also)
 
 
