@@ -2,8 +2,10 @@
 
 Each stage validates what it is about to publish, inside its scratch directory, so an output
 that fails a suite is never renamed into place. GX (Core 1.x) has no polars support: every
-suite runs on a small pandas view, one row per sample with the per-row facts the expectations
-need (an embedding's norm, a neighbour list's smallest index, ...), never on the raw arrays.
+suite runs on a small pandas view of the facts the expectations need (an embedding's norm, a
+neighbour list's smallest index, ...), never on the raw arrays. The index and score suites see
+one row per block of ``BLOCK_ROWS`` samples (``block_view``: the block's extreme figures and
+the id that holds each), so their view stays small however many samples there are.
 
 Data docs (GX's HTML) for the stage's latest validation go to ``<run dir>/validation/<stage>/``
 on success and failure; a failure raises ``ValidationError`` naming the expectation, the
@@ -41,12 +43,54 @@ class ValidationError(DataError):
 
 @dataclass
 class Table:
-    """One pandas view and the GX expectations it must meet."""
+    """One pandas view and the GX expectations it must meet. A failure names rows by
+    ``id_column``; a view of blocks (``unit="blocks"``) names, for a failing column ``c``, the
+    sample in ``c_id`` that holds the block's figure."""
 
     name: str
     frame: "pd.DataFrame"
     expectations: list[Any] = field(default_factory=list)
     id_column: str = "id"
+    unit: str = "rows"
+
+    def id_columns(self) -> list[str]:
+        if self.unit == "rows":
+            return [self.id_column]
+        return [c for c in self.frame.columns if c.endswith("_id")]
+
+
+# samples per row of a block view: the index and score suites' views hold N / BLOCK_ROWS rows
+BLOCK_ROWS = 65536
+
+
+def block_view(*, ids: np.ndarray, figures: dict[str, tuple[np.ndarray, str]], block: int | None = None) -> "pd.DataFrame":
+    """One row per block of ``block`` consecutive samples: ``rows`` (the block's size) and per
+    figure ``name -> (values (N,), how)`` its block value ``name`` (``how``: ``min``, ``max`` or
+    ``sum``; NaN when any of the block's values is NaN, so a null check still sees it) and
+    ``name_id``, the id of the sample that decides it (the first NaN, else the minimum for
+    ``min``, the maximum for ``max`` and ``sum``): the sample a failure of that figure names.
+    ``block``: default ``BLOCK_ROWS``."""
+    import pandas as pd
+
+    block = block or BLOCK_ROWS
+    n = len(ids)
+    starts = np.arange(0, n, block)
+    out: dict[str, Any] = {"rows": np.minimum(starts + block, n) - starts}
+    for name, (values, how) in figures.items():
+        values = np.asarray(values)
+        value = np.empty(len(starts), dtype=np.float64 if values.dtype.kind == "f" else np.int64)
+        holder = np.empty(len(starts), dtype=np.asarray(ids).dtype)
+        for b, start in enumerate(starts):
+            part = values[start : start + block]
+            nan = np.isnan(part) if part.dtype.kind == "f" else np.zeros(len(part), dtype=bool)
+            if nan.any():
+                at, value[b] = int(np.argmax(nan)), np.nan
+            else:
+                at = int(np.argmin(part)) if how == "min" else int(np.argmax(part))
+                value[b] = part.sum() if how == "sum" else part[at]
+            holder[b] = ids[start + at]
+        out[name], out[f"{name}_id"] = value, holder
+    return pd.DataFrame(out)
 
 
 def docs_dir_for(out_dir: str | Path, stage: str) -> Path:
@@ -71,8 +115,9 @@ def _context(docs_dir: Path):
     return ctx
 
 
-def _describe(result: Any, id_column: str) -> str:
+def _describe(result: Any, table: Table) -> str:
     cfg = result.expectation_config
+    id_column = table.id_column if table.unit == "rows" else f"{cfg.kwargs.get('column')}_id"
     kwargs = {k: v for k, v in cfg.kwargs.items() if k not in ("batch_id", "condition_parser", "column", "row_condition")}
     where = f"({cfg.kwargs['column']})" if "column" in cfg.kwargs else ""
     text = f"{cfg.type}{where}"
@@ -81,11 +126,11 @@ def _describe(result: Any, id_column: str) -> str:
         text += " " + ", ".join(f"{k}={_bound(v)}" for k, v in sorted(kwargs.items()))
     r = result.result or {}
     if "unexpected_count" in r:
-        text += f": {r['unexpected_count']} of {r.get('element_count')} rows"
+        text += f": {r['unexpected_count']} of {r.get('element_count')} {table.unit}"
         ids = [row.get(id_column) for row in r.get("partial_unexpected_index_list") or []][:SHOWN_IDS]
         values = (r.get("partial_unexpected_list") or [])[:SHOWN_IDS]
         if ids:
-            text += f", e.g. {id_column}s {[_plain(i) for i in ids]}"
+            text += f", e.g. {table.id_column}s {[_plain(i) for i in ids]}"
         if values:
             text += f" (values {[_plain(v) for v in values]})"
     elif "observed_value" in r:
@@ -132,9 +177,9 @@ def validate(stage: str, tables: list[Table], *, docs_dir: str | Path) -> dict[s
         definition = ctx.validation_definitions.add(gx.ValidationDefinition(name=suite.name, data=batch, suite=suite))
         result = definition.run(
             batch_parameters={"dataframe": table.frame},
-            result_format={"result_format": "SUMMARY", "unexpected_index_column_names": [table.id_column]},
+            result_format={"result_format": "SUMMARY", "unexpected_index_column_names": table.id_columns()},
         )
-        failures += [f"{suite.name}: {_describe(r, table.id_column)}" for r in result.results if not r.success]
+        failures += [f"{suite.name}: {_describe(r, table)}" for r in result.results if not r.success]
     ctx.build_data_docs(site_names=["clipscrub"])
     if failures:
         shown = "; ".join(failures[:3]) + (f"; and {len(failures) - 3} more" if len(failures) > 3 else "")
@@ -259,64 +304,66 @@ def neighbour_tables(*, ids: np.ndarray, neighbours: np.ndarray, distances: np.n
 
 
 def neighbour_check_tables(*, ids: np.ndarray, checks: np.ndarray, entries: int, name: str = "neighbours") -> list[Table]:
-    """The index suite on per-query ``checks`` (N,) ``NEIGHBOUR_CHECKS`` (``check_neighbours``)."""
-    import pandas as pd
-
+    """The index suite on per-query ``checks`` (N,) ``NEIGHBOUR_CHECKS`` (``check_neighbours``),
+    one row per block of queries (``block_view``)."""
     E = _gx()
+    view = block_view(ids=ids, figures={
+        "min_entry": (checks["min_entry"], "min"), "max_entry": (checks["max_entry"], "max"),
+        "self_hits": (checks["self_hits"], "sum"), "unsorted": (checks["unsorted"], "sum"),
+        "min_distance": (checks["min_distance"], "min")})
     n = len(ids)
-    view = pd.DataFrame({"id": ids, **{field: checks[field] for field in NEIGHBOUR_CHECKS.names}})
     return [Table(name, view, [
-        E.ExpectTableRowCountToEqual(value=n),
+        E.ExpectColumnSumToBeBetween(column="rows", min_value=n, max_value=n),
         E.ExpectColumnValuesToBeBetween(column="min_entry", min_value=0),
         E.ExpectColumnValuesToBeBetween(column="max_entry", max_value=entries - 1),
         E.ExpectColumnValuesToBeInSet(column="self_hits", value_set=[0]),
         E.ExpectColumnValuesToBeInSet(column="unsorted", value_set=[0]),
         E.ExpectColumnValuesToNotBeNull(column="min_distance"),
         E.ExpectColumnValuesToBeBetween(column="min_distance", min_value=0),
-    ])]
+    ], unit="blocks")]
 
 
 def score_tables(scores: pl.DataFrame, *, ids: np.ndarray, detectors: list[str]) -> list[Table]:
-    """One row per embedded sample; every score finite unless the row names it in
-    ``non_finite_scores``."""
+    """One row per embedded sample, in the embeddings' order (so each id once, as the embed
+    suite checked them); every score finite unless the row names it in ``non_finite_scores``.
+    One row per block of samples (``block_view``)."""
     E = _gx()
-    view = scores.select(
-        "id",
-        pl.col("non_finite_scores").is_not_null().alias("marked"),
-        # inf -> null: GX's null checks see NaN but not inf
-        *[pl.when(pl.col(f"{d}_score").is_finite()).then(pl.col(f"{d}_score")).alias(f"{d}_score") for d in detectors],
-    ).to_pandas()
-    view["embedded_id"] = ids if len(ids) == len(view) else -1
-    exps = [
-        E.ExpectTableRowCountToEqual(value=len(ids)),
-        E.ExpectColumnValuesToBeUnique(column="id"),
-        E.ExpectColumnPairValuesToBeEqual(column_A="id", column_B="embedded_id"),
-    ]
-    exps += [E.ExpectColumnValuesToNotBeNull(column=f"{d}_score", row_condition="marked == False", condition_parser="pandas")
-             for d in detectors]
-    return [Table("scores", view, exps)]
+    n = len(ids)
+    got = scores["id"].to_numpy()
+    same = np.zeros(len(got), dtype=np.int64)
+    same[: min(n, len(got))] = got[:n] != ids[: len(got)]
+    marked = scores["non_finite_scores"].is_not_null().to_numpy()
+    figures: dict[str, tuple[np.ndarray, str]] = {"id_mismatch": (same, "sum")}
+    for d in detectors:
+        # 1 where a score is not finite and its row does not say so
+        figures[f"unmarked_{d}"] = ((~np.isfinite(scores[f"{d}_score"].to_numpy()) & ~marked).astype(np.int64), "sum")
+    view = block_view(ids=got, figures=figures)
+    exps = [E.ExpectColumnSumToBeBetween(column="rows", min_value=n, max_value=n)]
+    exps += [E.ExpectColumnValuesToBeInSet(column=c, value_set=[0]) for c in figures]
+    return [Table("scores", view, exps, unit="blocks")]
 
 
 def filter_tables(*, kept: pl.DataFrame, removed: pl.DataFrame, scored_ids: pl.Series, out_dir: Path,
                   required: list[str]) -> list[Table]:
-    """kept + removed = scored, no id in both, every removed row with a reason, and the
-    version's files (lineage.json among them) present and non-empty."""
+    """kept + removed = scored, no id in both (nor twice in one), every removed row with a
+    reason, and the version's files (lineage.json among them) present and non-empty. The
+    samples' view has one row per block of kept-then-removed rows (``block_view``)."""
     import pandas as pd
 
     E = _gx()
-    rows = pl.concat([
-        kept.select("id", pl.lit("kept").alias("part"), pl.lit("-").alias("reason")),
-        removed.select("id", pl.lit("removed").alias("part"), pl.col("reason").cast(pl.String)),
-    ])
-    view = rows.with_columns(pl.col("id").is_in(scored_ids.implode()).alias("was_scored")).to_pandas()
+    ids = np.concatenate([kept["id"].cast(pl.Int64).to_numpy(), removed["id"].cast(pl.Int64).to_numpy()])
+    order = np.argsort(ids, kind="stable")
+    repeated = np.zeros(len(ids), dtype=np.int64)  # 1 on each later row of an id (kept rows come first)
+    repeated[order[1:]] = ids[order[1:]] == ids[order[:-1]]
+    unscored = (~np.isin(ids, scored_ids.cast(pl.Int64).to_numpy())).astype(np.int64)
+    no_reason = np.r_[np.zeros(kept.height, dtype=np.int64), removed["reason"].is_null().to_numpy().astype(np.int64)]
+    figures = {"repeated_id": (repeated, "sum"), "unscored": (unscored, "sum"), "no_reason": (no_reason, "sum")}
+    view = block_view(ids=ids, figures=figures)
     files = pd.DataFrame({"file": required, "bytes": [(out_dir / f).stat().st_size if (out_dir / f).is_file() else 0
                                                       for f in required]})
+    n = len(scored_ids)
     return [
-        Table("samples", view, [
-            E.ExpectTableRowCountToEqual(value=len(scored_ids)),
-            E.ExpectColumnValuesToBeUnique(column="id"),
-            E.ExpectColumnValuesToBeInSet(column="was_scored", value_set=[True]),
-            E.ExpectColumnValuesToNotBeNull(column="reason"),
-        ]),
+        Table("samples", view, [E.ExpectColumnSumToBeBetween(column="rows", min_value=n, max_value=n)]
+              + [E.ExpectColumnValuesToBeInSet(column=c, value_set=[0]) for c in figures], unit="blocks"),
         Table("files", files, [E.ExpectColumnValuesToBeBetween(column="bytes", min_value=1)], id_column="file"),
     ]

@@ -6,11 +6,14 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from clipscrub.arrays import RowReader
 from clipscrub.neighbours import entry_owners
 from clipscrub.validation import (
     ValidationError,
+    block_view,
     embedding_tables,
     filter_tables,
     manifest_tables,
@@ -105,10 +108,10 @@ def test_embedding_suite(tiny_run, tmp_path, case, expected):
 
 @pytest.mark.parametrize(("case", "expected"), [
     ("none", None),
-    ("self", "expect_column_values_to_be_in_set(self_hits) value_set=[0]: 1 of 400 rows, e.g. ids [5]"),
-    ("unsorted", "expect_column_values_to_be_in_set(unsorted) value_set=[0]: 1 of 400 rows, e.g. ids [6]"),
+    ("self", "expect_column_values_to_be_in_set(self_hits) value_set=[0]: 1 of 1 blocks, e.g. ids [5]"),
+    ("unsorted", "expect_column_values_to_be_in_set(unsorted) value_set=[0]: 1 of 1 blocks, e.g. ids [6]"),
     ("out of range", "expect_column_values_to_be_between(max_entry)"),
-    ("negative", "expect_column_values_to_be_between(min_distance) min_value=0: 1 of 400 rows, e.g. ids [8]"),
+    ("negative", "expect_column_values_to_be_between(min_distance) min_value=0: 1 of 1 blocks, e.g. ids [8]"),
 ])
 def test_neighbour_suite(tiny_run, tmp_path, case, expected):
     root, params = tiny_run
@@ -152,9 +155,53 @@ def test_score_suite_accepts_marked_and_rejects_unmarked_non_finite(tiny_run, tm
     inf_kdist = _set(scores, "kdist_score", 22, float("inf"))
     with pytest.raises(ValidationError) as info:
         validate("score", score_tables(inf_kdist, ids=ids, detectors=detectors), docs_dir=tmp_path)
-    assert "expect_column_values_to_not_be_null(kdist_score): 1 of 400 rows, e.g. ids [22]" in str(info.value)
-    with pytest.raises(ValidationError, match=r"expect_table_row_count_to_equal value=400: observed 399"):
+    assert "expect_column_values_to_be_in_set(unmarked_kdist) value_set=[0]: 1 of 1 blocks, e.g. ids [22]" in str(info.value)
+    with pytest.raises(ValidationError, match=r"expect_column_sum_to_be_between\(rows\) max_value=400, min_value=400: observed 399"):
         validate("score", score_tables(scores.head(399), ids=ids, detectors=detectors), docs_dir=tmp_path)
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 40), block=st.integers(1, 12), seed=st.integers(0, 2**31), nans=st.integers(0, 3))
+def test_block_view_holds_each_blocks_extremes_and_who_holds_them(n, block, seed, nans):
+    rng = np.random.default_rng(seed)
+    ids = rng.permutation(10 * n)[:n].astype(np.int64)
+    low = rng.normal(size=n)
+    low[rng.choice(n, size=min(nans, n), replace=False)] = np.nan
+    high = rng.integers(-5, 5, size=n)
+    count = rng.integers(0, 3, size=n)
+    view = block_view(ids=ids, figures={"low": (low, "min"), "high": (high, "max"), "count": (count, "sum")}, block=block)
+    assert len(view) == -(-n // block) and view["rows"].sum() == n
+    for b, row in view.iterrows():
+        part = slice(b * block, (b + 1) * block)
+        who = dict(zip(ids[part].tolist(), range(part.start, part.start + block)))
+        if np.isnan(low[part]).any():
+            assert np.isnan(row["low"]) and np.isnan(low[who[row["low_id"]]])
+        else:
+            assert row["low"] == low[part].min() == low[who[row["low_id"]]]
+        assert row["high"] == high[part].max() == high[who[row["high_id"]]]
+        assert row["count"] == count[part].sum() and count[who[row["count_id"]]] == count[part].max()
+
+
+@pytest.mark.parametrize("block", [1, 7, 400])
+def test_block_suites_fail_on_one_sample_in_any_block_and_name_it(tiny_run, tmp_path, monkeypatch, block):
+    import clipscrub.validation as validation
+
+    monkeypatch.setattr(validation, "BLOCK_ROWS", block)
+    root, params = tiny_run
+    scores = pl.read_parquet(root / "scores" / "scores.parquet")
+    ids = np.load(root / "embeddings" / "ids.npy")
+    blocks = -(-len(ids) // block)
+    validate("score", score_tables(scores, ids=ids, detectors=params.score.detectors), docs_dir=tmp_path)
+    late = int(ids[-3])  # in the last block whatever the size
+    broken = _set(scores, "slof_score", late, float("nan"))
+    with pytest.raises(ValidationError) as info:
+        validate("score", score_tables(broken, ids=ids, detectors=params.score.detectors), docs_dir=tmp_path)
+    assert f"expect_column_values_to_be_in_set(unmarked_slof) value_set=[0]: 1 of {blocks} blocks, e.g. ids [{late}]" in str(info.value)
+    swapped = scores.with_columns(pl.Series("id", np.r_[ids[:5], ids[6], ids[5], ids[7:]]))
+    with pytest.raises(ValidationError) as info:
+        validate("score", score_tables(swapped, ids=ids, detectors=params.score.detectors), docs_dir=tmp_path)
+    assert "expect_column_values_to_be_in_set(id_mismatch) value_set=[0]:" in str(info.value)
+    assert f"e.g. ids [{ids[6]}" in str(info.value)
 
 
 def test_filter_suite(tiny_run, tmp_path):
@@ -169,10 +216,19 @@ def test_filter_suite(tiny_run, tmp_path):
     with pytest.raises(ValidationError) as info:
         validate("filter", filter_tables(kept=both, removed=removed, scored_ids=scored, out_dir=clean, required=required),
                  docs_dir=tmp_path)
-    first = kept["id"][0]
-    assert f"filter.samples: expect_column_values_to_be_unique(id): 4 of" in str(info.value)
-    assert f"ids [{first}, " in str(info.value)
-    assert "expect_table_row_count_to_equal value=400: observed 402" in str(info.value)
+    first = kept["id"][0]  # its second row is the first repeat
+    assert f"filter.samples: expect_column_values_to_be_in_set(repeated_id) value_set=[0]: 1 of 1 blocks, e.g. ids [{first}] (values [2])" in str(info.value)
+    assert "expect_column_sum_to_be_between(rows) max_value=400, min_value=400: observed 402" in str(info.value)
+    moved = int(kept["id"][-1])  # also removed, without a reason: in both, and unexplained
+    no_reason = pl.concat([removed, kept.tail(1).select("id", "key", "caption")], how="diagonal_relaxed")
+    stranger = pl.concat([removed, pl.DataFrame({"id": [10**9], "reason": ["kdist_score_tail"]})], how="diagonal_relaxed")
+    for frame, expected in ((no_reason, f"no_reason) value_set=[0]: 1 of 1 blocks, e.g. ids [{moved}]"),
+                            (no_reason, f"repeated_id) value_set=[0]: 1 of 1 blocks, e.g. ids [{moved}]"),
+                            (stranger, "unscored) value_set=[0]: 1 of 1 blocks, e.g. ids [1000000000]")):
+        with pytest.raises(ValidationError) as info:
+            validate("filter", filter_tables(kept=kept, removed=frame, scored_ids=scored, out_dir=clean,
+                                             required=required), docs_dir=tmp_path)
+        assert expected in str(info.value)
     (tmp_path / "version").mkdir()
     with pytest.raises(ValidationError, match=r"filter\.files: expect_column_values_to_be_between\(bytes\) min_value=1: 3 of 3 rows, e\.g\. files \['manifest\.parquet'"):
         validate("filter", filter_tables(kept=kept, removed=removed, scored_ids=scored, out_dir=tmp_path / "version",
