@@ -215,8 +215,9 @@ def tail_scale() -> str:
     """The stages after embed, each in its own process, at every size measured (tail_scale.json)."""
     doc = _load("tail_scale")
     sizes = doc["sizes"]
+    stages = max((s["stages"] for s in sizes), key=len)  # a size may stop early (--until)
     rows = [[stage] + [f"{s['stages'][stage]['wall_s']:,.1f} s, {s['stages'][stage]['peak_rss_gib']:.2f} GiB"
-                       for s in sizes] for stage in sizes[0]["stages"]]
+                       if stage in s["stages"] else "not run" for s in sizes] for stage in stages]
     rows.append(["poison removed (evaluate)"] + [
         f"{s['stages']['evaluate']['applied']['poison_removed']} of {s['poisoned']} "
         f"({s['stages']['evaluate']['applied']['removed']:,} removed)" for s in sizes])

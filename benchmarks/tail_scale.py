@@ -14,6 +14,7 @@ its 8 reference draws take 8 B x 64 x 8 = 4 KB a sample, 66 GB at 16M), ``embed.
 
     python benchmarks/tail_scale.py                                # 1M, 4M, 16M
     python benchmarks/tail_scale.py --sizes 1000000 --keep          # one size, leave its data
+    python benchmarks/tail_scale.py --sizes 16000000 --until evaluate  # stop before the report
 """
 
 from __future__ import annotations
@@ -109,7 +110,7 @@ def measure(args: list[str], *, log: Path) -> tuple[float, float, str]:
     return wall, kib / 2**20, text
 
 
-def measure_size(n: int, *, d: int, work: Path, seed: int, overrides: list[str]) -> dict:
+def measure_size(n: int, *, d: int, work: Path, seed: int, overrides: list[str], until: str = STAGES[-1]) -> dict:
     import yaml
 
     src, root = work / "src", work / "data"
@@ -122,7 +123,7 @@ def measure_size(n: int, *, d: int, work: Path, seed: int, overrides: list[str])
                              overrides + [f"download.embeddings.path={src}"])
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     stages = {}
-    for stage in STAGES:
+    for stage in STAGES[: STAGES.index(until) + 1]:
         wall, rss, out = measure([stage, "-p", str(work / "params.yaml"), "--root", str(root), "--json"],
                                  log=work / f"{stage}.log")
         summary = json.loads(out)
@@ -146,6 +147,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "tail_scale.json"))
     ap.add_argument("-S", dest="extra", action="append", default=[], metavar="KEY=VALUE",
                     help="a params override after the benchmark's own (e.g. index.k=64)")
+    ap.add_argument("--until", default=STAGES[-1], choices=STAGES, help="the last stage to run (default: report)")
     args = ap.parse_args()
     from detector_scale import machine
 
@@ -155,7 +157,8 @@ def main() -> None:
         work = base / f"n{n}"
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
-        rows.append(measure_size(n, d=args.d, work=work, seed=args.seed, overrides=OVERRIDES + args.extra))
+        rows.append(measure_size(n, d=args.d, work=work, seed=args.seed, overrides=OVERRIDES + args.extra,
+                                 until=args.until))
         if not args.keep:
             shutil.rmtree(work)
         Path(args.out).write_text(json.dumps({"machine": machine(), "d": args.d, "overrides": OVERRIDES + args.extra,

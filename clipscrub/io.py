@@ -451,6 +451,33 @@ def read_manifest(raw_dir: str | Path) -> pl.DataFrame:
     return manifest
 
 
+def scan_manifest(raw_dir: str | Path) -> pl.LazyFrame:
+    """The manifest as a lazy frame, for stages that stream it rather than hold every caption;
+    checked readable and non-empty as ``read_manifest`` checks it (its rows are read as the
+    queries on it run)."""
+    path = require_file(Path(raw_dir) / "manifest.parquet", param="--raw", what="manifest")
+    try:
+        rows = pl.scan_parquet(path).select(pl.len()).collect().item()
+    except (OSError, pl.exceptions.PolarsError) as exc:
+        raise DataError(f"cannot read the manifest {path}: {str(exc).splitlines()[0]}", param="--raw") from None
+    if rows == 0:
+        raise DataError(f"the dataset is empty: {path} has no rows", param="--raw")
+    return pl.scan_parquet(path)
+
+
+# rows per parquet row group, fixed: a table's bytes then depend on its rows alone, not on how
+# polars happened to chunk them in memory (a streamed and a collected frame write one file)
+ROW_GROUP_ROWS = 1 << 17
+
+
+def write_table(table: pl.DataFrame | pl.LazyFrame, path: str | Path) -> None:
+    """Write a frame, or stream a lazy one without collecting it, as parquet (no statistics)."""
+    if isinstance(table, pl.LazyFrame):
+        table.sink_parquet(path, statistics=False, row_group_size=ROW_GROUP_ROWS)
+    else:
+        table.write_parquet(path, statistics=False, row_group_size=ROW_GROUP_ROWS)
+
+
 def read_lineage(*dirs: str | Path) -> dict[str, Any]:
     """Merge the lineage records of upstream stage directories (each maps stage -> record)."""
     merged: dict[str, Any] = {}

@@ -14,15 +14,17 @@ import re
 import tarfile
 import warnings
 from pathlib import Path
-from typing import Any, Container, Iterator
+from typing import TYPE_CHECKING, Any, Container, Iterator
 
 import braceexpand
 import numpy as np
-import webdataset as wds
 from PIL import Image, UnidentifiedImageError
 
 from clipscrub.errors import DataError
 from clipscrub.io import fmt_bytes
+
+if TYPE_CHECKING:
+    import webdataset as wds
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 PIL_FORMAT_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
@@ -47,6 +49,10 @@ def shard_writer(shard_dir: Path, shard_size: int) -> wds.ShardWriter:
     mtime is fixed so identical content gives byte-identical shards (DVC and Prefect hash them).
     """
     shard_dir.mkdir(parents=True, exist_ok=True)
+    # imported here: webdataset imports torch (about 0.6 GiB), which the stages that only read
+    # shards or write no shards (filter with ids, precomputed embeddings) do not need
+    import webdataset as wds
+
     return wds.ShardWriter(str(shard_dir / "%05d.tar"), maxcount=shard_size, mtime=0, verbose=0)
 
 

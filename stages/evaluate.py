@@ -22,7 +22,7 @@ from sklearn.metrics import average_precision_score, precision_recall_curve, roc
 
 from clipscrub.detectors import suspicion
 from clipscrub.errors import DataError
-from clipscrub.io import atomic_dir, atomic_file, read_json, read_manifest, require_file, write_json
+from clipscrub.io import atomic_dir, atomic_file, read_json, require_file, scan_manifest, write_json
 from clipscrub.metrics import applied_metrics, removed_as_flags
 from clipscrub.params import DENSITY_RATIO_DETECTORS, BaseSettings, EvaluateSettings, ThresholdSettings
 from clipscrub.sources import read_truth
@@ -94,7 +94,8 @@ def evaluate_detectors(
     (``clipscrub.metrics.applied_metrics``, against the same truth) and return it under
     ``applied``: of the flags, or with ``clean_dir`` (the filter stage's output) of what filter
     actually removed, the review lists applied (``applied_removal``)."""
-    manifest = read_manifest(raw_dir)
+    # the columns the truth needs, not every caption
+    manifest = scan_manifest(raw_dir).select("id", *(("key",) if settings.truth else ()), "is_poison").collect()
     if settings.truth:  # a ground-truth table wins over the manifest's is_poison
         manifest = read_truth(manifest, settings.truth)
     scores = pl.read_parquet(require_file(Path(scores_dir) / "scores.parquet", param="--scores", what="scores"))
@@ -105,7 +106,7 @@ def evaluate_detectors(
     applied = None
     if flags_dir is not None and applied_path is not None:
         flags = pl.read_parquet(require_file(Path(flags_dir) / "flags.parquet", param="--flags", what="flags"))
-        if set(flags["id"].to_list()) != set(scores["id"].to_list()):
+        if flags.height != scores.height or not flags["id"].sort().equals(scores["id"].sort(), check_names=False):
             raise DataError("flags and scores disagree on the sample ids: rerun threshold", param="--flags")
         applied = applied_metrics(flags=flags, truth=pl.DataFrame({"id": scores["id"], "is_poison": truth}),
                                   threshold=threshold) if clean_dir is None else \

@@ -25,8 +25,8 @@ import polars as pl
 
 from clipscrub.errors import DataError, ParamError
 from clipscrub.flagging import REVIEW_REASON
-from clipscrub.io import (atomic_dir, code_version, read_lineage, read_manifest, require_file,
-                          sha256_file, sha256_path, write_json)
+from clipscrub.io import (atomic_dir, code_version, read_lineage, require_file, scan_manifest, sha256_file,
+                          sha256_path, write_json, write_table)
 from clipscrub.params import FilterSettings, Params, params_hash
 from clipscrub.review import read_review_list
 from clipscrub.shards import caption_of, image_field, iter_shard, safe_key, shard_name, shard_path, shard_writer
@@ -50,7 +50,7 @@ def _with_source_key(meta: bytes | None, key: str) -> bytes | None:
     return json.dumps({**fields, "source_key": key}, sort_keys=True).encode()
 
 
-def _reshard(raw_dir: Path, ok: pl.DataFrame, kept: pl.DataFrame, shard_dir: Path, shard_size: int) -> dict[str, tuple[str, str]]:
+def _reshard(raw_dir: Path, shards: list[str], kept: pl.DataFrame, shard_dir: Path, shard_size: int) -> dict[str, tuple[str, str]]:
     """Copy the kept samples, byte for byte, into new shards; return key -> (key as written, new
     shard name). A key that would name a tar member outside the folder it unpacks into (``../x``,
     ``/abs/x``, ``a/b``: existing shards may hold any) is written as ``safe_key(key)``, its json
@@ -59,7 +59,7 @@ def _reshard(raw_dir: Path, ok: pl.DataFrame, kept: pl.DataFrame, shard_dir: Pat
     written: dict[str, tuple[str, str]] = {}
     with shard_writer(shard_dir, shard_size) as sink:
         n = 0
-        for sample in _iter_raw(raw_dir, ok["shard"].unique(maintain_order=True).to_list(), recorded):
+        for sample in _iter_raw(raw_dir, shards, recorded):
             key = sample["__key__"]
             if key not in recorded or key in written:
                 continue
@@ -99,9 +99,12 @@ def check_recorded(sample: dict[str, Any], row: dict[str, Any]) -> None:
 # removed.parquet's reason for a sample removed by the remove list alone (not flagged)
 
 
-def _review(settings: FilterSettings, manifest: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+def _review(settings: FilterSettings, manifest: pl.LazyFrame) -> tuple[np.ndarray, np.ndarray]:
     """The ids the keep and remove lists name (by id, key, file or url: ``clipscrub.review``),
     checked: each entry one scored sample, no sample in both."""
+    if settings.keep_ids or settings.remove_ids:  # the identifiers only, not the captions
+        columns = manifest.collect_schema().names()
+        manifest = manifest.select(c for c in ("id", "key", "file", "url", "status") if c in columns).collect()
     keep, remove = (read_review_list(path, manifest=manifest, param=f"filter.{name}") if path
                     else np.array([], dtype=np.int64)
                     for name, path in (("keep_ids", settings.keep_ids), ("remove_ids", settings.remove_ids)))
@@ -133,13 +136,20 @@ def filter_dataset(
     settings: FilterSettings,
     params: Params,
 ) -> dict[str, Any]:
-    """Write the kept samples (new shards, or their ids) and record what was removed and why."""
+    """Write the kept samples (new shards, or their ids) and record what was removed and why.
+
+    The manifest is streamed, not held: what is read whole is ids and flags, a few bytes a
+    sample (the removed and overruled rows are few); the kept manifest is written as it is read."""
     raw_dir, scores_dir, flags_dir = Path(raw_dir), Path(scores_dir), Path(flags_dir)
-    manifest = read_manifest(raw_dir)
-    scores = pl.read_parquet(require_file(scores_dir / "scores.parquet", param="--scores", what="scores"))
-    flags = pl.read_parquet(require_file(flags_dir / "flags.parquet", param="--flags", what="flags"))
+    manifest = scan_manifest(raw_dir)
+    columns = manifest.collect_schema().names()
+    scores = pl.scan_parquet(require_file(scores_dir / "scores.parquet", param="--scores", what="scores"))
+    flags = pl.read_parquet(require_file(flags_dir / "flags.parquet", param="--flags", what="flags"),
+                            columns=["id", "is_flagged", "reason"])
     ok = manifest.filter(pl.col("status") == "ok")
-    if set(flags["id"].to_list()) != set(ok["id"].to_list()):
+    ok_ids = ok.select("id").collect()["id"]
+    # sorted columns compared, not Python sets of N ints (about 100 bytes a sample)
+    if flags.height != len(ok_ids) or not flags["id"].sort().equals(ok_ids.sort(), check_names=False, check_dtypes=False):
         raise DataError("flags and manifest disagree on the sample ids: rerun score and threshold", param="--flags")
     keep, remove = _review(settings, manifest)
     verdicts = flags.select(
@@ -150,22 +160,25 @@ def filter_dataset(
     # a person's verdict wins over the detector's: keep overrules a flag, remove adds to them
     gone = verdicts.filter((pl.col("is_flagged") | pl.col("in_remove")) & ~pl.col("in_keep")).select(
         "id", pl.when(pl.col("is_flagged")).then(pl.col("reason")).otherwise(pl.lit(REVIEW_REASON)).alias("reason"))
-    kept_ids = ok.filter(~pl.col("id").is_in(gone["id"].implode()))
+    kept_rows = ok.filter(~pl.col("id").is_in(gone["id"].implode()))
 
     # the source's own names beside clipscrub's id: what a person reviews by
-    names = ["id", "key", *(c for c in ("file", "url") if c in manifest.columns)]
+    names = ["id", "key", *(c for c in ("file", "url") if c in columns)]
 
     def described(frame: pl.DataFrame) -> pl.DataFrame:
-        return (manifest.select(*names, "caption").join(frame, on="id", how="inner")
-                .join(scores, on="id", how="left").sort("id"))
+        # the few rows' manifest and scores rows picked out as they are read, then joined
+        wanted = pl.col("id").is_in(frame["id"].implode())
+        return (manifest.filter(wanted).select(*names, "caption").collect().join(frame, on="id", how="inner")
+                .join(scores.filter(wanted).collect(), on="id", how="left").sort("id"))
 
     removed = described(gone)
     overruled = described(verdicts.filter(pl.col("is_flagged") & pl.col("in_keep")).select("id", "reason"))
+    inputs_n = manifest.select(pl.len()).collect().item()
     counts = {
-        "input": manifest.height,
-        "failed": manifest.height - ok.height,
-        "scored": ok.height,
-        "kept": kept_ids.height,
+        "input": inputs_n,
+        "failed": inputs_n - len(ok_ids),
+        "scored": len(ok_ids),
+        "kept": len(ok_ids) - removed.height,
         "removed": removed.height,
     }
     lists = {name: path for name, path in (("keep_ids", settings.keep_ids), ("remove_ids", settings.remove_ids)) if path}
@@ -186,24 +199,29 @@ def filter_dataset(
     model = stages.get("embed", {}).get("model", {})
     required = ["manifest.parquet", "removed.parquet", "overruled.parquet", "lineage.json"]
     with atomic_dir(out_dir) as tmp:
-        if settings.output == "ids" or ok["shard"].null_count() == ok.height:
+        if settings.output == "ids" or not ok.select(pl.col("shard").is_not_null().any()).collect().item():
             # ids: the samples stay where they are; precomputed embeddings: no images to re-shard.
-            # Either way the kept manifest (keys and shards as the raw one names them) is the version
-            kept = kept_ids.sort("id")
+            # Either way the kept manifest (keys and shards as the raw one names them) is the
+            # version, streamed in id order (download writes ids in order: no sort to hold)
+            write_table(kept_rows if ok_ids.is_sorted() else kept_rows.sort("id"), tmp / "manifest.parquet")
         else:
-            written = _reshard(raw_dir, ok, kept_ids, tmp / "shards", settings.shard_size)
-            kept = kept_ids.with_columns(
+            kept = kept_rows.collect()  # with their keys, shards and hashes, to copy them
+            # in the order of their samples' ids, whatever the manifest's row order
+            shards = ok.group_by("shard").agg(pl.col("id").min()).sort("id").collect()["shard"].to_list()
+            written = _reshard(raw_dir, shards, kept, tmp / "shards", settings.shard_size)
+            write_table(kept.with_columns(
                 pl.col("key").replace_strict({k: s for k, (_, s) in written.items()}).alias("shard"),
                 pl.col("key").replace_strict({k: w for k, (w, _) in written.items()}).alias("key"),
-            ).sort("id")
-        kept.write_parquet(tmp / "manifest.parquet", statistics=False)
-        removed.write_parquet(tmp / "removed.parquet", statistics=False)
-        overruled.write_parquet(tmp / "overruled.parquet", statistics=False)
+            ).sort("id"), tmp / "manifest.parquet")
+            del kept
+        write_table(removed, tmp / "removed.parquet")
+        write_table(overruled, tmp / "overruled.parquet")
         if settings.output == "ids":
             # the subset as a sorted id array (as DataComp's resharder takes a subset), and the
             # map back from id to key and shard
-            np.save(tmp / "kept_ids.npy", kept["id"].cast(pl.Int64).to_numpy())
-            kept.select(*names, "shard").write_parquet(tmp / "kept.parquet", statistics=False)
+            kept = pl.scan_parquet(tmp / "manifest.parquet")
+            np.save(tmp / "kept_ids.npy", kept.select(pl.col("id").cast(pl.Int64)).collect()["id"].to_numpy())
+            write_table(kept.select(*names, "shard"), tmp / "kept.parquet")
             required += ["kept_ids.npy", "kept.parquet"]
         inputs = {name: d for name, d in (("flags", flags_dir), ("raw", raw_dir), ("scores", scores_dir))}
         inputs |= {name: Path(path).expanduser() for name, path in lists.items()}
@@ -228,7 +246,8 @@ def filter_dataset(
         }
         write_json(tmp / "lineage.json", lineage)
         validate("filter", filter_tables(
-            kept=pl.read_parquet(tmp / "manifest.parquet"), removed=pl.read_parquet(tmp / "removed.parquet"),
-            scored_ids=ok["id"], out_dir=tmp, required=required,
+            kept=pl.read_parquet(tmp / "manifest.parquet", columns=["id"]),
+            removed=pl.read_parquet(tmp / "removed.parquet", columns=["id", "reason"]),
+            scored_ids=ok_ids, out_dir=tmp, required=required,
         ), docs_dir=docs_dir_for(out_dir, "filter"))
     return counts

@@ -25,7 +25,6 @@ templates in ``templates/report/`` (the pages, their macros and their CSS).
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -127,8 +126,15 @@ def review_name(table: pl.DataFrame) -> str:
     return "key"
 
 
-def _normalise(caption: str) -> str:
-    return re.sub(r"\s+", " ", caption.strip().lower())
+def normalised(captions: pl.Expr) -> pl.Expr:
+    """Captions as clusters compare them: trimmed, lower case, each run of whitespace one space
+    (null as ""); an expression, so the whole dataset's captions are counted without a Python
+    call per caption."""
+    return captions.fill_null("").str.strip_chars().str.to_lowercase().str.replace_all(r"\s+", " ")
+
+
+def _normalise(captions: list[str | None] | pl.Series) -> list[str]:
+    return pl.select(normalised(pl.lit(pl.Series(captions, dtype=pl.String)))).to_series().to_list()
 
 
 def find_clusters(*, flagged: pl.DataFrame, image: RowReader | None, rows: np.ndarray, cosine: float) -> pl.DataFrame:
@@ -150,7 +156,7 @@ def find_clusters(*, flagged: pl.DataFrame, image: RowReader | None, rows: np.nd
             parent[max(a, b)] = min(a, b)
 
     kinds: dict[int, set[str]] = {}
-    for kind, keys in (("caption", [_normalise(c or "") for c in flagged["caption"].to_list()]),
+    for kind, keys in (("caption", _normalise(flagged["caption"])),
                        ("identical image", flagged["image_sha256"].to_list())):
         first: dict[Any, int] = {}
         for i, key in enumerate(keys):
@@ -280,12 +286,21 @@ def _index_for(scores_dir: Path, index_dir: Path | None) -> tuple[Path | None, s
     return candidate, ""
 
 
-def _nearest(index_path: Path, wanted: list[int], *, row_of: dict[int, int],
+def embedding_rows(emb_ids: np.ndarray, wanted: Any) -> np.ndarray:
+    """The embedding row (wanted,) int64 of each wanted id, -1 where it has none: a sorted copy of
+    ``emb_ids`` (N,) searched, not a dict of N Python ints (about 100 bytes a sample)."""
+    wanted = np.asarray(wanted, dtype=np.int64)
+    order = np.argsort(emb_ids, kind="stable")
+    at = np.minimum(np.searchsorted(emb_ids[order], wanted), len(order) - 1)
+    return np.where(emb_ids[order][at] == wanted, order[at], -1) if len(order) else np.full(len(wanted), -1)
+
+
+def _nearest(index_path: Path, wanted: list[int], *, rows: np.ndarray,
              emb_ids: np.ndarray) -> tuple[dict[int, list[tuple[int, bool, float]]], str]:
     """id -> its ``NEIGHBOURS_SHOWN`` nearest reference entries (owner id, caption entry, distance)
-    for each of the ``wanted`` ids, and a note naming the set, draw and modality they come from."""
-    found = nearest_references(index_path, np.array([row_of[i] for i in wanted], dtype=np.int64), draw=0,
-                               samples=len(emb_ids))
+    for each of the ``wanted`` ids (embedding rows ``rows``), and a note naming the set, draw and
+    modality they come from."""
+    found = nearest_references(index_path, rows, draw=0, samples=len(emb_ids))
     k = NEIGHBOURS_SHOWN
     return ({i: [(int(emb_ids[o]), bool(c), float(d)) for o, c, d in zip(owners[:k], caps[:k], dists[:k]) if o >= 0]
              for i, owners, caps, dists in zip(wanted, found.owners, found.captions, found.distances)},
@@ -392,7 +407,7 @@ def cluster_views(clusters: pl.DataFrame, *, captions: dict[int, str | None], ca
     out = []
     for (number,), members in clusters.group_by("cluster", maintain_order=True):
         ids, kind = members["id"].to_list(), members["kind"][0]
-        count = caption_counts.get(_normalise(captions[ids[0]] or "")) if "caption" in kind else None
+        count = caption_counts.get(_normalise([captions[ids[0]]])[0]) if "caption" in kind else None
         out.append(Cluster(number=number, size=len(ids), kind=kind, caption_count=count,
                            caption=None if count is None else cut_caption(captions[ids[0]]),
                            cards=tuple(cards[i] for i in ids[:shown]), more=tuple((i, links[i]) for i in ids[shown:])))
@@ -543,9 +558,8 @@ def report_data(*, raw_dir: str | Path, embeddings_dir: str | Path, scores_dir: 
 
     flagged = table.filter(pl.col("is_flagged")).sort("rank")
     emb_ids = np.load(require_file(emb_dir / "ids.npy", param="--embeddings", what="embeddings"))
-    row_of = {int(i): r for r, i in enumerate(emb_ids)}
     image = RowReader(emb_dir / "image.npy") if (emb_dir / "image.npy").is_file() else None
-    clusters = find_clusters(flagged=flagged, image=image, rows=np.array([row_of[int(i)] for i in flagged["id"]], dtype=np.int64),
+    clusters = find_clusters(flagged=flagged, image=image, rows=embedding_rows(emb_ids, flagged["id"].to_numpy()),
                              cosine=settings.near_duplicate_cosine)
     # one target's captions in many phrasings, one group (not a cluster per template); the
     # unflagged samples that carry its word are where the cut may have missed some
@@ -564,7 +578,9 @@ def report_data(*, raw_dir: str | Path, embeddings_dir: str | Path, scores_dir: 
     card_ids |= {i for ids in unflagged.values() for i in ids[:settings.cluster_members_shown]}
 
     index_path, no_index = _index_for(scores_dir, Path(index_dir) if index_dir is not None else None)
-    found, note = (_nearest(index_path, sorted(i for i in card_ids if i in row_of), row_of=row_of, emb_ids=emb_ids)
+    card_rows = embedding_rows(emb_ids, sorted(card_ids))
+    found, note = (_nearest(index_path, [i for i, r in zip(sorted(card_ids), card_rows) if r >= 0],
+                            rows=card_rows[card_rows >= 0], emb_ids=emb_ids)
                    if index_path is not None else ({}, ""))
     owners = {o for f in found.values() for o, _, _ in f}
     by_id = {r["id"]: r for r in table.filter(pl.col("id").is_in(sorted(card_ids | owners))).iter_rows(named=True)}
@@ -590,8 +606,8 @@ def report_data(*, raw_dir: str | Path, embeddings_dir: str | Path, scores_dir: 
     clustered = clusters["id"].to_list()
     # how often each clustered caption occurs in the whole dataset, flagged or not
     counted = manifest.filter(pl.col("status") == "ok").group_by(
-        pl.col("caption").map_elements(_normalise, return_dtype=pl.String).alias("norm")).len()
-    counted = counted.filter(pl.col("norm").is_in(sorted({_normalise(by_id[i]["caption"] or "") for i in clustered})))
+        normalised(pl.col("caption")).alias("norm")).len()
+    counted = counted.filter(pl.col("norm").is_in(sorted(set(_normalise([by_id[i]["caption"] for i in clustered])))))
     name = review_name(table)
     links = {i: sample_href(i, position=p, top_n=cap, per_page=PER_PAGE) for p, i in enumerate(flagged_ids)}
     return Report(

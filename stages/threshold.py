@@ -55,13 +55,14 @@ def threshold_scores(
 ) -> dict[str, Any]:
     """Write ``<out>/flags.parquet`` (id, score, rank, is_outlier, is_non_finite, is_flagged, reason)."""
     scores_dir = Path(scores_dir)
-    scores = pl.read_parquet(require_file(scores_dir / "scores.parquet", param="--scores", what="scores"))
+    path = require_file(scores_dir / "scores.parquet", param="--scores", what="scores")
     column = f"{settings.detector}_score"
-    if column not in scores.columns:
+    if column not in pl.read_parquet_schema(path):
         raise DataError(
             f"the scores have no {column!r} column: add {settings.detector!r} to score.detectors",
             param="threshold.detector",
         )
+    scores = pl.read_parquet(path, columns=["id", column])  # the one column the rule reads
     values = scores[column].to_numpy().astype(np.float64)
     ids = scores["id"].to_numpy()
     is_outlier, cut = flag_outliers(values=values, ids=ids, detector=settings.detector, settings=settings)
@@ -69,9 +70,7 @@ def threshold_scores(
     s = suspicion(values, settings.detector)
     rank = np.empty(len(s), dtype=np.int64)
     rank[np.lexsort((ids, -np.where(np.isfinite(s), s, np.inf)))] = np.arange(1, len(s) + 1)
-    reason = np.where(
-        is_non_finite, f"non_finite_{column}", np.where(is_outlier, f"{column}_{settings.method}", None)
-    )
+    del s
     flags = pl.DataFrame(
         {
             "id": ids,
@@ -80,8 +79,12 @@ def threshold_scores(
             "is_outlier": is_outlier,
             "is_non_finite": is_non_finite,
             "is_flagged": is_outlier | is_non_finite,
-            "reason": pl.Series(reason.tolist(), dtype=pl.String),
         }
+    ).with_columns(
+        # an expression, not a list of N Python strings
+        pl.when(pl.col("is_non_finite")).then(pl.lit(f"non_finite_{column}"))
+        .when(pl.col("is_outlier")).then(pl.lit(f"{column}_{settings.method}"))
+        .otherwise(pl.lit(None, dtype=pl.String)).alias("reason")
     )
     summary = {
         "samples": flags.height,

@@ -261,6 +261,27 @@ def test_ids_output_writes_the_kept_ids_and_no_shards(tiny_run, tmp_path):
                                        "kept_ids.npy", "kept.parquet"}
 
 
+@pytest.mark.parametrize("output", ["ids", "reshard"])
+def test_a_manifest_in_any_row_order_gives_the_same_version(tiny_run, tmp_path, output):
+    """The kept manifest is streamed in the manifest's order when its ids are in order, sorted
+    otherwise: the version's files are the same bytes either way."""
+    root, _ = tiny_run
+    params = tiny_params([f"filter.output={output}"])
+    shuffled = tmp_path / "raw"
+    shutil.copytree(root / "raw", shuffled)
+    manifest = pl.read_parquet(shuffled / "manifest.parquet")
+    assert manifest["id"].is_sorted()  # download writes ids in order
+    manifest.sample(fraction=1.0, shuffle=True, seed=3).write_parquet(shuffled / "manifest.parquet")
+    outs = {}
+    for name, raw in (("ordered", root / "raw"), ("shuffled", shuffled)):
+        outs[name] = tmp_path / name
+        filter_dataset(raw_dir=raw, scores_dir=root / "scores", flags_dir=root / "flags", out_dir=outs[name],
+                       settings=params.filter, params=params)
+    tables = sorted(p.name for p in outs["ordered"].iterdir() if p.suffix in (".parquet", ".npy"))
+    assert "manifest.parquet" in tables
+    assert {t: sha256_file(outs["ordered"] / t) for t in tables} == {t: sha256_file(outs["shuffled"] / t) for t in tables}
+
+
 def raw_with_sample(root, out, key: str, **members: bytes):
     """A copy of ``root/raw`` whose shards hold other bytes for one sample's members (the
     manifest unchanged: the shard rewritten in place after download)."""

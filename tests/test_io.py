@@ -254,3 +254,23 @@ def test_index_on_a_full_disk_stops_with_the_space_it_needs(tiny_run, small_disk
     assert err.startswith(f"clipscrub: error: --root: no space left on the device writing {root}/.index.work-"), err
     assert "neighbours.npy: it needs " in err and "nothing was published" in err, err
     assert sorted(p.name for p in root.iterdir()) == [".clipscrub", "embeddings"]
+
+
+@pytest.mark.parametrize("rows", [0, 10, (1 << 17) + 5])
+def test_write_table_bytes_depend_on_the_rows_not_on_the_chunks(tmp_path, rows):
+    """A frame of many chunks, the same frame rechunked and the same rows streamed from a lazy
+    frame write one file (polars' own row groups follow its chunks)."""
+    import numpy as np
+    import polars as pl
+
+    from clipscrub.io import write_table
+
+    frame = pl.DataFrame({"id": np.arange(rows, dtype=np.int64), "caption": [f"c{i % 7}" for i in range(rows)]})
+    pieces = pl.concat([frame.slice(a, 977) for a in range(0, rows, 977)] or [frame], rechunk=False)
+    assert rows < 977 * 2 or pieces.n_chunks() > 1
+    written = {}
+    for name, table in (("chunked", pieces), ("whole", frame.rechunk()), ("lazy", pieces.lazy())):
+        write_table(table, tmp_path / f"{name}.parquet")
+        written[name] = (tmp_path / f"{name}.parquet").read_bytes()
+    assert written["chunked"] == written["whole"] == written["lazy"]
+    assert pl.read_parquet(tmp_path / "lazy.parquet").equals(frame)
