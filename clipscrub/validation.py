@@ -3,9 +3,10 @@
 Each stage validates what it is about to publish, inside its scratch directory, so an output
 that fails a suite is never renamed into place. GX (Core 1.x) has no polars support: every
 suite runs on a small pandas view of the facts the expectations need (an embedding's norm, a
-neighbour list's smallest index, ...), never on the raw arrays. The index and score suites see
-one row per block of ``BLOCK_ROWS`` samples (``block_view``: the block's extreme figures and
-the id that holds each), so their view stays small however many samples there are.
+neighbour list's smallest index, ...), never on the raw arrays. The index, score and filter
+samples' suites see one row per block of ``BLOCK_ROWS`` samples (``block_view``: the block's
+extreme figures and the id that holds each), so their view stays small however many samples
+there are.
 
 Data docs (GX's HTML) for the stage's latest validation go to ``<run dir>/validation/<stage>/``
 on success and failure; a failure raises ``ValidationError`` naming the expectation, the
@@ -59,7 +60,7 @@ class Table:
         return [c for c in self.frame.columns if c.endswith("_id")]
 
 
-# samples per row of a block view: the index and score suites' views hold N / BLOCK_ROWS rows
+# samples per row of a block view: the index, score and filter suites' views hold N / BLOCK_ROWS rows
 BLOCK_ROWS = 65536
 
 
