@@ -559,8 +559,12 @@ def report_data(*, raw_dir: str | Path, embeddings_dir: str | Path, scores_dir: 
     flagged = table.filter(pl.col("is_flagged")).sort("rank")
     emb_ids = np.load(require_file(emb_dir / "ids.npy", param="--embeddings", what="embeddings"))
     image = RowReader(emb_dir / "image.npy") if (emb_dir / "image.npy").is_file() else None
-    clusters = find_clusters(flagged=flagged, image=image, rows=embedding_rows(emb_ids, flagged["id"].to_numpy()),
-                             cosine=settings.near_duplicate_cosine)
+    flagged_rows = embedding_rows(emb_ids, flagged["id"].to_numpy())
+    if (flagged_rows < 0).any():  # a row of -1 would read the last embedding
+        raise DataError(f"the flags name {int((flagged_rows < 0).sum())} samples the embeddings do not hold, e.g. ids "
+                        f"{flagged['id'].filter(pl.Series(flagged_rows < 0)).head(5).to_list()}: rerun score and "
+                        "threshold", param="--flags")
+    clusters = find_clusters(flagged=flagged, image=image, rows=flagged_rows, cosine=settings.near_duplicate_cosine)
     # one target's captions in many phrasings, one group (not a cluster per template); the
     # unflagged samples that carry its word are where the cut may have missed some
     groups = find_enriched_words(ids=table["id"].to_numpy(), captions=table["caption"],

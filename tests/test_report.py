@@ -20,6 +20,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from clipscrub.arrays import RowReader
+from clipscrub.errors import DataError
 from clipscrub.stages.report import (
     TEMPLATES, Neighbour, Report, anchor_first, cut_caption, embedding_rows, find_clusters, names, render, report_data,
     sample_card,
@@ -152,6 +153,19 @@ def test_embedding_rows_finds_each_ids_row(ids, others, seed):
     rows = embedding_rows(emb_ids, wanted)
     expected = [emb_ids.tolist().index(i) if i in emb_ids else -1 for i in wanted]
     assert rows.dtype == np.int64 and rows.tolist() == expected
+
+
+def test_flags_of_samples_the_embeddings_lack_are_refused(tiny_run, tmp_path):
+    root, params = tiny_run
+    flagged = int(pl.read_parquet(root / "flags" / "flags.parquet").filter(pl.col("is_flagged"))["id"][0])
+    emb = tmp_path / "embeddings"
+    shutil.copytree(root / "embeddings", emb)
+    ids = np.load(emb / "ids.npy")
+    keep = ids != flagged
+    for name in ("ids", "image", "text"):
+        np.save(emb / f"{name}.npy", np.load(emb / f"{name}.npy")[keep])
+    with pytest.raises(DataError, match=rf"the flags name 1 samples the embeddings do not hold, e.g. ids \[{flagged}\]"):
+        report_of(root, params, embeddings_dir=emb)
 
 
 def test_report_is_self_contained(tiny_run, tiny_page, tiny_report):
