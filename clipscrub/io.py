@@ -465,6 +465,12 @@ def scan_manifest(raw_dir: str | Path) -> pl.LazyFrame:
     return pl.scan_parquet(path)
 
 
+def same_ids(a: pl.Series, b: pl.Series) -> bool:
+    """Whether two id columns hold the same ids, compared sorted (not as Python sets of N ints,
+    about 100 bytes a sample)."""
+    return len(a) == len(b) and a.sort().equals(b.sort(), check_names=False, check_dtypes=False)
+
+
 # rows per parquet row group, fixed: a table's bytes then depend on its rows alone, not on how
 # polars happened to chunk them in memory (a streamed and a collected frame write one file)
 ROW_GROUP_ROWS = 1 << 17

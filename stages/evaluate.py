@@ -22,7 +22,7 @@ from sklearn.metrics import average_precision_score, precision_recall_curve, roc
 
 from clipscrub.detectors import suspicion
 from clipscrub.errors import DataError
-from clipscrub.io import atomic_dir, atomic_file, read_json, require_file, scan_manifest, write_json
+from clipscrub.io import atomic_dir, atomic_file, read_json, require_file, same_ids, scan_manifest, write_json
 from clipscrub.metrics import applied_metrics, removed_as_flags
 from clipscrub.params import DENSITY_RATIO_DETECTORS, BaseSettings, EvaluateSettings, ThresholdSettings
 from clipscrub.sources import read_truth
@@ -106,7 +106,7 @@ def evaluate_detectors(
     applied = None
     if flags_dir is not None and applied_path is not None:
         flags = pl.read_parquet(require_file(Path(flags_dir) / "flags.parquet", param="--flags", what="flags"))
-        if flags.height != scores.height or not flags["id"].sort().equals(scores["id"].sort(), check_names=False):
+        if not same_ids(flags["id"], scores["id"]):
             raise DataError("flags and scores disagree on the sample ids: rerun threshold", param="--flags")
         applied = applied_metrics(flags=flags, truth=pl.DataFrame({"id": scores["id"], "is_poison": truth}),
                                   threshold=threshold) if clean_dir is None else \
