@@ -3,8 +3,11 @@
 Writes a DVC metrics JSON (per detector: AUROC, PR-AUC, FPR and detection error at the
 ``evaluate.tpr`` true-positive rate, precision and recall when the threshold rule is applied to
 that detector) and DVC plot data: ``roc/<detector>.csv`` (fpr, tpr) and ``hist/<detector>.csv``
-(score bin centre, clean and poisoned counts), ``pr/<detector>.csv`` (recall, precision). Non-finite scores rank as the most suspicious
-(the threshold stage flags them), so they count against a detector rather than vanish.
+(score bin centre, clean and poisoned counts), ``pr/<detector>.csv`` (recall, precision). The
+curves are their corners and the figures exact without sorting the dataset
+(``clipscrub.ranking``: the known poison's scores are sorted, the rest counted against them), and
+the scores are read a column at a time. Non-finite scores rank as the most suspicious (the
+threshold stage flags them), so they count against a detector rather than vanish.
 It also writes ``applied.json``: the threshold actually applied as one flat block,
 ``clipscrub.metrics.applied_metrics``, with or without ground truth: of the flags, or, given the
 filter stage's output, of what filter removed after a person's review lists (then with
@@ -18,34 +21,34 @@ from typing import Any
 
 import numpy as np
 import polars as pl
-from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
 from clipscrub.detectors import suspicion
 from clipscrub.errors import DataError
 from clipscrub.io import atomic_dir, atomic_file, read_json, require_file, same_ids, scan_manifest, write_json
 from clipscrub.metrics import applied_metrics, removed_as_flags
 from clipscrub.params import DENSITY_RATIO_DETECTORS, BaseSettings, EvaluateSettings, ThresholdSettings
+from clipscrub.ranking import RankCounts, auroc, average_precision, fpr_at_tpr, pr_points, rank_counts, roc_points
 from clipscrub.sources import read_truth
 from clipscrub.flagging import flag_outliers
 
 
 def _ranked(values: np.ndarray, detector: str) -> np.ndarray:
+    """Higher = more suspicious, non-finite scores +inf: they rank above every finite one."""
     s = suspicion(values, detector)
-    finite = np.isfinite(s)
-    top = s[finite].max() + 1.0 if finite.any() else 0.0
-    return np.where(finite, s, top)
+    return np.where(np.isfinite(s), s, np.inf)
 
 
-def detection_metrics(*, y: np.ndarray, values: np.ndarray, detector: str, tpr_target: float, flagged: np.ndarray) -> dict[str, float]:
-    """AUROC, PR-AUC, FPR / detection error at ``tpr_target``, precision / recall of ``flagged``."""
-    s = _ranked(values, detector)
-    fpr, tpr, _ = roc_curve(y, s)
-    i = int(np.searchsorted(tpr, tpr_target, side="left"))
-    fpr_at = float(fpr[min(i, len(fpr) - 1)])
+def detection_metrics(*, y: np.ndarray, values: np.ndarray, detector: str, tpr_target: float, flagged: np.ndarray,
+                      counts: RankCounts | None = None) -> dict[str, float]:
+    """AUROC, PR-AUC (average precision), FPR / detection error at ``tpr_target``, precision /
+    recall of ``flagged``; ``y``, ``values``, ``flagged`` (N,). ``counts``: the ranking's
+    ``clipscrub.ranking.rank_counts``, where the caller has them."""
+    counts = counts or rank_counts(scores=_ranked(values, detector), y=y)
+    fpr_at = fpr_at_tpr(counts, tpr_target)
     tp = int((flagged & y).sum())
     return {
-        "auroc": round(float(roc_auc_score(y, s)), 6),
-        "pr_auc": round(float(average_precision_score(y, s)), 6),
+        "auroc": round(auroc(counts), 6),
+        "pr_auc": round(average_precision(counts), 6),
         "fpr_at_tpr": round(fpr_at, 6),
         "detection_error_at_tpr": round(0.5 * (1 - tpr_target) + 0.5 * fpr_at, 6),
         "precision_at_threshold": round(tp / flagged.sum(), 6) if flagged.any() else 0.0,
@@ -98,39 +101,47 @@ def evaluate_detectors(
     manifest = scan_manifest(raw_dir).select("id", *(("key",) if settings.truth else ()), "is_poison").collect()
     if settings.truth:  # a ground-truth table wins over the manifest's is_poison
         manifest = read_truth(manifest, settings.truth)
-    scores = pl.read_parquet(require_file(Path(scores_dir) / "scores.parquet", param="--scores", what="scores"))
-    truth = scores.select("id").join(manifest.select("id", "is_poison"), on="id", how="left")["is_poison"]
-    detectors = [c.removesuffix("_score") for c in scores.columns if c.endswith("_score")]
+    scores_path = require_file(Path(scores_dir) / "scores.parquet", param="--scores", what="scores")
+    # one column at a time: the ids, then each detector's scores as its figures need them
+    scored = pl.read_parquet(scores_path, columns=["id"])["id"]
+    truth = scored.to_frame().join(manifest.select("id", "is_poison"), on="id", how="left")["is_poison"]
+    del manifest
+    detectors = [c.removesuffix("_score") for c in pl.read_parquet_schema(scores_path) if c.endswith("_score")]
     has_truth = truth.null_count() == 0 and 0 < int(truth.sum()) < len(truth)
-    metrics: dict[str, Any] = {"ground_truth": bool(has_truth), "samples": scores.height}
+    metrics: dict[str, Any] = {"ground_truth": bool(has_truth), "samples": len(scored)}
     applied = None
     if flags_dir is not None and applied_path is not None:
-        flags = pl.read_parquet(require_file(Path(flags_dir) / "flags.parquet", param="--flags", what="flags"))
-        if not same_ids(flags["id"], scores["id"]):
+        flags_path = require_file(Path(flags_dir) / "flags.parquet", param="--flags", what="flags")
+        flags = pl.read_parquet(flags_path, columns=[c for c in ("id", "is_flagged", "is_non_finite")
+                                                     if c in pl.read_parquet_schema(flags_path)])
+        if not same_ids(flags["id"], scored):
             raise DataError("flags and scores disagree on the sample ids: rerun threshold", param="--flags")
-        applied = applied_metrics(flags=flags, truth=pl.DataFrame({"id": scores["id"], "is_poison": truth}),
+        applied = applied_metrics(flags=flags, truth=pl.DataFrame({"id": scored, "is_poison": truth}),
                                   threshold=threshold) if clean_dir is None else \
-            applied_removal(flags=flags, clean_dir=Path(clean_dir), truth=truth, scored=scores["id"], threshold=threshold)
+            applied_removal(flags=flags, clean_dir=Path(clean_dir), truth=truth, scored=scored, threshold=threshold)
+        del flags
     with atomic_dir(plots_dir) as tmp_plots:
         (tmp_plots / "roc").mkdir()
         (tmp_plots / "hist").mkdir()
         (tmp_plots / "pr").mkdir()
         if has_truth:
             y = truth.to_numpy().astype(bool)
-            ids = scores["id"].to_numpy()
+            ids = scored.to_numpy()
             metrics["poisoned"] = int(y.sum())
             metrics["tpr_target"] = settings.tpr
             metrics["threshold"] = {"detector": threshold.detector, "method": threshold.method}
             per: dict[str, Any] = {}
             for d in detectors:
-                values = scores[f"{d}_score"].to_numpy().astype(np.float64)
+                values = pl.read_parquet(scores_path, columns=[f"{d}_score"]).to_series().to_numpy().astype(np.float64)
                 rule = threshold.model_copy(update={"detector": d})
                 flagged, _ = flag_outliers(values=values, ids=ids, detector=d, settings=rule)
                 flagged |= ~np.isfinite(values)
-                per[d] = detection_metrics(y=y, values=values, detector=d, tpr_target=settings.tpr, flagged=flagged)
-                fpr, tpr, _ = roc_curve(y, _ranked(values, d))
+                counts = rank_counts(scores=_ranked(values, d), y=y)
+                per[d] = detection_metrics(y=y, values=values, detector=d, tpr_target=settings.tpr, flagged=flagged,
+                                           counts=counts)
+                fpr, tpr = roc_points(counts)
                 pl.DataFrame({"fpr": fpr, "tpr": tpr}).write_csv(tmp_plots / "roc" / f"{d}.csv", float_precision=6)
-                precision, recall, _ = precision_recall_curve(y, _ranked(values, d))
+                recall, precision = pr_points(counts)
                 pl.DataFrame({"recall": recall, "precision": precision}).write_csv(
                     tmp_plots / "pr" / f"{d}.csv", float_precision=6)
                 finite = np.isfinite(values)
