@@ -13,6 +13,7 @@ more suspicious).
 
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
@@ -108,11 +109,12 @@ def density_scores(
 
 
 def _side_scale(dev: np.ndarray) -> float:
-    """1.4826 x the median of one side's absolute deviations; their mean, then 1, when that is 0."""
+    """1.4826 x the median of one side's absolute deviations; their mean (exactly rounded, as
+    ``clipscrub.order.SortedRuns`` takes it from pieces), then 1, when that is 0."""
     if dev.size == 0:
         return 1.0
     scale = 1.4826 * float(np.median(dev))
-    return scale if scale > 0 else (float(np.mean(dev)) or 1.0)
+    return scale if scale > 0 else (math.fsum(dev.tolist()) / dev.size or 1.0)
 
 
 def robust_scales(finite: np.ndarray) -> tuple[float, float, float]:
@@ -122,7 +124,10 @@ def robust_scales(finite: np.ndarray) -> tuple[float, float, float]:
     return med, _side_scale(med - finite[finite <= med]), _side_scale(finite[finite >= med] - med)
 
 
-def robust_z(values: np.ndarray, *, fit: np.ndarray | None = None) -> np.ndarray:
+Scales = tuple[float, float, float]  # (median, lower scale, upper scale): robust_scales'
+
+
+def robust_z(values: np.ndarray, *, fit: np.ndarray | None = None, scales: Scales | None = None) -> np.ndarray:
     """Robust z-scores over the finite values, (N,) -> (N,): (value - median) divided by the
     median absolute deviation (x 1.4826) of the values on the same side of the median.
 
@@ -130,19 +135,23 @@ def robust_z(values: np.ndarray, *, fit: np.ndarray | None = None) -> np.ndarray
     "double MAD") because distance scores are skewed: bounded below by 0, long-tailed above, so a
     single MAD understates how unusual a value far below the median is, and overstates one above.
     Non-finite values stay non-finite. ``fit`` (M,): the values whose median and scales are used
-    (default: ``values`` themselves).
+    (default: ``values`` themselves). ``scales``: those already taken (``robust_scales``, or
+    ``clipscrub.order.SortedRuns.robust_scales`` of a whole column held in pieces), for a piece of
+    it.
     """
     v = np.asarray(values, dtype=np.float64)
-    ref = v if fit is None else np.asarray(fit, dtype=np.float64)
-    finite = ref[np.isfinite(ref)]
-    if finite.size == 0:
-        return np.full_like(v, np.nan) if fit is not None else v.copy()
-    med, lo, hi = robust_scales(finite)
+    if scales is None:
+        ref = v if fit is None else np.asarray(fit, dtype=np.float64)
+        finite = ref[np.isfinite(ref)]
+        if finite.size == 0:
+            return np.full_like(v, np.nan) if fit is not None else v.copy()
+        scales = robust_scales(finite)
+    med, lo, hi = scales
     with np.errstate(invalid="ignore"):
         return np.where(v >= med, (v - med) / hi, (v - med) / lo)
 
 
-def fuse_scores(per_set: list[np.ndarray], rule: str) -> np.ndarray:
+def fuse_scores(per_set: list[np.ndarray], rule: str, *, scales: list[Scales] | None = None) -> np.ndarray:
     """One score per sample from the scores of several reference sets, [(N,)] -> (N,).
 
     ``max_abs_z``: the z-score largest in magnitude: poison is found at whichever size leaves it
@@ -151,10 +160,12 @@ def fuse_scores(per_set: list[np.ndarray], rule: str) -> np.ndarray:
     is found too. ``max_z``: the largest z-score: sparse only.
     ``mean_z``: the mean z-score. A single set's scores are returned as they are. A non-finite
     score in any set makes the fused score non-finite (NaN), so it is flagged, never dropped.
+    ``scales``: each set's ``robust_scales`` over the whole dataset, where ``per_set`` is a piece.
     """
     if len(per_set) == 1:
         return np.asarray(per_set[0], dtype=np.float64)
-    z = np.stack([robust_z(v) for v in per_set])
+    z = np.stack([robust_z(v, scales=None if scales is None else sc)
+                  for v, sc in zip(per_set, scales or [None] * len(per_set), strict=True)])
     if rule == "max_z":
         return z.max(axis=0)
     if rule == "max_abs_z":
@@ -219,7 +230,7 @@ def mismatch_sample(start: int, stop: int, n: int) -> np.ndarray:
 
 
 def vet_copies(fused: np.ndarray, *, is_copy: np.ndarray, mismatch: np.ndarray,
-               population: np.ndarray | None = None) -> np.ndarray:
+               population: np.ndarray | None = None, scales: Scales | None = None) -> np.ndarray:
     """Fused density z-scores (N,) where a sample with copies is judged by its caption instead:
     the robust z-score of its caption mismatch, fitted on the mismatch of the ``population``
     rows (N,) bool (default: every sample that has one).
@@ -230,13 +241,15 @@ def vet_copies(fused: np.ndarray, *, is_copy: np.ndarray, mismatch: np.ndarray,
     image copied 30 times among 6,000), so its density says little either way. What tells poison
     apart is its caption: a target its images' look-alikes do not carry (a copied image captioned
     "banana"), where a clean re-posted photo's look-alikes are described like it. A sample
-    without copies, or without look-alikes to compare with, keeps its fused score.
+    without copies, or without look-alikes to compare with, keeps its fused score. ``scales``:
+    the population's ``robust_scales``, where the arrays are a piece of the dataset.
     """
-    z = robust_z(mismatch, fit=None if population is None else mismatch[population])
+    z = (robust_z(mismatch, scales=scales) if scales is not None
+         else robust_z(mismatch, fit=None if population is None else mismatch[population]))
     return np.where(is_copy & np.isfinite(z), z, fused)
 
 
-def join_caption_view(image_fused: np.ndarray, caption: np.ndarray) -> np.ndarray:
+def join_caption_view(image_fused: np.ndarray, caption: np.ndarray, *, scales: Scales | None = None) -> np.ndarray:
     """One score (N,) from the image view's fused z-scores and a caption set's scores (N,): the
     mean of the two, the caption scores as robust z-scores.
 
@@ -244,8 +257,9 @@ def join_caption_view(image_fused: np.ndarray, caption: np.ndarray) -> np.ndarra
     does not otherwise carry (a target, where the reference holds few of it). Poison is unusual
     on both sides; a clean image outlier (a rare photo) or a clean caption outlier (a rare
     phrasing) on one only, so the mean ranks poison above both. Non-finite in either: NaN.
+    ``scales``: the caption scores' ``robust_scales`` over the whole dataset, for a piece.
     """
-    z = robust_z(caption)
+    z = robust_z(caption, scales=scales)
     both = np.isfinite(image_fused) & np.isfinite(z)
     return np.where(both, (image_fused + np.where(both, z, 0.0)) / 2, np.nan)
 

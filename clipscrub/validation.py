@@ -324,21 +324,33 @@ def neighbour_check_tables(*, ids: np.ndarray, checks: np.ndarray, entries: int,
     ], unit="blocks")]
 
 
-def score_tables(scores: pl.DataFrame, *, ids: np.ndarray, detectors: list[str]) -> list[Table]:
+def score_tables(scores: pl.DataFrame | pl.LazyFrame, *, ids: np.ndarray, detectors: list[str],
+                 block: int | None = None) -> list[Table]:
     """One row per embedded sample, in the embeddings' order (so each id once, as the embed
     suite checked them); every score finite unless the row names it in ``non_finite_scores``.
-    One row per block of samples (``block_view``)."""
+    One row per block of samples (``block_view``); a lazy table (the written file, scanned) is
+    read a block at a time, so the check holds one block, not the dataset."""
+    import pandas as pd
+
     E = _gx()
+    block = block or BLOCK_ROWS
+    lazy = scores.lazy().select("id", "non_finite_scores", *(f"{d}_score" for d in detectors))
+    rows = lazy.select(pl.len()).collect().item()
     n = len(ids)
-    got = scores["id"].to_numpy()
-    same = np.zeros(len(got), dtype=np.int64)
-    same[: min(n, len(got))] = got[:n] != ids[: len(got)]
-    marked = scores["non_finite_scores"].is_not_null().to_numpy()
-    figures: dict[str, tuple[np.ndarray, str]] = {"id_mismatch": (same, "sum")}
-    for d in detectors:
-        # 1 where a score is not finite and its row does not say so
-        figures[f"unmarked_{d}"] = ((~np.isfinite(scores[f"{d}_score"].to_numpy()) & ~marked).astype(np.int64), "sum")
-    view = block_view(ids=got, figures=figures)
+    views = []
+    for start in range(0, rows, block) if rows else [0]:
+        part = lazy.slice(start, block).collect()
+        got = part["id"].to_numpy()
+        want = np.asarray(ids[start:start + len(got)])
+        same = np.zeros(len(got), dtype=np.int64)
+        same[: len(want)] = got[: len(want)] != want
+        marked = part["non_finite_scores"].is_not_null().to_numpy()
+        figures: dict[str, tuple[np.ndarray, str]] = {"id_mismatch": (same, "sum")}
+        for d in detectors:
+            # 1 where a score is not finite and its row does not say so
+            figures[f"unmarked_{d}"] = ((~np.isfinite(part[f"{d}_score"].to_numpy()) & ~marked).astype(np.int64), "sum")
+        views.append(block_view(ids=got, figures=figures, block=block))
+    view = pd.concat(views, ignore_index=True)
     exps = [E.ExpectColumnSumToBeBetween(column="rows", min_value=n, max_value=n)]
     exps += [E.ExpectColumnValuesToBeInSet(column=c, value_set=[0]) for c in figures]
     return [Table("scores", view, exps, unit="blocks")]

@@ -15,10 +15,14 @@ Like the index stage, the work is three pieces passing files: ``prepare_score`` 
 entry's kd(o) and lid(o), computed once per draw; the isolation forest's training rows),
 ``score_chunk`` per chunk of samples (raw per-draw scores), ``reduce_score`` (averaging over
 draws, fusion over the whole dataset, the parquet outputs); ``score_samples`` runs them in turn.
+The reduce works a chunk at a time: the fusion's medians and MADs are exact order statistics of
+the chunks' sorted scores (``clipscrub.order``), and the outputs are streamed from per-chunk
+parts, so its memory does not grow with the dataset's columns.
 """
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +35,9 @@ from clipscrub.detectors import (
     mismatch_sample, query_scores, reference_density, vet_copies,
 )
 from clipscrub.errors import DataError
-from clipscrub.io import atomic_dir, scratch_work_dir, write_json, write_lineage
+from clipscrub.io import atomic_dir, scratch_work_dir, write_json, write_lineage, write_table
 from clipscrub.neighbours import load_reference_set, query_embeddings, read_reference_sets
+from clipscrub.order import SortedRuns, sorted_finite
 from clipscrub.params import BaseSettings, IndexSettings, ScoreSettings
 from clipscrub.pieces import (
     PLAN_FILE, check_chunk, chunk_file, chunk_plan, fresh_work_dir, load_chunk, read_plan, save_npy,
@@ -228,64 +233,85 @@ def reduce_score(
     settings: ScoreSettings, index: IndexSettings, base: BaseSettings,
 ) -> dict[str, Any]:
     """Every chunk's scores: averaged over each set's draws, fused over the sets (robust z-scores
-    over the whole dataset), written with validation and lineage in one atomic swap."""
+    over the whole dataset), written with validation and lineage in one atomic swap.
+
+    Out of core, a chunk at a time: each chunk's per-set means are written with their finite
+    values sorted (a run); the fusion's medians and MADs are taken exactly from the runs
+    (``clipscrub.order.SortedRuns``); each chunk's final rows are written as a part, and the
+    parts streamed into ``scores.parquet`` and ``by_reference.parquet``. Memory holds a chunk,
+    the ids and the runs' binary searches, not a column per detector and set."""
     emb_dir, idx_dir, work = Path(embeddings_dir), Path(index_dir), Path(work_dir)
     plan = read_plan(work, params=_score_params(settings, index, base), stage="score")
     _, _, ids = load_embeddings(emb_dir, normalize=index.normalize)
-    if len(ids) != plan["samples"]:
-        raise DataError(f"the embeddings changed since prepare_score ({plan['samples']} samples, now {len(ids)}): "
+    n = len(ids)
+    if n != plan["samples"]:
+        raise DataError(f"the embeddings changed since prepare_score ({plan['samples']} samples, now {n}): "
                         f"prepare again", param="--embeddings")
-    names = plan["sets"]
+    names, chunks, vet = plan["sets"], plan["chunks"], plan.get("vet")
     density = [d for d in settings.detectors if d in DENSITY]
-    chunks = plan["chunks"]
-
-    def gather(name: str) -> np.ndarray:
-        return np.concatenate([load_chunk(work, start, stop, name, stage="score") for start, stop in chunks], axis=-1)
-
-    columns: dict[str, np.ndarray] = {}
-    by_set: dict[str, np.ndarray] = {}
-    extra: dict[str, np.ndarray] = {}
-    if plan.get("vet"):
-        per_draw = gather("caption_mismatch")  # (r, N), NaN where a draw found no look-alike
-        found = np.isfinite(per_draw)
-        extra["is_copy"] = gather("copies").astype(bool)
-        # a reference sample another sample copies is a copy too (rows of the embeddings)
-        extra["is_copy"][gather("copied_refs")] = True
-        extra["caption_mismatch"] = np.where(found.any(axis=0), np.where(found, per_draw, 0).sum(axis=0)
-                                             / np.maximum(found.sum(axis=0), 1), np.nan)
     caption_sets = plan["caption_sets"]
+    if len(caption_sets) > 1:  # the index draws one (clipscrub.neighbours: t<smallest size>)
+        raise DataError(f"the index holds {len(caption_sets)} caption sets ({', '.join(caption_sets)}); the score stage "
+                        "joins one: rerun the index stage", param="--index")
     image_sets = [name for name in names if name not in caption_sets]
-    for d in density:
-        # (r, N) -> (N,): the mean over draws of the whole arrays, as one process takes it
-        per_set = {name: np.mean(gather(f"{name}.{d}"), axis=0) for name in names}
-        columns[d] = fuse_scores([per_set[name] for name in image_sets], settings.fusion)
-        if extra:
-            columns[d] = vet_copies(columns[d], is_copy=extra["is_copy"], mismatch=extra["caption_mismatch"],
-                                    population=mismatch_sample(0, len(ids), len(ids)))
-        if caption_sets:
-            columns[d] = join_caption_view(columns[d], fuse_scores([per_set[name] for name in caption_sets], "max_z"))
-        by_set.update({f"{d}_{name}": per_set[name] for name in names})
-    for d in ("iforest", "clip"):
-        if d in settings.detectors:
-            columns[d] = gather(d)
+    # the sets whose whole-dataset scales a fusion needs: image sets fused with z-scores, the caption set
+    ranked = (image_sets if len(image_sets) > 1 else []) + caption_sets
+    # a reference sample another sample copies is a copy too (rows of the embeddings, from every chunk)
+    copied = (np.unique(np.concatenate([load_chunk(work, a, b, "copied_refs", stage="score") for a, b in chunks]))
+              if vet else np.empty(0, np.int64))
+    for start, stop in chunks:
+        _summarise_chunk(work, start, stop, names=names, density=density, runs_of=ranked, vet=vet, samples=n)
+    scales = {(d, name): _scales(work, chunks, f"{name}.{d}") for d in density for name in ranked}
+    population = _scales(work, chunks, "mismatch_population") if vet else None
 
-    order = [d for d in settings.detectors]
-    frame = pl.DataFrame({"id": np.asarray(ids), **{f"{d}_score": columns[d] for d in order}, **extra})
-    # marked, not dropped: threshold flags them and evaluate ranks them most suspicious
-    frame = frame.with_columns(
-        pl.concat_str([pl.when(~pl.col(f"{d}_score").is_finite()).then(pl.lit(d)) for d in order],
-                      separator=",", ignore_nulls=True).replace("", None).alias("non_finite_scores")
-    )
-    non_finite = {d: int((~np.isfinite(columns[d])).sum()) for d in order}
-    summary = {"samples": frame.height, "detectors": order, "non_finite": non_finite,
+    order = list(settings.detectors)
+    non_finite = dict.fromkeys(order, 0)
+    copies = 0
+    parts = work / "parts"
+    shutil.rmtree(parts, ignore_errors=True)
+    (parts / "scores").mkdir(parents=True)
+    (parts / "by_reference").mkdir()
+    for start, stop in chunks:
+        per_set = {(d, name): _mean(work, start, stop, name, d) for d in density for name in names}
+        columns: dict[str, np.ndarray] = {}
+        extra: dict[str, np.ndarray] = {}
+        if vet:
+            extra["is_copy"] = load_chunk(work, start, stop, "copies", stage="score").astype(bool)
+            extra["is_copy"][copied[(copied >= start) & (copied < stop)] - start] = True
+            extra["caption_mismatch"] = np.load(chunk_file(work, start, stop, "mismatch_mean"))
+            copies += int(extra["is_copy"].sum())
+        for d in density:
+            columns[d] = fuse_scores([per_set[(d, name)] for name in image_sets], settings.fusion,
+                                     scales=[scales.get((d, name)) for name in image_sets])
+            if vet:
+                columns[d] = vet_copies(columns[d], is_copy=extra["is_copy"], mismatch=extra["caption_mismatch"],
+                                        population=mismatch_sample(start, stop, n), scales=population)
+            for name in caption_sets:
+                columns[d] = join_caption_view(columns[d], per_set[(d, name)], scales=scales[(d, name)])
+        for d in ("iforest", "clip"):
+            if d in settings.detectors:
+                columns[d] = load_chunk(work, start, stop, d, stage="score")
+        chunk_ids = np.asarray(ids[start:stop])
+        frame = pl.DataFrame({"id": chunk_ids, **{f"{d}_score": columns[d] for d in order}, **extra})
+        # marked, not dropped: threshold flags them and evaluate ranks them most suspicious
+        frame = frame.with_columns(
+            pl.concat_str([pl.when(~pl.col(f"{d}_score").is_finite()).then(pl.lit(d)) for d in order],
+                          separator=",", ignore_nulls=True).replace("", None).alias("non_finite_scores")
+        )
+        for d in order:
+            non_finite[d] += int((~np.isfinite(columns[d])).sum())
+        frame.write_parquet(parts / "scores" / f"{start:015d}.parquet", statistics=False)
+        pl.DataFrame({"id": chunk_ids, **{f"{d}_{name}": per_set[(d, name)] for d in density for name in names}}
+                     ).write_parquet(parts / "by_reference" / f"{start:015d}.parquet", statistics=False)
+    summary = {"samples": n, "detectors": order, "non_finite": non_finite,
                "reference_sets": names, "fusion": settings.fusion if len(image_sets) > 1 else None}
-    if extra:
-        summary["copies"] = int(extra["is_copy"].sum())
+    if vet:
+        summary["copies"] = copies
     with atomic_dir(out_dir) as tmp:
-        frame.write_parquet(tmp / "scores.parquet", statistics=False)
-        pl.DataFrame({"id": np.asarray(ids), **by_set}).write_parquet(tmp / "by_reference.parquet", statistics=False)
-        validated = validate("score", score_tables(pl.read_parquet(tmp / "scores.parquet"), ids=np.asarray(ids),
-                                                   detectors=order), docs_dir=docs_dir_for(out_dir, "score"))
+        for name in ("scores", "by_reference"):  # the parts in row order, streamed into one file
+            write_table(pl.scan_parquet(sorted((parts / name).glob("*.parquet"))), tmp / f"{name}.parquet")
+        validated = validate("score", score_tables(pl.scan_parquet(tmp / "scores.parquet"), ids=ids, detectors=order),
+                             docs_dir=docs_dir_for(out_dir, "score"))
         write_lineage(
             tmp,
             module=__name__,
@@ -297,6 +323,39 @@ def reduce_score(
             extra={"validation": validated},
         )
     return summary
+
+
+def _mean(work: Path, start: int, stop: int, name: str, detector: str) -> np.ndarray:
+    return np.load(chunk_file(work, start, stop, f"mean.{name}.{detector}"))
+
+
+def _summarise_chunk(work: Path, start: int, stop: int, *, names: list[str], density: list[str], runs_of: list[str],
+                     vet: dict[str, Any] | None, samples: int) -> None:
+    """A chunk's ``mean.<set>.<detector>.npy`` (stop - start,): the mean over the set's draws, as
+    the whole (r, N) array's mean gives it; ``run.<set>.<detector>.npy``, its finite values sorted,
+    for the sets in ``runs_of``; with copies vetted, ``mismatch_mean.npy`` (the mean over the draws
+    that found a look-alike, NaN where none did) and the mismatch population's run."""
+    for name in names:
+        for d in density:
+            mean = np.mean(load_chunk(work, start, stop, f"{name}.{d}", stage="score"), axis=0)
+            save_npy(chunk_file(work, start, stop, f"mean.{name}.{d}"), mean)
+            if name in runs_of:
+                save_npy(chunk_file(work, start, stop, f"run.{name}.{d}"), sorted_finite(mean))
+    if vet:
+        per_draw = load_chunk(work, start, stop, "caption_mismatch", stage="score")  # (r, n), NaN where no look-alike
+        found = np.isfinite(per_draw)
+        mismatch = np.where(found.any(axis=0), np.where(found, per_draw, 0).sum(axis=0)
+                            / np.maximum(found.sum(axis=0), 1), np.nan)
+        save_npy(chunk_file(work, start, stop, "mismatch_mean"), mismatch)
+        save_npy(chunk_file(work, start, stop, "run.mismatch_population"),
+                 sorted_finite(mismatch[mismatch_sample(start, stop, samples)]))
+
+
+def _scales(work: Path, chunks: list[list[int]], name: str) -> tuple[float, float, float] | None:
+    """``robust_scales`` of a column from its chunks' runs (``run.<name>.npy``); None where it has
+    no finite value (robust_z then leaves the values as they are, as it does whole)."""
+    runs = SortedRuns([chunk_file(work, start, stop, f"run.{name}") for start, stop in chunks])
+    return runs.robust_scales() if runs.size else None
 
 
 def set_scores(arrays: dict[str, np.ndarray], *, k: int, lid_k: int | None) -> dict[str, np.ndarray]:
