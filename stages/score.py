@@ -40,7 +40,7 @@ from clipscrub.neighbours import load_reference_set, query_embeddings, read_refe
 from clipscrub.order import SortedRuns, sorted_finite
 from clipscrub.params import BaseSettings, IndexSettings, ScoreSettings
 from clipscrub.pieces import (
-    PLAN_FILE, check_chunk, chunk_file, chunk_plan, fresh_work_dir, load_chunk, read_plan, save_npy,
+    PLAN_FILE, check_chunk, chunk_file, chunk_plan, fresh_work_dir, load_chunk, read_plan, require_chunk, save_npy,
 )
 from clipscrub.progress import track
 from clipscrub.validation import docs_dir_for, score_tables, validate
@@ -130,8 +130,9 @@ def score_chunk(
 ) -> None:
     """Raw scores of samples [start, stop), one of the plan's chunks, in ``work_dir``'s
     ``chunks/<start>-<stop>/``: ``<set>.<detector>.npy`` (r, stop - start) per density detector
-    (one row per draw), ``iforest.npy`` and ``clip.npy`` (stop - start,). Depends on no other
-    chunk; a rerun writes the same bytes. ``buffers``: the embeddings are read into these (a
+    (one row per draw), ``iforest.npy`` and ``clip.npy`` (stop - start,), then what the reduce
+    reads of it (``_summarise_chunk``: each set's mean over its draws, and its sorted finite
+    values for the fusion's statistics). Depends on no other chunk; a rerun writes the same bytes. ``buffers``: the embeddings are read into these (a
     dict the caller passes to every chunk it runs), not into fresh memory."""
     emb_dir, idx_dir, work = Path(embeddings_dir), Path(index_dir), Path(work_dir)
     plan = read_plan(work, params=_score_params(settings, index, base), stage="score")
@@ -164,6 +165,9 @@ def score_chunk(
         save_npy(chunk_file(work, start, stop, "iforest"), iforest_score(forest, rows(queries)))
     if "clip" in wanted:
         save_npy(chunk_file(work, start, stop, "clip"), clip_score(rows(image), rows(text)))
+    # last: its files mark the chunk done for the reduce
+    _summarise_chunk(work, start, stop, names=plan["sets"], density=density, runs_of=_ranked_sets(plan),
+                     vet=vet, samples=plan["samples"])
 
 
 def _vetting(records: list[dict[str, Any]], settings: ScoreSettings, index: IndexSettings) -> dict[str, Any] | None:
@@ -235,8 +239,8 @@ def reduce_score(
     """Every chunk's scores: averaged over each set's draws, fused over the sets (robust z-scores
     over the whole dataset), written with validation and lineage in one atomic swap.
 
-    Out of core, a chunk at a time: each chunk's per-set means are written with their finite
-    values sorted (a run); the fusion's medians and MADs are taken exactly from the runs
+    Out of core, a chunk at a time: each chunk's per-set means, with their finite values sorted
+    (a run), are the chunk's (``score_chunk``); the fusion's medians and MADs are taken exactly from the runs
     (``clipscrub.order.SortedRuns``); each chunk's final rows are written as a part, and the
     parts streamed into ``scores.parquet`` and ``by_reference.parquet``. Memory holds a chunk,
     the ids and the runs' binary searches, not a column per detector and set."""
@@ -254,14 +258,10 @@ def reduce_score(
         raise DataError(f"the index holds {len(caption_sets)} caption sets ({', '.join(caption_sets)}); the score stage "
                         "joins one: rerun the index stage", param="--index")
     image_sets = [name for name in names if name not in caption_sets]
-    # the sets whose whole-dataset scales a fusion needs: image sets fused with z-scores, the caption set
-    ranked = (image_sets if len(image_sets) > 1 else []) + caption_sets
     # a reference sample another sample copies is a copy too (rows of the embeddings, from every chunk)
     copied = (np.unique(np.concatenate([load_chunk(work, a, b, "copied_refs", stage="score") for a, b in chunks]))
               if vet else np.empty(0, np.int64))
-    for start, stop in chunks:
-        _summarise_chunk(work, start, stop, names=names, density=density, runs_of=ranked, vet=vet, samples=n)
-    scales = {(d, name): _scales(work, chunks, f"{name}.{d}") for d in density for name in ranked}
+    scales = {(d, name): _scales(work, chunks, f"{name}.{d}") for d in density for name in _ranked_sets(plan)}
     population = _scales(work, chunks, "mismatch_population") if vet else None
 
     order = list(settings.detectors)
@@ -278,7 +278,7 @@ def reduce_score(
         if vet:
             extra["is_copy"] = load_chunk(work, start, stop, "copies", stage="score").astype(bool)
             extra["is_copy"][copied[(copied >= start) & (copied < stop)] - start] = True
-            extra["caption_mismatch"] = np.load(chunk_file(work, start, stop, "mismatch_mean"))
+            extra["caption_mismatch"] = load_chunk(work, start, stop, "mismatch_mean", stage="score")
             copies += int(extra["is_copy"].sum())
         for d in density:
             columns[d] = fuse_scores([per_set[(d, name)] for name in image_sets], settings.fusion,
@@ -326,7 +326,14 @@ def reduce_score(
 
 
 def _mean(work: Path, start: int, stop: int, name: str, detector: str) -> np.ndarray:
-    return np.load(chunk_file(work, start, stop, f"mean.{name}.{detector}"))
+    return load_chunk(work, start, stop, f"mean.{name}.{detector}", stage="score")
+
+
+def _ranked_sets(plan: dict[str, Any]) -> list[str]:
+    """The sets whose whole-dataset robust scales the fusion takes: the image sets, where several
+    are fused by z-score, and the caption set."""
+    image_sets = [name for name in plan["sets"] if name not in plan["caption_sets"]]
+    return (image_sets if len(image_sets) > 1 else []) + plan["caption_sets"]
 
 
 def _summarise_chunk(work: Path, start: int, stop: int, *, names: list[str], density: list[str], runs_of: list[str],
@@ -354,7 +361,8 @@ def _summarise_chunk(work: Path, start: int, stop: int, *, names: list[str], den
 def _scales(work: Path, chunks: list[list[int]], name: str) -> tuple[float, float, float] | None:
     """``robust_scales`` of a column from its chunks' runs (``run.<name>.npy``); None where it has
     no finite value (robust_z then leaves the values as they are, as it does whole)."""
-    runs = SortedRuns([chunk_file(work, start, stop, f"run.{name}") for start, stop in chunks])
+    runs = SortedRuns([require_chunk(chunk_file(work, start, stop, f"run.{name}"), start, stop, stage="score")
+                       for start, stop in chunks])
     return runs.robust_scales() if runs.size else None
 
 

@@ -141,8 +141,10 @@ def test_a_chunk_on_one_thread_in_another_process_gives_the_same_bytes(emb, expe
                     str(start), str(stop)], env=env, cwd=REPO, check=True)
     there = chunk_outputs()
     # index: 2 image sets + the caption set x (neighbours, distances); score: 4 density detectors x
-    # 3 sets, iforest, clip, and the copies vetting's three (copies, copied_refs, caption_mismatch)
-    assert there == here and len(here[0]) == 3 * 2 and len(here[1]) == 4 * 3 + 2 + 3
+    # 3 sets, iforest, clip, and the copies vetting's three (copies, copied_refs, caption_mismatch),
+    # then for the reduce each set's mean and sorted run (4 x 3 each: both image sets are fused by
+    # z-score) and the vetting's mean mismatch and its population's run
+    assert there == here and len(here[0]) == 3 * 2 and len(here[1]) == 4 * 3 + 2 + 3 + 2 * 4 * 3 + 2
     reduce_index(**idx, out_dir=tmp_path / "index")  # from the other process's chunk files
     reduce_score(**sco, out_dir=tmp_path / "scores")
     assert (digest(tmp_path / "index"), digest(tmp_path / "scores")) == expected["random"]
