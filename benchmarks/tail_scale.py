@@ -15,6 +15,11 @@ its 8 reference draws take 8 B x 64 x 8 = 4 KB a sample, 66 GB at 16M), ``embed.
     python benchmarks/tail_scale.py                                # 1M, 4M, 16M
     python benchmarks/tail_scale.py --sizes 1000000 --keep          # one size, leave its data
     python benchmarks/tail_scale.py --sizes 16000000 --until evaluate  # stop before the report
+    python benchmarks/tail_scale.py --workdir /tmp/tail --keep --until index  # data for later runs
+    python benchmarks/tail_scale.py --workdir /tmp/tail --keep --from score   # rerun score onwards
+
+``--from`` reruns the stages from that one on the data a ``--keep`` run left, and keeps the
+figures that ``--out`` already holds for the stages before it.
 """
 
 from __future__ import annotations
@@ -110,20 +115,33 @@ def measure(args: list[str], *, log: Path) -> tuple[float, float, str]:
     return wall, kib / 2**20, text
 
 
-def measure_size(n: int, *, d: int, work: Path, seed: int, overrides: list[str], until: str = STAGES[-1]) -> dict:
+def measure_size(n: int, *, d: int, work: Path, seed: int, overrides: list[str], until: str = STAGES[-1],
+                 start: str = STAGES[0], before: dict | None = None) -> dict:
+    """``before``: this size's record from an earlier run, whose figures stand for the stages
+    before ``start`` (which reruns on the data that run left in ``work``)."""
     import yaml
 
     src, root = work / "src", work / "data"
-    t = time.perf_counter()
-    poisoned = write_source(src, n=n, d=d, seed=seed)
-    made = time.perf_counter() - t
-    from clipscrub.params import apply_overrides
+    if start == STAGES[0]:
+        t = time.perf_counter()
+        poisoned = write_source(src, n=n, d=d, seed=seed)
+        made = round(time.perf_counter() - t, 1)
+        from clipscrub.params import apply_overrides
 
-    params = apply_overrides(yaml.safe_load((REPO / "params.yaml").read_text()),
-                             overrides + [f"download.embeddings.path={src}"])
-    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    stages = {}
-    for stage in STAGES[: STAGES.index(until) + 1]:
+        params = apply_overrides(yaml.safe_load((REPO / "params.yaml").read_text()),
+                                 overrides + [f"download.embeddings.path={src}"])
+        (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        stages = {}
+    else:
+        if not (work / "params.yaml").is_file():
+            raise SystemExit(f"--from {start}: no data of {n:,} samples in {work} (run with --keep first)")
+        import polars as pl
+
+        poisoned = int(pl.read_parquet(sorted((src / "metadata").glob("*.parquet")), columns=["is_poison"])
+                       ["is_poison"].sum())
+        made = (before or {}).get("source_s")
+        stages = {k: v for k, v in (before or {}).get("stages", {}).items() if STAGES.index(k) < STAGES.index(start)}
+    for stage in STAGES[STAGES.index(start): STAGES.index(until) + 1]:
         wall, rss, out = measure([stage, "-p", str(work / "params.yaml"), "--root", str(root), "--json"],
                                  log=work / f"{stage}.log")
         summary = json.loads(out)
@@ -134,7 +152,7 @@ def measure_size(n: int, *, d: int, work: Path, seed: int, overrides: list[str],
                                         ("removed", "poison_removed", "poison", "precision", "recall")}
     disk = {p.name: round(sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) / 2**30, 2)
             for p in sorted(root.iterdir()) if p.is_dir() and not p.name.startswith(".")}
-    return {"samples": n, "poisoned": poisoned, "source_s": round(made, 1), "stages": stages, "disk_gib": disk}
+    return {"samples": n, "poisoned": poisoned, "source_s": made, "stages": stages, "disk_gib": disk}
 
 
 def main() -> None:
@@ -148,21 +166,31 @@ def main() -> None:
     ap.add_argument("-S", dest="extra", action="append", default=[], metavar="KEY=VALUE",
                     help="a params override after the benchmark's own (e.g. index.k=64)")
     ap.add_argument("--until", default=STAGES[-1], choices=STAGES, help="the last stage to run (default: report)")
+    ap.add_argument("--from", dest="start", default=STAGES[0], choices=STAGES,
+                    help="the first stage to run, on the data a --keep run left in --workdir (default: download)")
     args = ap.parse_args()
     from detector_scale import machine
 
+    if args.start != STAGES[0] and not args.workdir:
+        raise SystemExit("--from needs the --workdir of an earlier --keep run")
     base = Path(args.workdir or tempfile.mkdtemp(prefix="tail-scale-"))
+    # with --from, the figures of the stages before it, and of sizes not rerun, are the earlier run's
+    earlier = (json.loads(Path(args.out).read_text())["sizes"]
+               if args.start != STAGES[0] and Path(args.out).is_file() else [])
     rows = []
     for n in (int(s) for s in args.sizes.split(",")):
         work = base / f"n{n}"
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir(parents=True)
+        if args.start == STAGES[0]:
+            shutil.rmtree(work, ignore_errors=True)
+            work.mkdir(parents=True)
+        before = next((r for r in earlier if r["samples"] == n), None)
         rows.append(measure_size(n, d=args.d, work=work, seed=args.seed, overrides=OVERRIDES + args.extra,
-                                 until=args.until))
+                                 until=args.until, start=args.start, before=before))
         if not args.keep:
             shutil.rmtree(work)
         Path(args.out).write_text(json.dumps({"machine": machine(), "d": args.d, "overrides": OVERRIDES + args.extra,
-                                              "sizes": rows}, indent=1) + "\n")
+                                              "sizes": sorted(rows + [r for r in earlier if r["samples"] not in {x["samples"] for x in rows}],
+                                                        key=lambda r: r["samples"])}, indent=1) + "\n")
     print(f"wrote {args.out}")
 
 
