@@ -7,7 +7,7 @@ from __future__ import annotations
 import base64
 import io
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import polars as pl
@@ -38,17 +38,18 @@ def _svg(fig) -> str:
     return text[text.index("<svg"):]
 
 
-def score_figures(scores: pl.DataFrame, *, detectors: list[str], y: np.ndarray | None, cuts: dict[str, float | None],
-                  threshold_detector: str, bins: int) -> tuple[list[str], list[str]]:
-    """(a histogram of each detector's ``<d>_score`` column of ``scores``, each marking its cut
-    (solid on ``threshold_detector``'s, where the threshold applies); [ROC, PR] against the known
-    poison ``y`` (N,), none without it), as SVG."""
+def score_figures(*, values: Callable[[str], np.ndarray], detectors: list[str], y: np.ndarray | None,
+                  cuts: dict[str, float | None], threshold_detector: str, bins: int) -> tuple[list[str], list[str]]:
+    """(a histogram of each detector's scores, each marking its cut (solid on
+    ``threshold_detector``'s, where the threshold applies); [ROC, PR] against the known poison
+    ``y`` (N,), none without it), as SVG. ``values(d)``: detector d's scores (N,), asked for when
+    drawn, so that one detector's column is held at a time."""
     from sklearn.metrics import precision_recall_curve, roc_auc_score, roc_curve, average_precision_score
 
     plt = _pyplot()
     hists = []
     for d in detectors:
-        v = scores[f"{d}_score"].to_numpy().astype(np.float64)
+        v = np.asarray(values(d)).astype(np.float64)
         finite = np.isfinite(v)
         fig, ax = plt.subplots(figsize=(3.6, 2.4))
         edges = np.histogram_bin_edges(v[finite], bins=bins) if finite.any() else bins
@@ -73,7 +74,7 @@ def score_figures(scores: pl.DataFrame, *, detectors: list[str], y: np.ndarray |
         fig_roc, ax_roc = plt.subplots(figsize=(4.2, 3.4))
         fig_pr, ax_pr = plt.subplots(figsize=(4.2, 3.4))
         for d in detectors:
-            s = suspicion(scores[f"{d}_score"].to_numpy(), d)
+            s = suspicion(np.asarray(values(d)), d)
             s = np.where(np.isfinite(s), s, np.nanmax(np.where(np.isfinite(s), s, np.nan)) + 1)
             fpr, tpr, _ = roc_curve(y, s)
             ax_roc.plot(fpr, tpr, label=f"{d} ({roc_auc_score(y, s):.3f})", linewidth=1)
