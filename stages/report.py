@@ -632,7 +632,7 @@ def report_data(*, raw_dir: str | Path, embeddings_dir: str | Path, scores_dir: 
     near_cut = rows(flags_scan.filter(~pl.col("is_flagged")).sort("rank").head(cap).select("id").collect()["id"]
                     ).sort("rank")
     reviewed = by_rank(sorted(kept_by_review | removed_by_review))
-    card_ids = set(shown_ids) | set(missed[:cap]) | set(near_cut["id"].to_list()) | set(reviewed[:2 * cap])
+    card_ids = set(shown_ids) | set(flagged_ids[:cap]) | set(missed[:cap]) | set(near_cut["id"].to_list()) | set(reviewed[:2 * cap])
     card_ids |= {i for ids in unflagged.values() for i in ids[:settings.cluster_members_shown]}
     # a word group's first flagged samples are drawn whether or not they made the gallery pages
     card_ids |= {i for g in groups for i in sorted(g.ids.tolist(), key=order.__getitem__)[:settings.cluster_members_shown]}
@@ -674,7 +674,9 @@ def report_data(*, raw_dir: str | Path, embeddings_dir: str | Path, scores_dir: 
                .group_by("norm").len().collect(engine="streaming")) if wanted_captions else None
     name = review_name(manifest.filter(pl.col("id").is_in(ids_s.implode()))
                        .select(*(c for c in ("file", "url") if c in shown_columns)))
-    links = {i: sample_href(i, position=p, top_n=cap, per_page=PER_PAGE) for p, i in enumerate(shown_ids)}
+    # the flagged with a card to link to: on the gallery pages, or in the index page's top_n
+    links = {i: sample_href(i, position=p, top_n=cap, per_page=PER_PAGE)
+             for p, i in enumerate(flagged_ids[:max(limit, cap)])}
     return Report(
         header=header(lineage=lineage, applied=applied, name=base.name, threshold=threshold, flagged=len(flagged_ids)),
         histograms=tuple(map(Markup, hists)), curves=tuple(map(Markup, curves)), what_if=what_if,
