@@ -7,7 +7,7 @@ from __future__ import annotations
 import base64
 import io
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import polars as pl
@@ -38,17 +38,39 @@ def _svg(fig) -> str:
     return text[text.index("<svg"):]
 
 
-def score_figures(scores: pl.DataFrame, *, detectors: list[str], y: np.ndarray | None, cuts: dict[str, float | None],
-                  threshold_detector: str, bins: int) -> tuple[list[str], list[str]]:
-    """(a histogram of each detector's ``<d>_score`` column of ``scores``, each marking its cut
-    (solid on ``threshold_detector``'s, where the threshold applies); [ROC, PR] against the known
-    poison ``y`` (N,), none without it), as SVG."""
-    from sklearn.metrics import precision_recall_curve, roc_auc_score, roc_curve, average_precision_score
+# a ROC or PR curve with more points than this is drawn thinned (``thinned``): at millions of
+# samples the PR curve has a point per sample, which drew megabytes of SVG path and took matplotlib's
+# best legend place minutes to find; below it, every point is drawn as computed
+CURVE_POINTS = 20_000
+# the thinned curve's grid, in axis units (the axes run 0 to 1): far finer than a pixel of the figure
+CURVE_GRID = 1 / 4000
+
+
+def thinned(x: np.ndarray, y: np.ndarray, *, limit: int = CURVE_POINTS) -> tuple[np.ndarray, np.ndarray]:
+    """A curve's points (x (P,), y (P,), both in [0, 1]) as drawn: all of them up to ``limit``;
+    past it, the first of each run of consecutive points in one cell of a ``CURVE_GRID`` grid,
+    and the last point (so a curve keeps every turn larger than the grid's cell)."""
+    if len(x) <= limit:
+        return x, y
+    cells = np.stack([np.floor(np.asarray(x) / CURVE_GRID), np.floor(np.asarray(y) / CURVE_GRID)])
+    keep = np.ones(len(x), dtype=bool)
+    keep[1:] = (cells[:, 1:] != cells[:, :-1]).any(axis=0)
+    keep[-1] = True
+    return np.asarray(x)[keep], np.asarray(y)[keep]
+
+
+def score_figures(*, values: Callable[[str], np.ndarray], detectors: list[str], y: np.ndarray | None,
+                  cuts: dict[str, float | None], threshold_detector: str, bins: int) -> tuple[list[str], list[str]]:
+    """(a histogram of each detector's scores, each marking its cut (solid on
+    ``threshold_detector``'s, where the threshold applies); [ROC, PR] against the known poison
+    ``y`` (N,), none without it), as SVG. ``values(d)``: detector d's scores (N,), asked for when
+    drawn, so that one detector's column is held at a time."""
+    from sklearn.metrics import auc, precision_recall_curve, roc_curve
 
     plt = _pyplot()
     hists = []
     for d in detectors:
-        v = scores[f"{d}_score"].to_numpy().astype(np.float64)
+        v = np.asarray(values(d)).astype(np.float64)
         finite = np.isfinite(v)
         fig, ax = plt.subplots(figsize=(3.6, 2.4))
         edges = np.histogram_bin_edges(v[finite], bins=bins) if finite.any() else bins
@@ -73,12 +95,15 @@ def score_figures(scores: pl.DataFrame, *, detectors: list[str], y: np.ndarray |
         fig_roc, ax_roc = plt.subplots(figsize=(4.2, 3.4))
         fig_pr, ax_pr = plt.subplots(figsize=(4.2, 3.4))
         for d in detectors:
-            s = suspicion(scores[f"{d}_score"].to_numpy(), d)
+            s = suspicion(np.asarray(values(d)), d)
             s = np.where(np.isfinite(s), s, np.nanmax(np.where(np.isfinite(s), s, np.nan)) + 1)
+            # each curve computed once (a sort of N scores), its area from it as roc_auc_score and
+            # average_precision_score compute theirs
             fpr, tpr, _ = roc_curve(y, s)
-            ax_roc.plot(fpr, tpr, label=f"{d} ({roc_auc_score(y, s):.3f})", linewidth=1)
+            ax_roc.plot(*thinned(fpr, tpr), label=f"{d} ({auc(fpr, tpr):.3f})", linewidth=1)
             prec, rec, _ = precision_recall_curve(y, s)
-            ax_pr.plot(rec, prec, label=f"{d} ({average_precision_score(y, s):.3f})", linewidth=1)
+            average_precision = max(0.0, -float(np.sum(np.diff(rec) * prec[:-1])))
+            ax_pr.plot(*thinned(rec, prec), label=f"{d} ({average_precision:.3f})", linewidth=1)
         ax_roc.plot([0, 1], [0, 1], color="#bbb", linewidth=0.8)
         for ax, title, xl, yl in ((ax_roc, "ROC (AUROC)", "false positive rate", "true positive rate"),
                                   (ax_pr, "precision-recall (AP)", "recall", "precision")):

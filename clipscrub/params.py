@@ -446,6 +446,10 @@ class ReportSettings(_Section):
     hist_bins: int = Field(40, ge=2)
     near_duplicate_cosine: float = Field(0.98, gt=0.0, le=1.0)
     cluster_members_shown: int = Field(8, ge=1)
+    # the top flagged samples (by rank) shown one by one on the gallery pages and clustered: what a
+    # person reviews, and what bounds the pairwise image comparison and the thumbnails read at web
+    # scale; counts, figures, caption words and review-keep.txt still cover every flagged sample
+    flagged_limit: int = Field(10_000, ge=1)
 
 
 class PoisonSettings(_Section):

@@ -46,6 +46,11 @@ class WordGroup:
         return len(self.ids)
 
 
+def caption_words(captions: pl.Expr) -> pl.Expr:
+    """Each caption's words, a list per caption: case-folded, each once (null as no words)."""
+    return captions.fill_null("").str.to_lowercase().str.extract_all(WORD).list.unique()
+
+
 def find_enriched_words(*, ids: np.ndarray, captions: list[str | None] | pl.Series, flagged: np.ndarray,
                         alpha: float = ALPHA) -> list[WordGroup]:
     """Groups of flagged samples by caption words over-represented among them, the largest
@@ -53,17 +58,30 @@ def find_enriched_words(*, ids: np.ndarray, captions: list[str | None] | pl.Seri
     a word counts once per caption, case-folded."""
     ids = np.asarray(ids)
     flagged = np.asarray(flagged, dtype=bool)
-    n_samples, n_flagged = len(ids), int(flagged.sum())
+    frame = pl.DataFrame({"id": ids, "caption": pl.Series(captions, dtype=pl.String)})
+    return enriched_words(samples=len(ids), captions=frame.lazy(), flagged=frame.filter(pl.Series(flagged)),
+                          alpha=alpha)
+
+
+def enriched_words(*, samples: int, captions: pl.LazyFrame, flagged: pl.DataFrame,
+                   alpha: float = ALPHA) -> list[WordGroup]:
+    """``find_enriched_words`` with the dataset streamed: ``samples`` N scored samples, whose
+    ``captions`` (id, caption; a scored sample it lacks has no words) are read twice as a lazy
+    query (the words' dataset counts, then the unflagged samples that carry a significant word),
+    never held; ``flagged`` (F rows: id, caption), the flagged samples among them. The counts
+    N, n and F are the whole dataset's, so the test is exactly ``find_enriched_words``'."""
+    n_samples, n_flagged = samples, flagged.height
     if n_flagged == 0 or n_flagged == n_samples:
         return []
-    words = (pl.DataFrame({"id": ids, "caption": pl.Series(captions, dtype=pl.String), "flagged": flagged})
-             .with_columns(pl.col("caption").fill_null("").str.to_lowercase().str.extract_all(WORD).list.unique()
-                           .alias("word"))
-             .explode("word").drop_nulls("word"))
-    counts = (words.group_by("word")
-              .agg(pl.len().alias("n"), pl.col("flagged").sum().alias("f"),
-                   pl.col("id").filter(pl.col("flagged")).sort().alias("ids"))
-              .filter(pl.col("f") > 0))
+    found = (flagged.select("id", caption_words(pl.col("caption")).alias("word")).explode("word").drop_nulls("word")
+             .group_by("word").agg(pl.len().alias("f"), pl.col("id").sort().alias("ids")))
+    # the dataset's counts of only the words the flagged captions hold: the words tested, and a
+    # hash table of the flagged vocabulary rather than of every word of N captions
+    vocabulary = found["word"].implode()
+    dataset = (captions.select(caption_words(pl.col("caption")).alias("word")).explode("word")
+               .filter(pl.col("word").is_in(vocabulary)).group_by("word").agg(pl.len().alias("n"))
+               .collect(engine="streaming"))
+    counts = found.join(dataset, on="word", how="inner").select("word", "n", "f", "ids")
     tested = counts.height  # Bonferroni over every word the flagged captions hold
     f, n = counts["f"].to_numpy(), counts["n"].to_numpy()
     counts = counts.with_columns(
@@ -75,12 +93,15 @@ def find_enriched_words(*, ids: np.ndarray, captions: list[str | None] | pl.Seri
         pl.Series("dice", 2 * f / (n + n_flagged), dtype=pl.Float64))
     significant = counts.filter(pl.col("p") < alpha).sort(["dice", "log_p", "word"], descending=[True, False, False])
     # the unflagged samples that carry each significant word: where the cut may have missed some
-    others = dict(words.filter(~pl.col("flagged") & pl.col("word").is_in(significant["word"].implode()))
-                  .group_by("word").agg(pl.col("id").sort()).iter_rows())
+    others = dict(captions.filter(~pl.col("id").is_in(flagged["id"].implode()))
+                  .select("id", caption_words(pl.col("caption")).alias("word")).explode("word")
+                  .filter(pl.col("word").is_in(significant["word"].implode()))
+                  .group_by("word").agg(pl.col("id").sort()).collect(engine="streaming").iter_rows()
+                  ) if significant.height else {}
     groups: list[WordGroup] = []
-    covered = np.empty(0, dtype=ids.dtype)
-    for word, count, found, p_value in significant.select("word", "n", "ids", "p").iter_rows():
-        members = np.asarray(found, dtype=ids.dtype)
+    covered = np.empty(0, dtype=flagged["id"].to_numpy().dtype)  # the ids' own type
+    for word, count, members_found, p_value in significant.select("word", "n", "ids", "p").iter_rows():
+        members = np.asarray(members_found, dtype=covered.dtype)
         if groups:
             # tested again without the samples of the groups made so far (all flagged): a template's
             # "photo" is over-represented only through the target captions it sits in
@@ -92,11 +113,11 @@ def find_enriched_words(*, ids: np.ndarray, captions: list[str | None] | pl.Seri
             members = members[~np.isin(members, covered)]
         groups.append(WordGroup(word=word, ids=members, dataset_with=int(count), samples=n_samples,
                                 flagged=n_flagged, p_value=p_value,
-                                unflagged=np.asarray(others.get(word, []), dtype=ids.dtype)))
+                                unflagged=np.asarray(others.get(word, []), dtype=covered.dtype)))
         covered = np.union1d(covered, members)
-    for word, found in significant.select("word", "ids").iter_rows():  # the others, beside their groups
+    for word, members_found in significant.select("word", "ids").iter_rows():  # the others, beside their groups
         for g in groups:
-            if word != g.word and np.isin(np.asarray(found, dtype=ids.dtype), g.ids).any():
+            if word != g.word and np.isin(np.asarray(members_found, dtype=covered.dtype), g.ids).any():
                 g.also.append(word)
     return sorted(groups, key=lambda g: (-g.flagged_with, g.p_value, g.word))
 

@@ -167,6 +167,8 @@ def _report_words(s: dict[str, Any]) -> list[str]:
                           for w in words[:3])
         lines.append(f"caption words over-represented among the flagged: {shown}"
                      + (f" and {_n(len(words) - 3)} more" if len(words) > 3 else ""))
+    if s.get("limit"):  # report.flagged_limit left flagged samples off the gallery pages and clusters
+        lines.append(s["limit"])
     return lines
 
 

@@ -25,7 +25,7 @@ templates in ``templates/report/`` (the pages, their macros and their CSS).
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -39,13 +39,13 @@ from clipscrub.arrays import RowReader
 from clipscrub.errors import DataError
 from clipscrub.figures import score_figures, thumbnails, what_if_figure
 from clipscrub.gallery import nearest_references, page_count, page_name, page_of, what_if_fractions
-from clipscrub.io import atomic_dir, describe_model, read_json, read_manifest, require_file, write_lineage
+from clipscrub.io import atomic_dir, describe_model, read_json, require_file, scan_manifest, write_lineage
 from clipscrub.metrics import applied_metrics, applied_sentence, fmt_ratio, removed_as_flags, rule_text
 from clipscrub.params import BaseSettings, ReportSettings, ThresholdSettings
 from clipscrub.sources import read_truth
 from clipscrub.flagging import REVIEW_REASON
 from clipscrub.flagging import flag_outliers
-from clipscrub.words import WordGroup, find_enriched_words
+from clipscrub.words import WordGroup, enriched_words
 
 # autoescaped: captions, keys, file names and urls are the source's data and draw as text; only
 # our own figures pass as markup (Markup). Strict: a field a template names that its data lacks is
@@ -116,13 +116,18 @@ def review_template(rows: pl.DataFrame, *, name: str, detector: str, verdict: st
     return "\n".join(lines) + "\n"
 
 
-def review_name(table: pl.DataFrame) -> str:
+def review_name(samples: pl.DataFrame | pl.LazyFrame) -> str:
     """The column review lists name samples by: the one the source's user knows (a url may hold
-    ' #', a key may not exist)."""
-    if "file" in table.columns:
+    ' #', a key may not exist). ``samples``: the scored samples' names, a lazy frame streamed."""
+    samples = samples.lazy()
+    columns = samples.collect_schema().names()
+    if "file" in columns:
         return "file"
-    if "url" in table.columns and table["url"].drop_nulls().len() == table.height and not table["url"].str.contains(r"\s").any():
-        return "url"
+    if "url" in columns:
+        urls = samples.select(pl.col("url").null_count().alias("blank"),
+                              pl.col("url").str.contains(r"\s").any().alias("spaced")).collect(engine="streaming")
+        if urls["blank"][0] == 0 and not urls["spaced"][0]:
+            return "url"
     return "key"
 
 
@@ -428,26 +433,28 @@ class WordView:
     p_value: float
     clusters: tuple[int, ...]  # the caption clusters among its samples
     cards: tuple[Card, ...]  # of its first members
-    more: tuple[tuple[int, str], ...]  # (id, href of its card) of the others
+    more: tuple[tuple[int, str], ...]  # (id, href of its card) of the others on the gallery pages
+    unlisted: int  # its flagged samples past the gallery pages (report.flagged_limit): counted, not linked
     unflagged: int  # unflagged samples whose caption has the word: what the cut may have missed
     unflagged_cards: tuple[Card, ...]  # of the most suspicious of them
 
 
 def word_views(groups: list[WordGroup], *, clusters: pl.DataFrame, cards: dict[int, Card], links: dict[int, str],
-               unflagged: dict[str, list[int]], shown: int) -> list[WordView]:
-    """Each word group, its flagged samples in rank order (``links``' order): the first ``shown``
-    as ``cards``, the others as ``links``, with the caption clusters it holds; ``unflagged``: word
-    -> the unflagged samples whose caption has it, in rank order, the first ``shown`` as cards."""
-    rank = {i: r for r, i in enumerate(links)}
+               order: dict[int, int], unflagged: dict[str, list[int]], shown: int) -> list[WordView]:
+    """Each word group, its flagged samples in rank order (``order``: id -> place among the
+    flagged by rank): the first ``shown`` as ``cards``, the others as ``links`` (those on the
+    gallery pages; the rest counted), with the caption clusters it holds; ``unflagged``: word ->
+    the unflagged samples whose caption has it, in rank order, the first ``shown`` as cards."""
     caption_clusters = clusters.filter(pl.col("kind").str.contains("caption"))
     out = []
     for g in groups:
-        ids = sorted(g.ids.tolist(), key=rank.__getitem__)
+        ids = sorted(g.ids.tolist(), key=order.__getitem__)
         held = caption_clusters.filter(pl.col("id").is_in(ids))["cluster"].unique(maintain_order=True).to_list()
+        more = tuple((i, links[i]) for i in ids[shown:] if i in links)
         out.append(WordView(word=g.word, also=tuple(g.also), size=len(ids), flagged=g.flagged,
                             dataset_with=g.dataset_with, samples=g.samples, p_value=g.p_value, clusters=tuple(held),
-                            cards=tuple(cards[i] for i in ids[:shown]), more=tuple((i, links[i]) for i in ids[shown:]),
-                            unflagged=len(unflagged[g.word]),
+                            cards=tuple(cards[i] for i in ids[:shown]), more=more,
+                            unlisted=len(ids[shown:]) - len(more), unflagged=len(unflagged[g.word]),
                             unflagged_cards=tuple(cards[i] for i in unflagged[g.word][:shown])))
     return out
 
@@ -501,6 +508,7 @@ class Report:
     gallery: tuple[Card, ...]  # the top flagged
     per_page: int
     pages: list[GalleryPage]
+    shown_flagged: int  # the top flagged on the gallery pages and clustered (report.flagged_limit)
     missed: tuple[Card, ...]  # known poison filter kept, the first
     missed_total: int
     near_cut: tuple[Card, ...]
@@ -515,16 +523,28 @@ class Report:
     thumbnails: int  # how many were drawn
 
 
+def limit_note(report: Report) -> str | None:
+    """What ``report.flagged_limit`` left out, in words (None where it left out nothing): ``the
+    gallery pages and clusters cover the top 10,000 of 160,000 flagged``."""
+    if report.shown_flagged >= report.header.flagged:
+        return None
+    return (f"the gallery pages and clusters cover the top {report.shown_flagged:,} of {report.header.flagged:,} "
+            "flagged (report.flagged_limit)")
+
+
 def report_data(*, raw_dir: str | Path, embeddings_dir: str | Path, scores_dir: str | Path, flags_dir: str | Path,
                 clean_dir: str | Path, settings: ReportSettings, threshold: ThresholdSettings, base: BaseSettings,
                 truth_path: str | Path | None = None, index_dir: str | Path | None = None) -> Report:
-    """Read the stages' outputs and compute what the pages show (arguments: ``write_report``'s)."""
+    """Read the stages' outputs and compute what the pages show (arguments: ``write_report``'s).
+
+    Memory stays bounded at web scale: the only columns of N rows held are the scored ids, the
+    truth and one detector's scores at a time (for the cuts, figures and what-if table); the
+    captions are streamed (caption words, caption counts, the review lists' naming column), and
+    whole rows are read only for the samples shown or listed (the flagged, a few hundred others)."""
     raw_dir, emb_dir, scores_dir, flags_dir, clean_dir = map(Path, (raw_dir, embeddings_dir, scores_dir, flags_dir, clean_dir))
-    manifest = read_manifest(raw_dir)
-    if truth_path:
-        manifest = read_truth(manifest, truth_path)
-    scores = pl.read_parquet(require_file(scores_dir / "scores.parquet", param="--scores", what="scores"))
-    flags = pl.read_parquet(require_file(flags_dir / "flags.parquet", param="--flags", what="flags"))
+    manifest = scan_manifest(raw_dir)
+    scores = pl.scan_parquet(require_file(scores_dir / "scores.parquet", param="--scores", what="scores"))
+    flags_scan = pl.scan_parquet(require_file(flags_dir / "flags.parquet", param="--flags", what="flags"))
     lineage = read_json(require_file(clean_dir / "lineage.json", param="--clean", what="cleaned version"))
     removed_df = pl.read_parquet(require_file(clean_dir / "removed.parquet", param="--clean", what="cleaned version"))
     overruled_df = (pl.read_parquet(clean_dir / "overruled.parquet") if (clean_dir / "overruled.parquet").is_file()
@@ -532,31 +552,59 @@ def report_data(*, raw_dir: str | Path, embeddings_dir: str | Path, scores_dir: 
     removed_ids = set(removed_df["id"].to_list())
     removed_by_review = set(removed_df.filter(pl.col("reason") == REVIEW_REASON)["id"].to_list())
     kept_by_review = set(overruled_df["id"].to_list())
-    detectors = [c.removesuffix("_score") for c in scores.columns if c.endswith("_score")]
-    table = (scores.join(flags.select("id", "rank", "is_flagged", "reason"), on="id", how="left")
-             .join(manifest.select("id", "key", "shard", "caption", "image_sha256", "is_poison",
-                                   *(c for c in ("file", "url") if c in manifest.columns)), on="id", how="left"))
-    # what filter actually removed: the flags, less the review's keep list, plus its remove list
-    applied_flags = removed_as_flags(flags=flags, removed=removed_ids, scored=table["id"])
-    truth = table["is_poison"]
+    detectors = [c.removesuffix("_score") for c in scores.collect_schema().names() if c.endswith("_score")]
+    shown_columns = [c for c in ("key", "shard", "caption", "image_sha256", "file", "url")
+                     if c in manifest.collect_schema().names()]
+
+    # the scored samples, in the scores' order, and their truth (a ground-truth table wins over
+    # the manifest's is_poison): the columns of N rows the report holds
+    ids_s = scores.select("id").collect()["id"]
+    ids = ids_s.to_numpy()
+    known = manifest.select("id", *(("key",) if truth_path else ()), "is_poison")
+    if truth_path:
+        known = read_truth(known.collect(), truth_path).select("id", "is_poison").lazy()
+    truth_table = ids_s.to_frame().lazy().join(known, on="id", how="left", maintain_order="left").collect()
+    truth = truth_table["is_poison"]
     y = truth.to_numpy().astype(bool) if truth.null_count() == 0 and 0 < int(truth.sum()) < len(truth) else None
-    applied = applied_metrics(flags=applied_flags, truth=pl.DataFrame({"id": table["id"], "is_poison": truth}),
-                              threshold=threshold)
+    flags = flags_scan.select("id", "is_flagged", *(c for c in ("is_non_finite",)
+                                                    if c in flags_scan.collect_schema().names())).collect()
+    # what filter actually removed: the flags, less the review's keep list, plus its remove list
+    applied = applied_metrics(flags=removed_as_flags(flags=flags, removed=removed_ids, scored=ids_s),
+                              truth=truth_table, threshold=threshold)
     applied |= {"flagged": int(flags["is_flagged"].sum()), "kept_by_review": len(kept_by_review),
                 "removed_by_review": len(removed_by_review)}
+    del flags
 
-    ids = table["id"].to_numpy()
+    def column(detector: str) -> np.ndarray:
+        """One detector's scores (N,), in the scores' order: read when needed, not kept."""
+        return scores.select(f"{detector}_score").collect().to_series().to_numpy()
+
     cuts: dict[str, float | None] = {}
     for d in detectors:
-        values = table[f"{d}_score"].to_numpy().astype(np.float64)
-        _, cut = flag_outliers(values=values, ids=ids, detector=d, settings=threshold.model_copy(update={"detector": d}))
+        _, cut = flag_outliers(values=column(d).astype(np.float64), ids=ids, detector=d,
+                               settings=threshold.model_copy(update={"detector": d}))
         cuts[d] = float(cut) if np.isfinite(cut) else None
-    hists, curves = score_figures(table, detectors=detectors, y=y, cuts=cuts, threshold_detector=threshold.detector,
-                                  bins=settings.hist_bins)
-    what_if = what_if_rows(values=table[f"{threshold.detector}_score"].to_numpy().astype(np.float64), ids=ids, y=y,
+    hists, curves = score_figures(values=column, detectors=detectors, y=y, cuts=cuts,
+                                  threshold_detector=threshold.detector, bins=settings.hist_bins)
+    what_if = what_if_rows(values=column(threshold.detector).astype(np.float64), ids=ids, y=y,
                            threshold=threshold, removed_fraction=applied["removed_fraction"] or 0.0)
 
-    flagged = table.filter(pl.col("is_flagged")).sort("rank")
+    def rows(wanted: Any) -> pl.DataFrame:
+        """The rows of the scored samples among ``wanted`` ids (a few thousand, not N): id, each
+        ``<d>_score``, rank, is_flagged, reason, the manifest's names and caption, is_poison."""
+        among = pl.col("id").is_in(pl.Series(np.unique(np.asarray(wanted, dtype=np.int64))).implode())
+        return (scores.filter(among)
+                .join(flags_scan.select("id", "rank", "is_flagged", "reason").filter(among), on="id", how="left")
+                .join(manifest.select("id", *shown_columns).filter(among), on="id", how="left")
+                .join(truth_table.lazy().filter(among), on="id", how="left")
+                .collect())
+
+    def by_rank(wanted: Any) -> list[int]:
+        """The scored samples among ``wanted`` ids, by rank."""
+        return rows(wanted).sort("rank")["id"].to_list()
+
+    flagged_by_rank = flags_scan.filter(pl.col("is_flagged")).select("id").collect()["id"]
+    flagged = rows(flagged_by_rank).sort("rank")  # (F rows): the clusters', words' and review list's
     emb_ids = np.load(require_file(emb_dir / "ids.npy", param="--embeddings", what="embeddings"))
     image = RowReader(emb_dir / "image.npy") if (emb_dir / "image.npy").is_file() else None
     flagged_rows = embedding_rows(emb_ids, flagged["id"].to_numpy())
@@ -564,37 +612,47 @@ def report_data(*, raw_dir: str | Path, embeddings_dir: str | Path, scores_dir: 
         raise DataError(f"the flags name {int((flagged_rows < 0).sum())} samples the embeddings do not hold, e.g. ids "
                         f"{flagged['id'].filter(pl.Series(flagged_rows < 0)).head(5).to_list()}: rerun score and "
                         "threshold", param="--flags")
-    clusters = find_clusters(flagged=flagged, image=image, rows=flagged_rows, cosine=settings.near_duplicate_cosine)
+    # the top flagged, one by one: on the gallery pages, and clustered (pairwise, so bounded)
+    limit = settings.flagged_limit
+    paged = flagged.head(limit)
+    clusters = find_clusters(flagged=paged, image=image, rows=flagged_rows[:limit], cosine=settings.near_duplicate_cosine)
     # one target's captions in many phrasings, one group (not a cluster per template); the
-    # unflagged samples that carry its word are where the cut may have missed some
-    groups = find_enriched_words(ids=table["id"].to_numpy(), captions=table["caption"],
-                                 flagged=table["is_flagged"].fill_null(False).to_numpy())
+    # unflagged samples that carry its word are where the cut may have missed some. The
+    # dataset's captions are streamed, the scored ones only
+    scored_captions = manifest.filter(pl.col("id").is_in(ids_s.implode())).select("id", "caption")
+    groups = enriched_words(samples=len(ids), captions=scored_captions, flagged=flagged.select("id", "caption"))
     others = np.concatenate([g.unflagged for g in groups]) if groups else np.empty(0, np.int64)
-    ranked = table.filter(pl.col("id").is_in(others.tolist())).sort("rank")["id"].to_numpy()
+    ranked = np.asarray(by_rank(others), dtype=np.int64)
     unflagged = {g.word: ranked[np.isin(ranked, g.unflagged)].tolist() for g in groups}
-    flagged_ids, cap = flagged["id"].to_list(), settings.top_n
+    flagged_ids, shown_ids, cap = flagged["id"].to_list(), paged["id"].to_list(), settings.top_n
+    order = {i: p for p, i in enumerate(flagged_ids)}
     # known poison filter did not remove (flagged and kept by review included), most suspicious first
-    missed = (table.filter(pl.col("is_poison") & ~pl.col("id").is_in(sorted(removed_ids))).sort("rank")["id"].to_list()
+    missed = (by_rank(ids[y & ~np.isin(ids, np.fromiter(removed_ids, dtype=np.int64, count=len(removed_ids)))])
               if y is not None else [])
-    near_cut = table.filter(~pl.col("is_flagged")).sort("rank").head(cap)
-    reviewed = table.filter(pl.col("id").is_in(sorted(kept_by_review | removed_by_review))).sort("rank")["id"].to_list()
-    card_ids = set(flagged_ids) | set(missed[:cap]) | set(near_cut["id"].to_list()) | set(reviewed[:2 * cap])
+    near_cut = rows(flags_scan.filter(~pl.col("is_flagged")).sort("rank").head(cap).select("id").collect()["id"]
+                    ).sort("rank")
+    reviewed = by_rank(sorted(kept_by_review | removed_by_review))
+    card_ids = set(shown_ids) | set(flagged_ids[:cap]) | set(missed[:cap]) | set(near_cut["id"].to_list()) | set(reviewed[:2 * cap])
     card_ids |= {i for ids in unflagged.values() for i in ids[:settings.cluster_members_shown]}
+    # a word group's first flagged samples are drawn whether or not they made the gallery pages
+    card_ids |= {i for g in groups for i in sorted(g.ids.tolist(), key=order.__getitem__)[:settings.cluster_members_shown]}
 
     index_path, no_index = _index_for(scores_dir, Path(index_dir) if index_dir is not None else None)
     card_rows = embedding_rows(emb_ids, sorted(card_ids))
     found, note = (_nearest(index_path, [i for i, r in zip(sorted(card_ids), card_rows) if r >= 0],
                             rows=card_rows[card_rows >= 0], emb_ids=emb_ids)
                    if index_path is not None else ({}, ""))
+    del emb_ids
     owners = {o for f in found.values() for o, _, _ in f}
-    by_id = {r["id"]: r for r in table.filter(pl.col("id").is_in(sorted(card_ids | owners))).iter_rows(named=True)}
+    drawn = rows(sorted(card_ids | owners))
+    by_id = {r["id"]: r for r in drawn.iter_rows(named=True)}
     mini = max(16, settings.thumb_size // 3)
     sizes: dict[str, set[int]] = {}
     for wanted, size in ((card_ids, settings.thumb_size), (owners, mini)):
         for i in wanted:
             if by_id.get(i, {}).get("key") is not None:
                 sizes.setdefault(by_id[i]["key"], set()).add(size)
-    thumbs = thumbnails(raw_dir, table.filter(pl.col("key").is_in(list(sizes))), sizes)
+    thumbs = thumbnails(raw_dir, drawn.filter(pl.col("key").is_in(list(sizes))), sizes)
 
     def thumb(sample_id: int, size: int) -> str | None:
         return thumbs.get((by_id.get(sample_id, {}).get("key"), size))
@@ -608,12 +666,17 @@ def report_data(*, raw_dir: str | Path, embeddings_dir: str | Path, scores_dir: 
     gallery, missed_cards, near_cut_cards, review_cards = anchor_first(*(
         [cards[i] for i in shown] for shown in (flagged_ids[:cap], missed[:cap], near_cut["id"], reviewed[:2 * cap])))
     clustered = clusters["id"].to_list()
-    # how often each clustered caption occurs in the whole dataset, flagged or not
-    counted = manifest.filter(pl.col("status") == "ok").group_by(
-        normalised(pl.col("caption")).alias("norm")).len()
-    counted = counted.filter(pl.col("norm").is_in(sorted(set(_normalise([by_id[i]["caption"] for i in clustered])))))
-    name = review_name(table)
-    links = {i: sample_href(i, position=p, top_n=cap, per_page=PER_PAGE) for p, i in enumerate(flagged_ids)}
+    # how often each clustered caption occurs in the whole dataset, flagged or not: counted in a
+    # stream of the normalised captions, keeping only the clustered ones (not a table of every caption)
+    wanted_captions = sorted(set(_normalise([by_id[i]["caption"] for i in clustered])))
+    counted = (manifest.filter(pl.col("status") == "ok").select(normalised(pl.col("caption")).alias("norm"))
+               .filter(pl.col("norm").is_in(pl.Series(wanted_captions, dtype=pl.String).implode()))
+               .group_by("norm").len().collect(engine="streaming")) if wanted_captions else None
+    name = review_name(manifest.filter(pl.col("id").is_in(ids_s.implode()))
+                       .select(*(c for c in ("file", "url") if c in shown_columns)))
+    # the flagged with a card to link to: on the gallery pages, or in the index page's top_n
+    links = {i: sample_href(i, position=p, top_n=cap, per_page=PER_PAGE)
+             for p, i in enumerate(flagged_ids[:max(limit, cap)])}
     return Report(
         header=header(lineage=lineage, applied=applied, name=base.name, threshold=threshold, flagged=len(flagged_ids)),
         histograms=tuple(map(Markup, hists)), curves=tuple(map(Markup, curves)), what_if=what_if,
@@ -621,15 +684,15 @@ def report_data(*, raw_dir: str | Path, embeddings_dir: str | Path, scores_dir: 
                                             detector=threshold.detector)),
         poison=None if y is None else int(y.sum()), removed=applied["removed"], nearest_note=note, no_index=no_index,
         neighbours_shown=NEIGHBOURS_SHOWN, gallery=gallery, per_page=PER_PAGE,
-        pages=gallery_pages([replace(cards[i], anchor=True) for i in flagged_ids], per_page=PER_PAGE),
-        missed=missed_cards, missed_total=len(missed), near_cut=near_cut_cards,
+        pages=gallery_pages([replace(cards[i], anchor=True) for i in shown_ids], per_page=PER_PAGE),
+        shown_flagged=len(shown_ids), missed=missed_cards, missed_total=len(missed), near_cut=near_cut_cards,
         review=ReviewSection(kept=len(kept_by_review), removed=len(removed_by_review), applied="review" in lineage,
                              name=name, cards=review_cards, total=len(reviewed), flagged=flagged.height,
                              near_cut=near_cut.height),
         clusters=cluster_views(clusters, captions={i: by_id[i]["caption"] for i in clustered},
-                               caption_counts=dict(counted.iter_rows()), cards=cards, shown=settings.cluster_members_shown,
-                               links=links),
-        words=word_views(groups, clusters=clusters, cards=cards, links=links, unflagged=unflagged,
+                               caption_counts={} if counted is None else dict(counted.iter_rows()), cards=cards,
+                               shown=settings.cluster_members_shown, links=links),
+        words=word_views(groups, clusters=clusters, cards=cards, links=links, order=order, unflagged=unflagged,
                          shown=settings.cluster_members_shown),
         cosine=settings.near_duplicate_cosine, lineage=json.dumps(lineage, indent=2, sort_keys=True),
         cluster_table=clusters, thumbnails=len(thumbs),
@@ -645,11 +708,17 @@ def report_data(*, raw_dir: str | Path, embeddings_dir: str | Path, scores_dir: 
                           title=f"the {near_cut.height:,} unflagged samples ranked just under the cut")})
 
 
+def rendered(report: Report) -> Iterator[tuple[str, str]]:
+    """The pages one at a time: (path in the report folder, HTML), ``index.html`` first."""
+    index, gallery = TEMPLATES.get_template("index.html.j2"), TEMPLATES.get_template("flagged_page.html.j2")
+    yield "index.html", index.render(report=report)
+    for page in report.pages:
+        yield f"flagged/{page.name}", gallery.render(report=report, page=page)
+
+
 def render(report: Report) -> dict[str, str]:
     """The pages: path in the report folder (``index.html``, ``flagged/page-NNNN.html``) -> HTML."""
-    index, gallery = TEMPLATES.get_template("index.html.j2"), TEMPLATES.get_template("flagged_page.html.j2")
-    return {"index.html": index.render(report=report)} | {
-        f"flagged/{page.name}": gallery.render(report=report, page=page) for page in report.pages}
+    return dict(rendered(report))
 
 
 def write_report(
@@ -666,8 +735,8 @@ def write_report(
     truth_path: str | Path | None = None,
     index_dir: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Write ``<out>/index.html``, ``<out>/flagged/page-NNNN.html`` (every flagged sample, by rank,
-    ``PER_PAGE`` a page), ``<out>/clusters.parquet`` and the ready-made review lists; return what
+    """Write ``<out>/index.html``, ``<out>/flagged/page-NNNN.html`` (the top ``report.flagged_limit``
+    flagged samples, by rank, ``PER_PAGE`` a page), ``<out>/clusters.parquet`` and the ready-made review lists; return what
     the pages show. ``truth_path``: ``evaluate.truth``, a ground-truth table that wins over the
     manifest's is_poison. ``index_dir``: the index stage's output, for each card's nearest
     references (default: the ``index`` folder beside the scores, when it is the one they were
@@ -680,11 +749,14 @@ def write_report(
                "caption_words": [{"word": w.word, "flagged": w.size, "captions": w.dataset_with} for w in report.words],
                "ground_truth": report.poison is not None, "removed": report.removed,
                "removed_by_review": report.review.removed, "kept_by_review": report.review.kept,
-               "pages": len(report.pages), "missed": report.missed_total, "near_cut": len(report.near_cut),
+               "pages": len(report.pages), "flagged_shown": report.shown_flagged, "limit": limit_note(report),
+               "missed": report.missed_total, "near_cut": len(report.near_cut),
                "nearest_references": report.nearest_note or None}
     with atomic_dir(out_dir) as tmp:
         (tmp / "flagged").mkdir()
-        for name, text in (render(report) | report.review_lists).items():
+        for name, text in rendered(report):
+            (tmp / name).write_text(text, encoding="utf-8")
+        for name, text in report.review_lists.items():
             (tmp / name).write_text(text, encoding="utf-8")
         report.cluster_table.write_parquet(tmp / "clusters.parquet", statistics=False)
         report.word_table.write_parquet(tmp / "words.parquet", statistics=False)

@@ -203,6 +203,12 @@ def _words(stage, summary, wrote):
     ("report", {"flagged": 20, "gallery": 20, "clusters": 2, "clustered_samples": 9}, ["data/report/index.html"],
      "report: 20 flagged, the top 20 shown; 2 clusters of flagged samples sharing a caption or an image (9 samples)\n"
      "  wrote data/report/index.html (open it in a browser)"),
+    ("report", {"flagged": 160000, "gallery": 48, "clusters": 3, "clustered_samples": 40,
+                "limit": "the gallery pages and clusters cover the top 10,000 of 160,000 flagged (report.flagged_limit)"},
+     ["data/report/index.html"],
+     "report: 160,000 flagged, the top 48 shown; 3 clusters of flagged samples sharing a caption or an image (40 samples)\n"
+     "  the gallery pages and clusters cover the top 10,000 of 160,000 flagged (report.flagged_limit)\n"
+     "  wrote data/report/index.html (open it in a browser)"),
     ("poison", {"samples": 400, "ok": 400, "failed": 0, "poisoned": 12, "attacks": {"sig:apple": 8, "targeted:car": 4},
                 "shards": 4}, ["poisoned"],
      "poison: 12 of 400 samples now poisoned, 12 by these attacks (sig:apple 8, targeted:car 4), 4 shards\n"

@@ -823,3 +823,42 @@ def test_the_what_if_table_does_not_repeat_the_applied_rule():
 
     assert what_if_fractions(ThresholdSettings(method="tail")) == sorted(WHAT_IF_FRACTIONS)
     assert 0.037 in what_if_fractions(ThresholdSettings(method="top_fraction", fraction=0.037))
+
+
+@pytest.mark.parametrize("limit", [1, 6, 20, 1000])
+def test_flagged_limit_bounds_the_gallery_pages_and_clusters_and_says_so(tiny_run, tmp_path, monkeypatch, limit):
+    """``report.flagged_limit``: the gallery pages and the clusters hold the top ``limit`` flagged
+    samples by rank; the page and the summary say so when it left some out, and the review list,
+    the counts and the caption words still cover all 20."""
+    import clipscrub.stages.report as report
+
+    root, params = tiny_run
+    monkeypatch.setattr(report, "PER_PAGE", 4)
+    settings = params.report.model_copy(update={"top_n": 3, "flagged_limit": limit})
+    summary = report.write_report(raw_dir=root / "raw", embeddings_dir=root / "embeddings", scores_dir=root / "scores",
+                                  flags_dir=root / "flags", clean_dir=root / "clean", out_dir=tmp_path / "report",
+                                  settings=settings, threshold=params.threshold, base=params.base)
+    flags = pl.read_parquet(root / "flags" / "flags.parquet")
+    ranked = flags.filter(pl.col("is_flagged")).sort("rank")["id"].to_list()
+    shown = ranked[:limit]
+    assert len(ranked) == 20 and summary["flagged"] == 20 and summary["flagged_shown"] == len(shown)
+    assert summary["pages"] == -(-len(shown) // 4)
+    pages = sorted((tmp_path / "report" / "flagged").glob("page-*.html"))
+    assert [i for p in pages for i in card_ids(parse(p.read_text()))] == shown
+    # clusters: exactly those of the top flagged, as if only they were flagged
+    top = flags.with_columns(is_flagged=pl.col("is_flagged") & pl.col("id").is_in(shown))
+    assert_clusters_follow_flags(root, pl.read_parquet(tmp_path / "report" / "clusters.parquet"), top,
+                                 params.report.near_duplicate_cosine)
+    keep = (tmp_path / "report" / "review-keep.txt").read_text()
+    assert len([line for line in keep.splitlines() if "# rank " in line]) == 20
+    page = parse((tmp_path / "report" / "index.html").read_text())
+    [every] = page.all("p", id="all-flagged")
+    clusters_text = section(page, "clusters").text()
+    if limit < 20:
+        assert summary["limit"] == f"the gallery pages and clusters cover the top {limit} of 20 flagged (report.flagged_limit)"
+        assert every.text().startswith(f"The top {limit} of the 20 flagged samples (report.flagged_limit; "
+                                       "review-keep.txt lists all 20), by rank, 4 a page")
+        assert f"Clusters among the top {limit} of the 20 flagged" in clusters_text
+    else:
+        assert summary["limit"] is None and every.text().startswith("All 20 flagged samples, by rank, 4 a page")
+        assert "report.flagged_limit" not in clusters_text

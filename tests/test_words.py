@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import polars as pl
 import pytest
 from scipy.stats import hypergeom
 
@@ -92,3 +93,32 @@ def test_missing_captions_and_case_are_handled():
     flagged = np.array([True, True, True, True, True, False] + [False] * 200)
     groups = find_enriched_words(ids=np.arange(206), captions=captions, flagged=flagged)
     assert [g.word for g in groups] == ["banana"] and groups[0].ids.tolist() == [2, 3, 4]
+
+
+@pytest.mark.parametrize("missing", [0, 3])
+def test_streamed_words_match_the_in_memory_test(tmp_path, missing):
+    """``enriched_words`` over captions scanned from a file (the report's stream) finds the
+    groups ``find_enriched_words`` finds over arrays, with N, n and F the whole dataset's; a scored
+    sample the captions lack counts as one without words."""
+    from clipscrub.words import enriched_words
+
+    rng = np.random.default_rng(1)
+    n = 3000
+    captions = [f"a photo of a {rng.choice(['cat', 'dog', 'car', 'tree'])}" for _ in range(n)]
+    flagged = np.zeros(n, dtype=bool)
+    flagged[rng.choice(n, 40, replace=False)] = True
+    for i in np.flatnonzero(flagged)[:30]:
+        captions[i] = "itap of the banana"
+    ids = np.arange(n) * 7 + 11
+    kept = np.ones(n, dtype=bool)
+    kept[np.flatnonzero(~flagged)[:missing]] = False  # scored, but absent from the caption file
+    pl.DataFrame({"id": ids[kept], "caption": np.array(captions, dtype=object)[kept]}).write_parquet(tmp_path / "c.parquet")
+    shown = [c if k else None for c, k in zip(captions, kept)]
+    want = find_enriched_words(ids=ids, captions=shown, flagged=flagged)
+    got = enriched_words(samples=n, captions=pl.scan_parquet(tmp_path / "c.parquet"),
+                         flagged=pl.DataFrame({"id": ids[flagged], "caption": np.array(captions, dtype=object)[flagged]}))
+    assert [g.word for g in got] == [g.word for g in want] == ["banana"]
+    for g, w in zip(got, want):
+        assert (g.dataset_with, g.samples, g.flagged, g.p_value, g.also) == (w.dataset_with, w.samples, w.flagged,
+                                                                             w.p_value, w.also)
+        assert np.array_equal(g.ids, w.ids) and np.array_equal(g.unflagged, w.unflagged)
