@@ -13,6 +13,7 @@ import numpy as np
 import polars as pl
 
 from clipscrub.detectors import LOW_IS_SUSPICIOUS, suspicion
+from clipscrub.ranking import auroc, average_precision, pr_points, rank_counts, roc_points
 from clipscrub.shards import decode_image, image_field, iter_shard, shard_path
 
 
@@ -38,9 +39,10 @@ def _svg(fig) -> str:
     return text[text.index("<svg"):]
 
 
-# a ROC or PR curve with more points than this is drawn thinned (``thinned``): at millions of
-# samples the PR curve has a point per sample, which drew megabytes of SVG path and took matplotlib's
-# best legend place minutes to find; below it, every point is drawn as computed
+# a ROC or PR curve with more points than this is drawn thinned (``thinned``): a curve has two
+# corners per distinct known-poison score (``clipscrub.ranking``), so with a great deal of known
+# poison, megabytes of SVG path (sklearn's PR curve, a point per sample, once took matplotlib's best
+# legend place minutes to find at millions of samples); below it, every corner is drawn
 CURVE_POINTS = 20_000
 # the thinned curve's grid, in axis units (the axes run 0 to 1): far finer than a pixel of the figure
 CURVE_GRID = 1 / 4000
@@ -65,8 +67,6 @@ def score_figures(*, values: Callable[[str], np.ndarray], detectors: list[str], 
     ``threshold_detector``'s, where the threshold applies); [ROC, PR] against the known poison
     ``y`` (N,), none without it), as SVG. ``values(d)``: detector d's scores (N,), asked for when
     drawn, so that one detector's column is held at a time."""
-    from sklearn.metrics import auc, precision_recall_curve, roc_curve
-
     plt = _pyplot()
     hists = []
     for d in detectors:
@@ -96,14 +96,11 @@ def score_figures(*, values: Callable[[str], np.ndarray], detectors: list[str], 
         fig_pr, ax_pr = plt.subplots(figsize=(4.2, 3.4))
         for d in detectors:
             s = suspicion(np.asarray(values(d)), d)
-            s = np.where(np.isfinite(s), s, np.nanmax(np.where(np.isfinite(s), s, np.nan)) + 1)
-            # each curve computed once (a sort of N scores), its area from it as roc_auc_score and
-            # average_precision_score compute theirs
-            fpr, tpr, _ = roc_curve(y, s)
-            ax_roc.plot(*thinned(fpr, tpr), label=f"{d} ({auc(fpr, tpr):.3f})", linewidth=1)
-            prec, rec, _ = precision_recall_curve(y, s)
-            average_precision = max(0.0, -float(np.sum(np.diff(rec) * prec[:-1])))
-            ax_pr.plot(*thinned(rec, prec), label=f"{d} ({average_precision:.3f})", linewidth=1)
+            # non-finite scores rank above every finite one, as evaluate ranks them; the curves'
+            # corners and areas exact, counted against the known poison (no sort of N scores)
+            counts = rank_counts(scores=np.where(np.isfinite(s), s, np.inf), y=y)
+            ax_roc.plot(*thinned(*roc_points(counts)), label=f"{d} ({auroc(counts):.3f})", linewidth=1)
+            ax_pr.plot(*thinned(*pr_points(counts)), label=f"{d} ({average_precision(counts):.3f})", linewidth=1)
         ax_roc.plot([0, 1], [0, 1], color="#bbb", linewidth=0.8)
         for ax, title, xl, yl in ((ax_roc, "ROC (AUROC)", "false positive rate", "true positive rate"),
                                   (ax_pr, "precision-recall (AP)", "recall", "precision")):
