@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from clipscrub.arrays import take_rows
 from clipscrub.errors import DataError
 from clipscrub.io import read_json
 from clipscrub.params import ThresholdSettings
@@ -54,12 +55,13 @@ def nearest_references(index_dir: str | Path, rows: np.ndarray, *, samples: int,
     ref_rows = np.load(index_dir / name / "ref_rows.npy", mmap_mode="r")[draw]
     m = len(ref_rows)
     rows = np.asarray(rows, dtype=np.int64)
-    all_entries = np.load(index_dir / name / "neighbours.npy", mmap_mode="r")
-    if all_entries.shape[1] != samples:
-        raise DataError(f"the index holds neighbours of {all_entries.shape[1]} samples, the embeddings {samples}: "
+    held = np.load(index_dir / name / "neighbours.npy", mmap_mode="r").shape[1]
+    if held != samples:
+        raise DataError(f"the index holds neighbours of {held} samples, the embeddings {samples}: "
                         "rerun index", param="--index")
-    entries = np.asarray(all_entries[draw][rows])
-    distances = np.asarray(np.load(index_dir / name / "distances.npy", mmap_mode="r")[draw][rows])
+    # the rows alone, read (not mapped: a map's readahead would make much of the lists resident)
+    entries = take_rows(index_dir / name / "neighbours.npy", rows, block=draw)
+    distances = take_rows(index_dir / name / "distances.npy", rows, block=draw)
     valid = (entries >= 0) & np.isfinite(distances)
     safe = np.where(valid, entries, 0)
     owners = np.where(valid, np.asarray(ref_rows)[safe % m], -1)

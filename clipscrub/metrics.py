@@ -66,7 +66,8 @@ def applied_metrics(*, flags: pl.DataFrame, truth: pl.DataFrame | None, threshol
     or None. The ground truth counts as known only if every scored sample has a non-null
     ``is_poison``; otherwise the poison keys are null and only the counts are given.
     """
-    if flags["id"].n_unique() != flags.height:
+    ids = flags["id"].to_numpy()
+    if _repeats(ids):
         raise DataError("the flags hold duplicate ids: rerun threshold", param="--flags")
     flagged = flags["is_flagged"].fill_null(False)
     samples, removed = flags.height, int(flagged.sum())
@@ -91,18 +92,28 @@ def applied_metrics(*, flags: pl.DataFrame, truth: pl.DataFrame | None, threshol
     }
     if truth is None or "is_poison" not in truth.columns:
         return block
-    joined = flags.select("id", flagged.alias("flagged")).join(
-        truth.select("id", pl.col("is_poison").cast(pl.Boolean)).unique("id", keep="first"), on="id", how="left")
-    y = joined["is_poison"]
+    if truth.height == samples and np.array_equal(truth["id"].to_numpy(), ids):
+        y = truth["is_poison"].cast(pl.Boolean)  # row for row the flags' samples (evaluate's and the report's)
+    else:
+        y = flags.select("id").join(truth.select("id", pl.col("is_poison").cast(pl.Boolean)).unique("id", keep="first"),
+                                    on="id", how="left", maintain_order="left")["is_poison"]
     if samples == 0 or y.null_count() > 0:
         return block
     poison = int(y.sum())
-    hit = int((joined["flagged"] & y).sum())
+    hit = int((flagged & y).sum())
     block.update(
         poison_known=True, poison=poison, poison_removed=hit, poison_missed=poison - hit,
         precision=_ratio(hit, removed), recall=_ratio(hit, poison),
     )
     return block
+
+
+def _repeats(ids: np.ndarray) -> bool:
+    """Whether an id occurs twice in (N,): with no copy where the ids ascend, as the stages write them."""
+    if len(ids) < 2 or bool(np.all(ids[1:] > ids[:-1])):
+        return False
+    ordered = np.sort(ids)
+    return bool((ordered[1:] == ordered[:-1]).any())
 
 
 def removed_as_flags(*, flags: pl.DataFrame, removed: Iterable[int], scored: pl.Series) -> pl.DataFrame:

@@ -293,11 +293,18 @@ def _index_for(scores_dir: Path, index_dir: Path | None) -> tuple[Path | None, s
 
 def embedding_rows(emb_ids: np.ndarray, wanted: Any) -> np.ndarray:
     """The embedding row (wanted,) int64 of each wanted id, -1 where it has none: a sorted copy of
-    ``emb_ids`` (N,) searched, not a dict of N Python ints (about 100 bytes a sample)."""
+    ``emb_ids`` (N,) searched (the ids themselves where they ascend), not a dict of N Python ints
+    (about 100 bytes a sample)."""
     wanted = np.asarray(wanted, dtype=np.int64)
+    if not len(emb_ids):
+        return np.full(len(wanted), -1)
+    if bool(np.all(emb_ids[1:] > emb_ids[:-1])):  # ascending, as embed writes them: searched as they are
+        at = np.minimum(np.searchsorted(emb_ids, wanted), len(emb_ids) - 1)
+        return np.where(emb_ids[at] == wanted, at, -1)
     order = np.argsort(emb_ids, kind="stable")
-    at = np.minimum(np.searchsorted(emb_ids[order], wanted), len(order) - 1)
-    return np.where(emb_ids[order][at] == wanted, order[at], -1) if len(order) else np.full(len(wanted), -1)
+    ordered = emb_ids[order]
+    at = np.minimum(np.searchsorted(ordered, wanted), len(order) - 1)
+    return np.where(ordered[at] == wanted, order[at], -1)
 
 
 def _nearest(index_path: Path, wanted: list[int], *, rows: np.ndarray,
@@ -672,7 +679,9 @@ def report_data(*, raw_dir: str | Path, embeddings_dir: str | Path, scores_dir: 
     counted = (manifest.filter(pl.col("status") == "ok").select(normalised(pl.col("caption")).alias("norm"))
                .filter(pl.col("norm").is_in(pl.Series(wanted_captions, dtype=pl.String).implode()))
                .group_by("norm").len().collect(engine="streaming")) if wanted_captions else None
-    name = review_name(manifest.filter(pl.col("id").is_in(ids_s.implode()))
+    # the scored samples are the manifest's ok ones (embed's rows; filter checked the flags' ids
+    # against them): picked by status, not by a set of N ids
+    name = review_name(manifest.filter(pl.col("status") == "ok")
                        .select(*(c for c in ("file", "url") if c in shown_columns)))
     # the flagged with a card to link to: on the gallery pages, or in the index page's top_n
     links = {i: sample_href(i, position=p, top_n=cap, per_page=PER_PAGE)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from clipscrub.arrays import ChunkRows, RowReader, chunk_buffer
+from clipscrub.arrays import ChunkRows, RowReader, chunk_buffer, take_rows
 from clipscrub.errors import DataError
 
 
@@ -101,3 +101,31 @@ def test_chunk_rows_reads_each_file_once(tmp_path, monkeypatch):
     np.testing.assert_array_equal(rows(text), np.load(tmp_path / "text.npy")[16:])
     assert reads == ["image.npy", "text.npy"]
     assert set(buffers) == {str(tmp_path / "image.npy"), str(tmp_path / "text.npy")}
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32", "int32"])
+@pytest.mark.parametrize("block", [None, 0, 2])
+def test_take_rows_reads_the_rows_of_a_block(tmp_path, dtype, block):
+    rng = np.random.default_rng(0)
+    whole = rng.normal(size=(3, 50, 4)).astype(dtype) if block is not None else rng.normal(size=(50, 4)).astype(dtype)
+    np.save(tmp_path / "a.npy", whole)
+    rows = np.array([49, 0, 7, 7, 23])
+    want = whole[rows] if block is None else whole[block][rows]
+    got = take_rows(tmp_path / "a.npy", rows, block=block)
+    assert got.dtype == want.dtype and np.array_equal(got, want)
+    assert take_rows(tmp_path / "a.npy", np.array([], dtype=np.int64), block=block).shape == (0, 4)
+    with pytest.raises(IndexError):
+        take_rows(tmp_path / "a.npy", np.array([50]), block=block)
+
+
+def test_take_rows_of_a_fortran_order_file(tmp_path):
+    whole = np.asfortranarray(np.arange(40, dtype=np.float32).reshape(10, 4))
+    np.save(tmp_path / "f.npy", whole)
+    assert np.array_equal(take_rows(tmp_path / "f.npy", np.array([3, 1])), whole[[3, 1]])
+
+
+def test_row_reader_take_reads_scattered_rows(stored):
+    path, rows = stored
+    wanted = np.array([5, 0, 5, 36])
+    got = RowReader(path).take(wanted)
+    assert got.dtype == np.float32 and got.flags.c_contiguous and np.array_equal(got, rows[wanted])
