@@ -424,6 +424,9 @@ class FilterSettings(_Section):
     # line, or .parquet/.csv with an 'id' column); keep wins over a flag, remove adds to them
     keep_ids: str | None = Field(None, min_length=1)
     remove_ids: str | None = Field(None, min_length=1)
+    # manifest rows per piece a cluster worker filters (the kept manifest's part); one piece where
+    # the kept samples are re-sharded
+    piece_size: int = Field(1_000_000, ge=1)
 
     @model_validator(mode="after")
     def _distinct_lists(self) -> "FilterSettings":

@@ -114,7 +114,7 @@ def run_stage(name: str, params: Params, root: str | Path = "data", *, hold_root
 
     with root_lock(root) if hold_root else contextlib.nullcontext():
         check_upstream(name, params, root)
-        if assemble and name in ("index", "score"):
+        if assemble and name in ("index", "score", "filter"):
             return _assemble(name, params, Layout(Path(root)))
         return STAGES[name].function()(**stage_kwargs(name, params, Layout(Path(root))))
 
@@ -132,10 +132,11 @@ def plan_pieces(name: str, params: Params, root: str | Path) -> list[dict[str, A
 
     embed: one piece per shard (its part file). index and score: one piece per query chunk
     (``index.chunk_size`` samples), after what they share is prepared once here (the reference
-    sets and their own neighbour lists; the references' k-distance and LID), as files.
+    sets and their own neighbour lists; the references' k-distance and LID), as files. filter: one
+    piece per ``filter.piece_size`` rows of the manifest (the removed ids prepared once).
     """
     lay = Layout(Path(root))
-    if name not in ("embed", "index", "score"):
+    if name not in ("embed", "index", "score", "filter"):
         return []
     check_upstream(name, params, root)
     if name == "embed":
@@ -144,8 +145,13 @@ def plan_pieces(name: str, params: Params, root: str | Path) -> list[dict[str, A
         return [{"groups": [i]} for i in range(plan_embed_parts(**stage_kwargs("embed", params, lay)))]
     if name == "index":
         from clipscrub.stages.index import prepare_index as prepare
-    else:
+    elif name == "score":
         from clipscrub.stages.score import prepare_score as prepare
+    else:
+        from clipscrub.stages.filter import prepare_filter
+
+        plan = prepare_filter(**_piece_args(name, params, lay))
+        return [{"start": start, "stop": stop} for start, stop in plan["pieces"]]
     plan = prepare(**_piece_args(name, params, lay))
     return [{"start": start, "stop": stop} for start, stop in plan["chunks"]]
 
@@ -161,6 +167,8 @@ def run_piece(name: str, params: Params, root: str | Path, piece: dict[str, Any]
         from clipscrub.stages.index import search_index_chunk as run
     elif name == "score":
         from clipscrub.stages.score import score_chunk as run
+    elif name == "filter":
+        from clipscrub.stages.filter import filter_piece as run
     else:
         raise ValueError(f"stage {name} has no pieces")
     run(**_piece_args(name, params, lay), start=piece["start"], stop=piece["stop"])
@@ -168,7 +176,7 @@ def run_piece(name: str, params: Params, root: str | Path, piece: dict[str, Any]
 
 
 def _assemble(name: str, p: Params, lay: Layout) -> dict[str, Any]:
-    """index or score from its pieces' files: the reduce its stage function ends with."""
+    """index, score or filter from its pieces' files: the reduce its stage function ends with."""
     import shutil
 
     args = _piece_args(name, p, lay)
@@ -176,6 +184,10 @@ def _assemble(name: str, p: Params, lay: Layout) -> dict[str, Any]:
         from clipscrub.stages.index import reduce_index
 
         summary = reduce_index(**args, out_dir=lay.index)
+    elif name == "filter":
+        from clipscrub.stages.filter import reduce_filter
+
+        summary = reduce_filter(**args, out_dir=lay.clean)
     else:
         from clipscrub.stages.score import reduce_score
 

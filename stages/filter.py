@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 from typing import Any, Container
 
@@ -26,8 +27,9 @@ import polars as pl
 from clipscrub.errors import DataError, ParamError
 from clipscrub.flagging import REVIEW_REASON
 from clipscrub.io import (atomic_dir, code_version, read_lineage, require_file, same_ids, scan_manifest,
-                          sha256_file, sha256_path, write_json, write_table)
+                          scratch_work_dir, sha256_file, sha256_path, write_json, write_table)
 from clipscrub.params import FilterSettings, Params, params_hash
+from clipscrub.pieces import PLAN_FILE, fresh_work_dir, read_plan, require_chunk
 from clipscrub.review import read_review_list
 from clipscrub.shards import caption_of, image_field, iter_shard, safe_key, shard_name, shard_path, shard_writer
 from clipscrub.validation import docs_dir_for, filter_tables, validate
@@ -139,15 +141,37 @@ def filter_dataset(
     """Write the kept samples (new shards, or their ids) and record what was removed and why.
 
     The manifest is streamed, not held: what is read whole is ids and flags, a few bytes a
-    sample (the removed and overruled rows are few); the kept manifest is written as it is read."""
-    raw_dir, scores_dir, flags_dir = Path(raw_dir), Path(scores_dir), Path(flags_dir)
+    sample (the removed and overruled rows are few); the kept manifest is written as it is read.
+    The pieces a cluster runs apart (``prepare_filter``, ``filter_piece`` per range of manifest
+    rows, ``reduce_filter``), in turn."""
+    with scratch_work_dir(out_dir) as work:
+        common = dict(raw_dir=raw_dir, scores_dir=scores_dir, flags_dir=flags_dir, work_dir=work, settings=settings,
+                      params=params)
+        for start, stop in prepare_filter(**common)["pieces"]:
+            filter_piece(**common, start=start, stop=stop)
+        return reduce_filter(**common, out_dir=out_dir)
+
+
+def _filter_params(settings: FilterSettings, params: Params) -> dict[str, Any]:
+    return {"filter": settings.model_dump(mode="json"), "params_hash": params_hash(params.model_dump(mode="json"))}
+
+
+def prepare_filter(*, raw_dir: str | Path, scores_dir: str | Path, flags_dir: str | Path, work_dir: str | Path,
+                   settings: FilterSettings, params: Params) -> dict[str, Any]:
+    """Check the flags against the manifest, apply the review lists, and write into ``work_dir``
+    (emptied first) what every piece shares: ``gone.parquet`` (id, reason: the samples the version
+    removes) and ``overruled.parquet`` (id, reason: flagged, kept by the keep list), both a few
+    rows; and the plan (``plan.json``): ``pieces`` [[start, stop], ...], ranges of the manifest's
+    rows of ``filter.piece_size`` each (one, where the kept samples are re-sharded: their new shards
+    are numbered across the whole version, or where the manifest's ids do not ascend: the kept
+    manifest is written in id order), and the counts."""
+    raw_dir, flags_dir = Path(raw_dir), Path(flags_dir)
+    work = fresh_work_dir(work_dir, param="filter")
     manifest = scan_manifest(raw_dir)
-    columns = manifest.collect_schema().names()
-    scores = pl.scan_parquet(require_file(scores_dir / "scores.parquet", param="--scores", what="scores"))
     flags = pl.read_parquet(require_file(flags_dir / "flags.parquet", param="--flags", what="flags"),
                             columns=["id", "is_flagged", "reason"])
-    ok = manifest.filter(pl.col("status") == "ok")
-    ok_ids = ok.select("id").collect()["id"]
+    require_file(Path(scores_dir) / "scores.parquet", param="--scores", what="scores")
+    ok_ids = manifest.filter(pl.col("status") == "ok").select("id").collect()["id"]
     if not same_ids(flags["id"], ok_ids):
         raise DataError("flags and manifest disagree on the sample ids: rerun score and threshold", param="--flags")
     keep, remove = _review(settings, manifest)
@@ -156,11 +180,80 @@ def filter_dataset(
         pl.col("id").is_in(pl.Series(keep.tolist(), dtype=flags.schema["id"]).implode()).alias("in_keep"),
         pl.col("id").is_in(pl.Series(remove.tolist(), dtype=flags.schema["id"]).implode()).alias("in_remove"),
     )
+    del flags
     # a person's verdict wins over the detector's: keep overrules a flag, remove adds to them
-    gone = verdicts.filter((pl.col("is_flagged") | pl.col("in_remove")) & ~pl.col("in_keep")).select(
-        "id", pl.when(pl.col("is_flagged")).then(pl.col("reason")).otherwise(pl.lit(REVIEW_REASON)).alias("reason"))
-    kept_rows = ok.filter(~pl.col("id").is_in(gone["id"].implode()))
+    verdicts.filter((pl.col("is_flagged") | pl.col("in_remove")) & ~pl.col("in_keep")).select(
+        "id", pl.when(pl.col("is_flagged")).then(pl.col("reason")).otherwise(pl.lit(REVIEW_REASON)).alias("reason")
+    ).write_parquet(work / "gone.parquet")
+    verdicts.filter(pl.col("is_flagged") & pl.col("in_keep")).select("id", "reason").write_parquet(
+        work / "overruled.parquet")
+    rows = manifest.select(pl.len()).collect().item()
+    reshard, ascending = _reshards(settings, manifest), ok_ids.is_sorted()
+    size = max(rows, 1) if reshard or not ascending else settings.piece_size
+    plan = {
+        "params": _filter_params(settings, params), "rows": rows, "reshard": reshard, "sorted": ascending,
+        "pieces": [[a, min(a + size, rows)] for a in range(0, rows, size)] or [[0, 0]],
+        "counts": {"input": rows, "failed": rows - len(ok_ids), "scored": len(ok_ids),
+                   "flagged": int(verdicts["is_flagged"].sum()),
+                   "removed_by_review": int((verdicts["in_remove"] & ~verdicts["is_flagged"]).sum()),
+                   "review_ids": {"keep_ids": len(keep), "remove_ids": len(remove)}},
+    }
+    write_json(work / PLAN_FILE, plan)
+    return plan
 
+
+def _reshards(settings: FilterSettings, manifest: pl.LazyFrame) -> bool:
+    """Whether the kept samples are copied into new shards: ``filter.output: reshard`` and samples
+    that have shards (precomputed embeddings have no images to copy)."""
+    return settings.output == "reshard" and bool(
+        manifest.filter(pl.col("status") == "ok").select(pl.col("shard").is_not_null().any()).collect().item())
+
+
+def filter_piece(*, raw_dir: str | Path, scores_dir: str | Path, flags_dir: str | Path, work_dir: str | Path,
+                 settings: FilterSettings, params: Params, start: int, stop: int) -> dict[str, Any]:
+    """The kept samples among the manifest's rows [start, stop) (a piece of the plan): their
+    manifest rows, in id order, as ``parts/<start>.parquet``, and with a re-shard (the whole
+    manifest, one piece) their new shards in ``shards/``. Depends on no other piece; a rerun
+    writes the same bytes."""
+    raw_dir, work = Path(raw_dir), Path(work_dir)
+    plan = read_plan(work, params=_filter_params(settings, params), stage="filter")
+    if [start, stop] not in plan["pieces"]:
+        raise ParamError(f"[{start}, {stop}) is not a piece of the plan in {work}", param="filter.piece_size")
+    ok = scan_manifest(raw_dir).slice(start, stop - start).filter(pl.col("status") == "ok")
+    gone = pl.read_parquet(work / "gone.parquet")["id"]
+    kept_rows = ok.filter(~pl.col("id").is_in(gone.implode()))
+    (work / "parts").mkdir(exist_ok=True)
+    part = work / "parts" / f"{start:015d}.parquet"
+    if not plan["reshard"]:
+        # the samples stay where they are (ids), or have no images (precomputed embeddings): the
+        # kept manifest (keys and shards as the raw one names them), streamed in id order
+        # (download writes ids in order: no sort to hold)
+        write_table(kept_rows if plan["sorted"] else kept_rows.sort("id"), part)
+        return {"rows": stop - start}
+    kept = kept_rows.collect()  # with their keys, shards and hashes, to copy them
+    # in the order of their samples' ids, whatever the manifest's row order
+    shards = ok.group_by("shard").agg(pl.col("id").min()).sort("id").collect()["shard"].to_list()
+    shutil.rmtree(work / "shards", ignore_errors=True)
+    written = _reshard(raw_dir, shards, kept, work / "shards", settings.shard_size)
+    write_table(kept.with_columns(
+        pl.col("key").replace_strict({k: s for k, (_, s) in written.items()}).alias("shard"),
+        pl.col("key").replace_strict({k: w for k, (w, _) in written.items()}).alias("key"),
+    ).sort("id"), part)
+    return {"rows": stop - start}
+
+
+def reduce_filter(*, raw_dir: str | Path, scores_dir: str | Path, flags_dir: str | Path, work_dir: str | Path,
+                  out_dir: str | Path, settings: FilterSettings, params: Params) -> dict[str, Any]:
+    """The version from its pieces' parts: the kept manifest (the parts in row order, streamed),
+    the removed and overruled rows described, the shards, lineage and validation, in one atomic
+    swap."""
+    raw_dir, scores_dir, flags_dir, work = Path(raw_dir), Path(scores_dir), Path(flags_dir), Path(work_dir)
+    plan = read_plan(work, params=_filter_params(settings, params), stage="filter")
+    parts = [require_chunk(work / "parts" / f"{start:015d}.parquet", start, stop, stage="filter")
+             for start, stop in plan["pieces"]]
+    manifest = scan_manifest(raw_dir)
+    columns = manifest.collect_schema().names()
+    scores = pl.scan_parquet(require_file(scores_dir / "scores.parquet", param="--scores", what="scores"))
     # the source's own names beside clipscrub's id: what a person reviews by
     names = ["id", "key", *(c for c in ("file", "url") if c in columns)]
 
@@ -170,26 +263,20 @@ def filter_dataset(
         return (manifest.filter(wanted).select(*names, "caption").collect().join(frame, on="id", how="inner")
                 .join(scores.filter(wanted).collect(), on="id", how="left").sort("id"))
 
-    removed = described(gone)
-    overruled = described(verdicts.filter(pl.col("is_flagged") & pl.col("in_keep")).select("id", "reason"))
-    inputs_n = manifest.select(pl.len()).collect().item()
-    counts = {
-        "input": inputs_n,
-        "failed": inputs_n - len(ok_ids),
-        "scored": len(ok_ids),
-        "kept": len(ok_ids) - removed.height,
-        "removed": removed.height,
-    }
+    removed = described(pl.read_parquet(work / "gone.parquet"))
+    overruled = described(pl.read_parquet(work / "overruled.parquet"))
+    counts = {key: plan["counts"][key] for key in ("input", "failed", "scored")}
+    counts |= {"kept": counts["scored"] - removed.height, "removed": removed.height}
     lists = {name: path for name, path in (("keep_ids", settings.keep_ids), ("remove_ids", settings.remove_ids)) if path}
     # removed = flagged - kept_by_review + removed_by_review: the review is never the detectors' credit
-    counts |= {"flagged": int(verdicts["is_flagged"].sum()),
-               "removed_by_review": int((verdicts["in_remove"] & ~verdicts["is_flagged"]).sum()),
+    counts |= {"flagged": plan["counts"]["flagged"], "removed_by_review": plan["counts"]["removed_by_review"],
                "kept_by_review": overruled.height}
     review = None
     if lists:
         review = {
-            **{name: {"path": path, "sha256": sha256_file(Path(path).expanduser()), "ids": len(ids)}
-               for name, ids in (("keep_ids", keep), ("remove_ids", remove)) if (path := lists.get(name))},
+            **{name: {"path": path, "sha256": sha256_file(Path(path).expanduser()),
+                      "ids": plan["counts"]["review_ids"][name]}
+               for name in ("keep_ids", "remove_ids") if (path := lists.get(name))},
             "removed_by_review": counts["removed_by_review"],
             "kept_by_review": counts["kept_by_review"],
         }
@@ -198,21 +285,9 @@ def filter_dataset(
     model = stages.get("embed", {}).get("model", {})
     required = ["manifest.parquet", "removed.parquet", "overruled.parquet", "lineage.json"]
     with atomic_dir(out_dir) as tmp:
-        if settings.output == "ids" or not ok.select(pl.col("shard").is_not_null().any()).collect().item():
-            # ids: the samples stay where they are; precomputed embeddings: no images to re-shard.
-            # Either way the kept manifest (keys and shards as the raw one names them) is the
-            # version, streamed in id order (download writes ids in order: no sort to hold)
-            write_table(kept_rows if ok_ids.is_sorted() else kept_rows.sort("id"), tmp / "manifest.parquet")
-        else:
-            kept = kept_rows.collect()  # with their keys, shards and hashes, to copy them
-            # in the order of their samples' ids, whatever the manifest's row order
-            shards = ok.group_by("shard").agg(pl.col("id").min()).sort("id").collect()["shard"].to_list()
-            written = _reshard(raw_dir, shards, kept, tmp / "shards", settings.shard_size)
-            write_table(kept.with_columns(
-                pl.col("key").replace_strict({k: s for k, (_, s) in written.items()}).alias("shard"),
-                pl.col("key").replace_strict({k: w for k, (w, _) in written.items()}).alias("key"),
-            ).sort("id"), tmp / "manifest.parquet")
-            del kept
+        write_table(pl.scan_parquet(parts), tmp / "manifest.parquet")
+        if plan["reshard"]:
+            shutil.move(work / "shards", tmp / "shards")
         write_table(removed, tmp / "removed.parquet")
         write_table(overruled, tmp / "overruled.parquet")
         if settings.output == "ids":
@@ -244,6 +319,7 @@ def filter_dataset(
             "stages": stages,
         }
         write_json(tmp / "lineage.json", lineage)
+        ok_ids = manifest.filter(pl.col("status") == "ok").select("id").collect()["id"]
         validate("filter", filter_tables(
             kept=pl.read_parquet(tmp / "manifest.parquet", columns=["id"]),
             removed=pl.read_parquet(tmp / "removed.parquet", columns=["id", "reason"]),

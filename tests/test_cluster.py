@@ -15,8 +15,9 @@ from clipscrub.flows.cli import main
 from clipscrub.errors import ParamError
 from tests.conftest import output_hashes, tiny_params_dict
 
-# Small shards and chunks: embed has 20 pieces to spread over the workers, index and score 4 each
-EXTRA = ["download.shard_size=20", "index.chunk_size=100"]
+# Small shards, chunks and filter pieces: embed has 20 pieces to spread over the workers, index and
+# score 4 each, filter 40 (the kept ids: a re-shard is one piece)
+EXTRA = ["download.shard_size=20", "index.chunk_size=100", "filter.output=ids", "filter.piece_size=10"]
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +43,7 @@ def test_a_cluster_run_writes_the_bytes_of_an_in_process_run_and_reruns_from_cac
     assert len(in_process) > 40
     printed = yaml.safe_load(out.splitlines()[0])
     assert set(printed["states"].values()) == {"Completed"}
-    assert printed["pieces"] == {"embed": 20, "index": 4, "score": 4}
+    assert printed["pieces"] == {"embed": 20, "index": 4, "score": 4, "filter": 40}
     # a rerun on the cluster is served from the cache, as in process
     assert main(["run", "-p", "params.yaml", "-o", "cluster", "--cluster", "local:2", "--json"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out.splitlines()[0])
@@ -50,21 +51,23 @@ def test_a_cluster_run_writes_the_bytes_of_an_in_process_run_and_reruns_from_cac
     assert output_hashes(project / "cluster") == in_process
 
 
-def test_a_worker_killed_mid_run_costs_only_its_piece(project, in_process, capsys):
-    """SIGKILL a worker process while embed's pieces are running: the run finishes, with the
+@pytest.mark.parametrize("stage,parts,written", [("embed", ".embeddings.parts", "part-*.npz"),
+                                                ("filter", ".filter.pieces/parts", "*.parquet")])
+def test_a_worker_killed_mid_run_costs_only_its_piece(project, in_process, capsys, stage, parts, written):
+    """SIGKILL a worker process while a stage's pieces are running: the run finishes, with the
     same bytes; the scheduler gives the lost piece to another worker (its nanny starts a new one)."""
     from distributed import Client, LocalCluster
 
     os.chdir(project)
-    parts = project / "killed" / ".embeddings.parts"
+    parts = project / f"killed-{stage}" / parts
     killed: dict[str, object] = {}
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
                       dashboard_address=None, silence_logs=40) as cluster, Client(cluster) as client:
         def kill_a_busy_worker() -> None:
-            # once embed's first part is written, the pieces are in flight: kill a worker holding one
+            # once the stage's first part is written, the pieces are in flight: kill a worker holding one
             while not killed.get("stop"):
                 busy = {w: tasks for w, tasks in client.processing().items() if tasks}
-                if parts.is_dir() and any(parts.glob("part-*.npz")) and busy:
+                if parts.is_dir() and any(parts.glob(written)) and busy:
                     worker = next(iter(busy))
                     killed["tasks"] = busy[worker]
                     pid = client.run(os.getpid, workers=[worker])[worker]
@@ -76,13 +79,13 @@ def test_a_worker_killed_mid_run_costs_only_its_piece(project, in_process, capsy
         watcher = threading.Thread(target=kill_a_busy_worker, daemon=True)
         watcher.start()
         try:
-            rc = main(["run", "-p", "params.yaml", "-o", "killed", "--cluster", cluster.scheduler_address])
+            rc = main(["run", "-p", "params.yaml", "-o", f"killed-{stage}", "--cluster", cluster.scheduler_address])
         finally:
             killed["stop"] = True
             watcher.join()
     assert rc == 0, capsys.readouterr().err[-3000:]
-    assert "pid" in killed, "no worker was busy while embed's parts were written"
-    assert output_hashes(project / "killed") == in_process
+    assert "pid" in killed, f"no worker was busy while {stage}'s parts were written"
+    assert output_hashes(project / f"killed-{stage}") == in_process
 
 
 @pytest.mark.parametrize("value", ["local:0", "local", "8786", "http://host:8786", "tcp://host"])

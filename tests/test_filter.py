@@ -325,3 +325,36 @@ def test_a_shard_rewritten_after_download_publishes_nothing(tiny_run, tmp_path, 
     assert "rerun the pipeline from download" in message
     assert ("sha256" in message) == (change != "caption") and ("banana" in message) == (change == "caption")
     assert not (tmp_path / "clean").exists() and not list(tmp_path.glob(".clean*"))  # nothing published
+
+
+@pytest.mark.parametrize("output", ["ids", "reshard"])
+def test_pieces_give_the_version_one_piece_gives(tiny_run, tmp_path, output):
+    """filter.piece_size rows at a time, the pieces in any order and one run twice: the same
+    tables as one piece, byte for byte (a re-shard is one piece whatever the size); a piece not
+    run stops the reduce, naming it."""
+    from clipscrub.stages.filter import filter_piece, prepare_filter, reduce_filter
+
+    root, _ = tiny_run
+    whole, small = (tiny_params([f"filter.output={output}", f"filter.piece_size={size}"]) for size in (10**6, 7))
+    args = dict(raw_dir=root / "raw", scores_dir=root / "scores", flags_dir=root / "flags")
+    filter_dataset(**args, out_dir=tmp_path / "whole", settings=whole.filter, params=whole)
+    common = dict(**args, work_dir=tmp_path / "work", settings=small.filter, params=small)
+    pieces = prepare_filter(**common)["pieces"]
+    rows = pl.read_parquet(root / "raw" / "manifest.parquet").height
+    assert len(pieces) == (1 if output == "reshard" else -(-rows // 7)) and pieces[-1][1] == rows
+    for start, stop in pieces[::-1] + pieces[:1]:
+        filter_piece(**common, start=start, stop=stop)
+    reduce_filter(**common, out_dir=tmp_path / "pieces")
+    tables = sorted(p.name for p in (tmp_path / "whole").iterdir() if p.suffix in (".parquet", ".npy"))
+    assert {t: sha256_file(tmp_path / "whole" / t) for t in tables} == \
+        {t: sha256_file(tmp_path / "pieces" / t) for t in tables}
+    if output == "reshard":
+        written = {name: {p.name: sha256_file(p) for p in (tmp_path / name / "shards").iterdir()}
+                   for name in ("whole", "pieces")}
+        assert written["whole"] == written["pieces"] and written["whole"]
+        return
+    (tmp_path / "work" / "parts" / f"{pieces[1][0]:015d}.parquet").unlink()
+    with pytest.raises(DataError, match=rf"chunk \[{pieces[1][0]}, {pieces[1][1]}\) has not been computed"):
+        reduce_filter(**common, out_dir=tmp_path / "again")
+    with pytest.raises(ParamError, match="is not a piece of the plan"):
+        filter_piece(**common, start=1, stop=5)
