@@ -60,12 +60,19 @@ def tail_cut(values: np.ndarray, *, fdr: float) -> float:
     candidate cut t, the bulk accounts for N x P(Z >= z(t)) samples above it (Benjamini-Hochberg
     with an empirical null, as in Efron's local false discovery rate). The flagged count thus
     follows how many samples stand out: none on clean data, all of a large poisoned group. With
-    no such cut, the cut lies above the largest score (nothing flagged).
+    no such cut, the cut lies above the largest score (nothing flagged). Only the values that can
+    pass (z >= the normal's upper ``fdr`` quantile) are sorted: O(N) but for the tail.
     """
     from scipy.stats import norm
 
-    v = np.sort(np.asarray(values, dtype=np.float64))[::-1]
-    med, _, scale = robust_scales(v)  # the upper half's scale, as robust_z takes it
-    expected = len(v) * norm.sf((v - med) / scale)
+    values = np.asarray(values, dtype=np.float64)
+    n = len(values)
+    med, _, scale = robust_scales(values)  # the upper half's scale, as robust_z takes it
+    # a cut passes only where N x P(Z >= z) <= fdr x (its rank <= N), i.e. z >= isf(fdr): only the
+    # values past that (less a margin for isf's rounding; z is monotone in the value, so they are
+    # the top ones and keep their ranks) are sorted, not all N
+    z_floor = norm.isf(fdr) - 1e-6 if fdr < 1 else -np.inf
+    v = np.sort(values[(values - med) / scale >= z_floor])[::-1]
+    expected = n * norm.sf((v - med) / scale)
     ok = np.flatnonzero(expected <= fdr * np.arange(1, len(v) + 1))
-    return float(v[ok.max()]) if ok.size else float(np.nextafter(v[0], np.inf))
+    return float(v[ok.max()]) if ok.size else float(np.nextafter(values.max(), np.inf))

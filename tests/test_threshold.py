@@ -198,6 +198,26 @@ def test_tail_cut_fdr_orders_the_cuts():
     assert cuts == sorted(cuts, reverse=True)
 
 
+def _tail_cut_by_definition(values: np.ndarray, fdr: float) -> float:
+    """tail_cut's rule over every value sorted: the lowest value t with N x P(Z >= z(t)) <= fdr x rank(t)."""
+    from scipy.stats import norm
+
+    from clipscrub.detectors import robust_scales
+
+    v = np.sort(values)[::-1]
+    med, _, scale = robust_scales(v)
+    ok = np.flatnonzero(len(v) * norm.sf((v - med) / scale) <= fdr * np.arange(1, len(v) + 1))
+    return float(v[ok.max()]) if ok.size else float(np.nextafter(v[0], np.inf))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.one_of(st.sampled_from([0.0, 1.0, 1.5, 4.0]), st.floats(-1e3, 1e3)), min_size=1, max_size=300),
+       st.sampled_from([0.01, 0.1, 0.5, 0.99]))
+def test_tail_cut_sorts_only_the_tail_and_finds_the_same_cut(values, fdr):
+    values = np.array(values)
+    assert tail_cut(values, fdr=fdr) == _tail_cut_by_definition(values, fdr)
+
+
 def test_tail_on_constant_scores_flags_nothing():
     mask, cut = flag_outliers(values=np.full(50, 2.0), ids=np.arange(50), detector="kdist",
                               settings=ThresholdSettings(method="tail"))
