@@ -471,6 +471,33 @@ def same_ids(a: pl.Series, b: pl.Series) -> bool:
     return len(a) == len(b) and a.sort().equals(b.sort(), check_names=False, check_dtypes=False)
 
 
+def rows_of_ids(ids: np.ndarray, wanted: Any) -> np.ndarray:
+    """The row in ``ids`` (N,) (unique) of each wanted id, (W,) int64, -1 where it has none:
+    ``ids`` searched where they ascend (as the stages write them), a sorted copy otherwise; not a
+    dict or a hash join of N ids (about 100 bytes a sample)."""
+    wanted = np.asarray(wanted, dtype=np.int64)
+    ids = np.asarray(ids)
+    if not len(ids):
+        return np.full(len(wanted), -1, dtype=np.int64)
+    if bool(np.all(ids[1:] > ids[:-1])):
+        at = np.minimum(np.searchsorted(ids, wanted), len(ids) - 1)
+        return np.where(ids[at] == wanted, at, -1).astype(np.int64)
+    order = np.argsort(ids, kind="stable")
+    ordered = ids[order]
+    at = np.minimum(np.searchsorted(ordered, wanted), len(order) - 1)
+    return np.where(ordered[at] == wanted, order[at], -1).astype(np.int64)
+
+
+def take_by_id(column: pl.Series, *, ids: np.ndarray, wanted: np.ndarray) -> pl.Series:
+    """``column``'s values (rows matching ``ids``) for the ``wanted`` ids, in their order; null
+    where an id is not among ``ids`` (a left join by id, by search: ``rows_of_ids``)."""
+    at = rows_of_ids(ids, wanted)
+    found = at >= 0
+    picked = column.gather(pl.Series(np.where(found, at, 0), dtype=pl.Int64)) if len(column) else \
+        pl.Series(column.name, [None] * len(at), dtype=column.dtype)
+    return picked if found.all() else pl.select(pl.when(pl.Series(found)).then(picked)).to_series().alias(column.name)
+
+
 # rows per parquet row group, fixed: a table's bytes then depend on its rows alone, not on how
 # polars happened to chunk them in memory (a streamed and a collected frame write one file)
 ROW_GROUP_ROWS = 1 << 17

@@ -24,7 +24,8 @@ import polars as pl
 
 from clipscrub.detectors import suspicion
 from clipscrub.errors import DataError
-from clipscrub.io import atomic_dir, atomic_file, read_json, require_file, same_ids, scan_manifest, write_json
+from clipscrub.io import (atomic_dir, atomic_file, read_json, require_file, same_ids, scan_manifest, take_by_id,
+                          write_json)
 from clipscrub.metrics import applied_metrics, removed_as_flags
 from clipscrub.params import DENSITY_RATIO_DETECTORS, BaseSettings, EvaluateSettings, ThresholdSettings
 from clipscrub.ranking import RankCounts, auroc, average_precision, fpr_at_tpr, pr_points, rank_counts, roc_points
@@ -104,7 +105,8 @@ def evaluate_detectors(
     scores_path = require_file(Path(scores_dir) / "scores.parquet", param="--scores", what="scores")
     # one column at a time: the ids, then each detector's scores as its figures need them
     scored = pl.read_parquet(scores_path, columns=["id"])["id"]
-    truth = scored.to_frame().join(manifest.select("id", "is_poison"), on="id", how="left")["is_poison"]
+    # by search, not a hash join of N ids (1.4 GiB at 16M)
+    truth = take_by_id(manifest["is_poison"], ids=manifest["id"].to_numpy(), wanted=scored.to_numpy())
     del manifest
     detectors = [c.removesuffix("_score") for c in pl.read_parquet_schema(scores_path) if c.endswith("_score")]
     has_truth = truth.null_count() == 0 and 0 < int(truth.sum()) < len(truth)

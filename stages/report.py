@@ -39,7 +39,8 @@ from clipscrub.arrays import RowReader
 from clipscrub.errors import DataError
 from clipscrub.figures import score_figures, thumbnails, what_if_figure
 from clipscrub.gallery import nearest_references, page_count, page_name, page_of, what_if_fractions
-from clipscrub.io import atomic_dir, describe_model, read_json, require_file, scan_manifest, write_lineage
+from clipscrub.io import (atomic_dir, describe_model, read_json, require_file, rows_of_ids, scan_manifest,
+                          take_by_id, write_lineage)
 from clipscrub.metrics import applied_metrics, applied_sentence, fmt_ratio, removed_as_flags, rule_text
 from clipscrub.params import BaseSettings, ReportSettings, ThresholdSettings
 from clipscrub.sources import read_truth
@@ -289,22 +290,6 @@ def _index_for(scores_dir: Path, index_dir: Path | None) -> tuple[Path | None, s
                             param="--index")
         return None, "the index beside the scores is not the one they were computed from"
     return candidate, ""
-
-
-def embedding_rows(emb_ids: np.ndarray, wanted: Any) -> np.ndarray:
-    """The embedding row (wanted,) int64 of each wanted id, -1 where it has none: a sorted copy of
-    ``emb_ids`` (N,) searched (the ids themselves where they ascend), not a dict of N Python ints
-    (about 100 bytes a sample)."""
-    wanted = np.asarray(wanted, dtype=np.int64)
-    if not len(emb_ids):
-        return np.full(len(wanted), -1)
-    if bool(np.all(emb_ids[1:] > emb_ids[:-1])):  # ascending, as embed writes them: searched as they are
-        at = np.minimum(np.searchsorted(emb_ids, wanted), len(emb_ids) - 1)
-        return np.where(emb_ids[at] == wanted, at, -1)
-    order = np.argsort(emb_ids, kind="stable")
-    ordered = emb_ids[order]
-    at = np.minimum(np.searchsorted(ordered, wanted), len(order) - 1)
-    return np.where(ordered[at] == wanted, order[at], -1)
 
 
 def _nearest(index_path: Path, wanted: list[int], *, rows: np.ndarray,
@@ -567,11 +552,13 @@ def report_data(*, raw_dir: str | Path, embeddings_dir: str | Path, scores_dir: 
     # the manifest's is_poison): the columns of N rows the report holds
     ids_s = scores.select("id").collect()["id"]
     ids = ids_s.to_numpy()
-    known = manifest.select("id", *(("key",) if truth_path else ()), "is_poison")
+    known = manifest.select("id", *(("key",) if truth_path else ()), "is_poison").collect()
     if truth_path:
-        known = read_truth(known.collect(), truth_path).select("id", "is_poison").lazy()
-    truth_table = ids_s.to_frame().lazy().join(known, on="id", how="left", maintain_order="left").collect()
-    truth = truth_table["is_poison"]
+        known = read_truth(known, truth_path)
+    # by search, not a hash join of N ids
+    truth = take_by_id(known["is_poison"], ids=known["id"].to_numpy(), wanted=ids)
+    del known
+    truth_table = pl.DataFrame({"id": ids_s, "is_poison": truth})
     y = truth.to_numpy().astype(bool) if truth.null_count() == 0 and 0 < int(truth.sum()) < len(truth) else None
     flags = flags_scan.select("id", "is_flagged", *(c for c in ("is_non_finite",)
                                                     if c in flags_scan.collect_schema().names())).collect()
@@ -614,7 +601,7 @@ def report_data(*, raw_dir: str | Path, embeddings_dir: str | Path, scores_dir: 
     flagged = rows(flagged_by_rank).sort("rank")  # (F rows): the clusters', words' and review list's
     emb_ids = np.load(require_file(emb_dir / "ids.npy", param="--embeddings", what="embeddings"))
     image = RowReader(emb_dir / "image.npy") if (emb_dir / "image.npy").is_file() else None
-    flagged_rows = embedding_rows(emb_ids, flagged["id"].to_numpy())
+    flagged_rows = rows_of_ids(emb_ids, flagged["id"].to_numpy())
     if (flagged_rows < 0).any():  # a row of -1 would read the last embedding
         raise DataError(f"the flags name {int((flagged_rows < 0).sum())} samples the embeddings do not hold, e.g. ids "
                         f"{flagged['id'].filter(pl.Series(flagged_rows < 0)).head(5).to_list()}: rerun score and "
@@ -645,7 +632,7 @@ def report_data(*, raw_dir: str | Path, embeddings_dir: str | Path, scores_dir: 
     card_ids |= {i for g in groups for i in sorted(g.ids.tolist(), key=order.__getitem__)[:settings.cluster_members_shown]}
 
     index_path, no_index = _index_for(scores_dir, Path(index_dir) if index_dir is not None else None)
-    card_rows = embedding_rows(emb_ids, sorted(card_ids))
+    card_rows = rows_of_ids(emb_ids, sorted(card_ids))
     found, note = (_nearest(index_path, [i for i, r in zip(sorted(card_ids), card_rows) if r >= 0],
                             rows=card_rows[card_rows >= 0], emb_ids=emb_ids)
                    if index_path is not None else ({}, ""))

@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 import yaml
 
 from clipscrub.arrays import create_npy
@@ -274,3 +276,19 @@ def test_write_table_bytes_depend_on_the_rows_not_on_the_chunks(tmp_path, rows):
         written[name] = (tmp_path / f"{name}.parquet").read_bytes()
     assert written["chunked"] == written["whole"] == written["lazy"]
     assert pl.read_parquet(tmp_path / "lazy.parquet").equals(frame)
+
+
+@given(ids=st.lists(st.integers(-2**62, 2**62), unique=True, max_size=30),
+       others=st.lists(st.integers(-2**62, 2**62), max_size=10), seed=st.integers(0, 2**31), ordered=st.booleans())
+def test_rows_of_ids_and_take_by_id_find_each_ids_row(ids, others, seed, ordered):
+    from clipscrub.io import rows_of_ids, take_by_id
+
+    ids = np.array(sorted(ids) if ordered else ids, dtype=np.int64)
+    ids = ids if ordered else np.random.default_rng(seed).permutation(ids)
+    wanted = [*ids.tolist(), *others]
+    rows = rows_of_ids(ids, wanted)
+    expected = [ids.tolist().index(i) if i in ids else -1 for i in wanted]
+    assert rows.dtype == np.int64 and rows.tolist() == expected
+    values = pl.Series("v", [i % 7 == 0 for i in range(len(ids))])
+    taken = take_by_id(values, ids=ids, wanted=np.array(wanted, dtype=np.int64))
+    assert taken.name == "v" and taken.to_list() == [values[r] if r >= 0 else None for r in expected]

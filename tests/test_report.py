@@ -16,13 +16,11 @@ import jinja2
 import numpy as np
 import polars as pl
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
 
 from clipscrub.arrays import RowReader
 from clipscrub.errors import DataError
 from clipscrub.stages.report import (
-    TEMPLATES, Neighbour, Report, anchor_first, cut_caption, embedding_rows, find_clusters, names, render, report_data,
+    TEMPLATES, Neighbour, Report, anchor_first, cut_caption, find_clusters, names, render, report_data,
     sample_card,
 )
 from clipscrub.flagging import flag_outliers
@@ -143,16 +141,6 @@ def tiny_report(tiny_run) -> Report:
 def tiny_page(tiny_run) -> Element:
     """The tiny run's report page, parsed."""
     return parse((tiny_run[0] / "report" / "index.html").read_text())
-
-
-@given(ids=st.lists(st.integers(-2**62, 2**62), unique=True, max_size=30),
-       others=st.lists(st.integers(-2**62, 2**62), max_size=10), seed=st.integers(0, 2**31))
-def test_embedding_rows_finds_each_ids_row(ids, others, seed):
-    emb_ids = np.random.default_rng(seed).permutation(np.array(ids, dtype=np.int64))
-    wanted = [*emb_ids.tolist(), *others]
-    rows = embedding_rows(emb_ids, wanted)
-    expected = [emb_ids.tolist().index(i) if i in emb_ids else -1 for i in wanted]
-    assert rows.dtype == np.int64 and rows.tolist() == expected
 
 
 def test_flags_of_samples_the_embeddings_lack_are_refused(tiny_run, tmp_path):
