@@ -134,7 +134,7 @@ def evaluate_detectors(
             metrics["threshold"] = {"detector": threshold.detector, "method": threshold.method}
             per: dict[str, Any] = {}
             for d in detectors:
-                values = pl.read_parquet(scores_path, columns=[f"{d}_score"]).to_series().to_numpy().astype(np.float64)
+                values = pl.read_parquet(scores_path, columns=[f"{d}_score"]).to_series().to_numpy().astype(np.float64, copy=False)
                 rule = threshold.model_copy(update={"detector": d})
                 flagged, _ = flag_outliers(values=values, ids=ids, detector=d, settings=rule)
                 flagged |= ~np.isfinite(values)

@@ -575,12 +575,12 @@ def report_data(*, raw_dir: str | Path, embeddings_dir: str | Path, scores_dir: 
 
     cuts: dict[str, float | None] = {}
     for d in detectors:
-        _, cut = flag_outliers(values=column(d).astype(np.float64), ids=ids, detector=d,
+        _, cut = flag_outliers(values=column(d).astype(np.float64, copy=False), ids=ids, detector=d,
                                settings=threshold.model_copy(update={"detector": d}))
         cuts[d] = float(cut) if np.isfinite(cut) else None
     hists, curves = score_figures(values=column, detectors=detectors, y=y, cuts=cuts,
                                   threshold_detector=threshold.detector, bins=settings.hist_bins)
-    what_if = what_if_rows(values=column(threshold.detector).astype(np.float64), ids=ids, y=y,
+    what_if = what_if_rows(values=column(threshold.detector).astype(np.float64, copy=False), ids=ids, y=y,
                            threshold=threshold, removed_fraction=applied["removed_fraction"] or 0.0)
 
     def rows(wanted: Any) -> pl.DataFrame:
@@ -612,8 +612,9 @@ def report_data(*, raw_dir: str | Path, embeddings_dir: str | Path, scores_dir: 
     clusters = find_clusters(flagged=paged, image=image, rows=flagged_rows[:limit], cosine=settings.near_duplicate_cosine)
     # one target's captions in many phrasings, one group (not a cluster per template); the
     # unflagged samples that carry its word are where the cut may have missed some. The
-    # dataset's captions are streamed, the scored ones only
-    scored_captions = manifest.filter(pl.col("id").is_in(ids_s.implode())).select("id", "caption")
+    # dataset's captions are streamed, the scored ones only (the manifest's ok samples: embed's
+    # rows, whose ids filter checked the flags against; picked by status, not a set of N ids)
+    scored_captions = manifest.filter(pl.col("status") == "ok").select("id", "caption")
     groups = enriched_words(samples=len(ids), captions=scored_captions, flagged=flagged.select("id", "caption"))
     others = np.concatenate([g.unflagged for g in groups]) if groups else np.empty(0, np.int64)
     ranked = np.asarray(by_rank(others), dtype=np.int64)

@@ -63,7 +63,7 @@ def threshold_scores(
             param="threshold.detector",
         )
     scores = pl.read_parquet(path, columns=["id", column])  # the one column the rule reads
-    values = scores[column].to_numpy().astype(np.float64)
+    values = scores[column].to_numpy().astype(np.float64, copy=False)
     ids = scores["id"].to_numpy()
     is_outlier, cut = flag_outliers(values=values, ids=ids, detector=settings.detector, settings=settings)
     is_non_finite = ~np.isfinite(values)
