@@ -7,12 +7,15 @@ Inputs (benchmarks/results/):
                         reference sets (exact search costs N x entries x d, so a query's cost
                         scales with the reference entries it is compared with)
   embed_floor.json      ViT-B-32 at 224 px on this CPU (images/s of the floor)
+  tail_scale.json       peak RSS of each stage after index, each in its own process, at 1M, 4M and
+                        16M samples: per stage a fixed cost plus a cost per sample (a least-squares
+                        line through the sizes measured), carried to each dataset's size
 and one figure that is not ours, used only where no GPU was measured: the paper cleans CC3M
 (3.3M pairs) in about 15 minutes on 4 A100s, embedding included, so >= 3.3M / (900 s x 4)
 = 917 pairs/s per A100 end to end (``--gpu-pairs-per-s`` replaces it).
 
-Storage and memory are computed from the array shapes the stages write (float32 embeddings,
-int32 + float32 neighbour lists, one float64 column per detector in the score reduce).
+Storage and the index piece's memory are computed from the array shapes the stages write
+(float32 embeddings, int32 + float32 neighbour lists).
 
     python benchmarks/sizing.py            # prints the markdown table, writes results/sizing.json
 """
@@ -23,6 +26,8 @@ import argparse
 import json
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
@@ -45,7 +50,34 @@ def measured() -> dict[str, Any]:
         "score_piece_cpu_s_per_query": w1["score"]["pieces_cpu_s"] / n,
         "serial_cpu_s_per_query": w1["total"]["serial_cpu_s"] / n,
         "vit_b_32_cpu_pairs_per_s": floor,
+        "tail": tail_memory(),
     }
+
+
+AFTER_INDEX = ("score", "threshold", "filter", "evaluate", "report")
+
+
+def tail_memory() -> dict[str, dict[str, Any]]:
+    """Per stage after index: ``fixed_gib`` + ``per_sample_b`` x N, the least-squares line through
+    its peak RSS at the sizes tail_scale.json measured it (two at least), and those sizes."""
+    sizes = json.loads((RESULTS / "tail_scale.json").read_text())["sizes"]
+    fits = {}
+    for stage in AFTER_INDEX:
+        points = [(r["samples"], r["stages"][stage]["peak_rss_gib"]) for r in sizes if stage in r["stages"]]
+        if len(points) < 2:
+            continue
+        n, gib = zip(*points)
+        slope, fixed = np.polyfit(np.array(n, dtype=np.float64), np.array(gib), 1)
+        fits[stage] = {"fixed_gib": float(fixed), "per_sample_b": float(max(slope, 0.0)) * 2**30, "sizes": list(n)}
+    return fits
+
+
+def largest_after_index(samples: float, fits: dict[str, dict[str, Any]]) -> tuple[str, float]:
+    """The stage after index whose single process the fitted lines put highest at ``samples``,
+    and that peak in GB."""
+    peaks = {stage: (f["fixed_gib"] * 2**30 + f["per_sample_b"] * samples) / 1e9 for stage, f in fits.items()}
+    stage = max(peaks, key=peaks.get)
+    return stage, peaks[stage]
 
 
 def size(samples: float, workers: int, m: dict[str, Any], gpu_rate: float) -> dict[str, Any]:
@@ -59,8 +91,8 @@ def size(samples: float, workers: int, m: dict[str, Any], gpu_rate: float) -> di
         "index_score_h": pieces_h + serial_h,  # one CPU core per worker, exact search, as measured
         "embeddings_gb": samples * 2 * m["d"] * 4 / 1e9,
         "index_gb": samples * sets * m["draws"] * m["k"] * 8 / 1e9,  # int32 entry + float32 distance
-        # the score reduce holds a float64 column per detector and reference set, whole
-        "score_reduce_ram_gb": samples * 8 * (m["detectors"] * sets + m["detectors"]) / 1e9,
+        # the largest single process after index (score's reduce, threshold, filter, evaluate, report)
+        **dict(zip(("largest_after_index_stage", "largest_after_index_gb"), largest_after_index(samples, m["tail"]))),
         # an index piece: its queries, one draw's entries, its (chunk, k) results for every draw
         "index_piece_ram_gb": (m["chunk_size"] * m["d"] * 4 * 2 + max(m["sizes"]) * 2 * m["d"] * 4
                                + m["chunk_size"] * m["k"] * 8 * m["draws"] * sets) / 1e9,
@@ -80,13 +112,16 @@ def main() -> None:
           f"{m['score_piece_cpu_s_per_query'] * 1e6:.0f} CPU-us/query, serial {m['serial_cpu_s_per_query'] * 1e6:.0f} "
           f"CPU-us/query; embed at {args.gpu_pairs_per_s:.0f} pairs/s per GPU (assumed); ViT-B-32 on this CPU "
           f"{m['vit_b_32_cpu_pairs_per_s']:.1f} pairs/s")
-    print("| dataset | workers | embed (GPU) | index + score (1 core each) | embeddings | index | score reduce RAM "
-          "| index piece RAM |")
+    for stage, f in m["tail"].items():
+        print(f"{stage}: {f['fixed_gib']:.2f} GiB + {f['per_sample_b']:.1f} B per sample (peak RSS at "
+              f"{', '.join(f'{n / 1e6:g}M' for n in f['sizes'])})")
+    print("| dataset | workers | embed (GPU) | index + score (1 core each) | embeddings | index | largest process after "
+          "index | index piece RAM |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         print(f"| {names[r['samples']]} | {r['workers']} | {r['embed_h']:.2f} h | {r['index_score_h']:.2f} h "
-              f"| {r['embeddings_gb']:.0f} GB | {r['index_gb']:.0f} GB | {r['score_reduce_ram_gb']:.1f} GB "
-              f"| {r['index_piece_ram_gb']:.2f} GB |")
+              f"| {r['embeddings_gb']:.0f} GB | {r['index_gb']:.0f} GB | {r['largest_after_index_gb']:.1f} GB "
+              f"({r['largest_after_index_stage']}) | {r['index_piece_ram_gb']:.2f} GB |")
     (RESULTS / "sizing.json").write_text(json.dumps({"measured": m, "gpu_pairs_per_s": args.gpu_pairs_per_s,
                                                       "rows": rows}, indent=1) + "\n")
 

@@ -172,9 +172,10 @@ def sizing() -> str:
     """What CC3M, CC12M and LAION-400M take on W workers, from measured per-piece costs (sizing.json)."""
     rows = [[DATASETS.get(r["samples"], f"{r['samples']:,.0f}"), str(r["workers"]), f"{r['embed_h']:.2f} h",
              f"{r['index_score_h']:.2f} h", _gb(r["embeddings_gb"]), _gb(r["index_gb"]),
-             _gb(r["score_reduce_ram_gb"]), f"{r['index_piece_ram_gb']:.2f} GB"] for r in _load("sizing")["rows"]]
+             f"{_gb(r['largest_after_index_gb'])} ({r['largest_after_index_stage']})",
+             f"{r['index_piece_ram_gb']:.2f} GB"] for r in _load("sizing")["rows"]]
     return _table(["dataset", "workers", "embed (GPU)", "index + score (1 core each)", "embeddings", "index",
-                   "score reduce RAM", "index piece RAM"], rows)
+                   "largest process after index", "index piece RAM"], rows)
 
 
 def embed_floor() -> str:
