@@ -72,7 +72,8 @@ def tail_cut(values: np.ndarray, *, fdr: float) -> float:
     # values past that (less a margin for isf's rounding; z is monotone in the value, so they are
     # the top ones and keep their ranks) are sorted, not all N
     z_floor = norm.isf(fdr) - 1e-6 if fdr < 1 else -np.inf
-    v = np.sort(values[(values - med) / scale >= z_floor])[::-1]
-    expected = n * norm.sf((v - med) / scale)
+    with np.errstate(over="ignore"):  # a scale near 0 makes z infinite: past any cut, as it should
+        v = np.sort(values[(values - med) / scale >= z_floor])[::-1]
+        expected = n * norm.sf((v - med) / scale)
     ok = np.flatnonzero(expected <= fdr * np.arange(1, len(v) + 1))
     return float(v[ok.max()]) if ok.size else float(np.nextafter(values.max(), np.inf))

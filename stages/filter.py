@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import uuid
 from pathlib import Path
 from typing import Any, Container
 
@@ -224,11 +226,14 @@ def filter_piece(*, raw_dir: str | Path, scores_dir: str | Path, flags_dir: str 
     kept_rows = ok.filter(~pl.col("id").is_in(gone.implode()))
     (work / "parts").mkdir(exist_ok=True)
     part = work / "parts" / f"{start:015d}.parquet"
+    # written under another name, then renamed: the reduce never reads a part a killed worker left half written
+    partial = part.with_name(f".{part.name}.tmp-{uuid.uuid4().hex[:8]}")
     if not plan["reshard"]:
         # the samples stay where they are (ids), or have no images (precomputed embeddings): the
         # kept manifest (keys and shards as the raw one names them), streamed in id order
         # (download writes ids in order: no sort to hold)
-        write_table(kept_rows if plan["sorted"] else kept_rows.sort("id"), part)
+        write_table(kept_rows if plan["sorted"] else kept_rows.sort("id"), partial)
+        os.replace(partial, part)
         return {"rows": stop - start}
     kept = kept_rows.collect()  # with their keys, shards and hashes, to copy them
     # in the order of their samples' ids, whatever the manifest's row order
@@ -238,7 +243,8 @@ def filter_piece(*, raw_dir: str | Path, scores_dir: str | Path, flags_dir: str 
     write_table(kept.with_columns(
         pl.col("key").replace_strict({k: s for k, (_, s) in written.items()}).alias("shard"),
         pl.col("key").replace_strict({k: w for k, (w, _) in written.items()}).alias("key"),
-    ).sort("id"), part)
+    ).sort("id"), partial)
+    os.replace(partial, part)  # last: the part marks the piece's shards done
     return {"rows": stop - start}
 
 

@@ -132,8 +132,9 @@ def score_chunk(
     ``chunks/<start>-<stop>/``: ``<set>.<detector>.npy`` (r, stop - start) per density detector
     (one row per draw), ``iforest.npy`` and ``clip.npy`` (stop - start,), then what the reduce
     reads of it (``_summarise_chunk``: each set's mean over its draws, and its sorted finite
-    values for the fusion's statistics). Depends on no other chunk; a rerun writes the same bytes. ``buffers``: the embeddings are read into these (a
-    dict the caller passes to every chunk it runs), not into fresh memory."""
+    values for the fusion's statistics). Depends on no other chunk; a rerun writes the same
+    bytes. ``buffers``: the embeddings are read into these (a dict the caller passes to every
+    chunk it runs), not into fresh memory."""
     emb_dir, idx_dir, work = Path(embeddings_dir), Path(index_dir), Path(work_dir)
     plan = read_plan(work, params=_score_params(settings, index, base), stage="score")
     check_chunk(plan, start, stop, param="index.chunk_size")
@@ -240,8 +241,8 @@ def reduce_score(
     over the whole dataset), written with validation and lineage in one atomic swap.
 
     Out of core, a chunk at a time: each chunk's per-set means, with their finite values sorted
-    (a run), are the chunk's (``score_chunk``); the fusion's medians and MADs are taken exactly from the runs
-    (``clipscrub.order.SortedRuns``); each chunk's final rows are written as a part, and the
+    (a run), are the chunk's (``score_chunk``); the fusion's medians and MADs are taken exactly
+    from the runs (``clipscrub.order.SortedRuns``); each chunk's final rows are written as a part, and the
     parts streamed into ``scores.parquet`` and ``by_reference.parquet``. Memory holds a chunk,
     the ids and the runs' binary searches, not a column per detector and set."""
     emb_dir, idx_dir, work = Path(embeddings_dir), Path(index_dir), Path(work_dir)
@@ -309,7 +310,8 @@ def reduce_score(
         summary["copies"] = copies
     with atomic_dir(out_dir) as tmp:
         for name in ("scores", "by_reference"):  # the parts in row order, streamed into one file
-            write_table(pl.scan_parquet(sorted((parts / name).glob("*.parquet"))), tmp / f"{name}.parquet")
+            write_table(pl.scan_parquet([parts / name / f"{start:015d}.parquet" for start, _ in chunks]),
+                        tmp / f"{name}.parquet")
         validated = validate("score", score_tables(pl.scan_parquet(tmp / "scores.parquet"), ids=ids, detectors=order),
                              docs_dir=docs_dir_for(out_dir, "score"))
         write_lineage(

@@ -206,7 +206,8 @@ def _tail_cut_by_definition(values: np.ndarray, fdr: float) -> float:
 
     v = np.sort(values)[::-1]
     med, _, scale = robust_scales(v)
-    ok = np.flatnonzero(len(v) * norm.sf((v - med) / scale) <= fdr * np.arange(1, len(v) + 1))
+    with np.errstate(over="ignore"):
+        ok = np.flatnonzero(len(v) * norm.sf((v - med) / scale) <= fdr * np.arange(1, len(v) + 1))
     return float(v[ok.max()]) if ok.size else float(np.nextafter(v[0], np.inf))
 
 
