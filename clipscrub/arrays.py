@@ -155,12 +155,15 @@ class RowReader:
 
 def take_rows(path: str | Path, rows: np.ndarray, *, block: int | None = None) -> np.ndarray:
     """Rows ``rows`` (F,) of a C-order .npy of shape (N, ...), or with ``block`` of its
-    ``block``-th (N, ...) of (B, N, ...): (F, ...), read with one pread a row. A memory map would
-    do, but its readahead brings far more than the rows into the process (at 4M samples, reading
-    a few thousand scattered rows of the neighbour lists made 0.36 GiB of them resident)."""
-    arr = np.load(path, mmap_mode="r")
-    offset, shape, dtype, c_order = int(arr.offset), arr.shape, arr.dtype, arr.flags.c_contiguous
-    del arr
+    ``block``-th (N, ...) of (B, N, ...): (F, ...), read with one pread per run of consecutive
+    rows. A memory map would do, but its readahead brings far more than the rows into the process
+    (at 4M samples, reading a few thousand scattered rows of the neighbour lists made 0.36 GiB of
+    them resident)."""
+    with open(path, "rb") as f:  # the header alone (a map would refuse a truncated file before saying where)
+        major, _ = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(f)
+        offset, c_order = f.tell(), not fortran or len(shape) < 2
     rows = np.asarray(rows, dtype=np.int64)
     if block is not None:
         offset += block * int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
@@ -173,11 +176,19 @@ def take_rows(path: str | Path, rows: np.ndarray, *, block: int | None = None) -
         raise IndexError(f"rows outside 0..{shape[0] - 1} of {path}")
     size = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
     data = memoryview(out.reshape(-1).view(np.uint8))
+    # runs of consecutive rows (all of them, for a whole-dataset reference set) in one read each
+    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+    runs = zip(np.r_[0, breaks].tolist(), np.r_[breaks, len(rows)].tolist()) if len(rows) else ()
     fd = os.open(path, os.O_RDONLY)
     try:
-        for i, row in enumerate(rows.tolist()):
-            if os.preadv(fd, [data[i * size:(i + 1) * size]], offset + row * size) != size:
-                raise DataError(f"{path} ends before row {row}: the file is truncated", param=str(path))
+        for first, last in runs:
+            at, stop, pos = first * size, last * size, offset + int(rows[first]) * size
+            while at < stop:  # a read may return less than asked (above 2 GiB at once, say)
+                got = os.preadv(fd, [data[at:stop]], pos)
+                if got == 0:
+                    raise DataError(f"{path} ends before row {int(rows[last - 1])}: the file is truncated",
+                                    param=str(path))
+                at, pos = at + got, pos + got
     finally:
         os.close(fd)
     return out

@@ -109,7 +109,7 @@ def test_take_rows_reads_the_rows_of_a_block(tmp_path, dtype, block):
     rng = np.random.default_rng(0)
     whole = rng.normal(size=(3, 50, 4)).astype(dtype) if block is not None else rng.normal(size=(50, 4)).astype(dtype)
     np.save(tmp_path / "a.npy", whole)
-    rows = np.array([49, 0, 7, 7, 23])
+    rows = np.array([49, 0, 7, 7, 8, 9, 23, 24])  # scattered, repeated and runs of consecutive rows
     want = whole[rows] if block is None else whole[block][rows]
     got = take_rows(tmp_path / "a.npy", rows, block=block)
     assert got.dtype == want.dtype and np.array_equal(got, want)
@@ -129,3 +129,13 @@ def test_row_reader_take_reads_scattered_rows(stored):
     wanted = np.array([5, 0, 5, 36])
     got = RowReader(path).take(wanted)
     assert got.dtype == np.float32 and got.flags.c_contiguous and np.array_equal(got, rows[wanted])
+
+
+def test_take_rows_reads_every_row_in_order_and_finds_a_truncated_file(tmp_path):
+    whole = np.arange(3000, dtype=np.float32).reshape(1000, 3)
+    np.save(tmp_path / "a.npy", whole)
+    assert np.array_equal(take_rows(tmp_path / "a.npy", np.arange(1000)), whole)
+    with open(tmp_path / "a.npy", "r+b") as f:
+        f.truncate(f.seek(0, 2) - 12 * 10)
+    with pytest.raises(DataError, match="ends before row 999: the file is truncated"):
+        take_rows(tmp_path / "a.npy", np.arange(900, 1000))
