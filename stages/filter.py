@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import uuid
 from pathlib import Path
 from typing import Any, Container
 
@@ -28,7 +26,7 @@ import polars as pl
 
 from clipscrub.errors import DataError, ParamError
 from clipscrub.flagging import REVIEW_REASON
-from clipscrub.io import (atomic_dir, code_version, read_lineage, require_file, same_ids, scan_manifest,
+from clipscrub.io import (atomic_dir, atomic_file, code_version, read_lineage, require_file, same_ids, scan_manifest,
                           scratch_work_dir, sha256_file, sha256_path, write_json, write_table)
 from clipscrub.params import FilterSettings, Params, params_hash
 from clipscrub.pieces import PLAN_FILE, fresh_work_dir, read_plan, require_chunk
@@ -225,26 +223,24 @@ def filter_piece(*, raw_dir: str | Path, scores_dir: str | Path, flags_dir: str 
     gone = pl.read_parquet(work / "gone.parquet")["id"]
     kept_rows = ok.filter(~pl.col("id").is_in(gone.implode()))
     (work / "parts").mkdir(exist_ok=True)
-    part = work / "parts" / f"{start:015d}.parquet"
     # written under another name, then renamed: the reduce never reads a part a killed worker left half written
-    partial = part.with_name(f".{part.name}.tmp-{uuid.uuid4().hex[:8]}")
-    if not plan["reshard"]:
-        # the samples stay where they are (ids), or have no images (precomputed embeddings): the
-        # kept manifest (keys and shards as the raw one names them), streamed in id order
-        # (download writes ids in order: no sort to hold)
-        write_table(kept_rows if plan["sorted"] else kept_rows.sort("id"), partial)
-        os.replace(partial, part)
-        return {"rows": stop - start}
-    kept = kept_rows.collect()  # with their keys, shards and hashes, to copy them
-    # in the order of their samples' ids, whatever the manifest's row order
-    shards = ok.group_by("shard").agg(pl.col("id").min()).sort("id").collect()["shard"].to_list()
-    shutil.rmtree(work / "shards", ignore_errors=True)
-    written = _reshard(raw_dir, shards, kept, work / "shards", settings.shard_size)
-    write_table(kept.with_columns(
-        pl.col("key").replace_strict({k: s for k, (_, s) in written.items()}).alias("shard"),
-        pl.col("key").replace_strict({k: w for k, (w, _) in written.items()}).alias("key"),
-    ).sort("id"), partial)
-    os.replace(partial, part)  # last: the part marks the piece's shards done
+    with atomic_file(work / "parts" / f"{start:015d}.parquet", param="--root") as part:
+        if not plan["reshard"]:
+            # the samples stay where they are (ids), or have no images (precomputed embeddings): the
+            # kept manifest (keys and shards as the raw one names them), streamed in id order
+            # (download writes ids in order: no sort to hold)
+            write_table(kept_rows if plan["sorted"] else kept_rows.sort("id"), part)
+            return {"rows": stop - start}
+        kept = kept_rows.collect()  # with their keys, shards and hashes, to copy them
+        # in the order of their samples' ids, whatever the manifest's row order
+        shards = ok.group_by("shard").agg(pl.col("id").min()).sort("id").collect()["shard"].to_list()
+        shutil.rmtree(work / "shards", ignore_errors=True)
+        written = _reshard(raw_dir, shards, kept, work / "shards", settings.shard_size)
+        # last: the part marks the piece's shards done
+        write_table(kept.with_columns(
+            pl.col("key").replace_strict({k: s for k, (_, s) in written.items()}).alias("shard"),
+            pl.col("key").replace_strict({k: w for k, (w, _) in written.items()}).alias("key"),
+        ).sort("id"), part)
     return {"rows": stop - start}
 
 
