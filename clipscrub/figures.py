@@ -12,8 +12,8 @@ from typing import Any, Callable
 import numpy as np
 import polars as pl
 
-from clipscrub.detectors import LOW_IS_SUSPICIOUS, suspicion
-from clipscrub.ranking import auroc, average_precision, pr_points, rank_counts, roc_points
+from clipscrub.detectors import LOW_IS_SUSPICIOUS
+from clipscrub.ranking import auroc, average_precision, pr_points, rank_detector, roc_points
 from clipscrub.shards import decode_image, image_field, iter_shard, shard_path
 
 
@@ -95,10 +95,9 @@ def score_figures(*, values: Callable[[str], np.ndarray], detectors: list[str], 
         fig_roc, ax_roc = plt.subplots(figsize=(4.2, 3.4))
         fig_pr, ax_pr = plt.subplots(figsize=(4.2, 3.4))
         for d in detectors:
-            s = suspicion(np.asarray(values(d)), d)
-            # non-finite scores rank above every finite one, as evaluate ranks them; the curves'
-            # corners and areas exact, counted against the known poison (no sort of N scores)
-            counts = rank_counts(scores=np.where(np.isfinite(s), s, np.inf), y=y)
+            # ranked as evaluate ranks them; the curves' corners and areas exact, counted against
+            # the known poison (no sort of N scores)
+            counts = rank_detector(values=np.asarray(values(d)), y=y, detector=d)
             ax_roc.plot(*thinned(*roc_points(counts)), label=f"{d} ({auroc(counts):.3f})", linewidth=1)
             ax_pr.plot(*thinned(*pr_points(counts)), label=f"{d} ({average_precision(counts):.3f})", linewidth=1)
         ax_roc.plot([0, 1], [0, 1], color="#bbb", linewidth=0.8)

@@ -471,6 +471,11 @@ def same_ids(a: pl.Series, b: pl.Series) -> bool:
     return len(a) == len(b) and a.sort().equals(b.sort(), check_names=False, check_dtypes=False)
 
 
+def ascending(ids: np.ndarray) -> bool:
+    """Whether ids (N,) strictly ascend (as the stages write them): unique, and searchable as they are."""
+    return bool(np.all(ids[1:] > ids[:-1]))
+
+
 def rows_of_ids(ids: np.ndarray, wanted: Any) -> np.ndarray:
     """The row in ``ids`` (N,) (unique) of each wanted id, (W,) int64, -1 where it has none:
     ``ids`` searched where they ascend (as the stages write them), a sorted copy otherwise; not a
@@ -479,7 +484,7 @@ def rows_of_ids(ids: np.ndarray, wanted: Any) -> np.ndarray:
     ids = np.asarray(ids)
     if not len(ids):
         return np.full(len(wanted), -1, dtype=np.int64)
-    if bool(np.all(ids[1:] > ids[:-1])):
+    if ascending(ids):
         at = np.minimum(np.searchsorted(ids, wanted), len(ids) - 1)
         return np.where(ids[at] == wanted, at, -1).astype(np.int64)
     order = np.argsort(ids, kind="stable")

@@ -28,7 +28,7 @@ import polars as pl
 
 from clipscrub.detectors import LOW_IS_SUSPICIOUS
 from clipscrub.errors import DataError
-from clipscrub.io import rows_of_ids
+from clipscrub.io import ascending, rows_of_ids
 from clipscrub.params import ThresholdSettings
 
 APPLIED_KEYS = (
@@ -111,7 +111,7 @@ def applied_metrics(*, flags: pl.DataFrame, truth: pl.DataFrame | None, threshol
 
 def _repeats(ids: np.ndarray) -> bool:
     """Whether an id occurs twice in (N,): with no copy where the ids ascend, as the stages write them."""
-    if len(ids) < 2 or bool(np.all(ids[1:] > ids[:-1])):
+    if ascending(ids):
         return False
     ordered = np.sort(ids)
     return bool((ordered[1:] == ordered[:-1]).any())

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from clipscrub.detectors import suspicion
+
 # negatives counted per call: a chunk's bins and ranks (2 x 8 B a score) stay small
 CHUNK = 1 << 20
 
@@ -60,6 +62,14 @@ def rank_counts(*, scores: np.ndarray, y: np.ndarray, chunk: int = CHUNK) -> Ran
     neg_gt_asc = negatives - np.cumsum(above)[:-1]
     return RankCounts(pos_ge=pos_ge, pos_gt=pos_gt, neg_ge=neg_ge_asc[::-1].copy(), neg_gt=neg_gt_asc[::-1].copy(),
                       positives=p, negatives=negatives)
+
+
+def rank_detector(*, values: np.ndarray, y: np.ndarray, detector: str) -> RankCounts:
+    """``rank_counts`` of a detector's scores (N,) in its own units (low is suspicious for
+    ``clip``): oriented so that higher is more suspicious, non-finite scores ranked above every
+    finite one (the threshold stage flags them), so they count against the detector."""
+    s = suspicion(values, detector)
+    return rank_counts(scores=np.where(np.isfinite(s), s, np.inf), y=y)
 
 
 def _corners(c: RankCounts) -> tuple[np.ndarray, np.ndarray]:

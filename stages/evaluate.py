@@ -22,21 +22,14 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from clipscrub.detectors import suspicion
 from clipscrub.errors import DataError
 from clipscrub.io import (atomic_dir, atomic_file, read_json, require_file, same_ids, scan_manifest, take_by_id,
                           write_json)
 from clipscrub.metrics import applied_metrics, removed_as_flags
 from clipscrub.params import DENSITY_RATIO_DETECTORS, BaseSettings, EvaluateSettings, ThresholdSettings
-from clipscrub.ranking import RankCounts, auroc, average_precision, fpr_at_tpr, pr_points, rank_counts, roc_points
+from clipscrub.ranking import RankCounts, auroc, average_precision, fpr_at_tpr, pr_points, rank_detector, roc_points
 from clipscrub.sources import read_truth
 from clipscrub.flagging import flag_outliers
-
-
-def _ranked(values: np.ndarray, detector: str) -> np.ndarray:
-    """Higher = more suspicious, non-finite scores +inf: they rank above every finite one."""
-    s = suspicion(values, detector)
-    return np.where(np.isfinite(s), s, np.inf)
 
 
 def detection_metrics(*, y: np.ndarray, values: np.ndarray, detector: str, tpr_target: float, flagged: np.ndarray,
@@ -44,7 +37,7 @@ def detection_metrics(*, y: np.ndarray, values: np.ndarray, detector: str, tpr_t
     """AUROC, PR-AUC (average precision), FPR / detection error at ``tpr_target``, precision /
     recall of ``flagged``; ``y``, ``values``, ``flagged`` (N,). ``counts``: the ranking's
     ``clipscrub.ranking.rank_counts``, where the caller has them."""
-    counts = counts or rank_counts(scores=_ranked(values, detector), y=y)
+    counts = counts or rank_detector(values=values, y=y, detector=detector)
     fpr_at = fpr_at_tpr(counts, tpr_target)
     tp = int((flagged & y).sum())
     return {
@@ -138,7 +131,7 @@ def evaluate_detectors(
                 rule = threshold.model_copy(update={"detector": d})
                 flagged, _ = flag_outliers(values=values, ids=ids, detector=d, settings=rule)
                 flagged |= ~np.isfinite(values)
-                counts = rank_counts(scores=_ranked(values, d), y=y)
+                counts = rank_detector(values=values, y=y, detector=d)
                 per[d] = detection_metrics(y=y, values=values, detector=d, tpr_target=settings.tpr, flagged=flagged,
                                            counts=counts)
                 fpr, tpr = roc_points(counts)
