@@ -21,6 +21,8 @@ import numpy as np
 from clipscrub.arrays import unit_rows
 
 EPS = 1e-12
+# the detectors computed from the neighbour lists (the rest from the embeddings)
+DENSITY = ("kdist", "slof", "dao", "lid")
 
 
 def k_distance(dist: np.ndarray, k: int) -> np.ndarray:
@@ -331,3 +333,23 @@ def suspicion(values: np.ndarray, detector: str) -> np.ndarray:
     """Scores oriented so that higher always means more suspicious (for ranking and AUROC)."""
     values = np.asarray(values, dtype=np.float64)
     return -values if detector in LOW_IS_SUSPICIOUS else values
+
+
+def copy_vetting(records: list[dict], *, vet_copies: bool, detectors: list[str] | tuple[str, ...], modality: str
+                 ) -> dict | None:
+    """Where copies are judged by their captions, for the index's reference set ``records``: the
+    largest random set (its look-alikes are the nearest) and the copy distance the index drew it
+    with; None where it does not apply (one set: no z-scores to vet; text queries: no image
+    look-alikes; no copy distance: nothing drawn once; no density detector to vet)."""
+    sized = [r for r in records if r["name"].startswith("m") and r.get("modality", modality) != "text"]
+    if not (vet_copies and len(records) > 1 and sized and modality != "text" and any(d in DENSITY for d in detectors)):
+        return None
+    largest = max(sized, key=lambda r: r["samples"])
+    distance = float(largest.get("copy_distance", 0.0))
+    return {"set": largest["name"], "copy_distance": distance} if distance > 0 else None
+
+
+def vet_captions(text, rows: np.ndarray) -> np.ndarray:
+    """The vetting set's captions at unit length (draws, m, d) float64: ``text`` (a row reader of
+    the caption embeddings) at the set's reference rows (draws, m)."""
+    return np.stack([unit_rows(text.take(r).astype(np.float64)) for r in rows])

@@ -206,6 +206,12 @@ def reference_sets(
     return out
 
 
+def forest_rows(ref_rows: list[np.ndarray]) -> np.ndarray:
+    """The embedding rows (n,) the isolation forest is fitted on: every reference sample of every
+    set's draws (``ref_rows``: per set (draws, m)), once each, ascending."""
+    return np.unique(np.concatenate([r.reshape(-1) for r in ref_rows]))
+
+
 def query_embeddings(image: Rows, text: Rows, modality: str) -> Rows:
     """The query of each sample: its caption embedding for ``text``, else its image embedding."""
     return text if modality == "text" else image

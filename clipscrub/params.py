@@ -300,7 +300,7 @@ class EmbedSettings(_Section):
 
 class ReferenceSettings(_Section):
     _PATH_FIELDS = ("path",)
-    mode: Literal["random", "trusted", "all"] = "random"
+    mode: Literal["random", "trusted", "all", "saved"] = "random"
     # random: one reference set per size m, each drawn `draws` times; sizes above the dataset's
     # are capped at it. Several sizes are fused by score.fusion (no single m suits every rate)
     sizes: list[int] = Field(default_factory=lambda: [256, 1024, 4096], min_length=1)
@@ -320,6 +320,11 @@ class ReferenceSettings(_Section):
             raise _CrossError(
                 "index.reference.path",
                 "required with index.reference.mode: trusted (a manifest/table with an 'id' column, or one id per line)",
+            )
+        if self.mode == "saved" and not self.path:
+            raise _CrossError(
+                "index.reference.path",
+                "required with index.reference.mode: saved (a folder `clipscrub save-references` wrote)",
             )
         if min(self.sizes) < 2:
             raise _CrossError("index.reference.sizes", f"every size must be at least 2 (got {min(self.sizes)})")

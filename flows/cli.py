@@ -9,7 +9,7 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from clipscrub.errors import ClipscrubError
 from clipscrub.io import check_writable_dir
@@ -180,10 +180,20 @@ def _poison_words(s: dict[str, Any]) -> list[str]:
             f"these attacks ({listed or 'none'}){failed}, {_plural(s['shards'], 'shard')}"]
 
 
+def _save_references_words(s: dict[str, Any]) -> list[str]:
+    lines = [f"{_plural(len(s['sets']), 'reference set')} ({', '.join(s['sets'])}) of {_plural(s['samples'], 'sample')}, "
+             f"{_n(s['draws'])} draws, {_n(s['entries'])} entries"]
+    t = s.get("threshold")
+    if t and t.get("cut") is not None:  # what an increment sets to cut as this version did
+        lines.append(f"this version's cut: -S threshold.method=score -S threshold.score={t['cut']!r} "
+                     f"(threshold.detector {t['detector']}, found by method {t['method']})")
+    return lines
+
+
 SUMMARY_WORDS = {
     "download": _download_words, "train": _train_words, "embed": _embed_words, "index": _index_words,
     "score": _score_words, "threshold": _threshold_words, "filter": _filter_words, "evaluate": _evaluate_words,
-    "report": _report_words, "poison": _poison_words,
+    "report": _report_words, "poison": _poison_words, "save-references": _save_references_words,
 }
 
 
@@ -296,6 +306,19 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--root", default="data", help="data directory whose raw/ is poisoned (default: data)")
     sp.add_argument("-o", "--out", required=True, metavar="OUTDIR",
                     help="the poisoned copy: a new raw directory (shards/, manifest.parquet)")
+    sp.add_argument("--json", action="store_true", help=JSON_HELP)
+    sp = sub.add_parser("save-references", help="keep a scored version's reference sets, to score shards added later",
+                        description="Write a bundle of the reference sets ROOT's index drew, with their embeddings, "
+                        "their own neighbours and the fusion scales ROOT's score took, into OUTDIR. A run with "
+                        "index.reference.mode: saved and index.reference.path: OUTDIR scores its samples against "
+                        "them (README: Adding shards). Not a pipeline stage.",
+                        epilog="examples:\n  clipscrub save-references -o refs/v1               the DVC pipeline's data/\n"
+                        "  clipscrub save-references --root run -o refs/v1    a `clipscrub run -o run` directory\n"
+                        "  clipscrub run -S download.shards.path=new/ -S index.reference.mode=saved \\\n"
+                        "      -S index.reference.path=refs/v1 -o run-new     the added shards, scored against them",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    sp.add_argument("--root", default="data", help="data directory of the scored version (default: data)")
+    sp.add_argument("-o", "--out", required=True, metavar="OUTDIR", help="the bundle's folder (replaced)")
     sp.add_argument("--json", action="store_true", help=JSON_HELP)
     sp = sub.add_parser("show", help="print a run's counts, victim metrics and per-detector figures",
                         description=_fill(
@@ -721,22 +744,41 @@ def run_diff(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_poison(args: argparse.Namespace) -> int:
-    from clipscrub.flows.pipeline import Layout
-    from clipscrub.stages.poison import poison_dataset
-
+def _run_command(command: str, args: argparse.Namespace, call: Callable[[], dict[str, Any]]) -> int:
+    """A command that is no pipeline stage writing ``args.out``: its summary in words or as JSON,
+    or its error in one line (exit 2)."""
     try:
-        params = load_params(args.params, args.overrides)
-        summary = poison_dataset(raw_dir=Layout(Path(args.root)).raw, out_dir=args.out, attacks=params.poison.attacks,
-                                 seed=params.base.seed, shard_size=params.download.shard_size)
+        summary = call()
     except ClipscrubError as exc:
         print(f"clipscrub: error: {exc}", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps({"command": "poison", "out": str(args.out), **summary}, sort_keys=True))
+        print(json.dumps({"command": command, "out": str(args.out), **summary}, sort_keys=True))
     else:
-        print(summary_text("poison", summary, wrote=[Path(args.out)]))
+        print(summary_text(command, summary, wrote=[Path(args.out)]))
     return 0
+
+
+def run_poison(args: argparse.Namespace) -> int:
+    from clipscrub.flows.pipeline import Layout
+    from clipscrub.stages.poison import poison_dataset
+
+    def call() -> dict[str, Any]:
+        params = load_params(args.params, args.overrides)
+        return poison_dataset(raw_dir=Layout(Path(args.root)).raw, out_dir=args.out, attacks=params.poison.attacks,
+                              seed=params.base.seed, shard_size=params.download.shard_size)
+
+    return _run_command("poison", args, call)
+
+
+def run_save_references(args: argparse.Namespace) -> int:
+    from clipscrub.flows.pipeline import Layout
+    from clipscrub.stages.save_references import save_references
+
+    layout = Layout(Path(args.root))
+    return _run_command("save-references", args, lambda: save_references(
+        embeddings_dir=layout.embeddings, index_dir=layout.index, score_dir=layout.scores, threshold_dir=layout.flags,
+        out_dir=args.out))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -755,6 +797,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_flow(args)
     if args.command == "poison":
         return run_poison(args)
+    if args.command == "save-references":
+        return run_save_references(args)
     if args.command == "init":
         return run_init(args)
     if args.command == "dvc-yaml":

@@ -27,18 +27,19 @@ plan of query chunks, and the output arrays, allocated whole), ``search_index_ch
 from __future__ import annotations
 
 import hashlib
+import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from clipscrub.arrays import ChunkRows, create_npy, load_embeddings, require_finite, write_rows
-from clipscrub.errors import DataError
-from clipscrub.io import atomic_dir, scratch_work_dir, write_json, write_lineage
+from clipscrub.errors import DataError, ParamError
+from clipscrub.io import atomic_dir, read_json, require_file, scratch_work_dir, write_json, write_lineage
 from clipscrub.neighbours import (
-    REFERENCES_FILE, STORED_METHODS, Neighbours, caption_set, choose_method, draw_index, duplicate_distance, entry_dtype,
-    find_neighbours, gpu_count, measure_recall, query_embeddings, read_trusted_rows, reference_sets,
-    self_entries_per_query, write_search_index,
+    REFERENCES_FILE, STORED_METHODS, Neighbours, build_search_index, caption_set, choose_method, draw_index,
+    duplicate_distance, entry_dtype, find_neighbours, gpu_count, measure_recall, query_embeddings, read_trusted_rows,
+    reference_sets, self_entries_per_query, write_search_index,
 )
 from clipscrub.params import BaseSettings, IndexSettings
 from clipscrub.pieces import (
@@ -46,6 +47,7 @@ from clipscrub.pieces import (
     require_chunk, save_npy,
 )
 from clipscrub.progress import track
+from clipscrub.saved import BUNDLE_FILE, IFOREST_TRAIN, PARAM, SAVED_DIR, VET_CAPTIONS, check_bundle, read_bundle, saved_rows
 from clipscrub.validation import check_neighbours, docs_dir_for, neighbour_check_tables, validate
 
 
@@ -87,6 +89,8 @@ def prepare_index(
     ``index.chunk_size``), ``sets`` (name, draws, samples, entries, search), ``samples``, ``params``.
     """
     emb_dir = Path(embeddings_dir)
+    if settings.reference.mode == "saved":
+        return _prepare_saved(emb_dir, Path(work_dir), settings=settings, base=base)
     image, text, ids = load_embeddings(emb_dir, normalize=settings.normalize)
     n = len(ids)
     ref = settings.reference
@@ -134,6 +138,52 @@ def prepare_index(
             del index
         records.append({"name": rs.name, "draws": int(draws), "samples": int(m), "entries": int(entries_n),
                         "search": method, "copy_distance": copy_distance, "modality": modality})
+    plan = {"params": _index_params(settings, base), "samples": n, "chunks": chunk_plan(n, settings.chunk_size),
+            "sets": records}
+    write_json(work / PLAN_FILE, plan)
+    return plan
+
+
+def _prepare_saved(emb_dir: Path, work_dir: Path, *, settings: IndexSettings, base: BaseSettings) -> dict[str, Any]:
+    """``prepare_index`` with saved references (``clipscrub.saved``): each draw's search index
+    over the bundle's entries, their own neighbours copied from it (kd(o) and lid(o) as the saved
+    version had them), ``ref_rows`` that are no row of these embeddings (nothing excluded as a
+    sample's own entry), and the bundle's score files under ``saved/`` for the score stage."""
+    bundle = Path(settings.reference.path)
+    meta = read_bundle(bundle)
+    check_bundle(meta, k=settings.k, modality=settings.modality, normalize=settings.normalize,
+                 model=read_json(require_file(emb_dir / "model.json", param="--embeddings", what="embed output")))
+    if settings.search.method == "ivf":
+        raise ParamError("ivf: with saved references a draw is searched exact or with hnsw", param="index.search.method")
+    image, _, ids = load_embeddings(emb_dir, normalize=settings.normalize)
+    n = len(ids)
+    work = fresh_work_dir(work_dir, param="index")
+    records: list[dict[str, Any]] = []
+    for rec in meta["sets"]:
+        name = rec["name"]
+        entries = np.load(require_file(bundle / name / "entries.npy", param=PARAM, what="saved references"),
+                          mmap_mode="r")
+        draws, entries_n, dim = entries.shape
+        if dim != image.shape[1]:
+            raise DataError(f"the embeddings have {image.shape[1]} dimensions, the saved references {dim}", param=PARAM)
+        method = "exact" if settings.search.method == "auto" else settings.search.method
+        (work / name).mkdir()
+        np.save(work / name / "ref_rows.npy", saved_rows(np.load(bundle / name / "ids.npy")))
+        for a in ("ref_neighbours", "ref_distances"):
+            shutil.copyfile(bundle / name / f"{a}.npy", work / name / f"{a}.npy")
+        ints = entry_dtype(entries_n)
+        for a, dtype in (("neighbours", ints), ("distances", np.float32)):
+            create_npy(work / name / f"{a}.npy", dtype=dtype, shape=(draws, n, settings.k))
+        for r in range(draws):
+            index = build_search_index(np.ascontiguousarray(entries[r], dtype=np.float32), method=method,
+                                       search=settings.search, seed=base.seed + r)
+            write_search_index(index, _stored(work, name, method, r, "saved"))
+            del index
+        records.append({**rec, "search": method, "saved": True})
+    (work / SAVED_DIR).mkdir()
+    for file in (BUNDLE_FILE, IFOREST_TRAIN, VET_CAPTIONS):
+        if (bundle / file).is_file():
+            shutil.copyfile(bundle / file, work / SAVED_DIR / file)
     plan = {"params": _index_params(settings, base), "samples": n, "chunks": chunk_plan(n, settings.chunk_size),
             "sets": records}
     write_json(work / PLAN_FILE, plan)
@@ -270,9 +320,12 @@ def reduce_index(
             records.append({"name": name, "draws": int(draws), "samples": int(rec["samples"]),
                             "entries": int(entries_n), "search": method,
                             "recall_at_k": round(float(np.mean(recalls)), 4),
-                            "copy_distance": float(rec.get("copy_distance", 0.0)), "modality": modality})
+                            "copy_distance": float(rec.get("copy_distance", 0.0)), "modality": modality,
+                            **({"saved": True} if rec.get("saved") else {})})
             checks = np.concatenate([load_chunk(work, a, b, f"{name}.checks", stage="index") for a, b in plan["chunks"]])
             tables += neighbour_check_tables(ids=ids, checks=checks, entries=entries_n, name=f"neighbours_{name}")
+        if ref.mode == "saved":
+            shutil.copytree(work / SAVED_DIR, tmp / SAVED_DIR)
         write_json(tmp / REFERENCES_FILE, {"sets": records})
         validated = validate("index", tables, docs_dir=docs_dir_for(out_dir, "index"))
         summary = {
@@ -294,10 +347,12 @@ def reduce_index(
             module=__name__,
             stage="index",
             params=_index_params(settings, base),
-            inputs={"embeddings": emb_dir, **({"trusted": Path(ref.path)} if trusted else {})},
+            inputs={"embeddings": emb_dir, **({"trusted": Path(ref.path)} if trusted else {}),
+                    **({"references": Path(ref.path)} if ref.mode == "saved" else {})},
             upstream=[emb_dir],
             summary=summary,
-            extra={"validation": validated, "reference_sets": records},
+            extra={"validation": validated, "reference_sets": records,
+                   **({"saved_from": read_json(work / SAVED_DIR / BUNDLE_FILE)["source"]} if ref.mode == "saved" else {})},
         )
     return summary
 

@@ -299,9 +299,12 @@ def _nearest(index_path: Path, wanted: list[int], *, rows: np.ndarray,
     modality they come from."""
     found = nearest_references(index_path, rows, draw=0, samples=len(emb_ids))
     k = NEIGHBOURS_SHOWN
+    note = f"reference set {found.set_name}, draw 1 of {found.draws}, modality {found.modality}"
+    if read_json(index_path / "references.json")["sets"][0].get("saved"):
+        # their owners are -1 - id of the saved version's samples, whose images are not here
+        note += ": saved references of an earlier version, not shown"
     return ({i: [(int(emb_ids[o]), bool(c), float(d)) for o, c, d in zip(owners[:k], caps[:k], dists[:k]) if o >= 0]
-             for i, owners, caps, dists in zip(wanted, found.owners, found.captions, found.distances)},
-            f"reference set {found.set_name}, draw 1 of {found.draws}, modality {found.modality}")
+             for i, owners, caps, dists in zip(wanted, found.owners, found.captions, found.distances)}, note)
 
 
 def what_if_rows(*, values: np.ndarray, ids: np.ndarray, y: np.ndarray | None, threshold: ThresholdSettings,

@@ -29,23 +29,23 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from clipscrub.arrays import ChunkRows, load_embeddings, require_finite, unit_rows
+from clipscrub.arrays import ChunkRows, load_embeddings, require_finite
 from clipscrub.detectors import (
-    caption_mismatch, clip_score, density_scores, fit_iforest, fuse_scores, iforest_score, join_caption_view,
-    mismatch_sample, query_scores, reference_density, vet_copies,
+    DENSITY, caption_mismatch, clip_score, copy_vetting, density_scores, fit_iforest, fuse_scores, iforest_score,
+    join_caption_view, mismatch_sample, query_scores, reference_density, vet_captions, vet_copies,
 )
 from clipscrub.errors import DataError
-from clipscrub.io import atomic_dir, scratch_work_dir, write_json, write_lineage, write_table
-from clipscrub.neighbours import load_reference_set, query_embeddings, read_reference_sets
+from clipscrub.io import atomic_dir, read_json, require_file, scratch_work_dir, write_json, write_lineage, write_table
+from clipscrub.neighbours import forest_rows, load_reference_set, query_embeddings, read_reference_sets
 from clipscrub.order import SortedRuns, sorted_finite
 from clipscrub.params import BaseSettings, IndexSettings, ScoreSettings
 from clipscrub.pieces import (
     PLAN_FILE, check_chunk, chunk_file, chunk_plan, fresh_work_dir, load_chunk, read_plan, require_chunk, save_npy,
 )
 from clipscrub.progress import track
+from clipscrub.saved import BUNDLE_FILE, IFOREST_TRAIN, SAVED_DIR, VET_CAPTIONS, check_score, encode_scales, saved_scales
 from clipscrub.validation import docs_dir_for, score_tables, validate
 
-DENSITY = ("kdist", "slof", "dao", "lid")
 
 
 def score_samples(
@@ -85,7 +85,9 @@ def prepare_score(
     (emptied first): per reference set, ``kd_ref.npy`` and ``lid_ref.npy`` (r, R) float64, each
     entry's kd(o) and lid(o) within its draw; ``iforest_rows.npy``, the rows the isolation forest
     is fitted on (every chunk fits the same forest: same rows, same seed); with copies vetted,
-    ``vet_captions.npy`` (r, m, d), the vetting set's captions at unit length.
+    ``vet_captions.npy`` (r, m, d), the vetting set's captions at unit length. With saved
+    references (``index.reference.mode: saved``) the forest's rows (``iforest_train.npy``, vectors)
+    and the captions are the saved version's, and the reduce takes its scales too.
 
     Returns the plan (also ``plan.json``): ``chunks`` [[start, stop], ...] (multiples of
     ``index.chunk_size``), ``sets``, ``samples``, ``params``.
@@ -110,14 +112,16 @@ def prepare_score(
             np.save(work / name / "kd_ref.npy", np.stack([kd for kd, _ in own]))
             np.save(work / name / "lid_ref.npy", np.stack([lid for _, lid in own]))
         del arrays
-    if "iforest" in settings.detectors:
-        np.save(work / "iforest_rows.npy", np.unique(np.concatenate([r.reshape(-1) for r in ref_rows.values()])))
     # the caption sets (t<size>) join the image sets' fused score as the mean of the two z-scores
     caption_sets = [r["name"] for r in records if r.get("modality") == "text" and index.modality == "image_text"]
-    vet = _vetting(records, settings, index)
-    if vet:  # the vetting set's captions, unit length (draws, m, d): gathered once, not per chunk
-        np.save(work / VET_CAPTIONS,
-                np.stack([unit_rows(text.take(rows).astype(np.float64)) for rows in ref_rows[vet["set"]]]))
+    vet = copy_vetting(records, vet_copies=settings.vet_copies, detectors=settings.detectors, modality=index.modality)
+    if index.reference.mode == "saved":  # the saved version's forest rows and vetting captions, not this one's
+        _prepare_saved(idx_dir, work, settings=settings, vet=vet)
+    else:
+        if "iforest" in settings.detectors:
+            np.save(work / FOREST_ROWS, forest_rows(list(ref_rows.values())))
+        if vet:  # gathered once, not per chunk
+            np.save(work / VET_CAPTIONS, vet_captions(text, ref_rows[vet["set"]]))
     plan = {"params": _score_params(settings, index, base), "samples": len(ids), "sets": names,
             "caption_sets": caption_sets, "chunks": chunk_plan(len(ids), index.chunk_size), "vet": vet}
     write_json(work / PLAN_FILE, plan)
@@ -143,7 +147,7 @@ def score_chunk(
     density = [d for d in settings.detectors if d in DENSITY]
     vet = plan.get("vet")
     vet_found: list[tuple[np.ndarray, np.ndarray]] = []  # the vetting set's (entries, distances) per draw
-    for name in plan["sets"] if density else ():  # (vetting needs a density detector: _vetting)
+    for name in plan["sets"] if density else ():  # (vetting needs a density detector: copy_vetting)
         arrays = load_reference_set(idx_dir, name)
         kd_ref, lid_ref = np.load(work / name / "kd_ref.npy"), np.load(work / name / "lid_ref.npy")
         found = [(np.asarray(arrays["neighbours"][r, start:stop]), np.asarray(arrays["distances"][r, start:stop]))
@@ -171,20 +175,25 @@ def score_chunk(
                      vet=vet, samples=plan["samples"])
 
 
-def _vetting(records: list[dict[str, Any]], settings: ScoreSettings, index: IndexSettings) -> dict[str, Any] | None:
-    """Where copies are judged by their captions: the largest random set (its look-alikes are the
-    nearest) and the copy distance the index drew it with; None where it does not apply (one set:
-    no z-scores to vet; text queries: no image look-alikes; no copy distance: nothing drawn once)."""
-    sized = [r for r in records if r["name"].startswith("m") and r.get("modality", index.modality) != "text"]
-    if not (settings.vet_copies and len(records) > 1 and sized and index.modality != "text"
-            and any(d in DENSITY for d in settings.detectors)):
-        return None
-    largest = max(sized, key=lambda r: r["samples"])
-    distance = float(largest.get("copy_distance", 0.0))
-    return {"set": largest["name"], "copy_distance": distance} if distance > 0 else None
+FOREST_ROWS = "iforest_rows.npy"
 
 
-VET_CAPTIONS = "vet_captions.npy"
+def _prepare_saved(idx_dir: Path, work: Path, *, settings: ScoreSettings, vet: dict[str, Any] | None) -> None:
+    """The saved version's isolation-forest rows and vetting captions, from the index's copy of
+    the bundle (``clipscrub.saved``), after checking its scales hold for these settings."""
+    saved = idx_dir / SAVED_DIR
+    meta = read_json(require_file(saved / BUNDLE_FILE, param="--index", what="the index's saved references"))
+    check_score(meta, k=settings.k, lid_k=settings.lid_k, detectors=list(settings.detectors))
+    for wanted, file, param in (("iforest" in settings.detectors, IFOREST_TRAIN, "score.detectors"),
+                                (vet is not None, VET_CAPTIONS, "score.vet_copies")):
+        if not wanted:
+            continue
+        if not (saved / file).is_file():
+            raise DataError(f"the saved references hold no {file}: the version they were saved from ran without it "
+                            "(turn it off here, or save references from a version that ran it)", param=param)
+        shutil.copyfile(saved / file, work / file)
+    if vet is not None and meta.get("vet") is None:
+        raise DataError("the saved references hold no scales of the copy vetting", param="score.vet_copies")
 
 
 def _copies_chunk(idx_dir: Path, work: Path, chunk_captions: np.ndarray, found: list[tuple[np.ndarray, np.ndarray]],
@@ -222,13 +231,16 @@ _FOREST: dict[tuple, Any] = {}
 def _forest(work: Path, queries, *, settings: ScoreSettings, seed: int):
     """The isolation forest fitted on the prepared rows: sklearn with a fixed seed and one job
     gives the same trees in every process, so a chunk fits it rather than reading a pickle."""
-    path = work / "iforest_rows.npy"
+    path = work / IFOREST_TRAIN
+    if not path.is_file():
+        path = work / FOREST_ROWS
     st = (work / PLAN_FILE).stat()
     key = (str(path.resolve()), st.st_ino, st.st_mtime_ns, str(queries.path), settings.iforest.n_estimators,
            settings.iforest.max_samples, seed)
     if key not in _FOREST:
         _FOREST.clear()
-        _FOREST[key] = fit_iforest(queries.take(np.load(path)), n_estimators=settings.iforest.n_estimators,
+        train = np.load(path) if path.name == IFOREST_TRAIN else queries.take(np.load(path))
+        _FOREST[key] = fit_iforest(train, n_estimators=settings.iforest.n_estimators,
                                    max_samples=settings.iforest.max_samples, seed=seed)
     return _FOREST[key]
 
@@ -262,8 +274,14 @@ def reduce_score(
     # a reference sample another sample copies is a copy too (rows of the embeddings, from every chunk)
     copied = (np.unique(np.concatenate([load_chunk(work, a, b, "copied_refs", stage="score") for a, b in chunks]))
               if vet else np.empty(0, np.int64))
-    scales = {(d, name): _scales(work, chunks, f"{name}.{d}") for d in density for name in _ranked_sets(plan)}
-    population = _scales(work, chunks, "mismatch_population") if vet else None
+    ranked = [(d, name) for d in density for name in _ranked_sets(plan)]
+    if index.reference.mode == "saved":  # the saved version's, so that its cut means the same here
+        meta = read_json(idx_dir / SAVED_DIR / BUNDLE_FILE)
+        scales = saved_scales(meta, ranked)
+        population = tuple(meta["population"]) if vet and meta["population"] is not None else None
+    else:
+        scales = {key: _scales(work, chunks, f"{key[1]}.{key[0]}") for key in ranked}
+        population = _scales(work, chunks, "mismatch_population") if vet else None
 
     order = list(settings.detectors)
     non_finite = dict.fromkeys(order, 0)
@@ -322,7 +340,9 @@ def reduce_score(
             inputs={"embeddings": emb_dir, "index": idx_dir},
             upstream=[idx_dir],
             summary=summary,
-            extra={"validation": validated},
+            # what a bundle of saved references keeps (clipscrub save-references)
+            extra={"validation": validated, "scales": encode_scales(scales),
+                   "population_scales": None if population is None else [float(v) for v in population]},
         )
     return summary
 

@@ -230,7 +230,7 @@ def test_run_words(tmp_path):
     assert run_text({"states": {"download": "Cached"}}, str(tmp_path)).endswith("(all from cache: nothing changed)")
 
 
-@pytest.mark.parametrize("command", ["show", "diff", "init"])
+@pytest.mark.parametrize("command", ["show", "diff", "init", "save-references"])
 def test_every_argument_of_show_diff_and_init_is_documented(command, capsys):
     from clipscrub.flows.cli import build_parser
 
