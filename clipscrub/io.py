@@ -466,9 +466,14 @@ def scan_manifest(raw_dir: str | Path) -> pl.LazyFrame:
 
 
 def same_ids(a: pl.Series, b: pl.Series) -> bool:
-    """Whether two id columns hold the same ids, compared sorted (not as Python sets of N ints,
-    about 100 bytes a sample)."""
-    return len(a) == len(b) and a.sort().equals(b.sort(), check_names=False, check_dtypes=False)
+    """Whether two id columns hold the same ids: compared as they are where both ascend (as the
+    stages write them), else sorted (not as Python sets of N ints, about 100 bytes a sample)."""
+    if len(a) != len(b):
+        return False
+    x, y = a.to_numpy(), b.to_numpy()
+    if ascending(x) and ascending(y):
+        return bool(np.array_equal(x, y))
+    return a.sort().equals(b.sort(), check_names=False, check_dtypes=False)
 
 
 def ascending(ids: np.ndarray) -> bool:
@@ -476,31 +481,40 @@ def ascending(ids: np.ndarray) -> bool:
     return bool(np.all(ids[1:] > ids[:-1]))
 
 
-def rows_of_ids(ids: np.ndarray, wanted: Any) -> np.ndarray:
+ROWS_BLOCK = 1 << 20  # wanted ids searched at a time: the temporaries of a block, not of N
+
+
+def rows_of_ids(ids: np.ndarray, wanted: Any, *, block: int = ROWS_BLOCK) -> np.ndarray:
     """The row in ``ids`` (N,) (unique) of each wanted id, (W,) int64, -1 where it has none:
     ``ids`` searched where they ascend (as the stages write them), a sorted copy otherwise; not a
-    dict or a hash join of N ids (about 100 bytes a sample)."""
+    dict or a hash join of N ids (about 100 bytes a sample). ``block`` wanted ids at a time:
+    the result is the only W-long array made."""
     wanted = np.asarray(wanted, dtype=np.int64)
     ids = np.asarray(ids)
+    out = np.full(len(wanted), -1, dtype=np.int64)
     if not len(ids):
-        return np.full(len(wanted), -1, dtype=np.int64)
-    if ascending(ids):
-        at = np.minimum(np.searchsorted(ids, wanted), len(ids) - 1)
-        return np.where(ids[at] == wanted, at, -1).astype(np.int64)
-    order = np.argsort(ids, kind="stable")
-    ordered = ids[order]
-    at = np.minimum(np.searchsorted(ordered, wanted), len(order) - 1)
-    return np.where(ordered[at] == wanted, order[at], -1).astype(np.int64)
+        return out
+    order = None if ascending(ids) else np.argsort(ids, kind="stable")
+    ordered = ids if order is None else ids[order]
+    for a, b in blocks(len(wanted), block):
+        part = wanted[a:b]
+        at = np.minimum(np.searchsorted(ordered, part), len(ordered) - 1)
+        hit = ordered[at] == part
+        out[a:b][hit] = at[hit] if order is None else order[at[hit]]
+    return out
 
 
 def take_by_id(column: pl.Series, *, ids: np.ndarray, wanted: np.ndarray) -> pl.Series:
     """``column``'s values (rows matching ``ids``) for the ``wanted`` ids, in their order; null
     where an id is not among ``ids`` (a left join by id, by search: ``rows_of_ids``)."""
     at = rows_of_ids(ids, wanted)
+    if not len(column):
+        return pl.Series(column.name, [None] * len(at), dtype=column.dtype)
     found = at >= 0
-    picked = column.gather(pl.Series(np.where(found, at, 0), dtype=pl.Int64)) if len(column) else \
-        pl.Series(column.name, [None] * len(at), dtype=column.dtype)
-    return picked if found.all() else pl.select(pl.when(pl.Series(found)).then(picked)).to_series().alias(column.name)
+    if found.all():
+        return column.gather(at)
+    at[~found] = 0  # gathered, then nulled
+    return pl.select(pl.when(pl.Series(found)).then(column.gather(at))).to_series().alias(column.name)
 
 
 # rows per parquet row group, fixed: a table's bytes then depend on its rows alone, not on how
@@ -514,6 +528,112 @@ def write_table(table: pl.DataFrame | pl.LazyFrame, path: str | Path) -> None:
         table.sink_parquet(path, statistics=False, row_group_size=ROW_GROUP_ROWS)
     else:
         table.write_parquet(path, statistics=False, row_group_size=ROW_GROUP_ROWS)
+
+
+def blocks(n: int, size: int) -> Iterator[tuple[int, int]]:
+    """[start, stop) of consecutive blocks of ``size`` rows covering ``n`` rows; one empty block
+    for n = 0 (so that a table written a block at a time still has its schema)."""
+    return ((a, min(a + size, n)) for a in range(0, max(n, 1), size))
+
+
+def write_blocks(frames: Iterator[pl.DataFrame], path: str | Path) -> None:
+    """Frames of one schema, in order, as one parquet file (no statistics; a row group per frame),
+    a frame at a time: the caller makes each block as it is written, never the whole table. An
+    empty iterator writes nothing."""
+    arrow()
+    import pyarrow.parquet as pq
+
+    writer = None
+    try:
+        for frame in frames:
+            table = frame.to_arrow()
+            if writer is None:
+                writer = pq.ParquetWriter(path, table.schema, write_statistics=False)
+            writer.write_table(table, row_group_size=max(frame.height, 1))
+    finally:
+        if writer is not None:
+            writer.close()
+
+
+def arrow():
+    """pyarrow, its default memory pool the system's: what clipscrub reads and writes through it
+    comes in row groups, and the default pool (jemalloc or mimalloc) keeps freed pages mapped,
+    which the operating system counts against the process as if they were in use."""
+    import pyarrow as pa
+
+    global _POOL_SET
+    if not _POOL_SET:
+        pa.set_memory_pool(pa.system_memory_pool())
+        _POOL_SET = True
+    return pa
+
+
+_POOL_SET = False
+
+
+def read_column(path: str | Path, column: str) -> np.ndarray:
+    """One column of a parquet file as a contiguous numpy array (N,), filled a row group at a
+    time: the column once in memory, not a reader's chunks plus the copy that concatenates them
+    (what polars' and pyarrow's whole-column reads make of a file of several row groups). A
+    column with nulls is read as polars reads it."""
+    arrow()
+    import pyarrow.parquet as pq
+
+    file = pq.ParquetFile(path)
+    if column not in file.schema_arrow.names:
+        raise DataError(f"{Path(path).name} has no column {column!r}", param=str(path))
+    out, start = None, 0
+    for group in range(file.metadata.num_row_groups):
+        chunk = file.read_row_group(group, columns=[column], use_threads=False).column(0)
+        if chunk.null_count:
+            return pl.read_parquet(path, columns=[column]).to_series().to_numpy()
+        values = chunk.to_numpy()
+        if out is None:
+            out = np.empty(file.metadata.num_rows, dtype=values.dtype)
+        out[start:start + len(values)] = values
+        start += len(values)
+    if out is None:  # no row groups: an empty column of the file's type
+        return pl.read_parquet(path, columns=[column]).to_series().to_numpy()
+    return out
+
+
+def read_frame(path: str | Path, columns: list[str]) -> pl.DataFrame:
+    """Columns of a parquet file as one contiguous frame, each read by ``read_column`` (numbers
+    kept in the numpy array read, not copied)."""
+    return pl.DataFrame({c: pl.Series(c, read_column(path, c)) for c in columns})
+
+
+def concat_parquet(paths: list[str | Path], out: str | Path, *, columns: list[str] | None = None) -> None:
+    """The rows of parquet files of one schema (their ``columns``, default all), in order, as one
+    parquet file of row groups of ``ROW_GROUP_ROWS`` rows (no statistics), a batch at a time:
+    memory holds a row group whatever the files' total (polars' streaming sink grows with the
+    rows). The bytes depend on the rows alone, not on how the files cut them (a cluster's pieces
+    write what one process writes)."""
+    pa = arrow()
+    import pyarrow.parquet as pq
+
+    schema = pq.read_schema(paths[0])
+    if columns is not None:
+        schema = pa.schema([schema.field(c) for c in columns], metadata=schema.metadata)
+    pending: list[Any] = []
+    held = 0
+    with pq.ParquetWriter(out, schema, write_statistics=False) as writer:
+        def flush(rows: int) -> None:
+            nonlocal pending, held
+            table = pa.Table.from_batches(pending, schema=schema)
+            # one contiguous chunk per column: the writer's pages then do not depend on the batches
+            writer.write_table(table.slice(0, rows).combine_chunks(), row_group_size=ROW_GROUP_ROWS)
+            rest = table.slice(rows)
+            pending, held = rest.to_batches(), rest.num_rows
+
+        for path in paths:
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=ROW_GROUP_ROWS, columns=columns):
+                pending.append(batch)
+                held += batch.num_rows
+                while held >= ROW_GROUP_ROWS:
+                    flush(ROW_GROUP_ROWS)
+        if held:
+            flush(held)
 
 
 def read_lineage(*dirs: str | Path) -> dict[str, Any]:

@@ -69,7 +69,8 @@ def rank_detector(*, values: np.ndarray, y: np.ndarray, detector: str) -> RankCo
     ``clip``): oriented so that higher is more suspicious, non-finite scores ranked above every
     finite one (the threshold stage flags them), so they count against the detector."""
     s = suspicion(values, detector)
-    return rank_counts(scores=np.where(np.isfinite(s), s, np.inf), y=y)
+    finite = np.isfinite(s)
+    return rank_counts(scores=s if finite.all() else np.where(finite, s, np.inf), y=y)
 
 
 def _corners(c: RankCounts) -> tuple[np.ndarray, np.ndarray]:

@@ -27,7 +27,7 @@ import numpy as np
 import polars as pl
 
 from clipscrub.errors import DataError
-from clipscrub.io import fmt_bytes
+from clipscrub.io import fmt_bytes, read_frame, take_by_id
 from clipscrub.params import FolderSettings, PrecomputedSettings, ShardsSettings, UrlsSettings
 from clipscrub.progress import track
 from clipscrub.shards import (
@@ -184,6 +184,21 @@ def truth_columns(table: pl.DataFrame, *, where: str, param: str) -> list[pl.Ser
     if "attack" in table.columns:
         out.append(table["attack"].cast(pl.String))
     return out
+
+
+def scored_truth(raw_dir: str | Path, *, ids: np.ndarray, truth: str | Path | None = None) -> pl.Series:
+    """``is_poison`` of each scored sample, ids (N,) in the scores' order (null where unknown):
+    the manifest's, or with ``truth`` a ground-truth table's (``read_truth``). Each manifest
+    column read once (``clipscrub.io.read_frame``); joined by search (``take_by_id``), not a
+    hash join of N ids, and not at all where the manifest lists the scored ids in their order."""
+    path = Path(raw_dir) / "manifest.parquet"
+    if truth:
+        manifest = read_truth(pl.read_parquet(path, columns=["id", "key", "is_poison"]), truth)
+    else:
+        manifest = read_frame(path, ["id", "is_poison"])
+    if manifest.height == len(ids) and np.array_equal(manifest["id"].to_numpy(), ids):
+        return manifest["is_poison"]
+    return take_by_id(manifest["is_poison"], ids=manifest["id"].to_numpy(), wanted=ids)
 
 
 def read_truth(manifest: pl.DataFrame, path: str | Path, *, param: str = "evaluate.truth") -> pl.DataFrame:

@@ -25,6 +25,7 @@ import numpy as np
 import polars as pl
 
 from clipscrub.errors import DataError
+from clipscrub.io import ascending
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -356,6 +357,22 @@ def score_tables(scores: pl.DataFrame | pl.LazyFrame, *, ids: np.ndarray, detect
     return [Table("scores", view, exps, unit="blocks")]
 
 
+def _repeated(ids: np.ndarray, kept: int) -> np.ndarray:
+    """1 (uint8) on each later row of an id in ``ids`` (N,), the kept rows [0, kept) first, then
+    the removed: where each part ascends (as filter writes them), the removed rows are searched
+    in the kept ones; otherwise every id is sorted."""
+    head, tail = ids[:kept], ids[kept:]
+    repeated = np.zeros(len(ids), dtype=np.uint8)
+    if ascending(head) and bool(np.all(tail[1:] >= tail[:-1])):
+        at = np.minimum(np.searchsorted(head, tail), max(kept - 1, 0))
+        repeated[kept:] = (head[at] == tail) if kept else False
+        repeated[kept + 1:] |= tail[1:] == tail[:-1]
+        return repeated
+    order = np.argsort(ids, kind="stable")
+    repeated[order[1:]] = ids[order[1:]] == ids[order[:-1]]
+    return repeated
+
+
 def filter_tables(*, kept: pl.DataFrame, removed: pl.DataFrame, scored_ids: pl.Series, out_dir: Path,
                   required: list[str]) -> list[Table]:
     """kept + removed = scored, no id in both (nor twice in one), every removed row with a
@@ -365,11 +382,18 @@ def filter_tables(*, kept: pl.DataFrame, removed: pl.DataFrame, scored_ids: pl.S
 
     E = _gx()
     ids = np.concatenate([kept["id"].cast(pl.Int64).to_numpy(), removed["id"].cast(pl.Int64).to_numpy()])
-    order = np.argsort(ids, kind="stable")
-    repeated = np.zeros(len(ids), dtype=np.int64)  # 1 on each later row of an id (kept rows come first)
-    repeated[order[1:]] = ids[order[1:]] == ids[order[:-1]]
-    unscored = (~np.isin(ids, scored_ids.cast(pl.Int64).to_numpy())).astype(np.int64)
-    no_reason = np.r_[np.zeros(kept.height, dtype=np.int64), removed["reason"].is_null().to_numpy().astype(np.int64)]
+    repeated = _repeated(ids, kept.height)
+    scored = scored_ids.cast(pl.Int64).to_numpy()
+    if not ascending(scored):
+        scored = np.unique(scored)
+    # a block at a time, one byte a row: a web-scale version's ids are the only N-long arrays
+    unscored = np.zeros(len(ids), dtype=np.uint8)
+    for start in range(0, len(ids), BLOCK_ROWS):
+        part = ids[start:start + BLOCK_ROWS]
+        at = np.minimum(np.searchsorted(scored, part), max(len(scored) - 1, 0))
+        unscored[start:start + BLOCK_ROWS] = scored[at] != part if len(scored) else True
+    no_reason = np.zeros(len(ids), dtype=np.uint8)
+    no_reason[kept.height:] = removed["reason"].is_null().to_numpy()
     figures = {"repeated_id": (repeated, "sum"), "unscored": (unscored, "sum"), "no_reason": (no_reason, "sum")}
     view = block_view(ids=ids, figures=figures)
     files = pd.DataFrame({"file": required, "bytes": [(out_dir / f).stat().st_size if (out_dir / f).is_file() else 0

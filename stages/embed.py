@@ -34,8 +34,8 @@ import torch
 from clipscrub.arrays import RowReader, create_npy
 from clipscrub.detectors import ALIGNED_PERCENTILE, caption_alignment
 from clipscrub.errors import ClipscrubError, DataError
-from clipscrub.io import (atomic_dir, atomic_file, code_version, describe_model, read_json, read_manifest, sha256_file,
-                          write_json, write_lineage)
+from clipscrub.io import (atomic_dir, atomic_file, code_version, describe_model, read_json, read_manifest, scan_manifest,
+                          sha256_file, write_json, write_lineage)
 from clipscrub.model import LoadedModel, load_model
 from clipscrub.params import BaseSettings, EmbedSettings
 from clipscrub.progress import Progress, track
@@ -340,13 +340,18 @@ def plan_embed_parts(*, raw_dir: str | Path, out_dir: str | Path, settings: Embe
     ``embed_parts`` can embed on any worker; 0 when there is nothing to embed piecewise
     (precomputed embeddings, or no ok sample: the stage itself says why)."""
     raw_dir = Path(raw_dir)
-    ok = read_manifest(raw_dir).filter(pl.col("status") == "ok")
-    if ok.height == 0 or (raw_dir / PRECOMPUTED_FILE).is_file():
+    if (raw_dir / PRECOMPUTED_FILE).is_file():
+        return 0
+    # the count of shards with ok rows (a group each, as _shard_groups makes them), from a scan of
+    # two columns: the flow's process plans, it does not hold the manifest's captions
+    groups = scan_manifest(raw_dir).filter(pl.col("status") == "ok").select(pl.col("shard").n_unique(),
+                                                                            pl.len()).collect()
+    if groups["len"][0] == 0:
         return 0
     model_dir = Path(model_dir) if model_dir is not None else None
     loaded, _ = _worker_embedder(settings=settings, base=base, model_dir=model_dir, model_name=model_name)
     _open_parts(parts_dir_for(out_dir), run_fingerprint(raw_dir=raw_dir, loaded=loaded, settings=settings))
-    return len(_shard_groups(ok))
+    return int(groups["shard"][0])
 
 
 @torch.no_grad()

@@ -23,12 +23,12 @@ import numpy as np
 import polars as pl
 
 from clipscrub.errors import DataError
-from clipscrub.io import (atomic_dir, atomic_file, read_json, require_file, same_ids, scan_manifest, take_by_id,
+from clipscrub.io import (atomic_dir, atomic_file, read_column, read_frame, read_json, require_file, same_ids, scan_manifest,
                           write_json)
 from clipscrub.metrics import applied_metrics, removed_as_flags
 from clipscrub.params import DENSITY_RATIO_DETECTORS, BaseSettings, EvaluateSettings, ThresholdSettings
 from clipscrub.ranking import RankCounts, auroc, average_precision, fpr_at_tpr, pr_points, rank_detector, roc_points
-from clipscrub.sources import read_truth
+from clipscrub.sources import scored_truth
 from clipscrub.flagging import flag_outliers
 
 
@@ -91,43 +91,42 @@ def evaluate_detectors(
     (``clipscrub.metrics.applied_metrics``, against the same truth) and return it under
     ``applied``: of the flags, or with ``clean_dir`` (the filter stage's output) of what filter
     actually removed, the review lists applied (``applied_removal``)."""
-    # the columns the truth needs, not every caption
-    manifest = scan_manifest(raw_dir).select("id", *(("key",) if settings.truth else ()), "is_poison").collect()
-    if settings.truth:  # a ground-truth table wins over the manifest's is_poison
-        manifest = read_truth(manifest, settings.truth)
+    scan_manifest(raw_dir)  # checked readable and not empty
     scores_path = require_file(Path(scores_dir) / "scores.parquet", param="--scores", what="scores")
     # one column at a time: the ids, then each detector's scores as its figures need them
-    scored = pl.read_parquet(scores_path, columns=["id"])["id"]
-    # by search, not a hash join of N ids (1.4 GiB at 16M)
-    truth = take_by_id(manifest["is_poison"], ids=manifest["id"].to_numpy(), wanted=scored.to_numpy())
-    del manifest
+    ids = read_column(scores_path, "id")
+    scored = pl.Series("id", ids)  # the same memory
+    # a ground-truth table wins over the manifest's is_poison
+    truth = scored_truth(raw_dir, ids=ids, truth=settings.truth)
     detectors = [c.removesuffix("_score") for c in pl.read_parquet_schema(scores_path) if c.endswith("_score")]
     has_truth = truth.null_count() == 0 and 0 < int(truth.sum()) < len(truth)
     metrics: dict[str, Any] = {"ground_truth": bool(has_truth), "samples": len(scored)}
     applied = None
     if flags_dir is not None and applied_path is not None:
         flags_path = require_file(Path(flags_dir) / "flags.parquet", param="--flags", what="flags")
-        flags = pl.read_parquet(flags_path, columns=[c for c in ("id", "is_flagged", "is_non_finite")
-                                                     if c in pl.read_parquet_schema(flags_path)])
+        flags = read_frame(flags_path, [c for c in ("id", "is_flagged", "is_non_finite")
+                                        if c in pl.read_parquet_schema(flags_path)])
         if not same_ids(flags["id"], scored):
             raise DataError("flags and scores disagree on the sample ids: rerun threshold", param="--flags")
         applied = applied_metrics(flags=flags, truth=pl.DataFrame({"id": scored, "is_poison": truth}),
                                   threshold=threshold) if clean_dir is None else \
             applied_removal(flags=flags, clean_dir=Path(clean_dir), truth=truth, scored=scored, threshold=threshold)
         del flags
+    if threshold.method != "top_fraction":  # the only rule that reads ids (its ties): one N-long column less
+        del ids, scored
+        ids = None
     with atomic_dir(plots_dir) as tmp_plots:
         (tmp_plots / "roc").mkdir()
         (tmp_plots / "hist").mkdir()
         (tmp_plots / "pr").mkdir()
         if has_truth:
             y = truth.to_numpy().astype(bool)
-            ids = scored.to_numpy()
             metrics["poisoned"] = int(y.sum())
             metrics["tpr_target"] = settings.tpr
             metrics["threshold"] = {"detector": threshold.detector, "method": threshold.method}
             per: dict[str, Any] = {}
             for d in detectors:
-                values = pl.read_parquet(scores_path, columns=[f"{d}_score"]).to_series().to_numpy().astype(np.float64, copy=False)
+                values = read_column(scores_path, f"{d}_score").astype(np.float64, copy=False)
                 rule = threshold.model_copy(update={"detector": d})
                 flagged, _ = flag_outliers(values=values, ids=ids, detector=d, settings=rule)
                 flagged |= ~np.isfinite(values)
@@ -140,12 +139,16 @@ def evaluate_detectors(
                 pl.DataFrame({"recall": recall, "precision": precision}).write_csv(
                     tmp_plots / "pr" / f"{d}.csv", float_precision=6)
                 finite = np.isfinite(values)
-                edges = np.histogram_bin_edges(values[finite], bins=settings.hist_bins)
-                clean_counts, _ = np.histogram(values[finite & ~y], bins=edges)
-                poison_counts, _ = np.histogram(values[finite & y], bins=edges)
+                every = values if finite.all() else values[finite]  # no copy of a column that is all finite
+                edges = np.histogram_bin_edges(every, bins=settings.hist_bins)
+                poisoned = values[finite & y]  # the few; the clean are the rest
+                poison_counts, _ = np.histogram(poisoned, bins=edges)
+                clean_counts = np.histogram(every, bins=edges)[0] - poison_counts
+                del every
                 pl.DataFrame(
                     {"score": (edges[:-1] + edges[1:]) / 2, "clean": clean_counts, "poisoned": poison_counts}
                 ).write_csv(tmp_plots / "hist" / f"{d}.csv", float_precision=6)
+                del values, flagged, finite  # before the next detector's column is read
             metrics["detectors"] = per
             best = max((d for d in detectors if d in DENSITY_RATIO_DETECTORS), key=lambda d: per[d]["auroc"], default=None)
             if best:

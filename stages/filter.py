@@ -26,8 +26,9 @@ import polars as pl
 
 from clipscrub.errors import DataError, ParamError
 from clipscrub.flagging import REVIEW_REASON
-from clipscrub.io import (atomic_dir, atomic_file, code_version, read_lineage, require_file, same_ids, scan_manifest,
-                          scratch_work_dir, sha256_file, sha256_path, write_json, write_table)
+from clipscrub.io import (ascending, atomic_dir, atomic_file, code_version, concat_parquet, read_column, read_frame,
+                          read_lineage, require_file, same_ids, scan_manifest, scratch_work_dir, sha256_file, sha256_path,
+                          write_json, write_table)
 from clipscrub.params import FilterSettings, Params, params_hash
 from clipscrub.pieces import PLAN_FILE, fresh_work_dir, read_plan, require_chunk
 from clipscrub.review import read_review_list
@@ -168,30 +169,33 @@ def prepare_filter(*, raw_dir: str | Path, scores_dir: str | Path, flags_dir: st
     raw_dir, flags_dir = Path(raw_dir), Path(flags_dir)
     work = fresh_work_dir(work_dir, param="filter")
     manifest = scan_manifest(raw_dir)
-    flags = pl.read_parquet(require_file(flags_dir / "flags.parquet", param="--flags", what="flags"),
-                            columns=["id", "is_flagged", "reason"])
+    flags_path = require_file(flags_dir / "flags.parquet", param="--flags", what="flags")
+    flags = read_frame(flags_path, ["id", "is_flagged"])  # each column once in memory
     require_file(Path(scores_dir) / "scores.parquet", param="--scores", what="scores")
-    ok_ids = manifest.filter(pl.col("status") == "ok").select("id").collect()["id"]
-    if not same_ids(flags["id"], ok_ids):
+    ok_ids = scored_ids(raw_dir)
+    if not same_ids(flags["id"], pl.Series("id", ok_ids)):
         raise DataError("flags and manifest disagree on the sample ids: rerun score and threshold", param="--flags")
     keep, remove = _review(settings, manifest)
     verdicts = flags.select(
-        "id", "is_flagged", "reason",
+        "id", "is_flagged",
         pl.col("id").is_in(pl.Series(keep.tolist(), dtype=flags.schema["id"]).implode()).alias("in_keep"),
         pl.col("id").is_in(pl.Series(remove.tolist(), dtype=flags.schema["id"]).implode()).alias("in_remove"),
     )
     del flags
+    # the flagged samples' reasons: a few rows (a string column of N would take 16 bytes a row)
+    reasons = pl.scan_parquet(flags_path).filter(pl.col("is_flagged")).select("id", "reason").collect()
     # a person's verdict wins over the detector's: keep overrules a flag, remove adds to them
-    verdicts.filter((pl.col("is_flagged") | pl.col("in_remove")) & ~pl.col("in_keep")).select(
+    verdicts.filter((pl.col("is_flagged") | pl.col("in_remove")) & ~pl.col("in_keep")).join(
+        reasons, on="id", how="left", maintain_order="left").select(
         "id", pl.when(pl.col("is_flagged")).then(pl.col("reason")).otherwise(pl.lit(REVIEW_REASON)).alias("reason")
     ).write_parquet(work / "gone.parquet")
-    verdicts.filter(pl.col("is_flagged") & pl.col("in_keep")).select("id", "reason").write_parquet(
-        work / "overruled.parquet")
+    verdicts.filter(pl.col("is_flagged") & pl.col("in_keep")).join(
+        reasons, on="id", how="left", maintain_order="left").select("id", "reason").write_parquet(work / "overruled.parquet")
     rows = manifest.select(pl.len()).collect().item()
-    reshard, ascending = _reshards(settings, manifest), ok_ids.is_sorted()
-    size = max(rows, 1) if reshard or not ascending else settings.piece_size
+    reshard, ordered = _reshards(settings, manifest), ascending(ok_ids)
+    size = max(rows, 1) if reshard or not ordered else settings.piece_size
     plan = {
-        "params": _filter_params(settings, params), "rows": rows, "reshard": reshard, "sorted": ascending,
+        "params": _filter_params(settings, params), "rows": rows, "reshard": reshard, "sorted": ordered,
         "pieces": [[a, min(a + size, rows)] for a in range(0, rows, size)] or [[0, 0]],
         "counts": {"input": rows, "failed": rows - len(ok_ids), "scored": len(ok_ids),
                    "flagged": int(verdicts["is_flagged"].sum()),
@@ -200,6 +204,14 @@ def prepare_filter(*, raw_dir: str | Path, scores_dir: str | Path, flags_dir: st
     }
     write_json(work / PLAN_FILE, plan)
     return plan
+
+
+def scored_ids(raw_dir: Path) -> np.ndarray:
+    """The ids of the manifest's ok rows (S,), the samples embed and score kept: the id column
+    read once, and a copy of it only where some rows failed."""
+    ids = read_column(raw_dir / "manifest.parquet", "id")
+    ok = scan_manifest(raw_dir).select(pl.col("status") == "ok").collect().to_series().to_numpy()
+    return ids if ok.all() else ids[ok]
 
 
 def _reshards(settings: FilterSettings, manifest: pl.LazyFrame) -> bool:
@@ -287,7 +299,7 @@ def reduce_filter(*, raw_dir: str | Path, scores_dir: str | Path, flags_dir: str
     model = stages.get("embed", {}).get("model", {})
     required = ["manifest.parquet", "removed.parquet", "overruled.parquet", "lineage.json"]
     with atomic_dir(out_dir) as tmp:
-        write_table(pl.scan_parquet(parts), tmp / "manifest.parquet")
+        concat_parquet(parts, tmp / "manifest.parquet")
         if plan["reshard"]:
             shutil.move(work / "shards", tmp / "shards")
         write_table(removed, tmp / "removed.parquet")
@@ -297,7 +309,7 @@ def reduce_filter(*, raw_dir: str | Path, scores_dir: str | Path, flags_dir: str
             # map back from id to key and shard
             kept = pl.scan_parquet(tmp / "manifest.parquet")
             np.save(tmp / "kept_ids.npy", kept.select(pl.col("id").cast(pl.Int64)).collect()["id"].to_numpy())
-            write_table(kept.select(*names, "shard"), tmp / "kept.parquet")
+            concat_parquet([tmp / "manifest.parquet"], tmp / "kept.parquet", columns=[*names, "shard"])
             required += ["kept_ids.npy", "kept.parquet"]
         inputs = {name: d for name, d in (("flags", flags_dir), ("raw", raw_dir), ("scores", scores_dir))}
         inputs |= {name: Path(path).expanduser() for name, path in lists.items()}
@@ -321,9 +333,9 @@ def reduce_filter(*, raw_dir: str | Path, scores_dir: str | Path, flags_dir: str
             "stages": stages,
         }
         write_json(tmp / "lineage.json", lineage)
-        ok_ids = manifest.filter(pl.col("status") == "ok").select("id").collect()["id"]
+        ok_ids = pl.Series("id", scored_ids(raw_dir))
         validate("filter", filter_tables(
-            kept=pl.read_parquet(tmp / "manifest.parquet", columns=["id"]),
+            kept=read_frame(tmp / "manifest.parquet", ["id"]),
             removed=pl.read_parquet(tmp / "removed.parquet", columns=["id", "reason"]),
             scored_ids=ok_ids, out_dir=tmp, required=required,
         ), docs_dir=docs_dir_for(out_dir, "filter"))

@@ -39,11 +39,11 @@ from clipscrub.arrays import RowReader
 from clipscrub.errors import DataError
 from clipscrub.figures import score_figures, thumbnails, what_if_figure
 from clipscrub.gallery import nearest_references, page_count, page_name, page_of, what_if_fractions
-from clipscrub.io import (atomic_dir, describe_model, read_json, require_file, rows_of_ids, scan_manifest,
-                          take_by_id, write_lineage)
+from clipscrub.io import (atomic_dir, describe_model, read_column, read_frame, read_json, require_file, rows_of_ids,
+                          scan_manifest, write_lineage)
 from clipscrub.metrics import applied_metrics, applied_sentence, fmt_ratio, removed_as_flags, rule_text
 from clipscrub.params import BaseSettings, ReportSettings, ThresholdSettings
-from clipscrub.sources import read_truth
+from clipscrub.sources import scored_truth
 from clipscrub.flagging import REVIEW_REASON
 from clipscrub.flagging import flag_outliers
 from clipscrub.words import WordGroup, enriched_words
@@ -553,18 +553,13 @@ def report_data(*, raw_dir: str | Path, embeddings_dir: str | Path, scores_dir: 
 
     # the scored samples, in the scores' order, and their truth (a ground-truth table wins over
     # the manifest's is_poison): the columns of N rows the report holds
-    ids_s = scores.select("id").collect()["id"]
-    ids = ids_s.to_numpy()
-    known = manifest.select("id", *(("key",) if truth_path else ()), "is_poison").collect()
-    if truth_path:
-        known = read_truth(known, truth_path)
-    # by search, not a hash join of N ids
-    truth = take_by_id(known["is_poison"], ids=known["id"].to_numpy(), wanted=ids)
-    del known
+    ids = read_column(scores_dir / "scores.parquet", "id")  # each N-long column read once, not copied
+    ids_s = pl.Series("id", ids)  # the same memory
+    truth = scored_truth(raw_dir, ids=ids, truth=truth_path)
     truth_table = pl.DataFrame({"id": ids_s, "is_poison": truth})
     y = truth.to_numpy().astype(bool) if truth.null_count() == 0 and 0 < int(truth.sum()) < len(truth) else None
-    flags = flags_scan.select("id", "is_flagged", *(c for c in ("is_non_finite",)
-                                                    if c in flags_scan.collect_schema().names())).collect()
+    flags = read_frame(flags_dir / "flags.parquet", ["id", "is_flagged", *(c for c in ("is_non_finite",)
+                                                                          if c in flags_scan.collect_schema().names())])
     # what filter actually removed: the flags, less the review's keep list, plus its remove list
     applied = applied_metrics(flags=removed_as_flags(flags=flags, removed=removed_ids, scored=ids_s),
                               truth=truth_table, threshold=threshold)
@@ -574,7 +569,7 @@ def report_data(*, raw_dir: str | Path, embeddings_dir: str | Path, scores_dir: 
 
     def column(detector: str) -> np.ndarray:
         """One detector's scores (N,), in the scores' order: read when needed, not kept."""
-        return scores.select(f"{detector}_score").collect().to_series().to_numpy()
+        return read_column(scores_dir / "scores.parquet", f"{detector}_score")
 
     cuts: dict[str, float | None] = {}
     for d in detectors:

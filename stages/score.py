@@ -35,7 +35,7 @@ from clipscrub.detectors import (
     join_caption_view, mismatch_sample, query_scores, reference_density, vet_captions, vet_copies,
 )
 from clipscrub.errors import DataError
-from clipscrub.io import atomic_dir, read_json, require_file, scratch_work_dir, write_json, write_lineage, write_table
+from clipscrub.io import atomic_dir, concat_parquet, read_json, require_file, scratch_work_dir, write_json, write_lineage
 from clipscrub.neighbours import forest_rows, load_reference_set, query_embeddings, read_reference_sets
 from clipscrub.order import SortedRuns, sorted_finite
 from clipscrub.params import BaseSettings, IndexSettings, ScoreSettings
@@ -328,8 +328,7 @@ def reduce_score(
         summary["copies"] = copies
     with atomic_dir(out_dir) as tmp:
         for name in ("scores", "by_reference"):  # the parts in row order, streamed into one file
-            write_table(pl.scan_parquet([parts / name / f"{start:015d}.parquet" for start, _ in chunks]),
-                        tmp / f"{name}.parquet")
+            concat_parquet([parts / name / f"{start:015d}.parquet" for start, _ in chunks], tmp / f"{name}.parquet")
         validated = validate("score", score_tables(pl.scan_parquet(tmp / "scores.parquet"), ids=ids, detectors=order),
                              docs_dir=docs_dir_for(out_dir, "score"))
         write_lineage(

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import polars as pl
@@ -33,7 +33,8 @@ import polars as pl
 from clipscrub.errors import DataError
 from clipscrub.detectors import suspicion
 from clipscrub.flagging import direction, flag_outliers
-from clipscrub.io import atomic_dir, require_file, write_json, write_lineage
+from clipscrub.io import (ROW_GROUP_ROWS, ascending, atomic_dir, blocks, read_column, require_file, write_blocks, write_json,
+                          write_lineage)
 from clipscrub.params import BaseSettings, ThresholdSettings
 
 log = logging.getLogger("clipscrub.threshold")
@@ -50,6 +51,66 @@ def _flags_nothing(*, values: np.ndarray, column: str, cut: float, detector: str
             f"(the finite scores range from {num(finite.min())} to {num(finite.max())})")
 
 
+def rank_samples(*, values: np.ndarray, ids: np.ndarray, detector: str, block: int = ROW_GROUP_ROWS
+                 ) -> Iterator[np.ndarray]:
+    """Each sample's rank, 1 the most suspicious, by the detector's oriented ``values`` (N,)
+    (non-finite first), ties by id: (b - a,) int64 per block [a, b) of ``block`` rows, in order.
+
+    Where the ids ascend (as score writes them), a row's rank is the count of keys strictly more
+    suspicious (a search in one sorted copy of the keys) plus its earlier rows of an equal key
+    (a counter per group of ties): a copy of the column, no N-long index or rank array. Other
+    ids take a lexsort."""
+    n = len(values)
+    key = suspicion(values, detector)
+    finite = np.isfinite(key)
+    key = key.copy() if finite.all() else np.where(finite, key, np.inf)
+    del finite
+    np.negative(key, out=key)  # ascending = most suspicious first
+    if not ascending(ids):
+        rank = np.empty(n, dtype=np.int64)
+        rank[np.lexsort((ids, key))] = np.arange(1, n + 1)
+        del key
+        yield from (rank[a:b] for a, b in blocks(n, block))
+        return
+    key.sort()
+    same = key[1:] == key[:-1]
+    tie_starts = np.flatnonzero(same & ~np.r_[False, same[:-1]])  # where a run of equal keys begins
+    del same
+    seen = np.zeros(len(tie_starts), dtype=np.int64)  # rows of each run met so far
+    for a, b in blocks(n, block):
+        part = suspicion(values[a:b], detector)
+        k = -np.where(np.isfinite(part), part, np.inf)
+        # searched in order: sorted needles walk the sorted keys, where scattered ones miss the cache
+        by_key = np.argsort(k, kind="stable")
+        rank = np.empty(len(k), dtype=np.int64)
+        rank[by_key] = np.searchsorted(key, k[by_key], side="left") + 1
+        if len(tie_starts):
+            g = np.minimum(np.searchsorted(tie_starts, rank - 1), len(tie_starts) - 1)
+            tied = np.flatnonzero(tie_starts[g] == rank - 1)
+            if len(tied):
+                run = g[tied]
+                order = np.argsort(run, kind="stable")
+                first = np.r_[True, run[order][1:] != run[order][:-1]]
+                place = np.arange(len(run)) - np.maximum.accumulate(np.where(first, np.arange(len(run)), 0))
+                earlier = np.empty(len(run), dtype=np.int64)
+                earlier[order] = place  # the row's place among its run's rows in this block
+                rank[tied] += seen[run] + earlier
+                runs, counts = np.unique(run, return_counts=True)
+                seen[runs] += counts
+        yield rank
+
+
+def _flag_rows(ids: np.ndarray, values: np.ndarray, rank: np.ndarray, is_outlier: np.ndarray,
+               is_non_finite: np.ndarray, *, column: str, method: str) -> pl.DataFrame:
+    """A block of flags.parquet's rows."""
+    return pl.DataFrame({"id": ids, column: values, "rank": rank, "is_outlier": is_outlier,
+                         "is_non_finite": is_non_finite, "is_flagged": is_outlier | is_non_finite}).with_columns(
+        # an expression, not a list of Python strings
+        pl.when(pl.col("is_non_finite")).then(pl.lit(f"non_finite_{column}"))
+        .when(pl.col("is_outlier")).then(pl.lit(f"{column}_{method}"))
+        .otherwise(pl.lit(None, dtype=pl.String)).alias("reason"))
+
+
 def threshold_scores(
     *, scores_dir: str | Path, out_dir: str | Path, settings: ThresholdSettings, base: BaseSettings
 ) -> dict[str, Any]:
@@ -62,50 +123,36 @@ def threshold_scores(
             f"the scores have no {column!r} column: add {settings.detector!r} to score.detectors",
             param="threshold.detector",
         )
-    scores = pl.read_parquet(path, columns=["id", column])  # the one column the rule reads
-    values = scores[column].to_numpy().astype(np.float64, copy=False)
-    ids = scores["id"].to_numpy()
+    # the one column the rule reads, and the ids: each once in memory
+    values = read_column(path, column).astype(np.float64, copy=False)
+    ids = read_column(path, "id")
     is_outlier, cut = flag_outliers(values=values, ids=ids, detector=settings.detector, settings=settings)
     is_non_finite = ~np.isfinite(values)
-    s = suspicion(values, settings.detector)
-    rank = np.empty(len(s), dtype=np.int64)
-    rank[np.lexsort((ids, -np.where(np.isfinite(s), s, np.inf)))] = np.arange(1, len(s) + 1)
-    del s
-    flags = pl.DataFrame(
-        {
-            "id": ids,
-            column: values,
-            "rank": rank,
-            "is_outlier": is_outlier,
-            "is_non_finite": is_non_finite,
-            "is_flagged": is_outlier | is_non_finite,
-        }
-    ).with_columns(
-        # an expression, not a list of N Python strings
-        pl.when(pl.col("is_non_finite")).then(pl.lit(f"non_finite_{column}"))
-        .when(pl.col("is_outlier")).then(pl.lit(f"{column}_{settings.method}"))
-        .otherwise(pl.lit(None, dtype=pl.String)).alias("reason")
-    )
+    n = len(values)
+    flagged = int((is_outlier | is_non_finite).sum())
     summary = {
-        "samples": flags.height,
+        "samples": n,
         "detector": settings.detector,
         "method": settings.method,
         "cut": cut if np.isfinite(cut) else None,
         "direction": direction(settings.detector),
-        "flagged": int(flags["is_flagged"].sum()),
+        "flagged": flagged,
         "non_finite": int(is_non_finite.sum()),
     }
     if np.isfinite(cut) and not is_outlier.any():
         summary["warning"] = _flags_nothing(values=values, column=column, cut=cut, detector=settings.detector)
-    elif summary["flagged"] > flags.height / 2:
+    elif flagged > n / 2:
         # no rule's cut is meant to take the bulk: a score rule's cut on the wrong side, a fraction
         # too large, or a set too small to have a bulk
-        summary["warning"] = (f"the rule flags {summary['flagged']} of {flags.height} samples, more than half: it is "
+        summary["warning"] = (f"the rule flags {flagged} of {n} samples, more than half: it is "
                               f"not cutting off a tail (check threshold.method and its cut)")
     if "warning" in summary:
         log.warning("threshold: %s", summary["warning"])
     with atomic_dir(out_dir) as tmp:
-        flags.write_parquet(tmp / "flags.parquet", statistics=False)
+        ranks = rank_samples(values=values, ids=ids, detector=settings.detector)
+        write_blocks((_flag_rows(ids[a:b], values[a:b], next(ranks), is_outlier[a:b], is_non_finite[a:b],
+                                 column=column, method=settings.method) for a, b in blocks(n, ROW_GROUP_ROWS)),
+                     tmp / "flags.parquet")
         write_json(tmp / "threshold.json", summary)
         write_lineage(
             tmp,

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 import yaml
 
@@ -289,6 +289,41 @@ def test_rows_of_ids_and_take_by_id_find_each_ids_row(ids, others, seed, ordered
     rows = rows_of_ids(ids, wanted)
     expected = [ids.tolist().index(i) if i in ids else -1 for i in wanted]
     assert rows.dtype == np.int64 and rows.tolist() == expected
+    assert rows_of_ids(ids, wanted, block=3).tolist() == expected  # searched a few wanted ids at a time
     values = pl.Series("v", [i % 7 == 0 for i in range(len(ids))])
     taken = take_by_id(values, ids=ids, wanted=np.array(wanted, dtype=np.int64))
     assert taken.name == "v" and taken.to_list() == [values[r] if r >= 0 else None for r in expected]
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(0, 60), cuts=st.lists(st.integers(0, 60), max_size=6), group=st.sampled_from([1, 7, 64]))
+def test_concat_parquet_writes_the_same_bytes_however_the_files_cut_the_rows(tmp_path_factory, rows, cuts, group):
+    """A cluster's pieces and one process's single part give the version the same bytes: row
+    groups of ROW_GROUP_ROWS whatever the parts' sizes (here a few rows, so that they cross)."""
+    import pyarrow.parquet as pq
+
+    import clipscrub.io as io
+
+    tmp = tmp_path_factory.mktemp("concat")
+    frame = pl.DataFrame({"id": np.arange(rows, dtype=np.int64), "caption": [f"c{i % 5}" * (i % 3) for i in range(rows)],
+                          "ok": [i % 2 == 0 for i in range(rows)]})
+    bounds = sorted({0, rows, *(c for c in cuts if c <= rows)})
+    parts = []
+    for i, (a, b) in enumerate(zip(bounds, bounds[1:])):
+        frame.slice(a, b - a).write_parquet(tmp / f"part{i}.parquet")
+        parts.append(tmp / f"part{i}.parquet")
+    frame.write_parquet(tmp / "whole.parquet")
+    old = io.ROW_GROUP_ROWS
+    io.ROW_GROUP_ROWS = group
+    try:
+        io.concat_parquet(parts or [tmp / "whole.parquet"], tmp / "pieces.parquet")
+        io.concat_parquet([tmp / "whole.parquet"], tmp / "one.parquet")
+        io.concat_parquet([tmp / "whole.parquet"], tmp / "ids.parquet", columns=["id", "ok"])
+    finally:
+        io.ROW_GROUP_ROWS = old
+    assert (tmp / "pieces.parquet").read_bytes() == (tmp / "one.parquet").read_bytes()
+    assert pl.read_parquet(tmp / "pieces.parquet").equals(frame)
+    assert pl.read_parquet(tmp / "ids.parquet").equals(frame.select("id", "ok"))
+    sizes = [pq.ParquetFile(tmp / "pieces.parquet").metadata.row_group(g).num_rows
+             for g in range(pq.ParquetFile(tmp / "pieces.parquet").metadata.num_row_groups)]
+    assert all(s == group for s in sizes[:-1]) and sum(sizes) == rows

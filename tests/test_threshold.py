@@ -245,3 +245,45 @@ def test_a_rule_that_flags_more_than_half_says_so_where_a_person_looks(tmp_path)
     assert f"warning: {want}" in show_run(str(root)).splitlines()
     md = summary_markdown(parse_params({}), root, {"threshold": summary}, {"threshold": "Completed"})
     assert f"**Warning (threshold):** {want}" in md
+
+
+@settings(max_examples=300, deadline=None)
+@given(values=st.lists(st.sampled_from([0.0, -0.0, 1.0, 2.5, -3.0, float("nan"), float("inf"), float("-inf")])
+                       | st.floats(-5, 5), min_size=1, max_size=40),
+       detector=st.sampled_from(["kdist", "clip"]), shuffled=st.booleans())
+def test_ranks_are_lexsorts_of_suspicion_then_id(values, detector, shuffled):
+    """rank_samples (a search in the sorted keys and a count of earlier ties, where ids ascend)
+    ranks as a lexsort of the oriented scores (non-finite first) and the ids does, ids in any
+    order, a block of rows at a time."""
+    from clipscrub.detectors import suspicion
+    from clipscrub.stages.threshold import rank_samples
+
+    values = np.array(values)
+    ids = np.arange(len(values), dtype=np.int64) * 3
+    if shuffled:
+        ids = np.random.default_rng(len(values)).permutation(ids)
+    s = suspicion(values, detector)
+    expected = np.empty(len(values), dtype=np.int64)
+    expected[np.lexsort((ids, -np.where(np.isfinite(s), s, np.inf)))] = np.arange(1, len(values) + 1)
+    for block in (3, 1000):  # blocks cut anywhere, runs of ties among them
+        got = np.concatenate(list(rank_samples(values=values, ids=ids, detector=detector, block=block)))
+        np.testing.assert_array_equal(got, expected)
+
+
+@settings(max_examples=300, deadline=None)
+@given(values=st.lists(st.sampled_from([0.0, -0.0, 1.0, 2.5, float("nan"), float("inf"), float("-inf")])
+                       | st.floats(-5, 5), min_size=1, max_size=40),
+       n=st.integers(1, 45), shuffled=st.booleans())
+def test_top_rows_are_the_head_of_a_sort_of_every_finite_score(values, n, shuffled):
+    """top_fraction's rows, taken from those at or above the n-th largest score, are the first n
+    of every finite score sorted by (score descending, id)."""
+    from clipscrub.flagging import top_rows
+
+    s = np.array(values)
+    ids = np.arange(len(s), dtype=np.int64)
+    if shuffled:
+        ids = np.random.default_rng(len(s)).permutation(ids)
+    finite = np.isfinite(s)
+    fin = np.flatnonzero(finite)
+    expected = fin[np.lexsort((ids[fin], -s[fin]))][:n]
+    np.testing.assert_array_equal(top_rows(s, finite=finite, ids=ids, n=n), expected)

@@ -233,3 +233,20 @@ def test_filter_suite(tiny_run, tmp_path):
     with pytest.raises(ValidationError, match=r"filter\.files: expect_column_values_to_be_between\(bytes\) min_value=1: 3 of 3 rows, e\.g\. files \['manifest\.parquet'"):
         validate("filter", filter_tables(kept=kept, removed=removed, scored_ids=scored, out_dir=tmp_path / "version",
                                          required=required), docs_dir=tmp_path / "docs")
+
+
+@settings(max_examples=300, deadline=None)
+@given(kept=st.lists(st.integers(0, 40), max_size=30), removed=st.lists(st.integers(0, 40), max_size=12),
+       sort_kept=st.booleans(), sort_removed=st.booleans())
+def test_repeated_ids_as_a_sort_of_every_id_finds_them(kept, removed, sort_kept, sort_removed):
+    """The filter suite's repeats, searched where kept and removed ascend, are the later rows of
+    each id that a stable sort of all of them gives (kept rows first)."""
+    from clipscrub.validation import _repeated
+
+    ids = np.array((sorted(set(kept)) if sort_kept else kept) + (sorted(removed) if sort_removed else removed),
+                   dtype=np.int64)
+    order = np.argsort(ids, kind="stable")
+    expected = np.zeros(len(ids), dtype=np.uint8)
+    expected[order[1:]] = ids[order[1:]] == ids[order[:-1]]
+    n_kept = len(set(kept)) if sort_kept else len(kept)
+    np.testing.assert_array_equal(_repeated(ids, n_kept), expected)
