@@ -18,6 +18,7 @@ import json
 import os
 import re
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, ClassVar, Iterator, NoReturn
@@ -487,8 +488,9 @@ def clean_dataset(params: dict[str, Any], out_dir: str, result_storage: str | No
     With ``cluster`` (run the flow with ``task_runner_for(cluster)``), each stage's task runs on
     the cluster's workers and a stage that has pieces (``plan_pieces``) first maps them over
     the workers; the outputs are the bytes an in-process run writes, and the cache is the same.
-    Returns ``{"states": {stage: "Completed" | "Cached"}, "summaries": {stage: summary}}`` (and
-    with a cluster ``"pieces": {stage: count}``, the pieces it mapped).
+    Returns ``{"states": {stage: "Completed" | "Cached"}, "summaries": {stage: summary},
+    "seconds": {stage: wall seconds}}`` (a reused stage has none; with a cluster also
+    ``"pieces": {stage: count}``, the pieces it mapped).
     """
     settings = parse_params(params, base=params_dir)
     root = Path(out_dir)
@@ -497,6 +499,7 @@ def clean_dataset(params: dict[str, Any], out_dir: str, result_storage: str | No
     states: dict[str, str] = {}
     summaries: dict[str, Any] = {}
     counts: dict[str, int] = {}  # pieces run on the cluster, by stage
+    seconds: dict[str, float] = {}  # each stage's wall time as the flow waited for it (pieces included)
     active = active_stages(settings)
     done: dict[str, Any] = {}  # each stage's final state
     names = run_tags(settings)
@@ -510,6 +513,7 @@ def clean_dataset(params: dict[str, Any], out_dir: str, result_storage: str | No
     with root_lock(root), tags(*names):
         for stage in active:
             progress["running"] = stage
+            started = time.perf_counter()
             # the stages it reads from, as final states: the edges of the UI's graph. States, not
             # futures: a Dask runner swaps futures for their results, which name no task run
             after = [done[s] for s in upstream_stages(stage, active)]
@@ -552,6 +556,7 @@ def clean_dataset(params: dict[str, Any], out_dir: str, result_storage: str | No
             states[stage] = run_state.name
             state[stage] = {"key": key, "outputs": output_hashes(stage, root), "summary": summaries[stage]}
             _write_state(root, state)
+            seconds[stage] = round(time.perf_counter() - started, 1)
             progress["finished"].append(stage)
             progress["running"] = None
     create_markdown_artifact(
@@ -559,4 +564,4 @@ def clean_dataset(params: dict[str, Any], out_dir: str, result_storage: str | No
         key="clipscrub-" + re.sub(r"[^a-z0-9-]+", "-", settings.base.name.lower()).strip("-"),
         description="clipscrub run summary",
     )
-    return {"states": states, "summaries": summaries, **({"pieces": counts} if cluster else {})}
+    return {"states": states, "summaries": summaries, "seconds": seconds, **({"pieces": counts} if cluster else {})}

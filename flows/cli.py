@@ -708,6 +708,7 @@ def run_flow(args: argparse.Namespace) -> int:
             return 128 + signum
     if args.json:
         print(json.dumps({"run": str(Path(args.out).resolve()), "states": result["states"],
+                          "seconds": result.get("seconds", {}),
                           **({"pieces": result["pieces"]} if "pieces" in result else {})}, sort_keys=True))
     else:
         print(run_text(result, args.out))

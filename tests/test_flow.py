@@ -409,7 +409,10 @@ def test_run_on_a_temporary_server_is_quiet_and_sends_nothing(tmp_path):
     finally:
         proxy.close()
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    assert set(json.loads(res.stdout.splitlines()[0])["states"].values()) == {"Completed"}
+    printed = json.loads(res.stdout.splitlines()[0])
+    assert set(printed["states"].values()) == {"Completed"}
+    # each stage's wall time, as the flow waited for it
+    assert printed["seconds"].keys() == printed["states"].keys() and all(t >= 0 for t in printed["seconds"].values())
     assert "Traceback" not in res.stderr and "telemetry" not in res.stderr.lower(), res.stderr[-3000:]
     assert not [line for line in res.stderr.splitlines() if "| ERROR" in line or "| CRITICAL" in line], res.stderr
     assert proxy.seen == []
