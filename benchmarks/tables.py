@@ -226,11 +226,40 @@ def tail_scale() -> str:
     return _table(["stage (wall time, peak RSS)"] + [f"{s['samples']:,} samples" for s in sizes], rows)
 
 
+def tail_scale_cluster() -> str:
+    """The whole pipeline as ``clipscrub run --cluster``, at the sizes measured so (tail_scale.json):
+    each stage's wall time as the flow waited for it (with its pieces), each process's peak RSS."""
+    sizes = [s for s in _load("tail_scale")["sizes"] if "cluster" in s]
+    if not sizes:
+        return _table(["cluster run"], [["not measured"]])
+    order = ("download", "train", "embed", "index", "score", "threshold", "filter", "evaluate", "report")
+    stages = [st for st in order if any(st in s["cluster"]["stages_s"] for s in sizes)]
+
+    def stage_cell(s: dict[str, Any], stage: str) -> str:
+        c = s["cluster"]
+        if stage not in c["stages_s"]:
+            return "not run"
+        pieces = c["pieces"].get(stage)
+        return f"{c['stages_s'][stage]:,.1f} s" + (f" ({pieces} piece{'s' if pieces != 1 else ''})" if pieces else "")
+
+    def processes(s: dict[str, Any], role: str) -> str:
+        peaks = [p["peak_rss_gib"] for p in s["cluster"]["processes"] if p["role"] == role]
+        return ", ".join(f"{g:.2f} GiB" for g in peaks) or "none"
+
+    cluster = sizes[0]["cluster"]["cluster"]
+    rows = [[f"{stage} (wall)"] + [stage_cell(s, stage) for s in sizes] for stage in stages]
+    rows.append(["whole run (wall)"] + [f"{s['cluster']['wall_s']:,.1f} s" for s in sizes])
+    rows.append(["driver, peak RSS"] + [processes(s, "driver") for s in sizes])
+    rows.append(["workers, peak RSS each"] + [processes(s, "worker") for s in sizes])
+    return _table([f"`--cluster {cluster}`"] + [f"{s['samples']:,} samples" for s in sizes], rows)
+
+
 TABLES: dict[str, Callable[[], str]] = {
     "attack-matrix-cells": attack_matrix_cells, "attack-matrix-settings": attack_matrix_settings,
     "attack-matrix-rules": attack_matrix_rules, "detector-default": detector_default,
     "detectors-v01": detectors_v01, "cluster-scaling": cluster_scaling, "sizing": sizing,
     "embed-floor": embed_floor, "download": download, "tail-scale": tail_scale,
+    "tail-scale-cluster": tail_scale_cluster,
 }
 
 

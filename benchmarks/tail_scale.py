@@ -115,10 +115,52 @@ def measure(args: list[str], *, log: Path) -> tuple[float, float, str]:
     return wall, kib / 2**20, text
 
 
+def measure_cluster(params: Path, *, out: Path, cluster: str, log: Path) -> dict:
+    """``clipscrub run --cluster CLUSTER`` of the whole pipeline into ``out`` (fresh): its wall
+    time, each stage's (as the flow waited for it, pieces included), the pieces mapped, and the
+    peak RSS of each process of the run (the driver, each worker), from their VmHWM, read every
+    0.2 s while they live (a process's last reading before it exits is its peak within 0.2 s)."""
+    import psutil
+
+    shutil.rmtree(out, ignore_errors=True)
+    peaks: dict[int, dict] = {}
+    with open(log, "w") as err, open(log.with_suffix(".out"), "w+") as stdout:
+        t = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "-m", "clipscrub.flows.cli", "run", "-p", str(params), "-o", str(out),
+                                 "--cluster", cluster, "--json"], stdout=stdout, stderr=err)
+        driver = psutil.Process(proc.pid)
+        while proc.poll() is None:
+            try:
+                family = [driver] + driver.children(recursive=True)
+            except psutil.Error:
+                family = []
+            for p in family:
+                try:
+                    hwm = next(int(line.split()[1]) for line in open(f"/proc/{p.pid}/status") if line.startswith("VmHWM"))
+                    role = "driver" if p.pid == proc.pid else ("worker" if "multiprocessing" in " ".join(p.cmdline())
+                                                               else p.name())
+                except (OSError, StopIteration, psutil.Error):
+                    continue
+                peaks[p.pid] = {"role": role, "peak_rss_gib": round(max(hwm / 2**20, peaks.get(p.pid, {}).get(
+                    "peak_rss_gib", 0.0)), 2)}
+            time.sleep(0.2)
+        wall = time.perf_counter() - t
+        stdout.seek(0)
+        text = stdout.read()
+    if proc.returncode:
+        raise SystemExit(f"clipscrub run --cluster {cluster} failed ({proc.returncode}):\n{log.read_text()[-3000:]}")
+    result = json.loads(text.strip().splitlines()[-1])
+    processes = sorted(peaks.values(), key=lambda r: (r["role"] != "driver", -r["peak_rss_gib"]))
+    return {"cluster": cluster, "wall_s": round(wall, 1), "stages_s": result.get("seconds", {}),
+            "pieces": result.get("pieces", {}), "processes": [p for p in processes if p["peak_rss_gib"] >= 0.05]}
+
+
 def measure_size(n: int, *, d: int, work: Path, seed: int, overrides: list[str], until: str = STAGES[-1],
-                 start: str = STAGES[0], before: dict | None = None) -> dict:
+                 start: str = STAGES[0], before: dict | None = None, cluster: str | None = None) -> dict:
     """``before``: this size's record from an earlier run, whose figures stand for the stages
-    before ``start`` (which reruns on the data that run left in ``work``)."""
+    before ``start`` (which reruns on the data that run left in ``work``). ``cluster``: also run
+    the whole pipeline as ``clipscrub run --cluster CLUSTER`` on the same source
+    (``measure_cluster``)."""
     import yaml
 
     src, root = work / "src", work / "data"
@@ -152,7 +194,17 @@ def measure_size(n: int, *, d: int, work: Path, seed: int, overrides: list[str],
                                         ("removed", "poison_removed", "poison", "precision", "recall")}
     disk = {p.name: round(sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) / 2**30, 2)
             for p in sorted(root.iterdir()) if p.is_dir() and not p.name.startswith(".")}
-    return {"samples": n, "poisoned": poisoned, "source_s": made, "stages": stages, "disk_gib": disk}
+    record = {"samples": n, "poisoned": poisoned, "source_s": made, "stages": stages, "disk_gib": disk}
+    if cluster:
+        record["cluster"] = measure_cluster(work / "params.yaml", out=work / "run", cluster=cluster,
+                                            log=work / "cluster.log")
+        c = record["cluster"]
+        print(f"{n:>10,} cluster {cluster}: {c['wall_s']:.1f} s; stages {c['stages_s']}; processes "
+              + ", ".join(f"{p['role']} {p['peak_rss_gib']:.2f} GiB" for p in c["processes"]), flush=True)
+        shutil.rmtree(work / "run", ignore_errors=True)
+    elif before and "cluster" in before:
+        record["cluster"] = before["cluster"]
+    return record
 
 
 def main() -> None:
@@ -166,6 +218,9 @@ def main() -> None:
     ap.add_argument("-S", dest="extra", action="append", default=[], metavar="KEY=VALUE",
                     help="a params override after the benchmark's own (e.g. index.k=64)")
     ap.add_argument("--until", default=STAGES[-1], choices=STAGES, help="the last stage to run (default: report)")
+    ap.add_argument("--cluster", default=None, metavar="local:N",
+                    help="also run the whole pipeline as `clipscrub run --cluster local:N` per size: wall time per "
+                    "stage, peak RSS per process")
     ap.add_argument("--from", dest="start", default=STAGES[0], choices=STAGES,
                     help="the first stage to run, on the data a --keep run left in --workdir (default: download)")
     args = ap.parse_args()
@@ -185,7 +240,7 @@ def main() -> None:
             work.mkdir(parents=True)
         before = next((r for r in earlier if r["samples"] == n), None)
         rows.append(measure_size(n, d=args.d, work=work, seed=args.seed, overrides=OVERRIDES + args.extra,
-                                 until=args.until, start=args.start, before=before))
+                                 until=args.until, start=args.start, before=before, cluster=args.cluster))
         if not args.keep:
             shutil.rmtree(work)
         Path(args.out).write_text(json.dumps({"machine": machine(), "d": args.d, "overrides": OVERRIDES + args.extra,

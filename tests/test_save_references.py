@@ -88,6 +88,15 @@ def test_added_shards_score_as_in_a_full_run_against_the_same_saved_sets(grown):
     assert read_json(Layout(new).scores / "lineage.json")["stages"]["score"]["scales"] == \
         read_json(Layout(grown["old"]).scores / "lineage.json")["stages"]["score"]["scales"]
 
+    # the rest of the pipeline runs on the increment, cut where the saved version cut
+    cut = grown["summary"]["threshold"]["cut"]
+    rest = planted_params(grown["new_src"], _saved(bundle, ["threshold.method=score", f"threshold.score={cut!r}"]))
+    _run(rest, new, ("threshold", "filter", "evaluate"))
+    assert read_json(Layout(new).flags / "threshold.json")["cut"] == cut
+    # the report's cards name no neighbour of the saved version, and say why
+    summary = run_stage("report", rest, new)
+    assert summary["nearest_references"].endswith("saved references of an earlier version, not shown")
+
 
 def test_the_bundle_holds_the_saved_versions_references(grown):
     old, bundle = Layout(grown["old"]), grown["bundle"]
