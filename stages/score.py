@@ -47,7 +47,6 @@ from clipscrub.saved import BUNDLE_FILE, IFOREST_TRAIN, SAVED_DIR, VET_CAPTIONS,
 from clipscrub.validation import docs_dir_for, score_tables, validate
 
 
-
 def score_samples(
     *,
     embeddings_dir: str | Path,
@@ -279,9 +278,13 @@ def reduce_score(
         meta = read_json(idx_dir / SAVED_DIR / BUNDLE_FILE)
         scales = saved_scales(meta, ranked)
         population = tuple(meta["population"]) if vet and meta["population"] is not None else None
+        # a saved population without a finite mismatch: no z-score, copies keep their fused score
+        # as they did there, not a fit on this chunk's own rows (a score would depend on its chunk)
+        fit_population = False
     else:
         scales = {key: _scales(work, chunks, f"{key[1]}.{key[0]}") for key in ranked}
         population = _scales(work, chunks, "mismatch_population") if vet else None
+        fit_population = True
 
     order = list(settings.detectors)
     non_finite = dict.fromkeys(order, 0)
@@ -304,7 +307,8 @@ def reduce_score(
                                      scales=[scales.get((d, name)) for name in image_sets])
             if vet:
                 columns[d] = vet_copies(columns[d], is_copy=extra["is_copy"], mismatch=extra["caption_mismatch"],
-                                        population=mismatch_sample(start, stop, n), scales=population)
+                                        population=mismatch_sample(start, stop, n) if fit_population
+                                        else np.zeros(stop - start, dtype=bool), scales=population)
             for name in caption_sets:
                 columns[d] = join_caption_view(columns[d], per_set[(d, name)], scales=scales[(d, name)])
         for d in ("iforest", "clip"):
