@@ -13,7 +13,7 @@ import numpy as np
 import polars as pl
 
 from clipscrub.detectors import LOW_IS_SUSPICIOUS
-from clipscrub.ranking import auroc, average_precision, pr_points, rank_detector, roc_points
+from clipscrub.ranking import auroc, average_precision, pr_points, rank_detector, roc_points, score_histogram
 from clipscrub.shards import decode_image, image_field, iter_shard, shard_path
 
 
@@ -70,24 +70,17 @@ def score_figures(*, values: Callable[[str], np.ndarray], detectors: list[str], 
     plt = _pyplot()
     hists = []
     for d in detectors:
-        v = np.asarray(values(d)).astype(np.float64, copy=False)
-        finite = np.isfinite(v)
+        # counted (score_histogram) and drawn from the counts: matplotlib given the scores would
+        # copy the column per class
+        edges, counts, poisoned = score_histogram(np.asarray(values(d)).astype(np.float64, copy=False), bins=bins, y=y)
         fig, ax = plt.subplots(figsize=(3.6, 2.4))
-        # counted here (np.histogram goes a block at a time) and drawn from the counts: matplotlib
-        # given the scores would copy the column per class
-        every = v if finite.all() else v[finite]
-        edges = np.histogram_bin_edges(every, bins=bins) if len(every) else np.linspace(0, 1, bins + 1)
-        counts = np.histogram(every, bins=edges)[0]
-        del every
         centres = (edges[:-1] + edges[1:]) / 2
         if y is not None:
-            poisoned = np.histogram(v[finite & y], bins=edges)[0]
             ax.hist([centres, centres], bins=edges, weights=[counts - poisoned, poisoned], stacked=True,
                     color=["#7f8c8d", "#c0392b"], label=["clean", "poisoned"], log=True)
             ax.legend(fontsize=7)
         else:
             ax.hist(centres, bins=edges, weights=counts, color="#7f8c8d", log=True)
-        del v, finite
         cut = cuts.get(d)
         if cut is not None and np.isfinite(cut):
             style = "-" if d == threshold_detector else "--"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import glob
 import hashlib
 import json
@@ -555,20 +556,15 @@ def write_blocks(frames: Iterator[pl.DataFrame], path: str | Path) -> None:
             writer.close()
 
 
+@functools.cache
 def arrow():
-    """pyarrow, its default memory pool the system's: what clipscrub reads and writes through it
-    comes in row groups, and the default pool (jemalloc or mimalloc) keeps freed pages mapped,
-    which the operating system counts against the process as if they were in use."""
+    """pyarrow, its default memory pool the system's (set once per process): what clipscrub reads
+    and writes through it comes in row groups, and the default pool (jemalloc or mimalloc) keeps
+    freed pages mapped, which the operating system counts against the process as in use."""
     import pyarrow as pa
 
-    global _POOL_SET
-    if not _POOL_SET:
-        pa.set_memory_pool(pa.system_memory_pool())
-        _POOL_SET = True
+    pa.set_memory_pool(pa.system_memory_pool())
     return pa
-
-
-_POOL_SET = False
 
 
 def read_column(path: str | Path, column: str) -> np.ndarray:

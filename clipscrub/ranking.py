@@ -68,9 +68,16 @@ def rank_detector(*, values: np.ndarray, y: np.ndarray, detector: str) -> RankCo
     """``rank_counts`` of a detector's scores (N,) in its own units (low is suspicious for
     ``clip``): oriented so that higher is more suspicious, non-finite scores ranked above every
     finite one (the threshold stage flags them), so they count against the detector."""
+    return rank_counts(scores=ranked_suspicion(values, detector), y=y)
+
+
+def ranked_suspicion(values: np.ndarray, detector: str) -> np.ndarray:
+    """A detector's scores (N,) oriented so that higher is more suspicious, non-finite ones +inf
+    (above every finite one): how evaluate, the report and threshold's ranks order samples. May be
+    ``values`` itself (finite, high = suspicious): not to be written to."""
     s = suspicion(values, detector)
     finite = np.isfinite(s)
-    return rank_counts(scores=s if finite.all() else np.where(finite, s, np.inf), y=y)
+    return s if finite.all() else np.where(finite, s, np.inf)
 
 
 def _corners(c: RankCounts) -> tuple[np.ndarray, np.ndarray]:
@@ -121,3 +128,15 @@ def pr_points(c: RankCounts) -> tuple[np.ndarray, np.ndarray]:
     kept = (fp + tp) > 0
     fp, tp = fp[kept], tp[kept]
     return np.concatenate([(tp / c.positives)[::-1], [0.0]]), np.concatenate([(tp / (tp + fp))[::-1], [1.0]])
+
+
+def score_histogram(values: np.ndarray, *, bins: int, y: np.ndarray | None = None
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(edges (bins + 1,), counts (bins,), the known poison's counts (bins,) or None without
+    ``y``) of a detector's finite scores (N,): counted a block at a time by np.histogram, with no
+    copy of a column that is all finite and none per class (the clean are the rest)."""
+    finite = np.isfinite(values)
+    every = values if finite.all() else values[finite]
+    edges = np.histogram_bin_edges(every, bins=bins)
+    counts = np.histogram(every, bins=edges)[0]
+    return edges, counts, None if y is None else np.histogram(values[finite & y], bins=edges)[0]

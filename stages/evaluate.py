@@ -27,7 +27,8 @@ from clipscrub.io import (atomic_dir, atomic_file, read_column, read_frame, read
                           write_json)
 from clipscrub.metrics import applied_metrics, removed_as_flags
 from clipscrub.params import DENSITY_RATIO_DETECTORS, BaseSettings, EvaluateSettings, ThresholdSettings
-from clipscrub.ranking import RankCounts, auroc, average_precision, fpr_at_tpr, pr_points, rank_detector, roc_points
+from clipscrub.ranking import (RankCounts, auroc, average_precision, fpr_at_tpr, pr_points, rank_detector, roc_points,
+                               score_histogram)
 from clipscrub.sources import scored_truth
 from clipscrub.flagging import flag_outliers
 
@@ -138,17 +139,12 @@ def evaluate_detectors(
                 recall, precision = pr_points(counts)
                 pl.DataFrame({"recall": recall, "precision": precision}).write_csv(
                     tmp_plots / "pr" / f"{d}.csv", float_precision=6)
-                finite = np.isfinite(values)
-                every = values if finite.all() else values[finite]  # no copy of a column that is all finite
-                edges = np.histogram_bin_edges(every, bins=settings.hist_bins)
-                poisoned = values[finite & y]  # the few; the clean are the rest
-                poison_counts, _ = np.histogram(poisoned, bins=edges)
-                clean_counts = np.histogram(every, bins=edges)[0] - poison_counts
-                del every
+                edges, counts, poison_counts = score_histogram(values, bins=settings.hist_bins, y=y)
+                clean_counts = counts - poison_counts
                 pl.DataFrame(
                     {"score": (edges[:-1] + edges[1:]) / 2, "clean": clean_counts, "poisoned": poison_counts}
                 ).write_csv(tmp_plots / "hist" / f"{d}.csv", float_precision=6)
-                del values, flagged, finite  # before the next detector's column is read
+                del values, flagged  # before the next detector's column is read
             metrics["detectors"] = per
             best = max((d for d in detectors if d in DENSITY_RATIO_DETECTORS), key=lambda d: per[d]["auroc"], default=None)
             if best:

@@ -31,8 +31,8 @@ import numpy as np
 import polars as pl
 
 from clipscrub.errors import DataError
-from clipscrub.detectors import suspicion
 from clipscrub.flagging import direction, flag_outliers
+from clipscrub.ranking import ranked_suspicion
 from clipscrub.io import (ROW_GROUP_ROWS, ascending, atomic_dir, blocks, read_column, require_file, write_blocks, write_json,
                           write_lineage)
 from clipscrub.params import BaseSettings, ThresholdSettings
@@ -61,11 +61,7 @@ def rank_samples(*, values: np.ndarray, ids: np.ndarray, detector: str, block: i
     (a counter per group of ties): a copy of the column, no N-long index or rank array. Other
     ids take a lexsort."""
     n = len(values)
-    key = suspicion(values, detector)
-    finite = np.isfinite(key)
-    key = key.copy() if finite.all() else np.where(finite, key, np.inf)
-    del finite
-    np.negative(key, out=key)  # ascending = most suspicious first
+    key = -ranked_suspicion(values, detector)  # ascending = most suspicious first
     if not ascending(ids):
         rank = np.empty(n, dtype=np.int64)
         rank[np.lexsort((ids, key))] = np.arange(1, n + 1)
@@ -78,8 +74,7 @@ def rank_samples(*, values: np.ndarray, ids: np.ndarray, detector: str, block: i
     del same
     seen = np.zeros(len(tie_starts), dtype=np.int64)  # rows of each run met so far
     for a, b in blocks(n, block):
-        part = suspicion(values[a:b], detector)
-        k = -np.where(np.isfinite(part), part, np.inf)
+        k = -ranked_suspicion(values[a:b], detector)
         # searched in order: sorted needles walk the sorted keys, where scattered ones miss the cache
         by_key = np.argsort(k, kind="stable")
         rank = np.empty(len(k), dtype=np.int64)
